@@ -1,0 +1,166 @@
+//! The command-line verbs, as library functions (`main.rs` only parses arguments).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail, ensure};
+use candle_core::{Device, Tensor};
+use serde_json::json;
+
+use crate::data::dataset::{self, TextFormat};
+use crate::eval::perplexity::{PplOptions, PplResult, perplexity};
+use crate::model::export::{OutDType, write_hf_dir};
+use crate::model::{Checkpoint, Format, forward_logits};
+use crate::util::write_atomic;
+
+/// Tokenize a dataset file the peers' way and cut it into windows.
+pub fn dataset_windows(
+    ck: &Checkpoint,
+    path: &Path,
+    format: Option<TextFormat>,
+    seqlen: usize,
+    max_windows: Option<usize>,
+) -> Result<(TextFormat, Vec<Vec<u32>>)> {
+    let format = format.unwrap_or_else(|| dataset::detect_format(path));
+    let text = dataset::eval_text(path, format)?;
+    let ids = ck.tokenizer()?.encode(&text, true)?;
+    let max_pos = ck.config.max_positions();
+    ensure!(seqlen <= max_pos, "--seqlen {seqlen} is above the model's context of {max_pos} positions");
+    let windows = dataset::windows(&ids, seqlen, max_windows, &path.display().to_string())?;
+    Ok((format, windows))
+}
+
+pub struct EvalArgs {
+    pub model: PathBuf,
+    pub dataset: PathBuf,
+    pub format: Option<TextFormat>,
+    pub seqlen: usize,
+    pub max_windows: Option<usize>,
+    pub batch: usize,
+    pub json: Option<PathBuf>,
+    pub quiet: bool,
+}
+
+pub fn eval(a: &EvalArgs) -> Result<PplResult> {
+    let ck = Checkpoint::open(&a.model)?;
+    let (format, windows) = dataset_windows(&ck, &a.dataset, a.format, a.seqlen, a.max_windows)?;
+    let model = ck.model()?;
+    let opts = PplOptions { batch: a.batch, progress: !a.quiet, ..Default::default() };
+    let r = perplexity(model.as_ref(), &windows, &opts)?;
+    if !a.quiet {
+        println!(
+            "{}: perplexity {:.4} on {} ({} windows x {} tokens, {:.1} s, {:.0} tok/s)",
+            a.model.display(),
+            r.perplexity,
+            a.dataset.display(),
+            r.windows,
+            r.seqlen,
+            r.seconds,
+            r.tokens_per_second
+        );
+    }
+    if let Some(out) = &a.json {
+        let mut j = serde_json::to_value(&r)?;
+        j["model"] = json!(a.model.display().to_string());
+        j["dataset"] = json!(a.dataset.display().to_string());
+        j["format"] = json!(format);
+        write_atomic(out, serde_json::to_string_pretty(&j)?.as_bytes())?;
+    }
+    Ok(r)
+}
+
+/// Names and shapes of every tensor a checkpoint of this configuration holds (what `convert` writes).
+pub fn tensor_specs(ck: &Checkpoint) -> Vec<(String, Vec<usize>)> {
+    ck.expected_tensors()
+        .into_iter()
+        .filter(|(name, _, required)| *required || ck.weights.contains(name))
+        // A tied head is not stored (transformers re-ties it on load).
+        .filter(|(name, _, _)| !(name == "lm_head.weight" && is_tied(ck)))
+        .map(|(n, s, _)| (n, s))
+        .collect()
+}
+
+fn is_tied(ck: &Checkpoint) -> bool {
+    match &ck.config {
+        crate::model::ModelConfig::Llama(c) => c.tie_word_embeddings,
+        crate::model::ModelConfig::Opt(c) => c.tie_word_embeddings,
+    }
+}
+
+pub fn convert(model: &Path, out: &Path, dtype: OutDType, max_shard_bytes: usize, force: bool) -> Result<()> {
+    let ck = Checkpoint::open(model)?;
+    let specs = tensor_specs(&ck);
+    let weights = ck.weights.clone();
+    let mut load = |name: &str| weights.load(name);
+    write_hf_dir(
+        out,
+        force,
+        &ck.config.to_hf_json(),
+        ck.tokenizer.as_ref(),
+        &specs,
+        dtype,
+        max_shard_bytes,
+        &mut load,
+        &[],
+    )
+    .with_context(|| format!("writing {}", out.display()))
+}
+
+/// What `inspect` prints: architecture, configuration and every tensor.
+pub fn inspect(model: &Path) -> Result<serde_json::Value> {
+    let ck = Checkpoint::open(model)?;
+    let mut tensors = Vec::new();
+    let mut total = 0usize;
+    let mut in_layers = 0usize;
+    let mut linear_params = 0usize;
+    for name in ck.weights.names() {
+        let m = ck.weights.meta(&name).expect("listed");
+        let n: usize = m.shape.iter().product();
+        total += n;
+        if name.contains(".layers.") {
+            in_layers += n;
+            if name.ends_with("proj.weight") || name.ends_with("fc1.weight") || name.ends_with("fc2.weight") {
+                linear_params += n;
+            }
+        }
+        tensors.push(json!({"name": name, "shape": m.shape, "dtype": m.dtype}));
+    }
+    let tok = ck.tokenizer.as_ref().map(|t| json!({"vocab_size": t.vocab_size(), "bos_id": t.bos_id, "eos_id": t.eos_id}));
+    Ok(json!({
+        "path": model.display().to_string(),
+        "format": if ck.format == Format::Gguf { "gguf" } else { "huggingface" },
+        "architecture": ck.config.model_type(),
+        "config": ck.config.to_hf_json(),
+        "parameters": total,
+        "decoder_layer_parameters": in_layers,
+        "prunable_linear_parameters": linear_params,
+        "tokenizer": tok,
+        "tensors": tensors,
+    }))
+}
+
+/// Greedy continuation of `prompt` (no KV cache: for checks, not for serving).
+pub fn generate(model: &Path, prompt: &str, max_new_tokens: usize) -> Result<String> {
+    let ck = Checkpoint::open(model)?;
+    let tok = ck.tokenizer()?;
+    let lm = ck.model()?;
+    let mut ids = tok.encode(prompt, true)?;
+    if ids.is_empty() {
+        bail!("the prompt tokenizes to nothing");
+    }
+    let n0 = ids.len();
+    for _ in 0..max_new_tokens {
+        let t = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu)?;
+        let logits = forward_logits(lm.as_ref(), &t)?;
+        let last = logits.squeeze(0)?.get(ids.len() - 1)?.to_vec1::<f32>()?;
+        let next = last
+            .iter()
+            .enumerate()
+            .fold((0usize, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best })
+            .0 as u32;
+        if Some(next) == tok.eos_id {
+            break;
+        }
+        ids.push(next);
+    }
+    tok.decode(&ids[n0..])
+}

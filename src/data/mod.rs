@@ -1,0 +1,4 @@
+//! Text in: tokenizers, evaluation datasets (and, later, calibration sampling).
+
+pub mod dataset;
+pub mod tokenizer;

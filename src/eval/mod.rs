@@ -1,0 +1,3 @@
+//! Evaluation: perplexity (and, later, zero-shot accuracy).
+
+pub mod perplexity;

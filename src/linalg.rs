@@ -1,0 +1,295 @@
+//! Dense kernels on f32 tensors, done by faer.
+//!
+//! candle's CPU matmul runs on the `gemm` crate's kernels; on this project's machines faer's are faster
+//! (measured: about 155 against 120 GFLOP/s on two AVX2 cores; `cargo run --release --example gemm`), so
+//! the hot products of the forward pass and of the pruners come here. Tensors stay candle tensors; we
+//! borrow their storage as faer views.
+
+use anyhow::{Result, bail, ensure};
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+use faer::{Accum, MatMut, MatRef, Par};
+
+/// Parallelism for faer: the global rayon pool.
+pub fn par() -> Par {
+    let n = rayon::current_num_threads();
+    if n > 1 { Par::rayon(n) } else { Par::Seq }
+}
+
+/// Run `f` on the contiguous f32 data of `t`.
+pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    ensure!(t.dtype() == DType::F32, "expected an f32 tensor, got {:?}", t.dtype());
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let (start, end) = layout.contiguous_offsets().expect("contiguous");
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => Ok(f(&v[start..end])),
+        _ => bail!("expected a CPU f32 tensor"),
+    }
+}
+
+/// `x · wᵀ` for `x`: `(r, k)` and `w`: `(n, k)`, as a `(r, n)` tensor.
+pub fn matmul_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (r, k) = x.dims2()?;
+    let (n, k2) = w.dims2()?;
+    ensure!(k == k2, "matmul: inner dimensions differ ({k} vs {k2})");
+    let mut out = vec![0f32; r * n];
+    with_f32(x, |xs| {
+        with_f32(w, |ws| {
+            let a = MatRef::from_row_major_slice(xs, r, k);
+            // w is (n, k) row-major, i.e. wᵀ is (k, n) column-major.
+            let b = MatRef::from_column_major_slice(ws, k, n);
+            let c = MatMut::from_row_major_slice_mut(&mut out, r, n);
+            faer::linalg::matmul::matmul(c, Accum::Replace, a, b, 1.0f32, par());
+        })
+    })??;
+    Ok(Tensor::from_vec(out, (r, n), &Device::Cpu)?)
+}
+
+/// Send a raw pointer into rayon tasks that write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: every task writes a disjoint region; the buffer outlives the parallel loop.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+/// Causal self-attention with grouped K/V heads.
+///
+/// `q`: `(b, nh, t, d)`, `k`, `v`: `(b, nkv, t, d)`, all contiguous f32; query head `h` reads K/V head
+/// `h / (nh / nkv)`. Returns `(b, t, nh·d)`, ready for the output projection. Queries go in blocks of
+/// [`ATTN_BLOCK`] so that keys past the block's last position are never touched (the causal upper
+/// triangle costs nothing but the diagonal blocks), and the softmax uses [`softmax_row`].
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let (b, nh, t, d) = q.dims4()?;
+    let (b2, nkv, t2, d2) = k.dims4()?;
+    ensure!(b == b2 && t == t2 && d == d2 && nkv > 0 && nh % nkv == 0, "attention: q {:?} / k {:?}", q.dims(), k.dims());
+    ensure!(v.dims() == k.dims(), "attention: v {:?} differs from k {:?}", v.dims(), k.dims());
+    let rep = nh / nkv;
+    let mut out = vec![0f32; b * t * nh * d];
+    let optr = SharedMut(out.as_mut_ptr());
+    with_f32(q, |qs| {
+        with_f32(k, |ks| {
+            with_f32(v, |vs| {
+                let nblocks = t.div_ceil(ATTN_BLOCK);
+                (0..b * nh * nblocks).into_par_iter().for_each(|task| {
+                    let blk = task % nblocks;
+                    let bh = task / nblocks;
+                    let (bi, h) = (bh / nh, bh % nh);
+                    let kvh = h / rep;
+                    let s = blk * ATTN_BLOCK;
+                    let e = (s + ATTN_BLOCK).min(t);
+                    let rows = e - s;
+                    let qoff = ((bi * nh + h) * t + s) * d;
+                    let kvoff = (bi * nkv + kvh) * t * d;
+                    let qm = MatRef::from_row_major_slice(&qs[qoff..qoff + rows * d], rows, d);
+                    let km = MatRef::from_row_major_slice(&ks[kvoff..kvoff + e * d], e, d);
+                    let vm = MatRef::from_row_major_slice(&vs[kvoff..kvoff + e * d], e, d);
+                    let mut scores = vec![0f32; rows * e];
+                    let sm = MatMut::from_row_major_slice_mut(&mut scores, rows, e);
+                    faer::linalg::matmul::matmul(sm, Accum::Replace, qm, km.transpose(), scale, Par::Seq);
+                    for (i, row) in scores.chunks_exact_mut(e).enumerate() {
+                        let valid = s + i + 1;
+                        softmax_row(&mut row[..valid]);
+                        row[valid..].fill(0.0);
+                    }
+                    let pm = MatRef::from_row_major_slice(&scores, rows, e);
+                    let o = optr;
+                    // SAFETY: rows s..e of head h of batch bi: disjoint across tasks, inside `out`.
+                    let om = unsafe {
+                        MatMut::from_raw_parts_mut(
+                            o.0.add((bi * t + s) * nh * d + h * d),
+                            rows,
+                            d,
+                            (nh * d) as isize,
+                            1,
+                        )
+                    };
+                    faer::linalg::matmul::matmul(om, Accum::Replace, pm, vm, 1.0f32, Par::Seq);
+                });
+            })
+        })
+    })???;
+    Ok(Tensor::from_vec(out, (b, t, nh * d), &Device::Cpu)?)
+}
+
+/// Query rows per attention task.
+pub const ATTN_BLOCK: usize = 64;
+
+/// `exp(x)` for `x ≤ 0` to about 2 ulp (Cephes' polynomial on a range-reduced argument), written
+/// branch-free so that loops over it vectorise.
+#[inline(always)]
+fn exp_neg(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    let x = if x < -87.0 { -87.0 } else { x };
+    // Round to nearest with the 1.5·2²³ trick (no SSE4.1 round needed).
+    const MAGIC: f32 = 12_582_912.0;
+    let n = (x * LOG2E + MAGIC) - MAGIC;
+    let r = x - n * C1 - n * C2;
+    let z = r * r;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 5.000_000_1e-1;
+    let y = p * z + r + 1.0;
+    f32::from_bits(((n as i32 + 127) << 23) as u32) * y
+}
+
+#[inline(always)]
+fn max_of(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let mut it = xs.chunks_exact(8);
+    for c in &mut it {
+        for j in 0..8 {
+            acc[j] = if c[j] > acc[j] { c[j] } else { acc[j] };
+        }
+    }
+    let mut m = it.remainder().iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    for a in acc {
+        m = if a > m { a } else { m };
+    }
+    m
+}
+
+/// Σ exp(x − m) over `xs`, eight lanes at a time.
+#[inline(always)]
+fn sum_exp(xs: &[f32], m: f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut it = xs.chunks_exact(8);
+    for c in &mut it {
+        for j in 0..8 {
+            acc[j] += exp_neg(c[j] - m);
+        }
+    }
+    it.remainder().iter().map(|&x| exp_neg(x - m)).sum::<f32>() + acc.iter().sum::<f32>()
+}
+
+#[inline(always)]
+fn softmax_generic(row: &mut [f32]) {
+    let m = max_of(row);
+    for x in row.iter_mut() {
+        *x = exp_neg(*x - m);
+    }
+    let inv = 1.0 / row.iter().sum::<f32>();
+    for x in row.iter_mut() {
+        *x *= inv;
+    }
+}
+
+#[inline(always)]
+fn logsumexp_generic(row: &[f32]) -> f64 {
+    let m = max_of(row);
+    // f32 lanes within a chunk, f64 across chunks.
+    let s: f64 = row.chunks(4096).map(|c| sum_exp(c, m) as f64).sum();
+    s.ln() + m as f64
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_avx2(row: &mut [f32]) {
+    softmax_generic(row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn logsumexp_avx2(row: &[f32]) -> f64 {
+    logsumexp_generic(row)
+}
+
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// In-place softmax of one row (AVX2 code path chosen at run time).
+pub fn softmax_row(row: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { softmax_avx2(row) };
+    }
+    softmax_generic(row)
+}
+
+/// `log Σ exp(x)` of one row, accumulated in f64 across chunks.
+pub fn logsumexp(row: &[f32]) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { logsumexp_avx2(row) };
+    }
+    logsumexp_generic(row)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_neg_is_accurate() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x <= 0.0 {
+            let want = (x as f64).exp();
+            let got = exp_neg(x) as f64;
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.0137;
+        }
+        assert!(worst < 5e-7, "worst relative error {worst}");
+    }
+
+    #[test]
+    fn softmax_and_logsumexp_match_f64() {
+        let row: Vec<f32> = (0..1000).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.3).collect();
+        let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let s: f64 = row.iter().map(|&x| (x as f64 - m).exp()).sum();
+        assert!((logsumexp(&row) - (s.ln() + m)).abs() < 1e-5);
+        let mut p = row.clone();
+        softmax_row(&mut p);
+        for (pi, &x) in p.iter().zip(&row) {
+            let want = (x as f64 - m).exp() / s;
+            assert!((*pi as f64 - want).abs() < 1e-6 * want.max(1e-3));
+        }
+    }
+
+    #[test]
+    fn causal_attention_matches_naive() {
+        let (b, nh, nkv, t, d) = (2, 4, 2, 150, 8);
+        let mk = |n: usize, seed: u64| -> Vec<f32> {
+            (0..n).map(|i| (((i as u64 * 2654435761 + seed) % 1000) as f32 / 500.0) - 1.0).collect()
+        };
+        let q = Tensor::from_vec(mk(b * nh * t * d, 1), (b, nh, t, d), &Device::Cpu).unwrap();
+        let k = Tensor::from_vec(mk(b * nkv * t * d, 7), (b, nkv, t, d), &Device::Cpu).unwrap();
+        let v = Tensor::from_vec(mk(b * nkv * t * d, 13), (b, nkv, t, d), &Device::Cpu).unwrap();
+        let scale = 0.35f32;
+        let got = causal_attention(&q, &k, &v, scale).unwrap().to_vec3::<f32>().unwrap();
+        let q4: Vec<Vec<Vec<Vec<f32>>>> = (0..b).map(|i| q.get(i).unwrap().to_vec3().unwrap()).collect();
+        let k4: Vec<Vec<Vec<Vec<f32>>>> = (0..b).map(|i| k.get(i).unwrap().to_vec3().unwrap()).collect();
+        let v4: Vec<Vec<Vec<Vec<f32>>>> = (0..b).map(|i| v.get(i).unwrap().to_vec3().unwrap()).collect();
+        let mut worst = 0f64;
+        for bi in 0..b {
+            for h in 0..nh {
+                let kh = h / (nh / nkv);
+                for i in 0..t {
+                    let s: Vec<f64> = (0..=i)
+                        .map(|j| (0..d).map(|c| q4[bi][h][i][c] as f64 * k4[bi][kh][j][c] as f64).sum::<f64>() * scale as f64)
+                        .collect();
+                    let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                    for c in 0..d {
+                        let want: f64 = (0..=i).map(|j| (s[j] - m).exp() / z * v4[bi][kh][j][c] as f64).sum();
+                        worst = worst.max((got[bi][i][h * d + c] as f64 - want).abs());
+                    }
+                }
+            }
+        }
+        assert!(worst < 1e-5, "worst abs error {worst}");
+    }
+}

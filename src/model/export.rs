@@ -1,0 +1,174 @@
+//! Writing Hugging Face model directories: `config.json`, `tokenizer.json` and safetensors (sharded past a
+//! size limit, with `model.safetensors.index.json`).
+//!
+//! Tensors are streamed: the header is computed from the shapes first, then each tensor is produced, converted
+//! and written one at a time, so a model larger than memory can be written. The directory is assembled
+//! aside and renamed into place when complete.
+
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Tensor};
+use serde_json::json;
+
+use crate::data::tokenizer::Tokenizer;
+use crate::util::AtomicDir;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutDType {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl OutDType {
+    fn size(self) -> usize {
+        if self == OutDType::F32 { 4 } else { 2 }
+    }
+    fn st_name(self) -> &'static str {
+        match self {
+            OutDType::F32 => "F32",
+            OutDType::F16 => "F16",
+            OutDType::Bf16 => "BF16",
+        }
+    }
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            OutDType::F32 => "float32",
+            OutDType::F16 => "float16",
+            OutDType::Bf16 => "bfloat16",
+        }
+    }
+}
+
+/// Little-endian bytes of `t` in `dtype`.
+fn tensor_bytes(t: &Tensor, dtype: OutDType) -> Result<Vec<u8>> {
+    let t = t.flatten_all()?;
+    Ok(match dtype {
+        OutDType::F32 => t.to_dtype(DType::F32)?.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        OutDType::F16 => {
+            t.to_dtype(DType::F16)?.to_vec1::<half::f16>()?.iter().flat_map(|x| x.to_le_bytes()).collect()
+        }
+        OutDType::Bf16 => {
+            t.to_dtype(DType::BF16)?.to_vec1::<half::bf16>()?.iter().flat_map(|x| x.to_le_bytes()).collect()
+        }
+    })
+}
+
+/// Write one safetensors file holding `specs`, producing each tensor with `load`.
+fn write_safetensors(
+    path: &Path,
+    specs: &[(String, Vec<usize>)],
+    dtype: OutDType,
+    load: &mut dyn FnMut(&str) -> Result<Tensor>,
+) -> Result<()> {
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), json!({"format": "pt"}));
+    let mut offset = 0usize;
+    for (name, shape) in specs {
+        let n = shape.iter().product::<usize>() * dtype.size();
+        header.insert(name.clone(), json!({"dtype": dtype.st_name(), "shape": shape, "data_offsets": [offset, offset + n]}));
+        offset += n;
+    }
+    let mut hbytes = serde_json::to_vec(&serde_json::Value::Object(header))?;
+    // Pad so that the data starts 8-byte aligned, as the reference writer does.
+    while (hbytes.len() + 8) % 8 != 0 {
+        hbytes.push(b' ');
+    }
+    let f = std::fs::File::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
+    let mut w = BufWriter::with_capacity(1 << 22, f);
+    w.write_all(&(hbytes.len() as u64).to_le_bytes())?;
+    w.write_all(&hbytes)?;
+    for (name, shape) in specs {
+        let t = load(name)?;
+        if t.dims() != shape.as_slice() {
+            bail!("tensor {name}: produced shape {:?}, expected {:?}", t.dims(), shape);
+        }
+        w.write_all(&tensor_bytes(&t, dtype)?).with_context(|| format!("{}: write failed", path.display()))?;
+    }
+    let f = w.into_inner().map_err(|e| e.into_error()).with_context(|| format!("{}: write failed", path.display()))?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Write the weights of a model into `dir` as `model.safetensors`, or as shards of at most
+/// `max_shard_bytes` with an index.
+pub fn write_weights(
+    dir: &Path,
+    specs: &[(String, Vec<usize>)],
+    dtype: OutDType,
+    max_shard_bytes: usize,
+    load: &mut dyn FnMut(&str) -> Result<Tensor>,
+) -> Result<()> {
+    let mut shards: Vec<Vec<(String, Vec<usize>)>> = vec![Vec::new()];
+    let mut size = 0usize;
+    let mut total = 0usize;
+    for (name, shape) in specs {
+        let n = shape.iter().product::<usize>() * dtype.size();
+        if size > 0 && size + n > max_shard_bytes {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        shards.last_mut().unwrap().push((name.clone(), shape.clone()));
+        size += n;
+        total += n;
+    }
+    if shards.len() == 1 {
+        return write_safetensors(&dir.join("model.safetensors"), &shards[0], dtype, load);
+    }
+    let k = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let file = format!("model-{:05}-of-{k:05}.safetensors", i + 1);
+        write_safetensors(&dir.join(&file), shard, dtype, load)?;
+        for (name, _) in shard {
+            weight_map.insert(name.clone(), json!(file));
+        }
+    }
+    let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index)?)?;
+    Ok(())
+}
+
+/// Write the tokenizer files transformers' `AutoTokenizer` reads.
+pub fn write_tokenizer(dir: &Path, tok: &Tokenizer) -> Result<()> {
+    std::fs::write(dir.join("tokenizer.json"), tok.to_json()?)?;
+    let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i));
+    let cfg = json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": name(tok.bos_id),
+        "eos_token": name(tok.eos_id),
+        "clean_up_tokenization_spaces": false,
+        "model_max_length": 1_000_000_000_000_000_000u64,
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&cfg)?)?;
+    Ok(())
+}
+
+/// A whole Hugging Face directory, written atomically.
+#[allow(clippy::too_many_arguments)]
+pub fn write_hf_dir(
+    out: &Path,
+    force: bool,
+    config: &serde_json::Value,
+    tokenizer: Option<&Tokenizer>,
+    specs: &[(String, Vec<usize>)],
+    dtype: OutDType,
+    max_shard_bytes: usize,
+    load: &mut dyn FnMut(&str) -> Result<Tensor>,
+    extra: &[(&str, Vec<u8>)],
+) -> Result<()> {
+    let dir = AtomicDir::new(out, force)?;
+    let mut config = config.clone();
+    config["torch_dtype"] = json!(dtype.torch_name());
+    std::fs::write(dir.tmp.join("config.json"), serde_json::to_string_pretty(&config)?)?;
+    if let Some(t) = tokenizer {
+        write_tokenizer(&dir.tmp, t)?;
+    }
+    write_weights(&dir.tmp, specs, dtype, max_shard_bytes, load)?;
+    for (name, bytes) in extra {
+        std::fs::write(dir.tmp.join(name), bytes)?;
+    }
+    dir.commit()
+}

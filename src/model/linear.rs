@@ -1,0 +1,39 @@
+//! A linear operator `y = x Wᵀ + b` with its weight in f32, the unit a pruner works on.
+
+use anyhow::Result;
+use candle_core::{D, Tensor};
+
+/// Weight `(out, in)` as Hugging Face stores it, optional bias `(out,)`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    /// `x`: `(..., in)` → `(..., out)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.reshape((rows, x.dim(D::Minus1)?))?;
+        let mut y = crate::linalg::matmul_nt(&x2, &self.weight)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        let mut out = dims;
+        *out.last_mut().unwrap() = self.out_features();
+        Ok(y.reshape(out)?)
+    }
+}

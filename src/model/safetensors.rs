@@ -1,0 +1,128 @@
+//! Memory-mapped safetensors files, single or sharded (`model.safetensors.index.json`).
+//!
+//! The header of every shard is validated by the `safetensors` crate (offsets contiguous, data exactly
+//! filling the file), so a truncated file or a header that lies is an error naming the file. Tensors are
+//! converted to f32 only when asked for, one at a time.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+use safetensors::Dtype;
+use safetensors::tensor::{Metadata, SafeTensors};
+
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+    header_len: usize,
+    meta: Metadata,
+}
+
+/// All tensors of a Hugging Face checkpoint, by name.
+pub struct SafetensorsStore {
+    shards: Vec<Shard>,
+    /// name → shard index
+    index: BTreeMap<String, usize>,
+}
+
+/// Shape and storage type of one tensor, as stored.
+#[derive(Debug, Clone)]
+pub struct StoredInfo {
+    pub shape: Vec<usize>,
+    pub dtype: String,
+}
+
+fn open_shard(path: &Path) -> Result<Shard> {
+    let file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    // SAFETY: read-only map of a file we never write while it is mapped.
+    let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("{}: cannot memory-map", path.display()))?;
+    let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+        anyhow!("{}: invalid safetensors file ({e}); truncated, corrupted, or the header lies about sizes", path.display())
+    })?;
+    Ok(Shard { path: path.to_path_buf(), mmap, header_len, meta })
+}
+
+impl SafetensorsStore {
+    /// Open `model.safetensors`, or the shards listed in `model.safetensors.index.json`, in `dir`.
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index.exists() {
+            let text = std::fs::read_to_string(&index).with_context(|| format!("{}: cannot read", index.display()))?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", index.display()))?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| anyhow!("{}: no \"weight_map\" object", index.display()))?;
+            let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+            files.sort();
+            files.dedup();
+            for f in &files {
+                if f.contains('/') || f.contains("..") {
+                    bail!("{}: shard name {f:?} escapes the model directory", index.display());
+                }
+            }
+            files.into_iter().map(|f| dir.join(f)).collect()
+        } else if single.exists() {
+            vec![single]
+        } else {
+            bail!(
+                "{}: no model.safetensors or model.safetensors.index.json (a Hugging Face model directory is expected)",
+                dir.display()
+            );
+        };
+        Self::open_files(&files)
+    }
+
+    pub fn open_files(files: &[PathBuf]) -> Result<Self> {
+        let mut shards = Vec::new();
+        let mut index = BTreeMap::new();
+        for (i, f) in files.iter().enumerate() {
+            let shard = open_shard(f)?;
+            for name in shard.meta.tensors().keys() {
+                if index.insert(name.clone(), i).is_some() {
+                    bail!("{}: tensor {name} is also in another shard", f.display());
+                }
+            }
+            shards.push(shard);
+        }
+        Ok(Self { shards, index })
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.index.keys()
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    pub fn info(&self, name: &str) -> Option<StoredInfo> {
+        let s = &self.shards[*self.index.get(name)?];
+        let i = s.meta.info(name)?;
+        Some(StoredInfo { shape: i.shape.clone(), dtype: format!("{:?}", i.dtype) })
+    }
+
+    /// Load one tensor as f32 (F32, F16 and BF16 are stored types we accept).
+    pub fn load_f32(&self, name: &str) -> Result<Tensor> {
+        let si = *self.index.get(name).ok_or_else(|| anyhow!("tensor {name} not found in the checkpoint"))?;
+        let s = &self.shards[si];
+        let info = s.meta.info(name).expect("indexed");
+        let start = 8 + s.header_len + info.data_offsets.0;
+        let end = 8 + s.header_len + info.data_offsets.1;
+        let bytes = &s.mmap[start..end];
+        let shape = info.shape.clone();
+        let dtype = match info.dtype {
+            Dtype::F32 => DType::F32,
+            Dtype::F16 => DType::F16,
+            Dtype::BF16 => DType::BF16,
+            other => bail!("{}: tensor {name} has dtype {other:?}; only F32, F16 and BF16 are supported", s.path.display()),
+        };
+        let t = Tensor::from_raw_buffer(bytes, dtype, &shape, &Device::Cpu)
+            .with_context(|| format!("{}: tensor {name}", s.path.display()))?;
+        Ok(t.to_dtype(DType::F32)?)
+    }
+}

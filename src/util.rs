@@ -1,0 +1,99 @@
+//! Small shared helpers: numeric checks, progress bars, atomic output.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Tensor};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// Fail with `what` in the message if `t` holds a NaN or an infinity.
+pub fn check_finite(t: &Tensor, what: &str) -> Result<()> {
+    let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        let bad = v.iter().filter(|x| !x.is_finite()).count();
+        bail!("{what}: {bad} non-finite values (first at flat index {i}: {})", v[i]);
+    }
+    Ok(())
+}
+
+/// A progress bar on stderr with ETA; hidden when `show` is false or stderr is not a terminal.
+pub fn progress_bar(len: u64, prefix: &str, show: bool) -> ProgressBar {
+    let pb = ProgressBar::with_draw_target(
+        Some(len),
+        if show { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },
+    );
+    pb.set_style(
+        ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {msg} (ETA {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(prefix.to_string());
+    pb
+}
+
+/// A directory written aside and renamed into place when complete, so that `dest` is either absent, the
+/// old contents, or the whole new contents.
+pub struct AtomicDir {
+    pub tmp: PathBuf,
+    dest: PathBuf,
+    committed: bool,
+}
+
+impl AtomicDir {
+    /// Refuses an existing `dest` unless `force`.
+    pub fn new(dest: &Path, force: bool) -> Result<Self> {
+        if dest.exists() && !force {
+            bail!("{}: already exists (use --force to replace it)", dest.display());
+        }
+        let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", parent.display()))?;
+        let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+        let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+        Ok(Self { tmp, dest: dest.to_path_buf(), committed: false })
+    }
+
+    /// Move the finished directory into place (replacing an old one, which is removed afterwards).
+    pub fn commit(mut self) -> Result<()> {
+        let old = self.dest.with_file_name(format!(
+            ".{}.old-{}",
+            self.dest.file_name().unwrap_or_default().to_string_lossy(),
+            std::process::id()
+        ));
+        let had_old = self.dest.exists();
+        if had_old {
+            std::fs::rename(&self.dest, &old).with_context(|| format!("{}: cannot move aside", self.dest.display()))?;
+        }
+        std::fs::rename(&self.tmp, &self.dest).with_context(|| format!("{}: cannot rename into place", self.dest.display()))?;
+        self.committed = true;
+        if had_old {
+            std::fs::remove_dir_all(&old).ok();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for AtomicDir {
+    fn drop(&mut self) {
+        if !self.committed {
+            std::fs::remove_dir_all(&self.tmp).ok();
+        }
+    }
+}
+
+/// Write `contents` to `path` atomically (temporary file in the same directory, then rename).
+pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", parent.display()))?;
+    let tmp = parent.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
+    ));
+    std::fs::write(&tmp, contents).with_context(|| format!("{}: cannot write", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
+    Ok(())
+}
