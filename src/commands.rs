@@ -29,6 +29,17 @@ pub fn dataset_windows(
     Ok((format, windows))
 }
 
+/// Token ids of a dataset as the evaluation sees them (before windowing), for cross-checks with other tools.
+pub fn tokenize(model: &Path, dataset: &Path, format: Option<TextFormat>, out: &Path) -> Result<usize> {
+    let ck = Checkpoint::open(model)?;
+    let format = format.unwrap_or_else(|| dataset::detect_format(dataset));
+    let text = dataset::eval_text(dataset, format)?;
+    let ids = ck.tokenizer()?.encode(&text, true)?;
+    let j = json!({"model": model.display().to_string(), "dataset": dataset.display().to_string(), "format": format, "ids": ids});
+    write_atomic(out, serde_json::to_string(&j)?.as_bytes())?;
+    Ok(ids.len())
+}
+
 pub struct EvalArgs {
     pub model: PathBuf,
     pub dataset: PathBuf,

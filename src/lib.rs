@@ -4,7 +4,7 @@
 //! - [`model`]: checkpoints (Hugging Face safetensors, GGUF) and architectures (LLaMA family, OPT), run
 //!   layer by layer.
 //! - [`data`]: tokenizers and evaluation text.
-//! - [`eval`]: perplexity.
+//! - [`eval`](mod@eval): perplexity.
 //! - [`commands`]: what the command-line verbs do.
 
 pub mod commands;

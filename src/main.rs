@@ -70,6 +70,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write the token ids of a dataset (as `eval` reads it) to a JSON file.
+    Tokenize {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        dataset: PathBuf,
+        #[arg(long, value_enum)]
+        format: Option<TextFormat>,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Greedy continuation of a prompt.
     Generate {
         #[arg(long)]
@@ -102,6 +113,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 print_inspect(&info);
             }
+        }
+        Command::Tokenize { model, dataset, format, out } => {
+            let n = commands::tokenize(&model, &dataset, format, &out)?;
+            println!("{n} tokens written to {}", out.display());
         }
         Command::Generate { model, prompt, max_new_tokens } => {
             let text = commands::generate(&model, &prompt, max_new_tokens)?;

@@ -42,6 +42,8 @@ pub struct PplResult {
     pub seqlen: usize,
     pub seconds: f64,
     pub tokens_per_second: f64,
+    /// Forward FLOPs counted from the configuration ([`crate::model::ModelConfig::flops_per_token`]) per second.
+    pub gflop_per_second: f64,
 }
 
 /// Sum of `−log p(target)` over the rows of a `(rows, vocab)` logits matrix.
@@ -163,5 +165,6 @@ pub fn perplexity(model: &dyn CausalLm, windows: &[Vec<u32>], opts: &PplOptions)
         seqlen,
         seconds,
         tokens_per_second: (windows.len() * seqlen) as f64 / seconds,
+        gflop_per_second: model.config().flops_per_token(seqlen) * (windows.len() * seqlen) as f64 / seconds / 1e9,
     })
 }

@@ -282,6 +282,28 @@ impl ModelConfig {
         }
     }
 
+    /// Multiply-add FLOPs (2 per MAC) of one token's forward pass in a causal window of `seqlen`: every linear
+    /// operator, the LM head, and attention (QKᵀ and PV over the (seqlen + 1) / 2 keys a query sees on average).
+    pub fn flops_per_token(&self, seqlen: usize) -> f64 {
+        let (layers, linear, attn_width, head) = match self {
+            ModelConfig::Llama(c) => {
+                let q = c.num_attention_heads * c.head_dim;
+                let kv = c.num_key_value_heads * c.head_dim;
+                let h = c.hidden_size;
+                let lin = h * q + 2 * h * kv + q * h + 3 * h * c.intermediate_size;
+                (c.num_hidden_layers, lin, q, c.vocab_size * h)
+            }
+            ModelConfig::Opt(c) => {
+                let h = c.hidden_size;
+                let lin = 4 * h * h + 2 * h * c.ffn_dim;
+                let proj = if c.word_embed_proj_dim != h { 2 * h * c.word_embed_proj_dim } else { 0 };
+                (c.num_hidden_layers, lin, h, c.vocab_size * c.word_embed_proj_dim + proj)
+            }
+        };
+        let keys = (seqlen as f64 + 1.0) / 2.0;
+        2.0 * (layers * linear + head) as f64 + layers as f64 * 2.0 * 2.0 * keys * attn_width as f64
+    }
+
     /// A `config.json` that Hugging Face `transformers` loads.
     pub fn to_hf_json(&self) -> Json {
         match self {
@@ -324,6 +346,7 @@ impl ModelConfig {
                     "bos_token_id": c.bos_token_id,
                     "eos_token_id": c.eos_token_id,
                     "torch_dtype": "float32",
+                    "dtype": "float32",
                 });
                 if model_type == "llama" {
                     j["attention_bias"] = json!(c.qkv_bias);
@@ -351,6 +374,7 @@ impl ModelConfig {
                 "eos_token_id": c.eos_token_id,
                 "pad_token_id": c.pad_token_id,
                 "torch_dtype": "float32",
+                "dtype": "float32",
             }),
         }
     }
@@ -360,12 +384,12 @@ impl LlamaConfig {
     fn validate(&self) -> Result<()> {
         ensure!(self.num_attention_heads > 0, "num_attention_heads is 0");
         ensure!(
-            self.num_key_value_heads > 0 && self.num_attention_heads % self.num_key_value_heads == 0,
+            self.num_key_value_heads > 0 && self.num_attention_heads.is_multiple_of(self.num_key_value_heads),
             "num_attention_heads {} is not a multiple of num_key_value_heads {}",
             self.num_attention_heads,
             self.num_key_value_heads
         );
-        ensure!(self.head_dim % 2 == 0 && self.head_dim > 0, "head_dim {} must be even", self.head_dim);
+        ensure!(self.head_dim.is_multiple_of(2) && self.head_dim > 0, "head_dim {} must be even", self.head_dim);
         Ok(())
     }
 

@@ -162,6 +162,7 @@ pub fn write_hf_dir(
     let dir = AtomicDir::new(out, force)?;
     let mut config = config.clone();
     config["torch_dtype"] = json!(dtype.torch_name());
+    config["dtype"] = json!(dtype.torch_name());
     std::fs::write(dir.tmp.join("config.json"), serde_json::to_string_pretty(&config)?)?;
     if let Some(t) = tokenizer {
         write_tokenizer(&dir.tmp, t)?;

@@ -267,11 +267,11 @@ impl GgufFile {
         // Each KV pair takes at least 12 bytes and each tensor info at least 24.
         ensure!(
             n_kv.saturating_mul(12) <= r.remaining() as u64,
-            "header claims {n_kv} metadata entries, more than the file can hold"
+            "header claims {n_kv} metadata entries, more than the file can hold (truncated, or the header lies)"
         );
         ensure!(
             n_tensors.saturating_mul(24) <= r.remaining() as u64,
-            "header claims {n_tensors} tensors, more than the file can hold"
+            "header claims {n_tensors} tensors, more than the file can hold (truncated, or the header lies)"
         );
         let mut metadata = BTreeMap::new();
         for _ in 0..n_kv {
@@ -379,7 +379,7 @@ impl GgufFile {
         let ctx = || format!("{}: tensor {name} ({})", self.path.display(), dtype_name(e.dtype));
         // candle reinterprets the bytes as blocks in place, which needs 4-byte alignment (f32 / f16 fields).
         let aligned;
-        let raw = if raw.as_ptr() as usize % 4 == 0 {
+        let raw = if (raw.as_ptr() as usize).is_multiple_of(4) {
             raw
         } else {
             let mut buf = vec![0u32; e.nbytes.div_ceil(4)];
@@ -403,7 +403,7 @@ impl GgufFile {
 pub fn unpermute_rows(t: &Tensor, n_heads: usize) -> Result<Tensor> {
     let dims = t.dims().to_vec();
     let rows = dims[0];
-    ensure!(rows % (2 * n_heads) == 0, "cannot un-permute {rows} rows into {n_heads} rotary heads");
+    ensure!(rows.is_multiple_of(2 * n_heads), "cannot un-permute {rows} rows into {n_heads} rotary heads");
     let half = rows / n_heads / 2;
     let rest: usize = dims[1..].iter().product();
     let t = t.reshape((n_heads, half, 2, rest))?.transpose(1, 2)?.contiguous()?;

@@ -1,0 +1,63 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    root().join("tests").join("fixtures").join(name)
+}
+
+/// `../shared/data/...` beside the checkout.
+pub fn shared(rel: &str) -> PathBuf {
+    root().join("..").join("shared").join("data").join(rel)
+}
+
+/// The demo model, fetched by `scripts/fetch-assets.sh`. Tests that need it fail (not skip) without it.
+pub fn smollm2() -> PathBuf {
+    let p = std::env::var_os("FISTAPRUNE_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("assets"))
+        .join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.exists(), "{} is missing: run scripts/fetch-assets.sh first", p.display());
+    p
+}
+
+pub fn load_st(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// (max |a − b| / max |b|, ‖a − b‖ / ‖b‖).
+pub fn rel_errors(a: &Tensor, b: &Tensor) -> (f64, f64) {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let a: Vec<f32> = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let b: Vec<f32> = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let maxb = b.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
+    let maxd = a.iter().zip(&b).fold(0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()));
+    let nd: f64 = a.iter().zip(&b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum::<f64>().sqrt();
+    (maxd / maxb, nd / nb)
+}
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_fistaprune"))
+}
+
+/// Run the binary; returns (success, stdout, stderr).
+pub fn run(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(bin()).args(args).output().expect("run fistaprune");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+pub fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("fistaprune-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}

@@ -1,0 +1,85 @@
+//! The dense engine against transformers' outputs on committed fixtures (made by scripts/make_fixtures.py).
+
+mod common;
+
+use candle_core::{DType, Tensor};
+use common::*;
+use fistaprune::model::{Checkpoint, forward_logits, gguf::GgufFile};
+
+fn check_logits(dir: &std::path::Path, model_path: &std::path::Path) {
+    let refs = load_st(&dir.join("reference.safetensors"));
+    let ids = refs["input_ids"].to_dtype(DType::U32).unwrap();
+    let ck = Checkpoint::open(model_path).unwrap();
+    let model = ck.model().unwrap();
+    let logits = forward_logits(model.as_ref(), &ids).unwrap();
+    let (max_rel, fro_rel) = rel_errors(&logits, &refs["logits"]);
+    eprintln!("{}: max rel {max_rel:.2e}, frobenius rel {fro_rel:.2e}", model_path.display());
+    assert!(max_rel < 1e-4, "{}: logits differ from transformers: max |Δ|/max|ref| = {max_rel:e}", model_path.display());
+    assert!(fro_rel < 1e-5, "{}: ‖Δ‖/‖ref‖ = {fro_rel:e}", model_path.display());
+}
+
+#[test]
+fn llama_gqa_llama3_rope_f32_matches_transformers() {
+    check_logits(&fixture("llama"), &fixture("llama"));
+}
+
+#[test]
+fn llama_tied_bf16_sharded_matches_transformers() {
+    check_logits(&fixture("llama_bf16_sharded"), &fixture("llama_bf16_sharded"));
+}
+
+#[test]
+fn qwen2_bias_mqa_f16_matches_transformers() {
+    check_logits(&fixture("qwen2_f16"), &fixture("qwen2_f16"));
+}
+
+#[test]
+fn opt_pre_ln_matches_transformers() {
+    check_logits(&fixture("opt"), &fixture("opt"));
+}
+
+#[test]
+fn opt_350m_layout_post_ln_project_in_out_matches_transformers() {
+    check_logits(&fixture("opt350m_layout"), &fixture("opt350m_layout"));
+}
+
+#[test]
+fn gguf_permuted_mixed_quants_matches_transformers_gguf_loader() {
+    let d = fixture("llama_gguf");
+    check_logits(&d, &d.join("tiny.gguf"));
+}
+
+#[test]
+fn gguf_tokenizer_matches_tokenizer_json() {
+    let d = fixture("llama_gguf");
+    let refs = load_st(&d.join("reference.safetensors"));
+    let want: Vec<i64> = refs["sample_ids"].to_vec1().unwrap();
+    let sample: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("sample.json")).unwrap()).unwrap();
+    let ck = Checkpoint::open(&d.join("tiny.gguf")).unwrap();
+    let got = ck.tokenizer().unwrap().encode(sample["sample"].as_str().unwrap(), true).unwrap();
+    assert_eq!(got.iter().map(|&x| x as i64).collect::<Vec<_>>(), want);
+}
+
+#[test]
+fn every_gguf_quantisation_dequantises_like_gguf_py() {
+    let d = fixture("quants");
+    let refs = load_st(&d.join("reference.safetensors"));
+    let g = GgufFile::open(&d.join("quants.gguf")).unwrap();
+    assert_eq!(refs.len(), 13);
+    for (name, want) in &refs {
+        let got = g.dequantize(name).unwrap();
+        let (max_rel, _) = rel_errors(&got, want);
+        assert!(max_rel < 1e-6, "{name}: dequantised values differ from gguf-py (max rel {max_rel:e})");
+    }
+}
+
+#[test]
+fn hf_dtypes_load_as_f32() {
+    for (dir, dtype) in [("llama", "F32"), ("llama_bf16_sharded", "BF16"), ("qwen2_f16", "F16")] {
+        let ck = Checkpoint::open(&fixture(dir)).unwrap();
+        let m = ck.weights.meta("model.layers.0.self_attn.q_proj.weight").unwrap();
+        assert_eq!(m.dtype, dtype);
+        let t: Tensor = ck.weights.load("model.layers.0.self_attn.q_proj.weight").unwrap();
+        assert_eq!(t.dtype(), DType::F32);
+    }
+}
