@@ -192,6 +192,42 @@ def write_quants(out):
     save_file(ref, os.path.join(out, "reference.safetensors"))
 
 
+def write_spm_gguf(out):
+    """A SentencePiece BPE vocabulary (as LLaMA 1/2 and Mistral have) in GGUF, the way llama.cpp's converter
+    writes it; reference ids from sentencepiece itself."""
+    import io
+    import sentencepiece as spm
+    text = open(WIKI, encoding="utf-8").read()[:300_000]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text.split("\n")), model_writer=model, vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, character_coverage=0.9995,
+                                   split_digits=True, add_dummy_prefix=True, allow_whitespace_only_pieces=True,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   unk_id=0, bos_id=1, eos_id=2, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    w = gguf.GGUFWriter(os.path.join(out, "spm.gguf"), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list([sp.id_to_piece(i) for i in range(sp.get_piece_size())])
+    w.add_token_scores([sp.get_score(i) for i in range(sp.get_piece_size())])
+    types = []
+    for i in range(sp.get_piece_size()):
+        types.append(2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 5 if sp.is_unused(i) else 6 if sp.is_byte(i) else 1)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    samples = ["The game began development in 2010, carrying over a large portion of the work.",
+               "  Two  spaces, tabs\tand ünïcödé — dashes; 12,345 and émoji 🙂 fall back to bytes.",
+               " = Robert Boulter = \n"]
+    json.dump({"samples": samples, "ids": [[1] + sp.encode(t) for t in samples]},
+              open(os.path.join(out, "spm_reference.json"), "w"), indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(ROOT, "tests", "fixtures"))
@@ -249,6 +285,9 @@ def main():
     qdir = os.path.join(a.out, "quants")
     os.makedirs(qdir)
     write_quants(qdir)
+    tdir = os.path.join(a.out, "tokenizers")
+    os.makedirs(tdir)
+    write_spm_gguf(tdir)
 
     # End-to-end perplexity reference: transformers tokenizes WikiText-2 with tokenizer.json.
     t = AutoTokenizer.from_pretrained(os.path.join(a.out, "llama"))

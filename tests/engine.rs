@@ -83,3 +83,17 @@ fn hf_dtypes_load_as_f32() {
         assert_eq!(t.dtype(), DType::F32);
     }
 }
+
+#[test]
+fn gguf_sentencepiece_tokenizer_matches_sentencepiece() {
+    let d = fixture("tokenizers");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("spm_reference.json")).unwrap()).unwrap();
+    let tok = fistaprune::data::tokenizer::Tokenizer::from_gguf(&GgufFile::open(&d.join("spm.gguf")).unwrap()).unwrap();
+    for (text, want) in r["samples"].as_array().unwrap().iter().zip(r["ids"].as_array().unwrap()) {
+        let text = text.as_str().unwrap();
+        let got = tok.encode(text, true).unwrap();
+        let want: Vec<u32> = want.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        assert_eq!(got, want, "{text:?}");
+        assert_eq!(tok.decode(&got[1..]).unwrap(), text, "round trip");
+    }
+}

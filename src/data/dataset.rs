@@ -131,3 +131,52 @@ pub fn windows(ids: &[u32], seqlen: usize, max_windows: Option<usize>, what: &st
     let n = max_windows.map_or(n, |m| m.min(n));
     Ok(ids.chunks_exact(seqlen).take(n).map(|c| c.to_vec()).collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str, contents: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("fistaprune-ds-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join(name);
+        std::fs::write(&p, contents).unwrap();
+        p
+    }
+
+    #[test]
+    fn wikitext_rows_are_joined_like_hugging_face() {
+        let p = tmp("wiki.test.raw", " = Title = \n \n Some text .\n");
+        // Rows: " = Title = \n", "", " Some text .\n" joined with "\n\n".
+        assert_eq!(eval_text(&p, TextFormat::Wikitext).unwrap(), " = Title = \n\n\n\n\n Some text .\n");
+        let j = tmp("wiki.jsonl", "{\"text\": \" = Title = \\n\"}\n{\"text\": \"\"}\n");
+        assert_eq!(eval_text(&j, TextFormat::Wikitext).unwrap(), " = Title = \n\n\n");
+    }
+
+    #[test]
+    fn ptb_and_c4_join_with_spaces() {
+        let p = tmp("ptb.txt", " a b \n c d \n");
+        assert_eq!(eval_text(&p, TextFormat::Ptb).unwrap(), "a b c d");
+        let c = tmp("c4.jsonl", "{\"text\":\"one\",\"url\":\"u\"}\n{\"text\":\"two\\/2\"}\n");
+        assert_eq!(eval_text(&c, TextFormat::C4).unwrap(), "one two/2");
+        let bad = tmp("bad.jsonl", "{\"text\":\"one\"}\n{\"txt\":\"two\"}\n");
+        let e = eval_text(&bad, TextFormat::C4).unwrap_err().to_string();
+        assert!(e.contains("bad.jsonl") && e.contains("record 2"), "{e}");
+    }
+
+    #[test]
+    fn windows_drop_the_partial_tail_and_honour_max() {
+        let ids: Vec<u32> = (0..10).collect();
+        assert_eq!(windows(&ids, 3, None, "x").unwrap(), vec![vec![0, 1, 2], vec![3, 4, 5], vec![6, 7, 8]]);
+        assert_eq!(windows(&ids, 3, Some(1), "x").unwrap().len(), 1);
+        assert!(windows(&ids, 11, None, "x").unwrap_err().to_string().contains("shorter than one window"));
+    }
+
+    #[test]
+    fn formats_are_guessed_from_names() {
+        assert_eq!(detect_format(Path::new("a/wikitext-2-raw/wiki.test.raw")), TextFormat::Wikitext);
+        assert_eq!(detect_format(Path::new("ptb.test.txt")), TextFormat::Ptb);
+        assert_eq!(detect_format(Path::new("c4-validation.json.gz")), TextFormat::C4);
+        assert_eq!(detect_format(Path::new("notes.txt")), TextFormat::Text);
+    }
+}

@@ -409,3 +409,54 @@ pub fn unpermute_rows(t: &Tensor, n_heads: usize) -> Result<Tensor> {
     let t = t.reshape((n_heads, half, 2, rest))?.transpose(1, 2)?.contiguous()?;
     Ok(t.reshape(dims)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// llama.cpp's permutation, written the way its converter writes it.
+    fn permute(t: &Tensor, n_heads: usize) -> Tensor {
+        let (rows, cols) = t.dims2().unwrap();
+        t.reshape((n_heads, 2, rows / n_heads / 2, cols)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape((rows, cols)).unwrap()
+    }
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permutation() {
+        let t = Tensor::arange(0f32, 24.0 * 3.0, &Device::Cpu).unwrap().reshape((24, 3)).unwrap();
+        for heads in [1, 2, 3, 6] {
+            let back = unpermute_rows(&permute(&t, heads), heads).unwrap();
+            assert_eq!(back.to_vec2::<f32>().unwrap(), t.to_vec2::<f32>().unwrap(), "heads {heads}");
+        }
+        assert!(unpermute_rows(&t, 5).is_err());
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        // A cheap property test of the header parser: random and mutated headers give errors, not panics.
+        let real = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/llama_gguf/tiny.gguf")).unwrap();
+        let mut state = 0x9E3779B97F4A7C15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let dir = std::env::temp_dir().join(format!("fistaprune-gguf-fuzz-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("f.gguf");
+        for i in 0..300 {
+            let mut b = real[..(real.len().min(4096))].to_vec();
+            if i % 3 == 0 {
+                b.truncate((next() as usize) % b.len());
+            }
+            for _ in 0..(1 + next() % 8) {
+                let at = (next() as usize) % b.len().max(1);
+                if let Some(x) = b.get_mut(at) {
+                    *x = next() as u8;
+                }
+            }
+            std::fs::write(&p, &b).unwrap();
+            let _ = GgufFile::open(&p);
+        }
+    }
+}
