@@ -12,4 +12,5 @@ pub mod data;
 pub mod eval;
 pub mod linalg;
 pub mod model;
+pub mod prune;
 pub mod util;

@@ -45,6 +45,19 @@ pub fn matmul_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(Tensor::from_vec(out, (r, n), &Device::Cpu)?)
 }
 
+/// A `(rows, cols)` f32 tensor as a faer matrix.
+pub fn tensor_to_mat(t: &Tensor) -> Result<faer::Mat<f32>> {
+    let (r, c) = t.dims2()?;
+    with_f32(t, |s| faer::Mat::from_fn(r, c, |i, j| s[i * c + j]))
+}
+
+/// A faer matrix as a `(rows, cols)` f32 tensor.
+pub fn mat_to_tensor(m: &faer::Mat<f32>) -> Result<Tensor> {
+    let (r, c) = m.shape();
+    let v: Vec<f32> = (0..r).flat_map(|i| (0..c).map(move |j| (i, j))).map(|(i, j)| m[(i, j)]).collect();
+    Ok(Tensor::from_vec(v, (r, c), &Device::Cpu)?)
+}
+
 /// Send a raw pointer into rayon tasks that write disjoint parts of one buffer.
 #[derive(Clone, Copy)]
 struct SharedMut(*mut f32);

@@ -5,8 +5,28 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use fistaprune::commands;
+use fistaprune::commands::prune::MethodName;
+use fistaprune::data::calibration::CalibMode;
 use fistaprune::data::dataset::TextFormat;
 use fistaprune::model::export::OutDType;
+use fistaprune::prune::Pattern;
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ActDType {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<ActDType> for candle_core::DType {
+    fn from(d: ActDType) -> Self {
+        match d {
+            ActDType::F32 => candle_core::DType::F32,
+            ActDType::F16 => candle_core::DType::F16,
+            ActDType::Bf16 => candle_core::DType::BF16,
+        }
+    }
+}
 
 #[derive(Parser)]
 #[command(name = "fistaprune", version, about = "Post-training pruning of large language models")]
@@ -40,10 +60,85 @@ enum Command {
         /// Windows per forward batch.
         #[arg(long, default_value_t = 1)]
         batch: usize,
+        /// Keep materialised (f32) decoder layers up to this many MB; past it, each batch re-reads every
+        /// layer from the memory map, so that only one layer is in working memory.
+        #[arg(long, default_value_t = 4096)]
+        layer_memory_mb: usize,
         /// Also write the result as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
         /// No progress bar or summary line.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Prune a model layer by layer and write it as a Hugging Face directory with report.json.
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["sparsity", "pattern"])))]
+    Prune {
+        /// Hugging Face model directory or .gguf file.
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, value_enum)]
+        method: MethodName,
+        /// Unstructured: this fraction of each operator's weights becomes zero.
+        #[arg(long)]
+        sparsity: Option<f64>,
+        /// Semi-structured N:M (N zeros in every M consecutive inputs), e.g. 2:4.
+        #[arg(long)]
+        pattern: Option<String>,
+        /// Calibration text (C4 .jsonl/.json.gz, WikiText, any text) or a file saved with --save-calib.
+        #[arg(long)]
+        calib: Option<PathBuf>,
+        #[arg(long, value_enum)]
+        calib_format: Option<TextFormat>,
+        /// documents: random long document, random window (the peers' C4 recipe); stream: documents joined
+        /// with EOS, random windows; auto: documents when enough are long enough.
+        #[arg(long, value_enum, default_value = "auto")]
+        calib_mode: CalibMode,
+        #[arg(long, default_value_t = 128)]
+        nsamples: usize,
+        /// Tokens per calibration sample.
+        #[arg(long, default_value_t = 2048)]
+        seqlen: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Save the calibration token ids here (reload them with --calib FILE).
+        #[arg(long)]
+        save_calib: Option<PathBuf>,
+        /// Output directory (Hugging Face layout).
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing output directory.
+        #[arg(long)]
+        force: bool,
+        /// Output weight type (default: the input's; f32 for GGUF).
+        #[arg(long, value_enum)]
+        dtype: Option<OutDType>,
+        #[arg(long, default_value_t = 5.0)]
+        max_shard_gb: f64,
+        /// Print perplexity on this dataset before and after pruning.
+        #[arg(long)]
+        eval: Option<PathBuf>,
+        #[arg(long, value_enum)]
+        eval_format: Option<TextFormat>,
+        #[arg(long, default_value_t = 512)]
+        eval_seqlen: usize,
+        #[arg(long)]
+        eval_max_windows: Option<usize>,
+        /// Calibration samples per forward batch.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Storage type of the activations between layers.
+        #[arg(long, value_enum, default_value = "f32")]
+        act_dtype: ActDType,
+        /// SparseGPT: diagonal damping, as a fraction of the mean diagonal of the Hessian.
+        #[arg(long, default_value_t = 0.01)]
+        percdamp: f64,
+        /// SparseGPT: columns per lazy-update block.
+        #[arg(long, default_value_t = 128)]
+        blocksize: usize,
+        /// Magnitude: one threshold per output row instead of per matrix.
+        #[arg(long)]
+        per_row: bool,
         #[arg(long)]
         quiet: bool,
     },
@@ -99,8 +194,78 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
     }
     match cli.command {
-        Command::Eval { model, dataset, format, seqlen, max_windows, batch, json, quiet } => {
-            commands::eval(&commands::EvalArgs { model, dataset, format, seqlen, max_windows, batch, json, quiet })?;
+        Command::Eval { model, dataset, format, seqlen, max_windows, batch, layer_memory_mb, json, quiet } => {
+            commands::eval(&commands::EvalArgs {
+                model,
+                dataset,
+                format,
+                seqlen,
+                max_windows,
+                batch,
+                layer_memory_bytes: layer_memory_mb << 20,
+                json,
+                quiet,
+            })?;
+        }
+        Command::Prune {
+            model,
+            method,
+            sparsity,
+            pattern,
+            calib,
+            calib_format,
+            calib_mode,
+            nsamples,
+            seqlen,
+            seed,
+            save_calib,
+            out,
+            force,
+            dtype,
+            max_shard_gb,
+            eval,
+            eval_format,
+            eval_seqlen,
+            eval_max_windows,
+            batch,
+            act_dtype,
+            percdamp,
+            blocksize,
+            per_row,
+            quiet,
+        } => {
+            let pattern = match (sparsity, pattern) {
+                (Some(s), None) => Pattern::unstructured(s)?,
+                (None, Some(p)) => p.parse()?,
+                _ => anyhow::bail!("give exactly one of --sparsity and --pattern"),
+            };
+            anyhow::ensure!(percdamp >= 0.0 && percdamp.is_finite(), "--percdamp {percdamp} must be ≥ 0");
+            commands::prune::prune(&commands::prune::PruneArgs {
+                model,
+                method,
+                pattern,
+                calib,
+                calib_format,
+                calib_mode,
+                nsamples,
+                seqlen,
+                seed,
+                save_calib,
+                out,
+                force,
+                dtype,
+                max_shard_bytes: (max_shard_gb * 1e9) as usize,
+                eval,
+                eval_format,
+                eval_seqlen,
+                eval_max_windows,
+                batch,
+                act_dtype: act_dtype.into(),
+                percdamp,
+                blocksize,
+                magnitude_per_row: per_row,
+                quiet,
+            })?;
         }
         Command::Convert { model, out, dtype, max_shard_gb, force } => {
             commands::convert(&model, &out, dtype, (max_shard_gb * 1e9) as usize, force)?;

@@ -47,6 +47,8 @@ fn wikitext_perplexity_matches_transformers() {
         seqlen: 512,
         max_windows: Some(10),
         batch: 2,
+        // Stream the layers: the other code path of the evaluation.
+        layer_memory_bytes: 0,
         json: None,
         quiet: true,
     })

@@ -1,4 +1,5 @@
 //! Text in: tokenizers, evaluation datasets (and, later, calibration sampling).
 
+pub mod calibration;
 pub mod dataset;
 pub mod tokenizer;

@@ -57,7 +57,7 @@ fn tensor_bytes(t: &Tensor, dtype: OutDType) -> Result<Vec<u8>> {
 }
 
 /// Write one safetensors file holding `specs`, producing each tensor with `load`.
-fn write_safetensors(
+pub fn write_safetensors(
     path: &Path,
     specs: &[(String, Vec<usize>)],
     dtype: OutDType,
@@ -146,8 +146,27 @@ pub fn write_tokenizer(dir: &Path, tok: &Tokenizer) -> Result<()> {
     Ok(())
 }
 
-/// A whole Hugging Face directory, written atomically.
-#[allow(clippy::too_many_arguments)]
+/// The files of a Hugging Face model directory, written into the existing directory `dir`.
+pub fn write_hf_contents(
+    dir: &Path,
+    config: &serde_json::Value,
+    tokenizer: Option<&Tokenizer>,
+    specs: &[(String, Vec<usize>)],
+    dtype: OutDType,
+    max_shard_bytes: usize,
+    load: &mut dyn FnMut(&str) -> Result<Tensor>,
+) -> Result<()> {
+    let mut config = config.clone();
+    config["torch_dtype"] = json!(dtype.torch_name());
+    config["dtype"] = json!(dtype.torch_name());
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)?)?;
+    if let Some(t) = tokenizer {
+        write_tokenizer(dir, t)?;
+    }
+    write_weights(dir, specs, dtype, max_shard_bytes, load)
+}
+
+/// A whole Hugging Face directory, written aside and renamed into place.
 pub fn write_hf_dir(
     out: &Path,
     force: bool,
@@ -157,19 +176,8 @@ pub fn write_hf_dir(
     dtype: OutDType,
     max_shard_bytes: usize,
     load: &mut dyn FnMut(&str) -> Result<Tensor>,
-    extra: &[(&str, Vec<u8>)],
 ) -> Result<()> {
     let dir = AtomicDir::new(out, force)?;
-    let mut config = config.clone();
-    config["torch_dtype"] = json!(dtype.torch_name());
-    config["dtype"] = json!(dtype.torch_name());
-    std::fs::write(dir.tmp.join("config.json"), serde_json::to_string_pretty(&config)?)?;
-    if let Some(t) = tokenizer {
-        write_tokenizer(&dir.tmp, t)?;
-    }
-    write_weights(&dir.tmp, specs, dtype, max_shard_bytes, load)?;
-    for (name, bytes) in extra {
-        std::fs::write(dir.tmp.join(name), bytes)?;
-    }
+    write_hf_contents(&dir.tmp, config, tokenizer, specs, dtype, max_shard_bytes, load)?;
     dir.commit()
 }

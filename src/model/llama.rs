@@ -216,6 +216,10 @@ impl DecoderLayer for LlamaLayer {
         LINEARS
     }
 
+    fn input_groups(&self) -> &'static [&'static [&'static str]] {
+        &[&["q_proj", "k_proj", "v_proj"], &["o_proj"], &["gate_proj", "up_proj"], &["down_proj"]]
+    }
+
     fn linear(&self, name: &str) -> Option<&Linear> {
         Some(match name {
             "q_proj" => &self.q,

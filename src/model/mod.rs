@@ -259,6 +259,8 @@ pub trait DecoderLayer: Send + Sync {
     fn forward(&self, x: &Tensor, ctx: &LayerContext, hook: Option<Hook>) -> Result<Tensor>;
     /// Names of the linear operators, in data-flow order (`q_proj`, `k_proj`, ... / `fc1`, `fc2`).
     fn linear_names(&self) -> &'static [&'static str];
+    /// The operators grouped by shared input, in data-flow order (q, k, v read the same tensor).
+    fn input_groups(&self) -> &'static [&'static [&'static str]];
     fn linear(&self, name: &str) -> Option<&Linear>;
     fn linear_mut(&mut self, name: &str) -> Option<&mut Linear>;
     /// Every tensor of the layer under its Hugging Face name (for writing checkpoints).

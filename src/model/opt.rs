@@ -292,6 +292,10 @@ impl DecoderLayer for OptLayer {
         LINEARS
     }
 
+    fn input_groups(&self) -> &'static [&'static [&'static str]] {
+        &[&["q_proj", "k_proj", "v_proj"], &["out_proj"], &["fc1"], &["fc2"]]
+    }
+
     fn linear(&self, name: &str) -> Option<&Linear> {
         Some(match name {
             "q_proj" => &self.q,

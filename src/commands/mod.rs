@@ -1,5 +1,7 @@
 //! The command-line verbs, as library functions (`main.rs` only parses arguments).
 
+pub mod prune;
+
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -47,6 +49,8 @@ pub struct EvalArgs {
     pub seqlen: usize,
     pub max_windows: Option<usize>,
     pub batch: usize,
+    /// See [`PplOptions::layer_budget_bytes`].
+    pub layer_memory_bytes: usize,
     pub json: Option<PathBuf>,
     pub quiet: bool,
 }
@@ -55,7 +59,7 @@ pub fn eval(a: &EvalArgs) -> Result<PplResult> {
     let ck = Checkpoint::open(&a.model)?;
     let (format, windows) = dataset_windows(&ck, &a.dataset, a.format, a.seqlen, a.max_windows)?;
     let model = ck.model()?;
-    let opts = PplOptions { batch: a.batch, progress: !a.quiet, ..Default::default() };
+    let opts = PplOptions { batch: a.batch, layer_budget_bytes: a.layer_memory_bytes, progress: !a.quiet };
     let r = perplexity(model.as_ref(), &windows, &opts)?;
     if !a.quiet {
         println!(
@@ -111,7 +115,6 @@ pub fn convert(model: &Path, out: &Path, dtype: OutDType, max_shard_bytes: usize
         dtype,
         max_shard_bytes,
         &mut load,
-        &[],
     )
     .with_context(|| format!("writing {}", out.display()))
 }

@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""Run the authors' own pruning code on a Hugging Face checkpoint with fistaprune's calibration token ids,
+then measure WikiText-2 perplexity on fistaprune's token ids: the reference for `fistaprune prune`.
+
+    python scripts/reference/peers_prune.py --method sparsegpt|wanda|magnitude (--sparsity 0.5 | --pattern 2:4) \
+        --model HF_DIR --calib calib.json --eval-ids wt2_ids.json [--seqlen 512] [--max-windows K] \
+        --sparsegpt-repo PATH --wanda-repo PATH [--json out.json]
+
+- SparseGPT: `llama_sequential` from IST-DASLab/sparsegpt's `llama.py` (its `SparseGPT.fasterprune`).
+- Wanda and magnitude: `prune_wanda` / `prune_magnitude` from locuslab/wanda's `lib/prune.py`.
+
+The repositories are checkouts made on this machine (they are read and imported from where they are, never
+copied into this project). Their code targets a GPU and older transformers: run this with transformers 4.36
+(`scripts/reference/peers-env.sh`). The only changes are to the environment, not to their code: CUDA-only
+calls become no-ops on CPU, their data loaders are replaced by our calibration ids, and the model is loaded in
+f32 (as fistaprune computes) with `seqlen` set to the calibration length.
+"""
+import argparse, json, math, sys, time
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+
+def load_ids(path):
+    return json.load(open(path))["ids"]
+
+
+def ppl(model, ids, seqlen, max_windows=None):
+    n = len(ids) // seqlen
+    if max_windows:
+        n = min(n, max_windows)
+    nll = 0.0
+    with torch.inference_mode():
+        for w in range(n):
+            x = torch.tensor(ids[w * seqlen:(w + 1) * seqlen]).unsqueeze(0)
+            logits = model(x).logits[0].float()
+            nll += F.cross_entropy(logits[:-1], x[0, 1:], reduction="sum").double().item()
+    return math.exp(nll / (n * (seqlen - 1))), n
+
+
+def sparsity(model):
+    z = t = 0
+    for layer in model.model.layers:
+        for name, m in layer.named_modules():
+            if isinstance(m, torch.nn.Linear):
+                z += (m.weight == 0).sum().item()
+                t += m.weight.numel()
+    return z / t
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--method", required=True, choices=["sparsegpt", "wanda", "magnitude"])
+    ap.add_argument("--sparsity", type=float)
+    ap.add_argument("--pattern")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--calib", required=True)
+    ap.add_argument("--eval-ids", required=True)
+    ap.add_argument("--seqlen", type=int, default=512, help="evaluation window")
+    ap.add_argument("--max-windows", type=int)
+    ap.add_argument("--sparsegpt-repo")
+    ap.add_argument("--wanda-repo")
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    prune_n, prune_m = 0, 0
+    sp = a.sparsity
+    if a.pattern:
+        prune_n, prune_m = map(int, a.pattern.split(":"))
+        sp = prune_n / prune_m
+
+    # GPU-only calls of the peers' code, made harmless on CPU.
+    torch.cuda.synchronize = lambda *args, **kw: None
+    torch.cuda.empty_cache = lambda *args, **kw: None
+    torch.Tensor.cuda = lambda self, *args, **kw: self
+
+    import transformers
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(a.model, torch_dtype=torch.float32)
+    model.eval()
+    calib = json.load(open(a.calib))
+    ids = calib["ids"]
+    model.seqlen = calib["seqlen"]
+    loader = [(torch.tensor(s).unsqueeze(0), None) for s in ids]
+    dev = torch.device("cpu")
+
+    t0 = time.time()
+    if a.method == "sparsegpt":
+        sys.path.insert(0, a.sparsegpt_repo)
+        import llama as sg_llama  # IST-DASLab/sparsegpt llama.py
+        sg_llama.args = SimpleNamespace(
+            nsamples=len(ids), sparsity=sp, prunen=prune_n, prunem=prune_m, percdamp=0.01, blocksize=128,
+            minlayer=-1, maxlayer=1000, prune_only="", invert=False, true_sequential=False, wbits=16,
+            gmp=False, log_wandb=False)
+        with torch.no_grad():
+            sg_llama.llama_sequential(model, loader, dev)
+    else:
+        sys.path.insert(0, a.wanda_repo)
+        import lib.prune as wp  # locuslab/wanda lib/prune.py
+        wp.get_loaders = lambda *args, **kw: (loader, None)
+        model.hf_device_map = {}
+        args = SimpleNamespace(nsamples=len(ids), seed=calib["seed"], sparsity_ratio=sp, use_variant=False)
+        if a.method == "wanda":
+            wp.prune_wanda(args, model, None, dev, prune_n=prune_n, prune_m=prune_m)
+        else:
+            wp.prune_magnitude(args, model, None, dev, prune_n=prune_n, prune_m=prune_m)
+    secs = time.time() - t0
+    p, n = ppl(model, load_ids(a.eval_ids), a.seqlen, a.max_windows)
+    out = {"method": a.method, "sparsity_target": sp, "pattern": a.pattern, "sparsity": sparsity(model),
+           "prune_seconds": secs, "perplexity": p, "windows": n, "seqlen": a.seqlen,
+           "calibration_sha256": calib.get("sha256"), "torch": torch.__version__,
+           "transformers": transformers.__version__, "threads": torch.get_num_threads()}
+    print(json.dumps(out, indent=2))
+    if a.json:
+        json.dump(out, open(a.json, "w"), indent=2)
+
+
+if __name__ == "__main__":
+    main()

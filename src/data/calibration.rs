@@ -1,0 +1,221 @@
+//! Calibration samples: `nsamples` windows of `seqlen` token ids, drawn with a seeded RNG.
+//!
+//! - **documents** (the peers' C4 recipe, SparseGPT / Wanda `get_c4`): draw random documents until one
+//!   tokenizes to more than `seqlen` tokens, then take a random window of it; repeat `nsamples` times.
+//! - **stream**: the documents tokenized in file order and joined with the EOS token (one string for
+//!   WikiText, PTB or plain text, as the peers' WikiText recipe), random windows of the stream.
+//! - **auto** (default): documents when at least `nsamples` documents are longer than `seqlen`, else stream.
+//!   Only a few of the 1,000 documents of the C4 sample exceed 2,048 tokens: at that length auto streams.
+//!
+//! The RNG is ChaCha8 seeded with `--seed`; a sample set can be saved and reloaded, so that two runs (or a
+//! Python reference) share exactly the same token ids.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::dataset::{self, TextFormat};
+use super::tokenizer::Tokenizer;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CalibMode {
+    Auto,
+    Documents,
+    Stream,
+}
+
+/// A calibration set and where it came from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Calibration {
+    /// Marks a saved calibration file (format version).
+    pub fistaprune_calibration: u32,
+    pub source: String,
+    pub nsamples: usize,
+    pub seqlen: usize,
+    pub seed: u64,
+    /// The mode used (documents or stream).
+    pub mode: CalibMode,
+    /// Documents in the source, and how many are longer than `seqlen` tokens.
+    pub documents: usize,
+    pub long_documents: usize,
+    /// sha256 of the ids as little-endian u32, sample after sample.
+    pub sha256: String,
+    pub ids: Vec<Vec<u32>>,
+}
+
+pub struct CalibSpec<'a> {
+    pub source: &'a Path,
+    pub format: Option<TextFormat>,
+    pub nsamples: usize,
+    pub seqlen: usize,
+    pub seed: u64,
+    pub mode: CalibMode,
+}
+
+/// sha256 of the ids as little-endian u32.
+pub fn fingerprint(ids: &[Vec<u32>]) -> String {
+    let mut h = Sha256::new();
+    for s in ids {
+        for &t in s {
+            h.update(t.to_le_bytes());
+        }
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The documents of a calibration source: C4 records, or the whole evaluation string as one document.
+fn documents(path: &Path, format: TextFormat) -> Result<Vec<String>> {
+    Ok(match format {
+        TextFormat::C4 => {
+            let raw = dataset::read_text_file(path)?;
+            let recs = dataset::json_records(path, &raw)?;
+            recs.iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    r.get("text")
+                        .and_then(|v| v.as_str())
+                        .map(String::from)
+                        .ok_or_else(|| anyhow!("{}: record {} has no string field text", path.display(), i + 1))
+                })
+                .collect::<Result<_>>()?
+        }
+        _ => vec![dataset::eval_text(path, format)?],
+    })
+}
+
+impl Calibration {
+    /// Draw a calibration set, or load a saved one when `spec.source` is a saved calibration file (its
+    /// sample count and length must then agree with `spec`).
+    pub fn build(tok: &Tokenizer, spec: &CalibSpec) -> Result<Self> {
+        if let Some(saved) = Self::try_load(spec.source)? {
+            ensure!(
+                saved.nsamples == spec.nsamples && saved.seqlen == spec.seqlen,
+                "{}: holds {} x {} samples, but --nsamples {} --seqlen {} were asked",
+                spec.source.display(),
+                saved.nsamples,
+                saved.seqlen,
+                spec.nsamples,
+                spec.seqlen
+            );
+            return Ok(saved);
+        }
+        ensure!(spec.nsamples > 0, "--nsamples must be at least 1");
+        ensure!(spec.seqlen >= 2, "--seqlen must be at least 2");
+        let format = spec.format.unwrap_or_else(|| dataset::detect_format(spec.source));
+        let docs = documents(spec.source, format)?;
+        ensure!(!docs.is_empty(), "{}: no documents", spec.source.display());
+        // Each document as the peers tokenize it (with the tokenizer's own BOS, if any).
+        let toks: Vec<Vec<u32>> = docs.par_iter().map(|d| tok.encode(d, true)).collect::<Result<_>>()?;
+        let long = toks.iter().filter(|t| t.len() > spec.seqlen).count();
+        let mode = match spec.mode {
+            CalibMode::Auto if long >= spec.nsamples && docs.len() > 1 => CalibMode::Documents,
+            CalibMode::Auto => CalibMode::Stream,
+            m => m,
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
+        let mut ids = Vec::with_capacity(spec.nsamples);
+        match mode {
+            CalibMode::Documents => {
+                ensure!(
+                    long > 0,
+                    "{}: no document is longer than --seqlen {} tokens (use --calib-mode stream)",
+                    spec.source.display(),
+                    spec.seqlen
+                );
+                for _ in 0..spec.nsamples {
+                    let doc = loop {
+                        let d = &toks[rng.random_range(0..toks.len())];
+                        if d.len() > spec.seqlen {
+                            break d;
+                        }
+                    };
+                    // As `random.randint(0, len - seqlen - 1)`: both ends included.
+                    let start = rng.random_range(0..doc.len() - spec.seqlen);
+                    ids.push(doc[start..start + spec.seqlen].to_vec());
+                }
+            }
+            _ => {
+                let eos = tok.eos_id;
+                let mut stream = Vec::new();
+                for (i, t) in toks.iter().enumerate() {
+                    if i > 0 {
+                        stream.extend(eos);
+                    }
+                    stream.extend_from_slice(t);
+                }
+                if stream.len() <= spec.seqlen {
+                    bail!(
+                        "{}: {} tokens in all, not enough for one calibration window of {}",
+                        spec.source.display(),
+                        stream.len(),
+                        spec.seqlen
+                    );
+                }
+                for _ in 0..spec.nsamples {
+                    let start = rng.random_range(0..stream.len() - spec.seqlen);
+                    ids.push(stream[start..start + spec.seqlen].to_vec());
+                }
+            }
+        }
+        Ok(Self {
+            fistaprune_calibration: 1,
+            source: spec.source.display().to_string(),
+            nsamples: spec.nsamples,
+            seqlen: spec.seqlen,
+            seed: spec.seed,
+            mode,
+            documents: docs.len(),
+            long_documents: long,
+            sha256: fingerprint(&ids),
+            ids,
+        })
+    }
+
+    /// A saved calibration file, or `None` if `path` is something else.
+    pub fn try_load(path: &Path) -> Result<Option<Self>> {
+        let name = path.to_string_lossy();
+        if !name.ends_with(".json") {
+            return Ok(None);
+        }
+        let head: String = {
+            use std::io::Read;
+            let mut f = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+            let mut b = vec![0u8; 256];
+            let n = f.read(&mut b)?;
+            String::from_utf8_lossy(&b[..n]).into_owned()
+        };
+        if !head.contains("fistaprune_calibration") {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let c: Calibration =
+            serde_json::from_str(&text).with_context(|| format!("{}: not a valid calibration file", path.display()))?;
+        ensure!(
+            c.ids.len() == c.nsamples && c.ids.iter().all(|s| s.len() == c.seqlen),
+            "{}: the ids are not {} x {}",
+            path.display(),
+            c.nsamples,
+            c.seqlen
+        );
+        ensure!(fingerprint(&c.ids) == c.sha256, "{}: the ids do not match their sha256 (edited or corrupted)", path.display());
+        Ok(Some(c))
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        crate::util::write_atomic(path, serde_json::to_string(self)?.as_bytes())
+    }
+
+    /// Check every id is inside the model's vocabulary.
+    pub fn check_vocab(&self, vocab: usize, what: &PathBuf) -> Result<()> {
+        if let Some(bad) = self.ids.iter().flatten().find(|&&t| t as usize >= vocab) {
+            bail!("{}: token id {bad} is outside the model's vocabulary of {vocab}", what.display());
+        }
+        Ok(())
+    }
+}

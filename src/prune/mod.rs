@@ -1,0 +1,31 @@
+//! Pruning: the layer walk shared by every method, masks, and one file per method.
+//!
+//! A method sees one linear operator at a time: its dense weight `(out, in)` and the Gram matrix of its
+//! inputs over the calibration tokens, and returns the pruned weight.
+
+pub mod magnitude;
+pub mod mask;
+pub mod pipeline;
+pub mod sparsegpt;
+pub mod stats;
+pub mod wanda;
+
+use anyhow::Result;
+use faer::Mat;
+
+pub use mask::Pattern;
+
+/// A pruning method for one operator.
+pub trait Method: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Whether the method reads input statistics (magnitude does not).
+    fn needs_gram(&self) -> bool {
+        true
+    }
+    fn prune(&self, w: &Mat<f32>, gram: Option<&Mat<f32>>, pattern: Pattern) -> Result<Mat<f32>>;
+    /// How many units the unstructured zero count is rounded in (one per row by default), so that the
+    /// pattern check allows that rounding and nothing more.
+    fn rounding_units(&self, rows: usize, _cols: usize, _pattern: Pattern) -> usize {
+        rows
+    }
+}

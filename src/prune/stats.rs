@@ -1,0 +1,102 @@
+//! Input statistics of a linear operator: the Gram matrix `G = Σ x xᵀ` over every calibration token
+//! (SparseGPT's Hessian up to a factor; Wanda needs only its diagonal), accumulated in f32 by GEMM.
+
+use anyhow::{Result, ensure};
+use candle_core::{D, Tensor};
+use faer::{Accum, Mat, MatRef};
+
+use crate::linalg::{par, with_f32};
+
+/// Running `Σ x xᵀ` and the token count.
+pub struct Gram {
+    pub g: Mat<f32>,
+    pub tokens: usize,
+}
+
+impl Gram {
+    pub fn new(n: usize) -> Self {
+        Self { g: Mat::zeros(n, n), tokens: 0 }
+    }
+
+    pub fn dim(&self) -> usize {
+        self.g.nrows()
+    }
+
+    /// Add the rows of `x` (`(..., n)`, f32) to the sum.
+    pub fn add(&mut self, x: &Tensor) -> Result<()> {
+        let n = x.dim(D::Minus1)?;
+        ensure!(n == self.dim(), "Gram: input width {n}, expected {}", self.dim());
+        let rows = x.elem_count() / n;
+        with_f32(x, |xs| {
+            let a = MatRef::from_row_major_slice(xs, rows, n);
+            // G += aᵀ a; only the lower triangle is computed, then mirrored in `finish`.
+            faer::linalg::matmul::triangular::matmul(
+                self.g.as_mut(),
+                faer::linalg::matmul::triangular::BlockStructure::TriangularLower,
+                Accum::Add,
+                a.transpose(),
+                faer::linalg::matmul::triangular::BlockStructure::Rectangular,
+                a,
+                faer::linalg::matmul::triangular::BlockStructure::Rectangular,
+                1.0f32,
+                par(),
+            );
+        })?;
+        self.tokens += rows;
+        Ok(())
+    }
+
+    /// The full symmetric matrix (the upper triangle copied from the lower).
+    pub fn finish(mut self) -> Mat<f32> {
+        let n = self.dim();
+        for j in 0..n {
+            for i in 0..j {
+                self.g[(i, j)] = self.g[(j, i)];
+            }
+        }
+        self.g
+    }
+}
+
+/// `tr(D G Dᵀ)` for `D` `(m, n)` and symmetric `G`: the squared output error `‖D X‖²` that a weight change `D`
+/// causes on the inputs whose Gram is `G`.
+pub fn quad_error(d: MatRef<f32>, g: MatRef<f32>) -> f64 {
+    let mut dg = Mat::<f32>::zeros(d.nrows(), d.ncols());
+    faer::linalg::matmul::matmul(dg.as_mut(), Accum::Replace, d, g, 1.0f32, par());
+    let mut s = 0f64;
+    for j in 0..d.ncols() {
+        for i in 0..d.nrows() {
+            s += dg[(i, j)] as f64 * d[(i, j)] as f64;
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn gram_matches_direct_sum() {
+        let x: Vec<f32> = (0..3 * 5 * 4).map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0).collect();
+        let t = Tensor::from_vec(x.clone(), (3, 5, 4), &Device::Cpu).unwrap();
+        let mut g = Gram::new(4);
+        g.add(&t).unwrap();
+        g.add(&t.narrow(0, 0, 1).unwrap()).unwrap();
+        assert_eq!(g.tokens, 20);
+        let g = g.finish();
+        for a in 0..4 {
+            for b in 0..4 {
+                let mut want = 0f64;
+                for r in 0..15 {
+                    want += x[r * 4 + a] as f64 * x[r * 4 + b] as f64;
+                }
+                for r in 0..5 {
+                    want += x[r * 4 + a] as f64 * x[r * 4 + b] as f64;
+                }
+                assert!((g[(a, b)] as f64 - want).abs() < 1e-4, "({a},{b}) {} vs {want}", g[(a, b)]);
+            }
+        }
+    }
+}

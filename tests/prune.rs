@@ -1,0 +1,159 @@
+//! `fistaprune prune` end to end on the small fixtures: patterns met exactly on the written checkpoint,
+//! reports, determinism, saved calibration, bad input.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use fistaprune::model::Checkpoint;
+
+fn c4() -> String {
+    shared("c4/c4-train.00000-of-01024.first1000.jsonl").to_str().unwrap().to_string()
+}
+
+fn prune(model: &str, out: &Path, extra: &[&str]) -> serde_json::Value {
+    let c4 = c4();
+    let mut args = vec!["prune", "--model", model, "--calib", &c4, "--nsamples", "8", "--seqlen", "32", "--out", out.to_str().unwrap(), "--quiet"];
+    args.extend_from_slice(extra);
+    let (ok, _, err) = run(&args);
+    assert!(ok, "prune {extra:?} failed: {err}");
+    serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap()
+}
+
+/// Every prunable operator of the written checkpoint: (name, weight as rows).
+fn operators(dir: &Path) -> Vec<(String, Vec<Vec<f32>>)> {
+    let ck = Checkpoint::open(dir).unwrap();
+    let m = ck.model().unwrap();
+    let mut v = Vec::new();
+    for i in 0..m.num_layers() {
+        let l = m.load_layer(i).unwrap();
+        for n in l.linear_names() {
+            v.push((format!("{i}.{n}"), l.linear(n).unwrap().weight.to_vec2::<f32>().unwrap()));
+        }
+    }
+    v
+}
+
+#[test]
+fn sparsegpt_unstructured_on_llama_meets_target_and_reports() {
+    let d = tmpdir("p-sgpt");
+    let out = d.join("out");
+    let wt = shared("wikitext-2-raw/wiki.test.raw");
+    let r = prune(fixture("llama").to_str().unwrap(), &out, &["--method", "sparsegpt", "--sparsity", "0.6", "--eval", wt.to_str().unwrap(), "--eval-seqlen", "64", "--eval-max-windows", "4"]);
+    assert!((r["sparsity"].as_f64().unwrap() - 0.6).abs() < 0.01, "{}", r["sparsity"]);
+    let before = r["perplexity_before"].as_f64().unwrap();
+    let after = r["perplexity_after"].as_f64().unwrap();
+    assert!(before.is_finite() && after.is_finite() && after > 0.0);
+    assert_eq!(r["layers"].as_array().unwrap().len(), 2);
+    let op = &r["layers"][0]["operators"][0];
+    assert_eq!(op["name"], "q_proj");
+    // The OBS update must not do worse than the bare mask.
+    for l in r["layers"].as_array().unwrap() {
+        for o in l["operators"].as_array().unwrap() {
+            assert!(o["rel_error"].as_f64().unwrap() <= o["rel_error_mask_only"].as_f64().unwrap() * 1.0001, "{o}");
+        }
+    }
+    // The written weights: 60 % zeros per operator (SparseGPT rounds per 128-column block).
+    for (name, w) in operators(&out) {
+        let n = w.len() * w[0].len();
+        let z = w.iter().flatten().filter(|&&x| x == 0.0).count();
+        assert!((z as f64 / n as f64 - 0.6).abs() < 0.01, "{name}: {z}/{n}");
+    }
+    // Embeddings and norms untouched.
+    let a = Checkpoint::open(&fixture("llama")).unwrap();
+    let b = Checkpoint::open(&out).unwrap();
+    for name in ["model.embed_tokens.weight", "model.layers.1.input_layernorm.weight", "lm_head.weight"] {
+        assert_eq!(a.weights.load(name).unwrap().to_vec2::<f32>().ok(), b.weights.load(name).unwrap().to_vec2::<f32>().ok(), "{name}");
+    }
+}
+
+#[test]
+fn two_four_and_four_eight_hold_in_every_group() {
+    for (model, method, pat) in [("opt", "wanda", "2:4"), ("llama", "sparsegpt", "4:8"), ("qwen2_f16", "magnitude", "2:4")] {
+        let d = tmpdir(&format!("p-nm-{model}"));
+        let out = d.join("out");
+        let r = prune(fixture(model).to_str().unwrap(), &out, &["--method", method, "--pattern", pat]);
+        let (n, m): (usize, usize) = { let (a, b) = pat.split_once(':').unwrap(); (a.parse().unwrap(), b.parse().unwrap()) };
+        assert!((r["sparsity"].as_f64().unwrap() - n as f64 / m as f64).abs() < 1e-9, "{model} {method} {pat}: {}", r["sparsity"]);
+        for (name, w) in operators(&out) {
+            for row in &w {
+                for g in row.chunks(m) {
+                    assert!(g.iter().filter(|&&x| x == 0.0).count() >= n, "{model} {method} {name}: group {g:?}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn wanda_per_row_and_magnitude_per_matrix_counts() {
+    let d = tmpdir("p-counts");
+    let out = d.join("w");
+    prune(fixture("llama").to_str().unwrap(), &out, &["--method", "wanda", "--sparsity", "0.5"]);
+    for (name, w) in operators(&out) {
+        for row in &w {
+            assert_eq!(row.iter().filter(|&&x| x == 0.0).count(), row.len() / 2, "{name}");
+        }
+    }
+    let out = d.join("m");
+    let (ok, _, err) = run(&["prune", "--model", fixture("llama").to_str().unwrap(), "--method", "magnitude", "--sparsity", "0.3", "--out", out.to_str().unwrap(), "--quiet"]);
+    assert!(ok, "magnitude needs no calibration: {err}");
+    for (name, w) in operators(&out) {
+        let n = w.len() * w[0].len();
+        assert_eq!(w.iter().flatten().filter(|&&x| x == 0.0).count(), (n as f64 * 0.3).round() as usize, "{name}");
+    }
+}
+
+#[test]
+fn saved_calibration_reproduces_the_checkpoint_byte_for_byte() {
+    let d = tmpdir("p-calib");
+    let calib = d.join("calib.json");
+    let a = prune(fixture("llama").to_str().unwrap(), &d.join("a"), &["--method", "sparsegpt", "--sparsity", "0.5", "--save-calib", calib.to_str().unwrap(), "--seed", "3"]);
+    let c4 = c4();
+    let (ok, _, err) = run(&["prune", "--model", fixture("llama").to_str().unwrap(), "--calib", calib.to_str().unwrap(), "--nsamples", "8", "--seqlen", "32", "--out", d.join("b").to_str().unwrap(), "--quiet", "--method", "sparsegpt", "--sparsity", "0.5"]);
+    assert!(ok, "{err}");
+    let b: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("b/report.json")).unwrap()).unwrap();
+    assert_eq!(a["calibration"]["sha256"], b["calibration"]["sha256"]);
+    assert!(std::fs::read(d.join("a/model.safetensors")).unwrap() == std::fs::read(d.join("b/model.safetensors")).unwrap(), "checkpoints differ");
+    // Another seed draws other samples.
+    let c = prune(fixture("llama").to_str().unwrap(), &d.join("c"), &["--method", "wanda", "--sparsity", "0.5", "--seed", "4"]);
+    assert_ne!(a["calibration"]["sha256"], c["calibration"]["sha256"]);
+    let _ = c4;
+}
+
+#[test]
+fn bad_prune_arguments_are_refused_without_output() {
+    let d = tmpdir("p-bad");
+    let out = d.join("out");
+    let m = fixture("llama");
+    let c4 = c4();
+    let base = ["prune", "--model", m.to_str().unwrap(), "--calib", &c4, "--nsamples", "4", "--seqlen", "16", "--out", out.to_str().unwrap(), "--quiet"];
+    let cases: &[(&[&str], &[&str])] = &[
+        (&["--method", "wanda", "--sparsity", "1.5"], &["--sparsity 1.5", "outside (0, 1)"]),
+        (&["--method", "wanda", "--sparsity", "0"], &["outside (0, 1)"]),
+        (&["--method", "wanda", "--pattern", "4:4"], &["--pattern 4:4", "N must be in 1..M"]),
+        (&["--method", "wanda", "--pattern", "3:5"], &["3:5", "not a multiple of 5"]),
+        (&["--method", "wanda", "--pattern", "two:four"], &["N is not a whole number"]),
+    ];
+    for (extra, needles) in cases {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        let (ok, _, err) = run(&args);
+        assert!(!ok && !err.contains("panicked"), "{extra:?}: {err}");
+        for n in *needles {
+            assert!(err.contains(n), "{extra:?}: stderr should mention {n:?}: {err}");
+        }
+        assert!(!out.exists(), "{extra:?} left an output");
+        assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0, "{extra:?} left a partial directory");
+    }
+    let (ok, _, err) = run(&["prune", "--model", m.to_str().unwrap(), "--method", "sparsegpt", "--sparsity", "0.5", "--out", out.to_str().unwrap()]);
+    assert!(!ok && err.contains("--calib is required"), "{err}");
+    let short = d.join("short.txt");
+    std::fs::write(&short, "too short").unwrap();
+    let (ok, _, err) = run(&["prune", "--model", m.to_str().unwrap(), "--method", "wanda", "--sparsity", "0.5", "--calib", short.to_str().unwrap(), "--seqlen", "16", "--out", out.to_str().unwrap()]);
+    assert!(!ok && err.contains("short.txt") && err.contains("not enough for one calibration window"), "{err}");
+    let (ok, _, err) = run(&["prune", "--model", m.to_str().unwrap(), "--method", "wanda", "--sparsity", "0.5", "--calib", &c4, "--seqlen", "4096", "--out", out.to_str().unwrap()]);
+    assert!(!ok && err.contains("--seqlen 4096"), "{err}");
+    assert!(!out.exists());
+}
