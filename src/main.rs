@@ -306,6 +306,7 @@ fn print_inspect(info: &serde_json::Value) {
 }
 
 fn main() -> ExitCode {
+    fistaprune::util::tune_allocator();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

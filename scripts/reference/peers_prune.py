@@ -99,6 +99,9 @@ def main():
             sg_llama.llama_sequential(model, loader, dev)
     else:
         sys.path.insert(0, a.wanda_repo)
+        # lib/data.py imports Hugging Face `datasets` for its loaders, which we replace anyway.
+        import types
+        sys.modules.setdefault("datasets", types.SimpleNamespace(load_dataset=None))
         import lib.prune as wp  # locuslab/wanda lib/prune.py
         wp.get_loaders = lambda *args, **kw: (loader, None)
         model.hf_device_map = {}

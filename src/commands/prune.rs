@@ -223,6 +223,8 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
         })),
         "seconds": t_start.elapsed().as_secs_f64(),
         "prune_seconds": prune_seconds,
+        "prune_gflop": layers.iter().map(|l| l.gflop).sum::<f64>(),
+        "prune_gflop_per_second": layers.iter().map(|l| l.gflop).sum::<f64>() / prune_seconds,
         "eval": eval_windows.as_ref().map(|w| json!({
             "dataset": a.eval.as_ref().map(|p| p.display().to_string()),
             "seqlen": a.eval_seqlen, "windows": w.len(),

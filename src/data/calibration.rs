@@ -219,3 +219,85 @@ impl Calibration {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokenizer() -> Tokenizer {
+        Tokenizer::from_file(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/llama/tokenizer.json"))).unwrap()
+    }
+
+    fn corpus(name: &str, docs: &[&str]) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("fistaprune-calib-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join(name);
+        let lines: Vec<String> = docs.iter().map(|t| serde_json::json!({"text": t}).to_string()).collect();
+        std::fs::write(&p, lines.join("\n")).unwrap();
+        p
+    }
+
+    fn spec(p: &Path, nsamples: usize, seqlen: usize, mode: CalibMode) -> CalibSpec<'_> {
+        CalibSpec { source: p, format: Some(TextFormat::C4), nsamples, seqlen, seed: 0, mode }
+    }
+
+    #[test]
+    fn documents_mode_takes_windows_from_long_documents_only() {
+        let tok = tokenizer();
+        let long = "The quick brown fox jumps over the lazy dog near the river bank. ".repeat(8);
+        let p = corpus("docs.jsonl", &["short one", &long, "another short", &long.to_uppercase()]);
+        let c = Calibration::build(&tok, &spec(&p, 6, 20, CalibMode::Documents)).unwrap();
+        assert_eq!(c.mode, CalibMode::Documents);
+        assert_eq!(c.long_documents, 2);
+        let docs = [tok.encode(&long, true).unwrap(), tok.encode(&long.to_uppercase(), true).unwrap()];
+        for s in &c.ids {
+            assert_eq!(s.len(), 20);
+            assert!(docs.iter().any(|d| d.windows(20).any(|w| w == s.as_slice())), "window not inside a long document");
+        }
+        // Auto: 2 long documents < 6 samples, so it streams.
+        let a = Calibration::build(&tok, &spec(&p, 6, 20, CalibMode::Auto)).unwrap();
+        assert_eq!(a.mode, CalibMode::Stream);
+    }
+
+    #[test]
+    fn stream_mode_joins_documents_with_eos() {
+        let tok = tokenizer();
+        let p = corpus("stream.jsonl", &["alpha beta gamma", "delta epsilon", "zeta eta theta iota"]);
+        let c = Calibration::build(&tok, &spec(&p, 5, 8, CalibMode::Stream)).unwrap();
+        let eos = tok.eos_id.unwrap();
+        let mut stream = Vec::new();
+        for (i, d) in ["alpha beta gamma", "delta epsilon", "zeta eta theta iota"].iter().enumerate() {
+            if i > 0 {
+                stream.push(eos);
+            }
+            stream.extend(tok.encode(d, true).unwrap());
+        }
+        for s in &c.ids {
+            assert!(stream.windows(8).any(|w| w == s.as_slice()));
+        }
+        assert!(Calibration::build(&tok, &spec(&p, 5, 400, CalibMode::Stream)).unwrap_err().to_string().contains("not enough"));
+    }
+
+    #[test]
+    fn seeds_reproduce_and_saved_files_round_trip() {
+        let tok = tokenizer();
+        let p = corpus("seed.jsonl", &[&"lorem ipsum dolor sit amet ".repeat(30), &"consectetur adipiscing elit ".repeat(30)]);
+        let a = Calibration::build(&tok, &spec(&p, 4, 16, CalibMode::Auto)).unwrap();
+        let b = Calibration::build(&tok, &spec(&p, 4, 16, CalibMode::Auto)).unwrap();
+        assert_eq!(a.ids, b.ids);
+        let mut s = spec(&p, 4, 16, CalibMode::Auto);
+        s.seed = 1;
+        assert_ne!(Calibration::build(&tok, &s).unwrap().ids, a.ids);
+        let saved = p.with_file_name("saved.json");
+        a.save(&saved).unwrap();
+        let back = Calibration::build(&tok, &spec(&saved, 4, 16, CalibMode::Auto)).unwrap();
+        assert_eq!(back.ids, a.ids);
+        assert!(Calibration::build(&tok, &spec(&saved, 8, 16, CalibMode::Auto)).unwrap_err().to_string().contains("holds 4 x 16"));
+        // A tampered file is refused.
+        let mut j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&saved).unwrap()).unwrap();
+        j["ids"][0][0] = serde_json::json!(j["ids"][0][0].as_u64().unwrap() + 1);
+        std::fs::write(&saved, j.to_string()).unwrap();
+        let e = Calibration::try_load(&saved).unwrap_err().to_string();
+        assert!(e.contains("sha256"), "{e}");
+    }
+}

@@ -190,26 +190,32 @@ impl LlamaLayer {
         self.o.forward(&attn)
     }
 
-    fn mlp(&self, x: &Tensor, hook: &mut Option<Hook>) -> Result<Tensor> {
+    /// The layer up to its last projection: (residual stream after attention, input of down_proj).
+    fn until_down(&self, x: &Tensor, ctx: &LayerContext, hook: &mut Option<Hook>) -> Result<(Tensor, Tensor)> {
+        let eps = self.cfg.rms_norm_eps as f32;
+        let h = candle_nn::ops::rms_norm(x, &self.input_norm, eps)?;
+        let x = (x + self.attention(&h, ctx, hook)?)?;
+        let h = candle_nn::ops::rms_norm(&x, &self.post_norm, eps)?;
         if let Some(f) = hook.as_mut() {
-            f("gate_proj", x)?;
-            f("up_proj", x)?;
+            f("gate_proj", &h)?;
+            f("up_proj", &h)?;
         }
-        let act = (self.gate.forward(x)?.silu()? * self.up.forward(x)?)?;
+        let act = (self.gate.forward(&h)?.silu()? * self.up.forward(&h)?)?;
         if let Some(f) = hook.as_mut() {
             f("down_proj", &act)?;
         }
-        self.down.forward(&act)
+        Ok((x, act))
     }
 }
 
 impl DecoderLayer for LlamaLayer {
     fn forward(&self, x: &Tensor, ctx: &LayerContext, mut hook: Option<Hook>) -> Result<Tensor> {
-        let eps = self.cfg.rms_norm_eps as f32;
-        let h = candle_nn::ops::rms_norm(x, &self.input_norm, eps)?;
-        let x = (x + self.attention(&h, ctx, &mut hook)?)?;
-        let h = candle_nn::ops::rms_norm(&x, &self.post_norm, eps)?;
-        Ok((&x + self.mlp(&h, &mut hook)?)?)
+        let (x, act) = self.until_down(x, ctx, &mut hook)?;
+        Ok((x + self.down.forward(&act)?)?)
+    }
+
+    fn capture(&self, x: &Tensor, ctx: &LayerContext, hook: Hook) -> Result<()> {
+        self.until_down(x, ctx, &mut Some(hook)).map(|_| ())
     }
 
     fn linear_names(&self) -> &'static [&'static str] {

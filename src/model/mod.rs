@@ -257,6 +257,9 @@ pub type Hook<'a> = &'a mut dyn FnMut(&str, &Tensor) -> Result<()>;
 pub trait DecoderLayer: Send + Sync {
     /// `x`: `(batch, seq, hidden)` → same shape.
     fn forward(&self, x: &Tensor, ctx: &LayerContext, hook: Option<Hook>) -> Result<Tensor>;
+    /// Run the layer only as far as its operators' inputs, reporting each to `hook` (all that input
+    /// statistics need: the last projection and the residual are skipped).
+    fn capture(&self, x: &Tensor, ctx: &LayerContext, hook: Hook) -> Result<()>;
     /// Names of the linear operators, in data-flow order (`q_proj`, `k_proj`, ... / `fc1`, `fc2`).
     fn linear_names(&self) -> &'static [&'static str];
     /// The operators grouped by shared input, in data-flow order (q, k, v read the same tensor).

@@ -260,32 +260,35 @@ impl OptLayer {
         self.out.forward(&attn)
     }
 
-    fn mlp(&self, x: &Tensor, hook: &mut Option<Hook>) -> Result<Tensor> {
-        if let Some(f) = hook.as_mut() {
-            f("fc1", x)?;
+    /// The layer up to its last projection: (residual stream after attention, input of fc2).
+    fn until_fc2(&self, x: &Tensor, hook: &mut Option<Hook>) -> Result<(Tensor, Tensor)> {
+        let pre = self.cfg.do_layer_norm_before;
+        let h = if pre { self.attn_ln.forward(x)? } else { x.clone() };
+        let mut x = (x + self.attention(&h, hook)?)?;
+        if !pre {
+            x = self.attn_ln.forward(&x)?;
         }
-        let a = self.fc1.forward(x)?.relu()?;
+        let h = if pre { self.ffn_ln.forward(&x)? } else { x.clone() };
+        if let Some(f) = hook.as_mut() {
+            f("fc1", &h)?;
+        }
+        let a = self.fc1.forward(&h)?.relu()?;
         if let Some(f) = hook.as_mut() {
             f("fc2", &a)?;
         }
-        self.fc2.forward(&a)
+        Ok((x, a))
     }
 }
 
 impl DecoderLayer for OptLayer {
     fn forward(&self, x: &Tensor, _ctx: &LayerContext, mut hook: Option<Hook>) -> Result<Tensor> {
-        let pre = self.cfg.do_layer_norm_before;
-        let h = if pre { self.attn_ln.forward(x)? } else { x.clone() };
-        let mut x = (x + self.attention(&h, &mut hook)?)?;
-        if !pre {
-            x = self.attn_ln.forward(&x)?;
-        }
-        let h = if pre { self.ffn_ln.forward(&x)? } else { x.clone() };
-        let mut x = (&x + self.mlp(&h, &mut hook)?)?;
-        if !pre {
-            x = self.ffn_ln.forward(&x)?;
-        }
-        Ok(x)
+        let (x, a) = self.until_fc2(x, &mut hook)?;
+        let x = (x + self.fc2.forward(&a)?)?;
+        if self.cfg.do_layer_norm_before { Ok(x) } else { self.ffn_ln.forward(&x) }
+    }
+
+    fn capture(&self, x: &Tensor, _ctx: &LayerContext, hook: Hook) -> Result<()> {
+        self.until_fc2(x, &mut Some(hook)).map(|_| ())
     }
 
     fn linear_names(&self) -> &'static [&'static str] {

@@ -23,6 +23,10 @@ pub trait Method: Send + Sync {
         true
     }
     fn prune(&self, w: &Mat<f32>, gram: Option<&Mat<f32>>, pattern: Pattern) -> Result<Mat<f32>>;
+    /// Floating-point operations to prune one `(rows, cols)` operator (for the roofline figures).
+    fn flops(&self, _rows: usize, _cols: usize) -> f64 {
+        0.0
+    }
     /// How many units the unstructured zero count is rounded in (one per row by default), so that the
     /// pattern check allows that rounding and nothing more.
     fn rounding_units(&self, rows: usize, _cols: usize, _pattern: Pattern) -> usize {

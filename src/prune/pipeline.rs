@@ -57,7 +57,28 @@ pub struct LayerReport {
     pub prune_seconds: f64,
     /// Forward pass of the pruned layer (next layer's inputs).
     pub forward_seconds: f64,
+    /// Floating-point operations counted for this layer (statistics pass, Gram matrices, the method, forward).
+    pub gflop: f64,
     pub operators: Vec<OperatorReport>,
+}
+
+/// FLOPs of one layer's work on `tokens` tokens in windows of `seqlen`: (statistics pass without the last
+/// projection, Gram matrices (lower triangles), forward pass).
+pub fn layer_flops(layer: &dyn DecoderLayer, tokens: usize, seqlen: usize) -> (f64, f64, f64) {
+    let lin = |n: &str| layer.linear(n).map(|l| 2.0 * (l.out_features() * l.in_features()) as f64).unwrap_or(0.0);
+    let names = layer.linear_names();
+    let all: f64 = names.iter().map(|n| lin(n)).sum();
+    let last = names.last().map(|n| lin(n)).unwrap_or(0.0);
+    // QKᵀ and PV over the (seqlen + 1) / 2 keys a query sees on average; the query width is q_proj's output.
+    let width = layer.linear(names[0]).map(|l| l.out_features()).unwrap_or(0) as f64;
+    let attn = 2.0 * 2.0 * (seqlen as f64 + 1.0) / 2.0 * width;
+    let gram: f64 = layer
+        .input_groups()
+        .iter()
+        .map(|g| layer.linear(g[0]).map(|l| (l.in_features() * l.in_features()) as f64).unwrap_or(0.0))
+        .sum();
+    let t = tokens as f64;
+    (t * (all - last + attn), t * gram, t * (all + attn))
 }
 
 /// Prune one operator given its input Gram (if the method uses one); returns its report.
@@ -121,7 +142,7 @@ pub fn collect_grams(
             }
             Ok(())
         };
-        layer.forward(&x, ctx, Some(&mut hook))?;
+        layer.capture(&x, ctx, &mut hook)?;
     }
     Ok(grams)
 }
@@ -186,6 +207,12 @@ pub fn prune_sequential(
             }
         }
         let forward_seconds = t2.elapsed().as_secs_f64();
+        let mut flops: f64 = operators.iter().map(|o| method.flops(o.shape[0], o.shape[1])).sum();
+        if ctx.is_some() {
+            let tokens = calib.len() * calib[0].len();
+            let (capture, gram, forward) = layer_flops(layer.as_ref(), tokens, calib[0].len());
+            flops += capture + gram + forward;
+        }
         sink(i, layer.as_ref())?;
         reports.push(LayerReport {
             layer: i,
@@ -193,6 +220,7 @@ pub fn prune_sequential(
             stats_seconds,
             prune_seconds,
             forward_seconds,
+            gflop: flops / 1e9,
             operators,
         });
         pb.inc(1);

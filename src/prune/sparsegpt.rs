@@ -64,6 +64,13 @@ impl Method for SparseGpt {
         "sparsegpt"
     }
 
+    /// Two Cholesky factorisations and an inverse (4/3 n³), the lazy block updates (m n²) and the in-block
+    /// rank-1 updates (m n B).
+    fn flops(&self, rows: usize, cols: usize) -> f64 {
+        let (m, n, b) = (rows as f64, cols as f64, self.blocksize as f64);
+        4.0 / 3.0 * n * n * n + m * n * n + m * n * b
+    }
+
     fn rounding_units(&self, _rows: usize, cols: usize, _pattern: Pattern) -> usize {
         cols.div_ceil(self.blocksize.max(1))
     }
