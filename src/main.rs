@@ -5,11 +5,28 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use fistaprune::commands;
-use fistaprune::commands::prune::MethodName;
+use fistaprune::commands::prune::{MethodName, WarmStart};
+use fistaprune::prune::fista::FistaOptions;
+use fistaprune::prune::pipeline::LayerInputs;
 use fistaprune::data::calibration::CalibMode;
 use fistaprune::data::dataset::TextFormat;
 use fistaprune::model::export::OutDType;
 use fistaprune::prune::Pattern;
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Threshold {
+    PerRow,
+    PerMatrix,
+}
+
+/// `A-B` or `A` (inclusive).
+fn parse_layers(s: &str) -> anyhow::Result<(usize, usize)> {
+    let parse = |x: &str| x.trim().parse::<usize>().map_err(|_| anyhow::anyhow!("--layers {s:?}: expected A-B, e.g. 0-14"));
+    match s.split_once('-') {
+        Some((a, b)) => Ok((parse(a)?, parse(b)?)),
+        None => parse(s).map(|a| (a, a)),
+    }
+}
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum ActDType {
@@ -139,8 +156,73 @@ enum Command {
         /// Magnitude: one threshold per output row instead of per matrix.
         #[arg(long)]
         per_row: bool,
+        /// Each layer's calibration inputs: from the dense model (layers independent; default for fista) or
+        /// from the pruned previous layers (default for the others).
+        #[arg(long, value_enum)]
+        layer_inputs: Option<LayerInputs>,
+        /// Prune the operators of a layer in data-flow order, each against the inputs the partially pruned
+        /// layer gives it (default for fista).
+        #[arg(long, conflicts_with = "no_error_correction")]
+        error_correction: bool,
+        /// Every operator sees the dense layer's inputs (the ablation; default for the others).
+        #[arg(long)]
+        no_error_correction: bool,
+        /// Prune only layers A-B (inclusive; with dense layer inputs); `fistaprune merge` joins the parts.
+        #[arg(long)]
+        layers: Option<String>,
+        /// Layers pruned at the same time (dense layer inputs); the checkpoint does not depend on it.
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+        /// FISTAPruner's starting point (default: wanda for the LLaMA family, sparsegpt for OPT).
+        #[arg(long, value_enum)]
+        warm_start: Option<WarmStart>,
+        /// FISTA: iterations per λ (K).
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        /// FISTA: stop when the iterate moves less than this (relative).
+        #[arg(long, default_value_t = 1e-4)]
+        tol: f64,
+        /// FISTA: λ bisection rounds (T).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// FISTA: target share of the rounding error in the total error (ξ).
+        #[arg(long, default_value_t = 0.3)]
+        xi: f64,
+        /// FISTA: initial λ, as a multiple of L · rms(W) (the soft threshold in units of a typical weight).
+        #[arg(long, default_value_t = 0.1)]
+        alpha: f64,
+        #[arg(long, default_value_t = 1e-3)]
+        alpha_min: f64,
+        #[arg(long, default_value_t = 1.0)]
+        alpha_max: f64,
+        /// FISTA: unstructured hard threshold per output row or per matrix.
+        #[arg(long, value_enum, default_value = "per-row")]
+        threshold: Threshold,
+        /// FISTA: masked conjugate-gradient re-fit steps on the final support (0: off).
+        #[arg(long, default_value_t = 0)]
+        refit_iters: usize,
+        /// FISTA: keep the pattern inside the iterations (hard threshold every step).
+        #[arg(long)]
+        projected: bool,
         #[arg(long)]
         quiet: bool,
+    },
+    /// Join the parts written by `prune --layers A-B` into one checkpoint.
+    Merge {
+        /// The model the parts were pruned from.
+        #[arg(long)]
+        model: PathBuf,
+        /// Part directories, in any order.
+        #[arg(long, num_args = 1.., required = true)]
+        parts: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        force: bool,
+        #[arg(long, value_enum)]
+        dtype: Option<OutDType>,
+        #[arg(long, default_value_t = 5.0)]
+        max_shard_gb: f64,
     },
     /// Write a checkpoint (e.g. a GGUF file) as a Hugging Face directory.
     Convert {
@@ -232,6 +314,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             percdamp,
             blocksize,
             per_row,
+            layer_inputs,
+            error_correction,
+            no_error_correction,
+            layers,
+            jobs,
+            warm_start,
+            iters,
+            tol,
+            rounds,
+            xi,
+            alpha,
+            alpha_min,
+            alpha_max,
+            threshold,
+            refit_iters,
+            projected,
             quiet,
         } => {
             let pattern = match (sparsity, pattern) {
@@ -264,8 +362,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 percdamp,
                 blocksize,
                 magnitude_per_row: per_row,
+                layer_inputs,
+                error_correction: if error_correction {
+                    Some(true)
+                } else if no_error_correction {
+                    Some(false)
+                } else {
+                    None
+                },
+                layers: layers.as_deref().map(parse_layers).transpose()?,
+                warm_start,
+                fista: FistaOptions {
+                    iters,
+                    tol,
+                    rounds,
+                    xi,
+                    alpha0: alpha,
+                    alpha_bracket: (alpha_min, alpha_max),
+                    per_row: threshold == Threshold::PerRow,
+                    refit_iters,
+                    projected,
+                    ..FistaOptions::default()
+                },
+                jobs: jobs.max(1),
                 quiet,
             })?;
+        }
+        Command::Merge { model, parts, out, force, dtype, max_shard_gb } => {
+            let r = commands::prune::merge(&model, &parts, &out, force, dtype, (max_shard_gb * 1e9) as usize)?;
+            println!("merged {} parts into {} (sparsity {:.4})", parts.len(), out.display(), r["sparsity"].as_f64().unwrap_or(0.0));
         }
         Command::Convert { model, out, dtype, max_shard_gb, force } => {
             commands::convert(&model, &out, dtype, (max_shard_gb * 1e9) as usize, force)?;

@@ -157,3 +157,68 @@ fn bad_prune_arguments_are_refused_without_output() {
     assert!(!ok && err.contains("--seqlen 4096"), "{err}");
     assert!(!out.exists());
 }
+
+#[test]
+fn fista_is_byte_identical_whatever_the_parallelism() {
+    let d = tmpdir("p-fista-par");
+    let m = fixture("llama");
+    let c4 = c4();
+    let base = ["prune", "--model", m.to_str().unwrap(), "--method", "fista", "--pattern", "2:4", "--calib", &c4, "--nsamples", "8", "--seqlen", "32", "--quiet", "--refit-iters", "5"];
+    let go = |out: &str, extra: &[&str]| {
+        let mut args = base.to_vec();
+        let o = d.join(out);
+        let os = o.to_str().unwrap().to_string();
+        args.extend_from_slice(&["--out", &os]);
+        args.extend_from_slice(extra);
+        let (ok, _, err) = run(&args);
+        assert!(ok, "{extra:?}: {err}");
+    };
+    go("one", &[]);
+    go("two", &["--jobs", "2"]);
+    go("threads1", &["--threads", "1"]);
+    go("part-b", &["--layers", "1-1"]);
+    go("part-a", &["--layers", "0-0"]);
+    let merged = d.join("merged");
+    let (ok, _, err) = run(&["merge", "--model", m.to_str().unwrap(), "--parts", d.join("part-b").to_str().unwrap(), d.join("part-a").to_str().unwrap(), "--out", merged.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let one = std::fs::read(d.join("one/model.safetensors")).unwrap();
+    for other in ["two", "threads1", "merged"] {
+        assert!(std::fs::read(d.join(other).join("model.safetensors")).unwrap() == one, "{other} differs from the --jobs 1 run");
+    }
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(merged.join("report.json")).unwrap()).unwrap();
+    assert_eq!(r["layers"].as_array().unwrap().len(), 2);
+    assert!((r["sparsity"].as_f64().unwrap() - 0.5).abs() < 0.01, "{}", r["sparsity"]);
+    // Parts that overlap, miss a layer, or disagree are refused.
+    let (ok, _, err) = run(&["merge", "--model", m.to_str().unwrap(), "--parts", d.join("part-a").to_str().unwrap(), "--out", d.join("bad1").to_str().unwrap()]);
+    assert!(!ok && err.contains("no part holds decoder layer 1"), "{err}");
+    let (ok, _, err) = run(&["merge", "--model", m.to_str().unwrap(), "--parts", d.join("part-a").to_str().unwrap(), d.join("part-a").to_str().unwrap(), d.join("part-b").to_str().unwrap(), "--out", d.join("bad2").to_str().unwrap()]);
+    assert!(!ok && err.contains("layer 0 is in both"), "{err}");
+    go("part-b-other", &["--layers", "1-1", "--xi", "0.5"]);
+    let (ok, _, err) = run(&["merge", "--model", m.to_str().unwrap(), "--parts", d.join("part-a").to_str().unwrap(), d.join("part-b-other").to_str().unwrap(), "--out", d.join("bad3").to_str().unwrap()]);
+    assert!(!ok && err.contains("other options or calibration"), "{err}");
+    assert!(!d.join("bad1").exists() && !d.join("bad2").exists() && !d.join("bad3").exists());
+}
+
+#[test]
+fn fista_is_never_worse_than_its_warm_start_and_reports_its_search() {
+    let d = tmpdir("p-fista-warm");
+    for warm in ["wanda", "sparsegpt", "magnitude", "dense"] {
+        let out = d.join(warm);
+        let r = prune(fixture("llama").to_str().unwrap(), &out, &["--method", "fista", "--sparsity", "0.5", "--warm-start", warm, "--refit-iters", "10"]);
+        assert_eq!(r["options"]["warm_start"], warm);
+        for l in r["layers"].as_array().unwrap() {
+            for o in l["operators"].as_array().unwrap() {
+                let det = &o["details"];
+                let (err, warm_err) = (det["error"].as_f64().unwrap(), det["warm_error"].as_f64().unwrap());
+                assert!(err <= warm_err * (1.0 + 1e-9), "{warm} {}: {err} > warm start {warm_err}", o["name"]);
+                assert!((o["rel_error"].as_f64().unwrap() - err).abs() <= 1e-6 * (1.0 + err), "{}", o["name"]);
+                assert_eq!(det["rounds"].as_array().unwrap().len(), 3);
+            }
+        }
+    }
+    // Dense layer inputs with pruned-input-only options are refused.
+    let (ok, _, err) = run(&["prune", "--model", fixture("llama").to_str().unwrap(), "--method", "wanda", "--sparsity", "0.5", "--calib", &c4(), "--nsamples", "4", "--seqlen", "16", "--jobs", "2", "--out", d.join("x").to_str().unwrap()]);
+    assert!(!ok && err.contains("--jobs needs --layer-inputs dense"), "{err}");
+    let (ok, _, err) = run(&["prune", "--model", fixture("llama").to_str().unwrap(), "--method", "wanda", "--sparsity", "0.5", "--calib", &c4(), "--nsamples", "4", "--seqlen", "16", "--layers", "0-0", "--out", d.join("y").to_str().unwrap()]);
+    assert!(!ok && err.contains("--layers needs --layer-inputs dense"), "{err}");
+}

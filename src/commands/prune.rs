@@ -18,7 +18,8 @@ use crate::model::export::{OutDType, write_hf_contents, write_safetensors};
 use crate::model::safetensors::SafetensorsStore;
 use crate::model::{Checkpoint, DecoderLayer, Format};
 use crate::prune::magnitude::Magnitude;
-use crate::prune::pipeline::{PipelineOptions, prune_sequential};
+use crate::prune::fista::{Dense, FistaOptions, FistaPruner};
+use crate::prune::pipeline::{LayerInputs, PipelineOptions, prune_model};
 use crate::prune::sparsegpt::SparseGpt;
 use crate::prune::wanda::Wanda;
 use crate::prune::{Method, Pattern};
@@ -30,6 +31,17 @@ pub enum MethodName {
     Magnitude,
     Wanda,
     Sparsegpt,
+    Fista,
+}
+
+/// Where FISTAPruner starts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WarmStart {
+    Wanda,
+    Sparsegpt,
+    Magnitude,
+    Dense,
 }
 
 #[derive(Debug, Clone)]
@@ -58,14 +70,41 @@ pub struct PruneArgs {
     pub percdamp: f64,
     pub blocksize: usize,
     pub magnitude_per_row: bool,
+    /// Default: dense for fista, pruned for the others.
+    pub layer_inputs: Option<LayerInputs>,
+    /// Default: on for fista, off for the others.
+    pub error_correction: Option<bool>,
+    pub layers: Option<(usize, usize)>,
+    /// Default: wanda for the LLaMA family, sparsegpt for OPT (as the paper).
+    pub warm_start: Option<WarmStart>,
+    pub fista: FistaOptions,
+    /// Layers pruned at once (dense layer inputs only).
+    pub jobs: usize,
     pub quiet: bool,
 }
 
-fn method_of(a: &PruneArgs) -> Box<dyn Method> {
+fn warm_of(a: &PruneArgs, ck: &Checkpoint) -> WarmStart {
+    a.warm_start.unwrap_or(match ck.config {
+        crate::model::ModelConfig::Opt(_) => WarmStart::Sparsegpt,
+        crate::model::ModelConfig::Llama(_) => WarmStart::Wanda,
+    })
+}
+
+fn method_of(a: &PruneArgs, ck: &Checkpoint) -> Box<dyn Method> {
+    let sparsegpt = || Box::new(SparseGpt { percdamp: a.percdamp, blocksize: a.blocksize });
     match a.method {
         MethodName::Magnitude => Box::new(Magnitude { per_row: a.magnitude_per_row }),
         MethodName::Wanda => Box::new(Wanda),
-        MethodName::Sparsegpt => Box::new(SparseGpt { percdamp: a.percdamp, blocksize: a.blocksize }),
+        MethodName::Sparsegpt => sparsegpt(),
+        MethodName::Fista => {
+            let warm: Box<dyn Method> = match warm_of(a, ck) {
+                WarmStart::Wanda => Box::new(Wanda),
+                WarmStart::Sparsegpt => sparsegpt(),
+                WarmStart::Magnitude => Box::new(Magnitude { per_row: a.fista.per_row }),
+                WarmStart::Dense => Box::new(Dense),
+            };
+            Box::new(FistaPruner { warm, opts: a.fista.clone() })
+        }
     }
 }
 
@@ -109,7 +148,10 @@ fn save_layer(dir: &Path, i: usize, layer: &dyn DecoderLayer) -> Result<()> {
 pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
     let t_start = Instant::now();
     let ck = Checkpoint::open(&a.model)?;
-    let method = method_of(a);
+    let method = method_of(a, &ck);
+    let is_fista = a.method == MethodName::Fista;
+    let layer_inputs = a.layer_inputs.unwrap_or(if is_fista { LayerInputs::Dense } else { LayerInputs::Pruned });
+    let error_correction = a.error_correction.unwrap_or(is_fista);
     ensure!(a.batch > 0, "--batch must be at least 1");
     // Every layer has the same shapes: check the pattern against layer 0 before any work.
     if ck.config.num_layers() > 0 {
@@ -160,49 +202,26 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
     std::fs::create_dir_all(&layers_dir)?;
     let model = ck.model()?;
     let ids: &[Vec<u32>] = calib.as_ref().map(|c| c.ids.as_slice()).unwrap_or(&[]);
-    let opts = PipelineOptions { pattern: a.pattern, batch: a.batch, act_dtype: a.act_dtype, progress: !a.quiet };
+    let opts = PipelineOptions {
+        pattern: a.pattern,
+        batch: a.batch,
+        act_dtype: a.act_dtype,
+        layer_inputs,
+        error_correction,
+        layers: a.layers,
+        jobs: a.jobs,
+        progress: !a.quiet,
+    };
     let t_prune = Instant::now();
-    let layers = prune_sequential(model.as_ref(), ids, method.as_ref(), &opts, &mut |i, layer| {
-        save_layer(&layers_dir, i, layer)
-    })?;
+    let layers = prune_model(model.as_ref(), ids, method.as_ref(), &opts, &mut |i, layer| save_layer(&layers_dir, i, layer))?;
     let prune_seconds = t_prune.elapsed().as_secs_f64();
     drop(model);
 
-    // Assemble the checkpoint: pruned layers from their files, the rest from the input.
+    let n_layers = ck.config.num_layers();
+    let range = a.layers.unwrap_or((0, n_layers.saturating_sub(1)));
+    let partial = range != (0, n_layers.saturating_sub(1));
     let dtype = a.dtype.unwrap_or_else(|| input_dtype(&ck));
-    let specs = tensor_specs(&ck);
-    let mut current: Option<(usize, SafetensorsStore)> = None;
-    let mut load = |name: &str| -> Result<Tensor> {
-        match layer_of(name) {
-            Some(i) => {
-                if current.as_ref().is_none_or(|(c, _)| *c != i) {
-                    current = Some((i, SafetensorsStore::open_files(&[layer_file(&layers_dir, i)])?));
-                }
-                current.as_ref().expect("set").1.load_f32(name)
-            }
-            None => ck.weights.load(name),
-        }
-    };
-    write_hf_contents(&dir.tmp, &ck.config.to_hf_json(), ck.tokenizer.as_ref(), &specs, dtype, a.max_shard_bytes, &mut load)?;
-    drop(load);
-    std::fs::remove_dir_all(&layers_dir)?;
-
-    let after = match &eval_windows {
-        Some(w) => {
-            let pruned = Checkpoint::open(&dir.tmp)?;
-            Some(perplexity(pruned.model()?.as_ref(), w, &ppl_opts).context("evaluating the pruned model")?)
-        }
-        None => None,
-    };
-
-    let (zeros, total) = layers
-        .iter()
-        .flat_map(|l| &l.operators)
-        .fold((0f64, 0f64), |(z, t), o| {
-            let n = (o.shape[0] * o.shape[1]) as f64;
-            (z + o.sparsity * n, t + n)
-        });
-    let report = json!({
+    let mut report = json!({
         "fistaprune_version": env!("CARGO_PKG_VERSION"),
         "command": std::env::args().collect::<Vec<_>>(),
         "model": a.model.display().to_string(),
@@ -210,29 +229,51 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
         "method": a.method,
         "pattern": a.pattern.to_string(),
         "target_sparsity": a.pattern.sparsity(),
-        "sparsity": zeros / total,
-        "pruned_parameters": total as u64,
         "dtype": dtype.torch_name(),
+        "layer_range": [range.0, range.1],
         "options": {
             "percdamp": a.percdamp, "blocksize": a.blocksize, "magnitude_per_row": a.magnitude_per_row,
             "batch": a.batch, "act_dtype": format!("{:?}", a.act_dtype).to_lowercase(),
+            "layer_inputs": layer_inputs, "error_correction": error_correction,
+            "warm_start": is_fista.then(|| warm_of(a, &ck)), "fista": is_fista.then(|| a.fista.clone()),
         },
         "calibration": calib.as_ref().map(|c| json!({
             "source": c.source, "nsamples": c.nsamples, "seqlen": c.seqlen, "seed": c.seed, "mode": c.mode,
             "documents": c.documents, "long_documents": c.long_documents, "sha256": c.sha256,
         })),
-        "seconds": t_start.elapsed().as_secs_f64(),
         "prune_seconds": prune_seconds,
-        "prune_gflop": layers.iter().map(|l| l.gflop).sum::<f64>(),
-        "prune_gflop_per_second": layers.iter().map(|l| l.gflop).sum::<f64>() / prune_seconds,
-        "eval": eval_windows.as_ref().map(|w| json!({
-            "dataset": a.eval.as_ref().map(|p| p.display().to_string()),
-            "seqlen": a.eval_seqlen, "windows": w.len(),
-        })),
-        "perplexity_before": before.as_ref().map(|r| r.perplexity),
-        "perplexity_after": after.as_ref().map(|r| r.perplexity),
+        "jobs": a.jobs,
         "layers": layers,
     });
+    summarise(&mut report);
+
+    if partial {
+        // A part: its layers only, to be joined by `fistaprune merge`.
+        report["seconds"] = json!(t_start.elapsed().as_secs_f64());
+        write_atomic(&dir.tmp.join("report.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
+        dir.commit()?;
+        if !a.quiet {
+            println!("{}: layers {}-{} pruned into {} (join the parts with `fistaprune merge`)", a.model.display(), range.0, range.1, a.out.display());
+        }
+        return Ok(report);
+    }
+
+    assemble(&ck, &dir.tmp, &[layers_dir.clone()], dtype, a.max_shard_bytes)?;
+    std::fs::remove_dir_all(&layers_dir)?;
+    let after = match &eval_windows {
+        Some(w) => {
+            let pruned = Checkpoint::open(&dir.tmp)?;
+            Some(perplexity(pruned.model()?.as_ref(), w, &ppl_opts).context("evaluating the pruned model")?)
+        }
+        None => None,
+    };
+    report["eval"] = json!(eval_windows.as_ref().map(|w| json!({
+        "dataset": a.eval.as_ref().map(|p| p.display().to_string()),
+        "seqlen": a.eval_seqlen, "windows": w.len(),
+    })));
+    report["perplexity_before"] = json!(before.as_ref().map(|r| r.perplexity));
+    report["perplexity_after"] = json!(after.as_ref().map(|r| r.perplexity));
+    report["seconds"] = json!(t_start.elapsed().as_secs_f64());
     write_atomic(&dir.tmp.join("report.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
     dir.commit()?;
     if !a.quiet {
@@ -242,13 +283,103 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
             method.name(),
             a.pattern,
             a.out.display(),
-            zeros / total,
-            total as u64,
+            report["sparsity"].as_f64().unwrap_or(0.0),
+            report["pruned_parameters"],
             prune_seconds
         );
         if let (Some(b), Some(af)) = (&before, &after) {
             println!("perplexity before {:.4}  after {:.4}  ({} windows x {})", b.perplexity, af.perplexity, b.windows, b.seqlen);
         }
     }
+    Ok(report)
+}
+
+/// Totals of a report's `layers`: measured sparsity, pruned parameters, counted GFLOP.
+fn summarise(report: &mut serde_json::Value) {
+    let (mut zeros, mut total, mut gflop) = (0f64, 0f64, 0f64);
+    for l in report["layers"].as_array().into_iter().flatten() {
+        gflop += l["gflop"].as_f64().unwrap_or(0.0);
+        for o in l["operators"].as_array().into_iter().flatten() {
+            let n = o["shape"][0].as_f64().unwrap_or(0.0) * o["shape"][1].as_f64().unwrap_or(0.0);
+            zeros += o["sparsity"].as_f64().unwrap_or(0.0) * n;
+            total += n;
+        }
+    }
+    report["sparsity"] = json!(if total > 0.0 { zeros / total } else { 0.0 });
+    report["pruned_parameters"] = json!(total as u64);
+    report["prune_gflop"] = json!(gflop);
+    if let Some(s) = report["prune_seconds"].as_f64().filter(|&s| s > 0.0) {
+        report["prune_gflop_per_second"] = json!(gflop / s);
+    }
+}
+
+/// Write the Hugging Face checkpoint into `dir`: pruned layers from the `layer-*.safetensors` files found in
+/// `layer_dirs`, every other tensor from the input.
+fn assemble(ck: &Checkpoint, dir: &Path, layer_dirs: &[PathBuf], dtype: OutDType, max_shard_bytes: usize) -> Result<()> {
+    let find = |i: usize| layer_dirs.iter().map(|d| layer_file(d, i)).find(|p| p.exists());
+    for i in 0..ck.config.num_layers() {
+        ensure!(find(i).is_some(), "no pruned weights for decoder layer {i}");
+    }
+    let specs = tensor_specs(ck);
+    let mut current: Option<(usize, SafetensorsStore)> = None;
+    let mut load = |name: &str| -> Result<Tensor> {
+        match layer_of(name) {
+            Some(i) => {
+                if current.as_ref().is_none_or(|(c, _)| *c != i) {
+                    current = Some((i, SafetensorsStore::open_files(&[find(i).expect("checked")])?));
+                }
+                current.as_ref().expect("set").1.load_f32(name)
+            }
+            None => ck.weights.load(name),
+        }
+    };
+    write_hf_contents(dir, &ck.config.to_hf_json(), ck.tokenizer.as_ref(), &specs, dtype, max_shard_bytes, &mut load)
+}
+
+/// `fistaprune merge`: join parts written with `--layers` into one checkpoint.
+pub fn merge(model: &Path, parts: &[PathBuf], out: &Path, force: bool, dtype: Option<OutDType>, max_shard_bytes: usize) -> Result<serde_json::Value> {
+    let ck = Checkpoint::open(model)?;
+    let n = ck.config.num_layers();
+    let mut covered = vec![None::<usize>; n];
+    let mut reports = Vec::new();
+    for (pi, p) in parts.iter().enumerate() {
+        let rp = p.join("report.json");
+        let text = std::fs::read_to_string(&rp).with_context(|| format!("{}: cannot read (not a part written by prune --layers?)", rp.display()))?;
+        let r: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", rp.display()))?;
+        let (a, b) = (r["layer_range"][0].as_u64(), r["layer_range"][1].as_u64());
+        let (Some(a), Some(b)) = (a, b) else { anyhow::bail!("{}: no layer_range", rp.display()) };
+        for i in a as usize..=b as usize {
+            ensure!(i < n, "{}: layer {i} is beyond the model's {n} layers", p.display());
+            if let Some(q) = covered[i] {
+                anyhow::bail!("layer {i} is in both {} and {}", parts[q].display(), p.display());
+            }
+            ensure!(layer_file(&p.join("layers"), i).exists(), "{}: layer {i} is missing", p.display());
+            covered[i] = Some(pi);
+        }
+        reports.push(r);
+    }
+    if let Some(i) = covered.iter().position(|c| c.is_none()) {
+        anyhow::bail!("no part holds decoder layer {i}");
+    }
+    // The parts must come from the same run configuration.
+    let key = |r: &serde_json::Value| json!([r["method"], r["pattern"], r["options"], r["calibration"]["sha256"], r["dtype"]]);
+    for (r, p) in reports.iter().zip(parts) {
+        ensure!(key(r) == key(&reports[0]), "{}: pruned with other options or calibration than {}", p.display(), parts[0].display());
+    }
+    let dtype = dtype.unwrap_or_else(|| if reports[0]["dtype"] == "bfloat16" { OutDType::Bf16 } else if reports[0]["dtype"] == "float16" { OutDType::F16 } else { OutDType::F32 });
+    let dir = AtomicDir::new(out, force)?;
+    let layer_dirs: Vec<PathBuf> = parts.iter().map(|p| p.join("layers")).collect();
+    assemble(&ck, &dir.tmp, &layer_dirs, dtype, max_shard_bytes)?;
+    let mut layers: Vec<serde_json::Value> = reports.iter().flat_map(|r| r["layers"].as_array().cloned().unwrap_or_default()).collect();
+    layers.sort_by_key(|l| l["layer"].as_u64());
+    let mut report = reports[0].clone();
+    report["command"] = json!(std::env::args().collect::<Vec<_>>());
+    report["layer_range"] = json!([0, n - 1]);
+    report["merged_from"] = json!(parts.iter().map(|p| p.display().to_string()).collect::<Vec<_>>());
+    report["prune_seconds"] = json!(reports.iter().filter_map(|r| r["prune_seconds"].as_f64()).sum::<f64>());
+    report["layers"] = json!(layers);
+    summarise(&mut report);
+    write_atomic(&dir.tmp.join("report.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
+    dir.commit()?;
     Ok(report)
 }

@@ -4,7 +4,7 @@
 use anyhow::Result;
 use faer::Mat;
 
-use super::Method;
+use super::{Method, OpStats, Pruned};
 use super::mask::{self, Pattern};
 
 pub struct Magnitude {
@@ -25,10 +25,10 @@ impl Method for Magnitude {
         if self.per_row { rows } else { 1 }
     }
 
-    fn prune(&self, w: &Mat<f32>, _gram: Option<&Mat<f32>>, pattern: Pattern) -> Result<Mat<f32>> {
+    fn prune(&self, w: &Mat<f32>, _stats: Option<&OpStats>, pattern: Pattern) -> Result<Pruned> {
         let scores = Mat::from_fn(w.nrows(), w.ncols(), |i, j| w[(i, j)].abs());
         let mut out = w.clone();
         mask::apply(&mut out, &mask::select(&scores, pattern, self.per_row));
-        Ok(out)
+        Ok(out.into())
     }
 }

@@ -1,8 +1,9 @@
 //! Pruning: the layer walk shared by every method, masks, and one file per method.
 //!
-//! A method sees one linear operator at a time: its dense weight `(out, in)` and the Gram matrix of its
-//! inputs over the calibration tokens, and returns the pruned weight.
+//! A method sees one linear operator at a time: its dense weight `(out, in)` and the statistics of its inputs
+//! over the calibration tokens ([`stats::OpStats`]), and returns the pruned weight.
 
+pub mod fista;
 pub mod magnitude;
 pub mod mask;
 pub mod pipeline;
@@ -14,6 +15,19 @@ use anyhow::Result;
 use faer::Mat;
 
 pub use mask::Pattern;
+pub use stats::OpStats;
+
+/// A pruned weight and what the method wants to report about it.
+pub struct Pruned {
+    pub w: Mat<f32>,
+    pub details: Option<serde_json::Value>,
+}
+
+impl From<Mat<f32>> for Pruned {
+    fn from(w: Mat<f32>) -> Self {
+        Self { w, details: None }
+    }
+}
 
 /// A pruning method for one operator.
 pub trait Method: Send + Sync {
@@ -22,7 +36,7 @@ pub trait Method: Send + Sync {
     fn needs_gram(&self) -> bool {
         true
     }
-    fn prune(&self, w: &Mat<f32>, gram: Option<&Mat<f32>>, pattern: Pattern) -> Result<Mat<f32>>;
+    fn prune(&self, w: &Mat<f32>, stats: Option<&OpStats>, pattern: Pattern) -> Result<Pruned>;
     /// Floating-point operations to prune one `(rows, cols)` operator (for the roofline figures).
     fn flops(&self, _rows: usize, _cols: usize) -> f64 {
         0.0

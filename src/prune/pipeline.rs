@@ -1,27 +1,45 @@
-//! The layer walk every layer-wise method shares (METHOD.md §2), as SparseGPT's and Wanda's code do it:
+//! The layer walk every layer-wise method shares (METHOD.md §2 and §4.5–4.6).
 //!
-//! 1. embed the calibration samples once: the inputs of decoder layer 0;
-//! 2. for each decoder layer: run it on its inputs, accumulating the Gram matrix of each operator's input
-//!    (one per shared input: q/k/v, gate/up); prune every operator; run the pruned layer to produce the next
-//!    layer's inputs (which replace these in place).
+//! 1. Embed the calibration samples once: the inputs of decoder layer 0.
+//! 2. For each decoder layer: run it on its inputs while accumulating the statistics of each operator's input
+//!    (one set per shared input: q/k/v, gate/up), prune every operator, then produce the next layer's inputs
+//!    (they replace these in place).
 //!
-//! One decoder layer is materialised in f32 at a time; the activations between layers may be held in f16 or
-//! bf16 (`act_dtype`) to halve their memory. Each finished layer goes to a sink (which writes it to disk).
+//! Two choices shape the walk:
+//! - **intra-layer error correction** (FISTAPruner): the operator groups are pruned in data-flow order, each
+//!   against the inputs the partially pruned layer gives it (`X*`), with the dense layer's output as the
+//!   target (`X`, from the dense layer on the same inputs). Without it (SparseGPT's and Wanda's code) every
+//!   operator sees the dense layer's inputs: one statistics pass.
+//! - **layer inputs**: `pruned` (SparseGPT / Wanda: the next layer gets the pruned layer's outputs) or `dense`
+//!   (FISTAPruner's paper: every layer gets the dense model's inputs, so layers are independent and a range of
+//!   them can be pruned alone, or several in parallel).
+//!
+//! One decoder layer is materialised in f32 at a time (twice when a dense copy is needed as the target); the
+//! activations between layers may be held in f16/bf16 (`act_dtype`). Each finished layer goes to a sink.
 
-use std::collections::HashMap;
 use std::time::Instant;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use candle_core::{DType, Device, Tensor};
 use faer::Mat;
 use serde::Serialize;
 
 use super::mask::{self, Pattern};
-use super::stats::{Gram, quad_error};
+use super::stats::{Cross, Gram, OpStats};
 use super::Method;
 use crate::linalg::{mat_to_tensor, tensor_to_mat};
 use crate::model::{CausalLm, DecoderLayer, LayerContext};
 use crate::util::{check_finite, progress_bar};
+
+/// Where each layer's calibration inputs come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerInputs {
+    /// The pruned previous layers' outputs (SparseGPT, Wanda).
+    Pruned,
+    /// The dense model's (FISTAPruner): layers are independent.
+    Dense,
+}
 
 #[derive(Debug, Clone)]
 pub struct PipelineOptions {
@@ -30,6 +48,12 @@ pub struct PipelineOptions {
     pub batch: usize,
     /// Storage type of the activations between layers.
     pub act_dtype: DType,
+    pub layer_inputs: LayerInputs,
+    pub error_correction: bool,
+    /// Prune only these layers (inclusive range; dense inputs only).
+    pub layers: Option<(usize, usize)>,
+    /// Layers pruned at the same time (dense inputs only); the result does not depend on it.
+    pub jobs: usize,
     pub progress: bool,
 }
 
@@ -41,52 +65,144 @@ pub struct OperatorReport {
     pub shape: [usize; 2],
     /// Measured fraction of exact zeros.
     pub sparsity: f64,
-    /// `‖(W' − W) X‖² / ‖W X‖²` on the calibration inputs the operator saw.
+    /// `‖W' X* − W X‖² / ‖W X‖²` on the calibration inputs: the operator's output error against the dense
+    /// layer's (with error correction, `X*` are the inputs the partially pruned layer gives it).
     pub rel_error: Option<f64>,
     /// The same error for the dense weight under the final mask, without the method's weight update.
     pub rel_error_mask_only: Option<f64>,
     pub seconds: f64,
+    /// Method-specific details (FISTAPruner: λ rounds, warm-start error).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LayerReport {
     pub layer: usize,
     pub seconds: f64,
-    /// Forward pass with statistics.
+    /// Statistics passes.
     pub stats_seconds: f64,
     pub prune_seconds: f64,
-    /// Forward pass of the pruned layer (next layer's inputs).
+    /// Forward pass producing the next layer's inputs.
     pub forward_seconds: f64,
-    /// Floating-point operations counted for this layer (statistics pass, Gram matrices, the method, forward).
+    /// Floating-point operations counted for this layer (statistics passes, Gram matrices, the method, forward).
     pub gflop: f64,
     pub operators: Vec<OperatorReport>,
 }
 
-/// FLOPs of one layer's work on `tokens` tokens in windows of `seqlen`: (statistics pass without the last
-/// projection, Gram matrices (lower triangles), forward pass).
-pub fn layer_flops(layer: &dyn DecoderLayer, tokens: usize, seqlen: usize) -> (f64, f64, f64) {
+/// FLOPs of one layer's linear operators and attention per token, split by input group: entry `g` is what a
+/// forward pass spends before group `g`'s input is ready; the last entry is the whole layer.
+fn prefix_flops(layer: &dyn DecoderLayer, seqlen: usize) -> Vec<f64> {
     let lin = |n: &str| layer.linear(n).map(|l| 2.0 * (l.out_features() * l.in_features()) as f64).unwrap_or(0.0);
-    let names = layer.linear_names();
-    let all: f64 = names.iter().map(|n| lin(n)).sum();
-    let last = names.last().map(|n| lin(n)).unwrap_or(0.0);
+    let groups = layer.input_groups();
     // QKᵀ and PV over the (seqlen + 1) / 2 keys a query sees on average; the query width is q_proj's output.
-    let width = layer.linear(names[0]).map(|l| l.out_features()).unwrap_or(0) as f64;
+    let width = layer.linear(groups[0][0]).map(|l| l.out_features()).unwrap_or(0) as f64;
     let attn = 2.0 * 2.0 * (seqlen as f64 + 1.0) / 2.0 * width;
-    let gram: f64 = layer
-        .input_groups()
-        .iter()
-        .map(|g| layer.linear(g[0]).map(|l| (l.in_features() * l.in_features()) as f64).unwrap_or(0.0))
-        .sum();
-    let t = tokens as f64;
-    (t * (all - last + attn), t * gram, t * (all + attn))
+    let mut out = Vec::with_capacity(groups.len() + 1);
+    let mut acc = 0.0;
+    for (gi, g) in groups.iter().enumerate() {
+        out.push(acc);
+        acc += g.iter().map(|n| lin(n)).sum::<f64>();
+        if gi == 0 {
+            acc += attn;
+        }
+    }
+    out.push(acc);
+    out
 }
 
-/// Prune one operator given its input Gram (if the method uses one); returns its report.
+/// An error a capture hook raises to stop the forward pass once it has what it needs.
+#[derive(Debug)]
+struct StopCapture;
+
+impl std::fmt::Display for StopCapture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("capture stopped")
+    }
+}
+
+impl std::error::Error for StopCapture {}
+
+/// The input `layer` gives operator group `leader` on `x` (the pass stops there).
+fn capture_input(layer: &dyn DecoderLayer, x: &Tensor, ctx: &LayerContext, leader: &str) -> Result<Tensor> {
+    let mut got = None;
+    let mut hook = |name: &str, inp: &Tensor| -> Result<()> {
+        if name == leader {
+            got = Some(inp.clone());
+            return Err(StopCapture.into());
+        }
+        Ok(())
+    };
+    match layer.capture(x, ctx, &mut hook) {
+        Err(e) if e.is::<StopCapture>() => {}
+        Err(e) => return Err(e),
+        Ok(()) => {}
+    }
+    got.ok_or_else(|| anyhow!("the layer never reported an input for {leader}"))
+}
+
+/// Statistics of every group from one pass of the dense layer (no error correction: `X* = X`).
+fn collect_dense(layer: &dyn DecoderLayer, acts: &[Tensor], ctx: &LayerContext) -> Result<Vec<OpStats>> {
+    let groups = layer.input_groups();
+    let mut grams: Vec<Option<Gram>> = (0..groups.len()).map(|_| None).collect();
+    for x in acts {
+        let x = x.to_dtype(DType::F32)?;
+        let mut hook = |name: &str, inp: &Tensor| -> Result<()> {
+            if let Some(gi) = groups.iter().position(|g| g[0] == name) {
+                let n = inp.dim(candle_core::D::Minus1)?;
+                grams[gi].get_or_insert_with(|| Gram::new(n)).add(inp)?;
+            }
+            Ok(())
+        };
+        layer.capture(&x, ctx, &mut hook)?;
+    }
+    grams
+        .into_iter()
+        .zip(groups.iter())
+        .map(|(g, names)| {
+            let g = g.ok_or_else(|| anyhow!("no statistics were collected for {}", names[0]))?;
+            let tokens = g.tokens;
+            Ok(OpStats { gram: g.finish(), cross: None, dense: None, tokens })
+        })
+        .collect()
+}
+
+/// Statistics of group `gi` with error correction: `X*` from the partially pruned layer `work`, `X` from the
+/// dense layer `dense`, on the same inputs.
+fn collect_corrected(
+    dense: &dyn DecoderLayer,
+    work: &dyn DecoderLayer,
+    gi: usize,
+    acts: &[Tensor],
+    ctx: &LayerContext,
+) -> Result<OpStats> {
+    let leader = dense.input_groups()[gi][0];
+    let mut gram: Option<Gram> = None;
+    let mut cross: Option<Cross> = None;
+    let mut dgram: Option<Gram> = None;
+    for x in acts {
+        let x = x.to_dtype(DType::F32)?;
+        let xs = capture_input(work, &x, ctx, leader)?;
+        let n = xs.dim(candle_core::D::Minus1)?;
+        gram.get_or_insert_with(|| Gram::new(n)).add(&xs)?;
+        // Before any operator is pruned the two inputs are the same.
+        if gi > 0 {
+            let xd = capture_input(dense, &x, ctx, leader)?;
+            cross.get_or_insert_with(|| Cross::new(n)).add(&xd, &xs)?;
+            dgram.get_or_insert_with(|| Gram::new(n)).add(&xd)?;
+        }
+    }
+    let g = gram.ok_or_else(|| anyhow!("no calibration batches"))?;
+    let tokens = g.tokens;
+    Ok(OpStats { gram: g.finish(), cross: cross.map(|c| c.c), dense: dgram.map(Gram::finish), tokens })
+}
+
+/// Prune one operator of `layer` given its input statistics (if the method uses them); returns its report.
 pub fn prune_operator(
     layer: &mut dyn DecoderLayer,
     layer_idx: usize,
     name: &str,
-    gram: Option<&Mat<f32>>,
+    stats: Option<&OpStats>,
     method: &dyn Method,
     pattern: Pattern,
 ) -> Result<OperatorReport> {
@@ -95,24 +211,24 @@ pub fn prune_operator(
     let w = tensor_to_mat(&lin.weight)?;
     let (rows, cols) = w.shape();
     pattern.check_cols(cols, &format!("layer {layer_idx} {name}"))?;
-    let pruned = method.prune(&w, gram, pattern).with_context(|| format!("layer {layer_idx} {name}"))?;
-    if let Some((i, j)) = (0..cols).flat_map(|j| (0..rows).map(move |i| (i, j))).find(|&(i, j)| !pruned[(i, j)].is_finite()) {
-        anyhow::bail!("layer {layer_idx} {name}: {} produced a non-finite weight at ({i}, {j})", method.name());
+    let pruned = method.prune(&w, stats, pattern).with_context(|| format!("layer {layer_idx} {name}"))?;
+    let pw = &pruned.w;
+    if let Some((i, j)) = (0..cols).flat_map(|j| (0..rows).map(move |i| (i, j))).find(|&(i, j)| !pw[(i, j)].is_finite()) {
+        bail!("layer {layer_idx} {name}: {} produced a non-finite weight at ({i}, {j})", method.name());
     }
-    let sparsity = mask::verify(&pruned, pattern, method.rounding_units(rows, cols, pattern))
+    let sparsity = mask::verify(pw, pattern, method.rounding_units(rows, cols, pattern))
         .with_context(|| format!("layer {layer_idx} {name}: the pruned weight misses the pattern {pattern}"))?;
-    let (rel_error, rel_error_mask_only) = match gram {
-        Some(g) => {
-            let base = quad_error(w.as_ref(), g.as_ref()).max(f64::MIN_POSITIVE);
-            let masked = Mat::from_fn(rows, cols, |i, j| if pruned[(i, j)] == 0.0 { 0.0 } else { w[(i, j)] });
-            (
-                Some(quad_error((&pruned - &w).as_ref(), g.as_ref()) / base),
-                Some(quad_error((&masked - &w).as_ref(), g.as_ref()) / base),
-            )
+    let (rel_error, rel_error_mask_only) = match stats {
+        Some(st) => {
+            let c = st.target(&w);
+            let p = st.problem(&w, &c);
+            let base = p.k.max(f64::MIN_POSITIVE);
+            let masked = Mat::from_fn(rows, cols, |i, j| if pw[(i, j)] == 0.0 { 0.0 } else { w[(i, j)] });
+            (Some(p.error(pw.as_ref()) / base), Some(p.error(masked.as_ref()) / base))
         }
         None => (None, None),
     };
-    layer.linear_mut(name).expect("checked above").weight = mat_to_tensor(&pruned)?;
+    layer.linear_mut(name).expect("checked above").weight = mat_to_tensor(pw)?;
     Ok(OperatorReport {
         layer: layer_idx,
         name: name.to_string(),
@@ -121,30 +237,8 @@ pub fn prune_operator(
         rel_error,
         rel_error_mask_only,
         seconds: t0.elapsed().as_secs_f64(),
+        details: pruned.details,
     })
-}
-
-/// Run `layer` over every batch of `acts`, accumulating one Gram per input group (keyed by the group's
-/// first operator).
-pub fn collect_grams(
-    layer: &dyn DecoderLayer,
-    acts: &[Tensor],
-    ctx: &LayerContext,
-) -> Result<HashMap<&'static str, Gram>> {
-    let groups = layer.input_groups();
-    let mut grams: HashMap<&'static str, Gram> = HashMap::new();
-    for x in acts {
-        let x = x.to_dtype(DType::F32)?;
-        let mut hook = |name: &str, inp: &Tensor| -> Result<()> {
-            if let Some(g) = groups.iter().find(|g| g[0] == name) {
-                let n = inp.dim(candle_core::D::Minus1)?;
-                grams.entry(g[0]).or_insert_with(|| Gram::new(n)).add(inp)?;
-            }
-            Ok(())
-        };
-        layer.capture(&x, ctx, &mut hook)?;
-    }
-    Ok(grams)
 }
 
 /// Embed the calibration samples in batches: the inputs of layer 0.
@@ -159,9 +253,93 @@ pub fn embed_calibration(model: &dyn CausalLm, ids: &[Vec<u32>], batch: usize, a
         .collect()
 }
 
-/// The sequential layer walk: prune every decoder layer of `model` with `method`, giving each finished layer
-/// to `sink`.
-pub fn prune_sequential(
+/// Replace each batch of `acts` by `layer`'s output on it.
+fn advance(layer: &dyn DecoderLayer, acts: &mut [Tensor], ctx: &LayerContext, act_dtype: DType, what: &str) -> Result<()> {
+    for x in acts.iter_mut() {
+        let y = layer.forward(&x.to_dtype(DType::F32)?, ctx, None)?;
+        check_finite(&y, what)?;
+        *x = y.to_dtype(act_dtype)?;
+    }
+    Ok(())
+}
+
+/// Prune one layer given its calibration inputs; returns the pruned layer and its report.
+fn prune_layer(
+    model: &dyn CausalLm,
+    i: usize,
+    acts: Option<&[Tensor]>,
+    ctx: Option<&LayerContext>,
+    method: &dyn Method,
+    opts: &PipelineOptions,
+) -> Result<(Box<dyn DecoderLayer>, Option<Box<dyn DecoderLayer>>, LayerReport)> {
+    let t0 = Instant::now();
+    let mut work = model.load_layer(i)?;
+    // A dense copy is the target with error correction, and produces the next inputs in dense mode.
+    let needs_dense = acts.is_some() && (opts.error_correction || opts.layer_inputs == LayerInputs::Dense);
+    let dense = if needs_dense { Some(model.load_layer(i)?) } else { None };
+    let groups = work.input_groups();
+    let mut operators = Vec::new();
+    let (mut stats_seconds, mut prune_seconds) = (0.0, 0.0);
+    let mut flops: f64 = 0.0;
+    let seqlen = ctx.map(|c| c.seqlen).unwrap_or(0);
+    let tokens = acts.map(|a| a.iter().map(|t| t.dims()[0] * t.dims()[1]).sum::<usize>()).unwrap_or(0) as f64;
+    let pre = prefix_flops(work.as_ref(), seqlen.max(1));
+    let in_dim = |layer: &dyn DecoderLayer, g: usize| layer.linear(groups[g][0]).map(|l| l.in_features()).unwrap_or(0) as f64;
+    match (acts, ctx) {
+        (Some(acts), Some(ctx)) if opts.error_correction => {
+            let dense = dense.as_deref().expect("loaded");
+            for (gi, group) in groups.iter().enumerate() {
+                let ts = Instant::now();
+                let st = collect_corrected(dense, work.as_ref(), gi, acts, ctx).with_context(|| format!("decoder layer {i}"))?;
+                stats_seconds += ts.elapsed().as_secs_f64();
+                let n = in_dim(work.as_ref(), gi);
+                flops += tokens * if gi == 0 { pre[0] + n * n } else { 2.0 * pre[gi] + 4.0 * n * n };
+                let tp = Instant::now();
+                for name in group.iter() {
+                    operators.push(prune_operator(work.as_mut(), i, name, Some(&st), method, opts.pattern)?);
+                }
+                prune_seconds += tp.elapsed().as_secs_f64();
+            }
+        }
+        (Some(acts), Some(ctx)) => {
+            let ts = Instant::now();
+            let stats = collect_dense(dense.as_deref().unwrap_or(work.as_ref()), acts, ctx)
+                .with_context(|| format!("decoder layer {i}"))?;
+            stats_seconds = ts.elapsed().as_secs_f64();
+            flops += tokens * (pre[groups.len() - 1] + (0..groups.len()).map(|g| in_dim(work.as_ref(), g).powi(2)).sum::<f64>());
+            let tp = Instant::now();
+            for (group, st) in groups.iter().zip(&stats) {
+                for name in group.iter() {
+                    operators.push(prune_operator(work.as_mut(), i, name, Some(st), method, opts.pattern)?);
+                }
+            }
+            prune_seconds = tp.elapsed().as_secs_f64();
+        }
+        _ => {
+            let tp = Instant::now();
+            for group in groups {
+                for name in group.iter() {
+                    operators.push(prune_operator(work.as_mut(), i, name, None, method, opts.pattern)?);
+                }
+            }
+            prune_seconds = tp.elapsed().as_secs_f64();
+        }
+    }
+    flops += operators.iter().map(|o| method.flops(o.shape[0], o.shape[1])).sum::<f64>();
+    let report = LayerReport {
+        layer: i,
+        seconds: t0.elapsed().as_secs_f64(),
+        stats_seconds,
+        prune_seconds,
+        forward_seconds: 0.0,
+        gflop: flops / 1e9,
+        operators,
+    };
+    Ok((work, dense, report))
+}
+
+/// Walk the decoder layers of `model`, pruning each with `method`; every finished layer goes to `sink`.
+pub fn prune_model(
     model: &dyn CausalLm,
     calib: &[Vec<u32>],
     method: &dyn Method,
@@ -169,6 +347,11 @@ pub fn prune_sequential(
     sink: &mut dyn FnMut(usize, &dyn DecoderLayer) -> Result<()>,
 ) -> Result<Vec<LayerReport>> {
     let n_layers = model.num_layers();
+    let (first, last) = opts.layers.unwrap_or((0, n_layers.saturating_sub(1)));
+    ensure!(first <= last && last < n_layers, "--layers {first}-{last}: the model has layers 0-{}", n_layers - 1);
+    if (first, last) != (0, n_layers - 1) {
+        ensure!(opts.layer_inputs == LayerInputs::Dense, "--layers needs --layer-inputs dense (layers are then independent)");
+    }
     let needs_data = method.needs_gram();
     let (mut acts, ctx) = if needs_data {
         let seqlen = calib.first().map(|s| s.len()).ok_or_else(|| anyhow!("no calibration samples"))?;
@@ -176,55 +359,111 @@ pub fn prune_sequential(
     } else {
         (Vec::new(), None)
     };
-    let pb = progress_bar(n_layers as u64, method.name(), opts.progress);
-    let mut reports = Vec::with_capacity(n_layers);
-    for i in 0..n_layers {
-        let t0 = Instant::now();
-        let mut layer = model.load_layer(i)?;
-        let mut grams = match &ctx {
-            Some(ctx) => collect_grams(layer.as_ref(), &acts, ctx).with_context(|| format!("decoder layer {i}"))?,
-            None => HashMap::new(),
-        };
-        let stats_seconds = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
-        let mut operators = Vec::new();
-        for group in layer.input_groups() {
-            let g = grams.remove(group[0]).map(Gram::finish);
-            if needs_data && g.is_none() {
-                anyhow::bail!("decoder layer {i}: no statistics were collected for {}", group[0]);
+    let pb = progress_bar((last + 1 - first) as u64, method.name(), opts.progress);
+    if let Some(ctx) = &ctx
+        && opts.jobs > 1
+    {
+        ensure!(opts.layer_inputs == LayerInputs::Dense, "--jobs needs --layer-inputs dense (layers are then independent)");
+        let reports = prune_parallel(model, acts, ctx, method, opts, (first, last), sink, &pb)?;
+        pb.finish_and_clear();
+        return Ok(reports);
+    }
+    let mut reports = Vec::new();
+    for i in 0..=last {
+        if i < first {
+            // Dense inputs of the layers before the range.
+            if let Some(ctx) = &ctx {
+                advance(model.load_layer(i)?.as_ref(), &mut acts, ctx, opts.act_dtype, &format!("output of decoder layer {i}"))?;
             }
-            for name in group.iter() {
-                operators.push(prune_operator(layer.as_mut(), i, name, g.as_ref(), method, opts.pattern)?);
-            }
+            continue;
         }
-        let prune_seconds = t1.elapsed().as_secs_f64();
+        let data = needs_data.then_some(acts.as_slice());
+        let (work, dense, mut report) = prune_layer(model, i, data, ctx.as_ref(), method, opts)?;
         let t2 = Instant::now();
-        if let Some(ctx) = &ctx {
-            for x in acts.iter_mut() {
-                let y = layer.forward(&x.to_dtype(DType::F32)?, ctx, None)?;
-                check_finite(&y, &format!("output of pruned decoder layer {i}"))?;
-                *x = y.to_dtype(opts.act_dtype)?;
+        if let Some(ctx) = &ctx
+            && i < last
+        {
+            let tokens: usize = acts.iter().map(|t| t.dims()[0] * t.dims()[1]).sum();
+            report.gflop += tokens as f64 * prefix_flops(work.as_ref(), ctx.seqlen).last().copied().unwrap_or(0.0) / 1e9;
+            match opts.layer_inputs {
+                LayerInputs::Pruned => advance(work.as_ref(), &mut acts, ctx, opts.act_dtype, &format!("output of pruned decoder layer {i}"))?,
+                LayerInputs::Dense => {
+                    let d = dense.as_deref().expect("dense copy loaded in dense mode");
+                    advance(d, &mut acts, ctx, opts.act_dtype, &format!("output of decoder layer {i}"))?
+                }
             }
         }
-        let forward_seconds = t2.elapsed().as_secs_f64();
-        let mut flops: f64 = operators.iter().map(|o| method.flops(o.shape[0], o.shape[1])).sum();
-        if ctx.is_some() {
-            let tokens = calib.len() * calib[0].len();
-            let (capture, gram, forward) = layer_flops(layer.as_ref(), tokens, calib[0].len());
-            flops += capture + gram + forward;
-        }
-        sink(i, layer.as_ref())?;
-        reports.push(LayerReport {
-            layer: i,
-            seconds: t0.elapsed().as_secs_f64(),
-            stats_seconds,
-            prune_seconds,
-            forward_seconds,
-            gflop: flops / 1e9,
-            operators,
-        });
+        report.forward_seconds = t2.elapsed().as_secs_f64();
+        report.seconds += report.forward_seconds;
+        sink(i, work.as_ref())?;
+        reports.push(report);
         pb.inc(1);
     }
     pb.finish_and_clear();
     Ok(reports)
+}
+
+type LayerResult = Result<(usize, Box<dyn DecoderLayer>, LayerReport)>;
+
+/// Dense layer inputs, several layers at once: this thread walks the dense model and hands each layer's
+/// inputs to `opts.jobs` workers (at most `jobs` inputs wait in the queue, so memory stays bounded); finished
+/// layers go to `sink` as they come. Each layer's computation is the same as in the sequential walk, so the
+/// result does not depend on `jobs`.
+#[allow(clippy::too_many_arguments)]
+fn prune_parallel(
+    model: &dyn CausalLm,
+    mut acts: Vec<Tensor>,
+    ctx: &LayerContext,
+    method: &dyn Method,
+    opts: &PipelineOptions,
+    (first, last): (usize, usize),
+    sink: &mut dyn FnMut(usize, &dyn DecoderLayer) -> Result<()>,
+    pb: &indicatif::ProgressBar,
+) -> Result<Vec<LayerReport>> {
+    use std::sync::{Arc, Mutex, mpsc};
+    std::thread::scope(|scope| {
+        let (job_tx, job_rx) = mpsc::sync_channel::<(usize, Vec<Tensor>)>(opts.jobs);
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        let (res_tx, res_rx) = mpsc::channel::<LayerResult>();
+        for _ in 0..opts.jobs {
+            let (job_rx, res_tx) = (job_rx.clone(), res_tx.clone());
+            scope.spawn(move || {
+                loop {
+                    let job = job_rx.lock().expect("job queue").recv();
+                    let Ok((i, inputs)) = job else { break };
+                    let r = prune_layer(model, i, Some(&inputs), Some(ctx), method, opts).map(|(w, _, rep)| (i, w, rep));
+                    if res_tx.send(r).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(res_tx);
+        let mut reports = Vec::new();
+        let mut handle = |r: LayerResult| -> Result<()> {
+            let (i, layer, report) = r?;
+            sink(i, layer.as_ref())?;
+            reports.push(report);
+            pb.inc(1);
+            Ok(())
+        };
+        for i in 0..=last {
+            if i >= first {
+                job_tx.send((i, acts.clone())).map_err(|_| anyhow!("the pruning workers stopped"))?;
+            }
+            if i < last {
+                let dense = model.load_layer(i)?;
+                advance(dense.as_ref(), &mut acts, ctx, opts.act_dtype, &format!("output of decoder layer {i}"))?;
+            }
+            while let Ok(r) = res_rx.try_recv() {
+                handle(r)?;
+            }
+        }
+        drop(job_tx);
+        for r in res_rx {
+            handle(r)?;
+        }
+        reports.sort_by_key(|r| r.layer);
+        Ok(reports)
+    })
 }

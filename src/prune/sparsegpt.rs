@@ -14,7 +14,7 @@ use anyhow::{Context, Result, anyhow};
 use faer::linalg::solvers::DenseSolveCore;
 use faer::{Accum, Mat, Side};
 
-use super::Method;
+use super::{Method, OpStats, Pruned};
 use super::mask::{self, Pattern};
 use crate::linalg::par;
 
@@ -59,6 +59,17 @@ pub fn inverse_cholesky_upper(h: &Mat<f64>) -> Result<Mat<f32>> {
     Ok(Mat::from_fn(h.nrows(), h.ncols(), |i, j| if j >= i { l[(j, i)] as f32 } else { 0.0 }))
 }
 
+impl SparseGpt {
+    /// Prune `w` given the Gram matrix of its inputs.
+    pub fn prune_gram(&self, w: &Mat<f32>, g: &Mat<f32>, pattern: Pattern) -> Result<Mat<f32>> {
+        let mut w = w.clone();
+        let h = damped_hessian(g, &mut w, self.percdamp);
+        let u = inverse_cholesky_upper(&h).context("sparsegpt")?;
+        sweep(&mut w, &u, pattern, self.blocksize.max(1));
+        Ok(w)
+    }
+}
+
 impl Method for SparseGpt {
     fn name(&self) -> &'static str {
         "sparsegpt"
@@ -75,13 +86,9 @@ impl Method for SparseGpt {
         cols.div_ceil(self.blocksize.max(1))
     }
 
-    fn prune(&self, w: &Mat<f32>, gram: Option<&Mat<f32>>, pattern: Pattern) -> Result<Mat<f32>> {
-        let g = gram.ok_or_else(|| anyhow!("sparsegpt needs input statistics"))?;
-        let mut w = w.clone();
-        let h = damped_hessian(g, &mut w, self.percdamp);
-        let u = inverse_cholesky_upper(&h).context("sparsegpt")?;
-        sweep(&mut w, &u, pattern, self.blocksize.max(1));
-        Ok(w)
+    fn prune(&self, w: &Mat<f32>, stats: Option<&OpStats>, pattern: Pattern) -> Result<Pruned> {
+        let g = &stats.ok_or_else(|| anyhow!("sparsegpt needs input statistics"))?.gram;
+        Ok(self.prune_gram(w, g, pattern)?.into())
     }
 }
 
@@ -240,7 +247,7 @@ mod tests {
             (Pattern::NM { n: 4, m: 8 }, 16),
         ] {
             let (w, g) = problem(6, 40, 3);
-            let got = SparseGpt { percdamp: 0.01, blocksize }.prune(&w, Some(&g), pattern).unwrap();
+            let got = SparseGpt { percdamp: 0.01, blocksize }.prune_gram(&w, &g, pattern).unwrap();
             let want = obs_reference(&w, &g, pattern, blocksize, 0.01);
             let e = max_rel(&got, &want);
             assert!(e < 1e-4, "{pattern:?} block {blocksize}: max rel diff {e}");
@@ -258,7 +265,7 @@ mod tests {
     fn update_beats_plain_masking() {
         // The OBS update must lower the output error against the same mask without update.
         let (w, g) = problem(8, 48, 11);
-        let pruned = SparseGpt::default().prune(&w, Some(&g), Pattern::Unstructured(0.5)).unwrap();
+        let pruned = SparseGpt::default().prune_gram(&w, &g, Pattern::Unstructured(0.5)).unwrap();
         let masked = Mat::from_fn(8, 48, |i, j| if pruned[(i, j)] == 0.0 { 0.0 } else { w[(i, j)] });
         let err = |p: &Mat<f32>| super::super::stats::quad_error((p - &w).as_ref(), g.as_ref());
         assert!(err(&pruned) < 0.8 * err(&masked), "{} vs {}", err(&pruned), err(&masked));
@@ -271,7 +278,7 @@ mod tests {
             g[(3, k)] = 0.0;
             g[(k, 3)] = 0.0;
         }
-        let out = SparseGpt::default().prune(&w, Some(&g), Pattern::Unstructured(0.25)).unwrap();
+        let out = SparseGpt::default().prune_gram(&w, &g, Pattern::Unstructured(0.25)).unwrap();
         assert!((0..4).all(|i| out[(i, 3)] == 0.0));
     }
 }

@@ -58,6 +58,64 @@ impl Gram {
     }
 }
 
+/// Running cross products `Σ x y ᵀ` of two inputs seen by the same operator (dense `x`, actual `y`).
+pub struct Cross {
+    pub c: Mat<f32>,
+}
+
+impl Cross {
+    pub fn new(n: usize) -> Self {
+        Self { c: Mat::zeros(n, n) }
+    }
+
+    /// Add `xᵀ y` over the rows of `x` and `y` (same shape `(..., n)`).
+    pub fn add(&mut self, x: &Tensor, y: &Tensor) -> Result<()> {
+        let n = x.dim(D::Minus1)?;
+        ensure!(x.dims() == y.dims() && n == self.c.nrows(), "Cross: shapes {:?} / {:?}", x.dims(), y.dims());
+        let rows = x.elem_count() / n;
+        with_f32(x, |xs| {
+            with_f32(y, |ys| {
+                let a = MatRef::from_row_major_slice(xs, rows, n);
+                let b = MatRef::from_row_major_slice(ys, rows, n);
+                faer::linalg::matmul::matmul(self.c.as_mut(), Accum::Add, a.transpose(), b, 1.0f32, par());
+            })
+        })??;
+        Ok(())
+    }
+}
+
+/// What a method knows of one operator's inputs over the calibration tokens (rows = tokens):
+/// `gram = X*ᵀX*` of the inputs it actually gets; with intra-layer error correction also `cross = XᵀX*` and
+/// `dense = XᵀX` of the inputs the dense layer gives it (without, all three are the same matrix).
+pub struct OpStats {
+    pub gram: Mat<f32>,
+    pub cross: Option<Mat<f32>>,
+    pub dense: Option<Mat<f32>>,
+    pub tokens: usize,
+}
+
+impl OpStats {
+    pub fn cross(&self) -> &Mat<f32> {
+        self.cross.as_ref().unwrap_or(&self.gram)
+    }
+
+    pub fn dense(&self) -> &Mat<f32> {
+        self.dense.as_ref().unwrap_or(&self.gram)
+    }
+
+    /// The operator's least-squares model for weight `w`: `‖W' X* − W X‖² = tr(W'G*W'ᵀ) − 2 tr(W' Cᵀ) + K`.
+    pub fn problem<'a>(&'a self, w: &'a Mat<f32>, c: &'a Mat<f32>) -> super::fista::Problem<'a> {
+        super::fista::Problem { w: w.as_ref(), g: self.gram.as_ref(), c: c.as_ref(), k: quad_error(w.as_ref(), self.dense().as_ref()) }
+    }
+
+    /// `C = W XᵀX*`.
+    pub fn target(&self, w: &Mat<f32>) -> Mat<f32> {
+        let mut c = Mat::<f32>::zeros(w.nrows(), w.ncols());
+        faer::linalg::matmul::matmul(c.as_mut(), Accum::Replace, w.as_ref(), self.cross().as_ref(), 1.0f32, par());
+        c
+    }
+}
+
 /// `tr(D G Dᵀ)` for `D` `(m, n)` and symmetric `G`: the squared output error `‖D X‖²` that a weight change `D`
 /// causes on the inputs whose Gram is `G`.
 pub fn quad_error(d: MatRef<f32>, g: MatRef<f32>) -> f64 {

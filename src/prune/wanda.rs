@@ -4,7 +4,7 @@
 use anyhow::{Result, anyhow};
 use faer::Mat;
 
-use super::Method;
+use super::{Method, OpStats, Pruned};
 use super::mask::{self, Pattern};
 
 pub struct Wanda;
@@ -14,13 +14,13 @@ impl Method for Wanda {
         "wanda"
     }
 
-    fn prune(&self, w: &Mat<f32>, gram: Option<&Mat<f32>>, pattern: Pattern) -> Result<Mat<f32>> {
-        let g = gram.ok_or_else(|| anyhow!("wanda needs input statistics"))?;
+    fn prune(&self, w: &Mat<f32>, stats: Option<&OpStats>, pattern: Pattern) -> Result<Pruned> {
+        let g = &stats.ok_or_else(|| anyhow!("wanda needs input statistics"))?.gram;
         let norms: Vec<f32> = (0..w.ncols()).map(|j| g[(j, j)].max(0.0).sqrt()).collect();
         let scores = Mat::from_fn(w.nrows(), w.ncols(), |i, j| w[(i, j)].abs() * norms[j]);
         let mut out = w.clone();
         mask::apply(&mut out, &mask::select(&scores, pattern, true));
-        Ok(out)
+        Ok(out.into())
     }
 }
 
@@ -34,10 +34,11 @@ mod tests {
         // scores = [2, 2, 1.5, 2]: 50 % per row drops inputs 2 (1.5) and 0 (2, first of the ties).
         let w = Mat::from_fn(1, 4, |_, j| [1.0, -2.0, 3.0, 0.5][j]);
         let g = Mat::from_fn(4, 4, |i, j| if i == j { [4.0, 1.0, 0.25, 16.0][i] } else { 0.3 });
-        let out = Wanda.prune(&w, Some(&g), Pattern::Unstructured(0.5)).unwrap();
+        let st = OpStats { gram: g, cross: None, dense: None, tokens: 1 };
+        let out = Wanda.prune(&w, Some(&st), Pattern::Unstructured(0.5)).unwrap().w;
         assert_eq!((0..4).map(|j| out[(0, j)]).collect::<Vec<_>>(), vec![0.0, -2.0, 0.0, 0.5]);
         // 2:4 keeps the same two here.
-        let out = Wanda.prune(&w, Some(&g), Pattern::NM { n: 2, m: 4 }).unwrap();
+        let out = Wanda.prune(&w, Some(&st), Pattern::NM { n: 2, m: 4 }).unwrap().w;
         assert_eq!((0..4).map(|j| out[(0, j)]).collect::<Vec<_>>(), vec![0.0, -2.0, 0.0, 0.5]);
     }
 }

@@ -1,0 +1,516 @@
+//! FISTAPruner's per-operator solver (METHOD.md §4): the LASSO
+//!
+//! ```text
+//! minimise over W':  ½ ‖W' X* − W X‖²_F + λ ‖W'‖₁
+//! ```
+//!
+//! where `X` is the input the dense model gives the operator and `X*` the input it gets once the operators
+//! before it in the layer are pruned. With `G* = X*ᵀX*`, `C = W XᵀX*` and `K = ‖W X‖²` (tokens as rows) the
+//! smooth part is `½ tr(W' G* W'ᵀ) − tr(W' Cᵀ) + ½ K`, its gradient `W' G* − C`: every FISTA iteration is one
+//! `m × n × n` GEMM whatever the number of calibration tokens.
+//!
+//! - FISTA (Beck and Teboulle 2009) with step `1/L`, `L = λ_max(G*)` by power iteration, at most `iters`
+//!   iterations, stopping early when the iterate moves less than `tol` (relative);
+//! - the final hard threshold `H` to the exact pattern (unstructured per row or per matrix, or N:M);
+//! - λ by bisection over `rounds` rounds on `E_round / E_total` against `xi`, each round starting from the
+//!   best thresholded solution so far; the warm start itself (already on the pattern) is the first candidate,
+//!   so the result is never worse than it on the calibration data;
+//! - beyond the paper: `refit` re-solves the surviving weights on the final support with λ = 0 (masked
+//!   conjugate gradient, one GEMM per step), and `projected` keeps the pattern inside the iterations.
+//!
+//! λ is scale-free: `λ = α · L · rms(W)`, so that the soft threshold `λ / L` is `α` times a typical weight;
+//! `α` is searched in log space inside `alpha_bracket`.
+
+use anyhow::{Context, Result, anyhow, ensure};
+use faer::{Accum, Mat, MatRef};
+
+use super::mask::{self, Pattern};
+use super::{Method, OpStats, Pruned};
+use crate::linalg::par;
+
+/// FISTAPruner as a method: a warm start from another method, then [`solve`].
+pub struct FistaPruner {
+    pub warm: Box<dyn Method>,
+    pub opts: FistaOptions,
+}
+
+/// The dense weights as a warm start (FISTA then starts from `H(W)`, magnitude on the pattern).
+pub struct Dense;
+
+impl Method for Dense {
+    fn name(&self) -> &'static str {
+        "dense"
+    }
+
+    fn needs_gram(&self) -> bool {
+        false
+    }
+
+    fn prune(&self, w: &Mat<f32>, _stats: Option<&OpStats>, _pattern: Pattern) -> Result<Pruned> {
+        Ok(w.clone().into())
+    }
+}
+
+impl Method for FistaPruner {
+    fn name(&self) -> &'static str {
+        "fista"
+    }
+
+    /// Warm start, power iteration, every FISTA iteration and error evaluation, and the re-fit: each a GEMM
+    /// with `G*` (2 m n² FLOPs).
+    fn flops(&self, rows: usize, cols: usize) -> f64 {
+        let o = &self.opts;
+        let gemm = 2.0 * rows as f64 * (cols * cols) as f64;
+        let iters = o.rounds * (o.iters + 2) + o.refit_iters + 3;
+        self.warm.flops(rows, cols) + iters as f64 * gemm + o.power_iters as f64 * 2.0 * (cols * cols) as f64
+    }
+
+    fn rounding_units(&self, rows: usize, _cols: usize, _pattern: Pattern) -> usize {
+        if self.opts.per_row { rows } else { 1 }
+    }
+
+    fn prune(&self, w: &Mat<f32>, stats: Option<&OpStats>, pattern: Pattern) -> Result<Pruned> {
+        let st = stats.ok_or_else(|| anyhow!("fista needs input statistics"))?;
+        let w0 = self.warm.prune(w, Some(st), pattern).with_context(|| format!("warm start ({})", self.warm.name()))?.w;
+        let c = st.target(w);
+        let p = st.problem(w, &c);
+        let (out, report) = solve(&p, &w0, pattern, &self.opts)?;
+        Ok(Pruned { w: out, details: Some(serde_json::to_value(report)?) })
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FistaOptions {
+    /// FISTA iterations per λ (K).
+    pub iters: usize,
+    /// Early stop when ‖W_k − W_{k−1}‖ / ‖W_k‖ falls below this.
+    pub tol: f64,
+    /// λ bisection rounds (T).
+    pub rounds: usize,
+    /// Target ratio of rounding error to total error (ξ).
+    pub xi: f64,
+    /// Initial λ scale α.
+    pub alpha0: f64,
+    pub alpha_bracket: (f64, f64),
+    /// Unstructured threshold per output row (else per matrix).
+    pub per_row: bool,
+    /// Masked conjugate-gradient steps on the final support (0: no re-fit).
+    pub refit_iters: usize,
+    /// Hard-threshold to the pattern inside every iteration (iterative hard thresholding with momentum).
+    pub projected: bool,
+    /// Power iterations for `L`.
+    pub power_iters: usize,
+}
+
+impl Default for FistaOptions {
+    fn default() -> Self {
+        Self {
+            iters: 20,
+            tol: 1e-4,
+            rounds: 3,
+            xi: 0.3,
+            alpha0: 0.1,
+            alpha_bracket: (1e-3, 1.0),
+            per_row: true,
+            refit_iters: 0,
+            projected: false,
+            power_iters: 30,
+        }
+    }
+}
+
+/// The quadratic model of one operator.
+pub struct Problem<'a> {
+    /// Dense weight `W` `(m, n)`.
+    pub w: MatRef<'a, f32>,
+    /// `G* = X*ᵀ X*` `(n, n)`.
+    pub g: MatRef<'a, f32>,
+    /// `C = W XᵀX*` `(m, n)`.
+    pub c: MatRef<'a, f32>,
+    /// `K = ‖W X‖²`.
+    pub k: f64,
+}
+
+/// What the solver did, for the report.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SolveReport {
+    pub lipschitz: f64,
+    /// Relative error `‖W'X* − WX‖² / ‖WX‖²` of the warm start and of the result.
+    pub warm_error: f64,
+    pub error: f64,
+    /// Per round: (α, relative E_total, E_round / E_total, iterations run).
+    pub rounds: Vec<(f64, f64, f64, usize)>,
+    /// Whether a FISTA round beat the warm start.
+    pub improved: bool,
+    pub refit_error: Option<f64>,
+}
+
+impl Problem<'_> {
+    /// `‖W' X* − W X‖² = tr(W' G* W'ᵀ) − 2 tr(W' Cᵀ) + K`, accumulated in f64.
+    pub fn error(&self, w: MatRef<f32>) -> f64 {
+        let wg = matmul(w, self.g);
+        let mut quad = 0f64;
+        let mut lin = 0f64;
+        for j in 0..w.ncols() {
+            for i in 0..w.nrows() {
+                let x = w[(i, j)] as f64;
+                quad += x * wg[(i, j)] as f64;
+                lin += x * self.c[(i, j)] as f64;
+            }
+        }
+        (quad - 2.0 * lin + self.k).max(0.0)
+    }
+}
+
+fn matmul(a: MatRef<f32>, b: MatRef<f32>) -> Mat<f32> {
+    let mut out = Mat::<f32>::zeros(a.nrows(), b.ncols());
+    faer::linalg::matmul::matmul(out.as_mut(), Accum::Replace, a, b, 1.0f32, par());
+    out
+}
+
+/// Largest eigenvalue of a symmetric positive semi-definite matrix, by power iteration.
+pub fn lambda_max(g: MatRef<f32>, iters: usize) -> f64 {
+    let n = g.nrows();
+    if n == 0 {
+        return 0.0;
+    }
+    // Start from the diagonal (never orthogonal to the top eigenvector of a Gram matrix).
+    let mut v = Mat::<f32>::from_fn(n, 1, |i, _| g[(i, i)].abs().sqrt() + 1e-3);
+    let mut est = 0f64;
+    for _ in 0..iters.max(1) {
+        let gv = matmul(g, v.as_ref());
+        let norm = (0..n).map(|i| (gv[(i, 0)] as f64).powi(2)).sum::<f64>().sqrt();
+        let vnorm = (0..n).map(|i| (v[(i, 0)] as f64).powi(2)).sum::<f64>().sqrt();
+        if norm == 0.0 {
+            return 0.0;
+        }
+        est = norm / vnorm;
+        v = Mat::from_fn(n, 1, |i, _| (gv[(i, 0)] as f64 / norm) as f32);
+    }
+    // Power iteration approaches from below: a small margin keeps the step 1/L safe.
+    est * 1.01
+}
+
+/// The hard threshold `H`: keep the largest `|w|` under the pattern.
+pub fn hard_threshold(w: &Mat<f32>, pattern: Pattern, per_row: bool) -> Mat<f32> {
+    threshold_mask(w, pattern, per_row).0
+}
+
+/// `H(w)` and its mask (true = pruned). Positions the pattern allows keep their place in the support even
+/// where `w` is already zero, so a re-fit can use them.
+fn threshold_mask(w: &Mat<f32>, pattern: Pattern, per_row: bool) -> (Mat<f32>, mask::Mask) {
+    let scores = Mat::from_fn(w.nrows(), w.ncols(), |i, j| w[(i, j)].abs());
+    let m = mask::select(&scores, pattern, per_row);
+    let mut out = w.clone();
+    mask::apply(&mut out, &m);
+    (out, m)
+}
+
+fn soft(z: f32, tau: f32) -> f32 {
+    if z > tau {
+        z - tau
+    } else if z < -tau {
+        z + tau
+    } else {
+        0.0
+    }
+}
+
+fn frob(a: &Mat<f32>) -> f64 {
+    (0..a.ncols()).map(|j| (0..a.nrows()).map(|i| (a[(i, j)] as f64).powi(2)).sum::<f64>()).sum::<f64>().sqrt()
+}
+
+/// FISTA on `½‖W'X* − WX‖² + λ‖W'‖₁` from `w0`; returns the last iterate and the iterations run.
+pub fn fista(p: &Problem, w0: &Mat<f32>, lambda: f64, l: f64, iters: usize, tol: f64, project: Option<(Pattern, bool)>) -> (Mat<f32>, usize) {
+    let (m, n) = w0.shape();
+    let tau = (lambda / l) as f32;
+    let inv_l = (1.0 / l) as f32;
+    let mut w_prev = w0.clone();
+    let mut y = w0.clone();
+    let mut t = 1f64;
+    let mut done = 0;
+    for _ in 0..iters {
+        done += 1;
+        // grad = Y G* − C
+        let mut grad = matmul(y.as_ref(), p.g);
+        let mut w = Mat::<f32>::zeros(m, n);
+        for j in 0..n {
+            for i in 0..m {
+                grad[(i, j)] -= p.c[(i, j)];
+                w[(i, j)] = soft(y[(i, j)] - inv_l * grad[(i, j)], tau);
+            }
+        }
+        if let Some((pattern, per_row)) = project {
+            w = hard_threshold(&w, pattern, per_row);
+        }
+        let t_next = (1.0 + (1.0 + 4.0 * t * t).sqrt()) / 2.0;
+        let beta = ((t - 1.0) / t_next) as f32;
+        let diff = &w - &w_prev;
+        y = Mat::from_fn(m, n, |i, j| w[(i, j)] + beta * diff[(i, j)]);
+        let change = frob(&diff) / frob(&w).max(f64::MIN_POSITIVE);
+        w_prev = w;
+        t = t_next;
+        if change < tol {
+            break;
+        }
+    }
+    (w_prev, done)
+}
+
+/// Minimise the smooth part over the weights `pruned` leaves free (the masked ones stay zero), from `w`:
+/// per row, conjugate gradient on `G*` restricted to the row's support, all rows at once (one GEMM per step).
+pub fn refit(p: &Problem, w: &Mat<f32>, pruned: &mask::Mask, iters: usize) -> Mat<f32> {
+    let (m, n) = w.shape();
+    let keep = Mat::from_fn(m, n, |i, j| !pruned[(i, j)]);
+    let project = |a: &mut Mat<f32>| {
+        for j in 0..n {
+            for i in 0..m {
+                if !keep[(i, j)] {
+                    a[(i, j)] = 0.0;
+                }
+            }
+        }
+    };
+    let row_dot = |a: &Mat<f32>, b: &Mat<f32>| -> Vec<f64> {
+        let mut s = vec![0f64; m];
+        for j in 0..n {
+            for (i, si) in s.iter_mut().enumerate() {
+                *si += a[(i, j)] as f64 * b[(i, j)] as f64;
+            }
+        }
+        s
+    };
+    let mut x = w.clone();
+    // r = P(C − X G*)
+    let mut r = matmul(x.as_ref(), p.g);
+    for j in 0..n {
+        for i in 0..m {
+            r[(i, j)] = p.c[(i, j)] - r[(i, j)];
+        }
+    }
+    project(&mut r);
+    let mut d = r.clone();
+    let mut rr = row_dot(&r, &r);
+    let rr0: Vec<f64> = rr.clone();
+    for _ in 0..iters {
+        let mut q = matmul(d.as_ref(), p.g);
+        project(&mut q);
+        let dq = row_dot(&d, &q);
+        let alpha: Vec<f32> = (0..m).map(|i| if dq[i] > 0.0 { (rr[i] / dq[i]) as f32 } else { 0.0 }).collect();
+        for j in 0..n {
+            for i in 0..m {
+                x[(i, j)] += alpha[i] * d[(i, j)];
+                r[(i, j)] -= alpha[i] * q[(i, j)];
+            }
+        }
+        let rr_new = row_dot(&r, &r);
+        if (0..m).all(|i| rr_new[i] <= 1e-12 * rr0[i].max(f64::MIN_POSITIVE)) {
+            break;
+        }
+        let beta: Vec<f32> = (0..m).map(|i| if rr[i] > 0.0 { (rr_new[i] / rr[i]) as f32 } else { 0.0 }).collect();
+        for j in 0..n {
+            for i in 0..m {
+                d[(i, j)] = r[(i, j)] + beta[i] * d[(i, j)];
+            }
+        }
+        rr = rr_new;
+    }
+    x
+}
+
+/// FISTAPruner for one operator: from the warm start `w0` (already on the pattern, or dense), a result on the
+/// exact pattern.
+pub fn solve(p: &Problem, w0: &Mat<f32>, pattern: Pattern, o: &FistaOptions) -> Result<(Mat<f32>, SolveReport)> {
+    let (m, n) = p.w.shape();
+    ensure!(w0.shape() == (m, n) && p.g.shape() == (n, n) && p.c.shape() == (m, n), "fista: shapes disagree");
+    let base = p.k.max(f64::MIN_POSITIVE);
+    let l = lambda_max(p.g, o.power_iters).max(f64::MIN_POSITIVE);
+    let rms = (frob(&p.w.to_owned()) / ((m * n) as f64).sqrt()).max(f64::MIN_POSITIVE);
+    let mut report = SolveReport { lipschitz: l, ..Default::default() };
+
+    // The warm start on the pattern is the first candidate.
+    let (mut best, mut best_mask) = threshold_mask(w0, pattern, o.per_row);
+    let mut best_err = p.error(best.as_ref());
+    report.warm_error = best_err / base;
+    let (mut lo, mut hi) = o.alpha_bracket;
+    let mut alpha = o.alpha0.clamp(lo, hi);
+    let project = o.projected.then_some((pattern, o.per_row));
+    for _ in 0..o.rounds {
+        let lambda = alpha * l * rms;
+        let (wk, its) = fista(p, &best, lambda, l, o.iters, o.tol, project);
+        let (h, hm) = threshold_mask(&wk, pattern, o.per_row);
+        let e_total = p.error(h.as_ref());
+        let e_fista = p.error(wk.as_ref());
+        let ratio = if e_total > 0.0 { (e_total - e_fista) / e_total } else { 0.0 };
+        report.rounds.push((alpha, e_total / base, ratio, its));
+        if e_total < best_err {
+            best = h;
+            best_mask = hm;
+            best_err = e_total;
+            report.improved = true;
+        }
+        // Rounding dominates: more λ makes the FISTA solution sparser by itself.
+        if ratio > o.xi {
+            lo = alpha;
+            alpha = (alpha * hi).sqrt();
+        } else {
+            hi = alpha;
+            alpha = (lo * alpha).sqrt();
+        }
+    }
+    if o.refit_iters > 0 {
+        let r = refit(p, &best, &best_mask, o.refit_iters);
+        let e = p.error(r.as_ref());
+        report.refit_error = Some(e / base);
+        if e < best_err {
+            best = r;
+            best_err = e;
+        }
+    }
+    report.error = best_err / base;
+    Ok((best, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> f32 {
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((self.0 >> 33) as f64 / (1u64 << 31) as f64 - 0.5) as f32
+        }
+    }
+
+    /// A random problem: W (m×n), inputs X (N×n), perturbed X* (as if earlier operators were pruned).
+    fn problem(m: usize, n: usize, tokens: usize, seed: u64) -> (Mat<f32>, Mat<f32>, Mat<f32>, f64) {
+        let mut r = Rng(seed);
+        let w = Mat::from_fn(m, n, |_, _| r.next());
+        let shared: Vec<f32> = (0..tokens).map(|_| r.next()).collect();
+        let x = Mat::from_fn(tokens, n, |t, j| r.next() + 0.5 * shared[t] * ((j % 4) as f32 - 1.5));
+        let xs = Mat::from_fn(tokens, n, |t, j| x[(t, j)] + 0.1 * r.next());
+        let mut g = Mat::<f32>::zeros(n, n);
+        faer::linalg::matmul::matmul(g.as_mut(), Accum::Replace, xs.transpose(), xs.as_ref(), 1.0f32, faer::Par::Seq);
+        let mut cross = Mat::<f32>::zeros(n, n);
+        faer::linalg::matmul::matmul(cross.as_mut(), Accum::Replace, x.transpose(), xs.as_ref(), 1.0f32, faer::Par::Seq);
+        let c = matmul(w.as_ref(), cross.as_ref());
+        let y = matmul(x.as_ref(), w.transpose());
+        let k = (0..y.ncols()).map(|j| (0..y.nrows()).map(|i| (y[(i, j)] as f64).powi(2)).sum::<f64>()).sum();
+        (w, g, c, k)
+    }
+
+    /// An independent LASSO solver: cyclic coordinate descent per row, in f64, to convergence.
+    fn lasso_cd(w0: &Mat<f32>, g: &Mat<f32>, c: &Mat<f32>, lambda: f64) -> Mat<f64> {
+        let (m, n) = w0.shape();
+        let mut w = Mat::<f64>::from_fn(m, n, |i, j| w0[(i, j)] as f64);
+        for i in 0..m {
+            for _sweep in 0..5000 {
+                let mut moved = 0f64;
+                for j in 0..n {
+                    // ∂/∂w_j of ½ wGwᵀ − cwᵀ = (wG)_j − c_j
+                    let mut grad = -(c[(i, j)] as f64);
+                    for k in 0..n {
+                        if k != j {
+                            grad += w[(i, k)] * g[(k, j)] as f64;
+                        }
+                    }
+                    let gjj = g[(j, j)] as f64;
+                    let z = -grad;
+                    let new = if z > lambda { (z - lambda) / gjj } else if z < -lambda { (z + lambda) / gjj } else { 0.0 };
+                    moved = moved.max((new - w[(i, j)]).abs());
+                    w[(i, j)] = new;
+                }
+                if moved < 1e-13 {
+                    break;
+                }
+            }
+        }
+        w
+    }
+
+    fn objective(p: &Problem, w: MatRef<f32>, lambda: f64) -> f64 {
+        let l1: f64 = (0..w.ncols()).map(|j| (0..w.nrows()).map(|i| (w[(i, j)] as f64).abs()).sum::<f64>()).sum();
+        0.5 * p.error(w) + lambda * l1
+    }
+
+    #[test]
+    fn fista_reaches_the_lasso_optimum_of_coordinate_descent() {
+        let (w, g, c, k) = problem(4, 12, 80, 1);
+        let p = Problem { w: w.as_ref(), g: g.as_ref(), c: c.as_ref(), k };
+        let l = lambda_max(g.as_ref(), 100);
+        let lambda = 0.05 * l * 0.3;
+        let (wf, _) = fista(&p, &w, lambda, l, 20000, 0.0, None);
+        let wcd = lasso_cd(&w, &g, &c, lambda);
+        let wcd32 = Mat::from_fn(4, 12, |i, j| wcd[(i, j)] as f32);
+        let (a, b) = (objective(&p, wf.as_ref(), lambda), objective(&p, wcd32.as_ref(), lambda));
+        assert!(((a - b) / b).abs() < 1e-6, "FISTA objective {a} vs coordinate descent {b}");
+        // Sparse, and the same support.
+        let zeros = (0..12).flat_map(|j| (0..4).map(move |i| (i, j))).filter(|&(i, j)| wcd[(i, j)].abs() < 1e-9).count();
+        assert!(zeros > 0, "λ too small to test sparsity");
+    }
+
+    #[test]
+    fn lambda_zero_without_threshold_recovers_least_squares() {
+        let (w, g, c, k) = problem(3, 8, 60, 2);
+        let p = Problem { w: w.as_ref(), g: g.as_ref(), c: c.as_ref(), k };
+        let l = lambda_max(g.as_ref(), 100);
+        let (wf, _) = fista(&p, &Mat::zeros(3, 8), 0.0, l, 5000, 0.0, None);
+        // Least squares: W' G* = C.
+        let gd = Mat::<f64>::from_fn(8, 8, |i, j| g[(i, j)] as f64);
+        let inv = faer::linalg::solvers::DenseSolveCore::inverse(&gd.llt(faer::Side::Lower).unwrap());
+        for i in 0..3 {
+            for j in 0..8 {
+                let want: f64 = (0..8).map(|k| c[(i, k)] as f64 * inv[(k, j)]).sum();
+                assert!((wf[(i, j)] as f64 - want).abs() < 1e-3 * (1.0 + want.abs()), "({i},{j}) {} vs {want}", wf[(i, j)]);
+            }
+        }
+        // The masked refit on a full support is the same least squares.
+        let r = refit(&p, &Mat::from_fn(3, 8, |_, _| 1.0), &Mat::from_fn(3, 8, |_, _| false), 50);
+        assert!((p.error(r.as_ref()) - p.error(wf.as_ref())).abs() <= 1e-4 * p.error(wf.as_ref()).max(1e-9));
+    }
+
+    #[test]
+    fn best_so_far_is_monotone_and_meets_the_pattern() {
+        for pattern in [Pattern::Unstructured(0.5), Pattern::Unstructured(0.7), Pattern::NM { n: 2, m: 4 }] {
+            let (w, g, c, k) = problem(6, 16, 100, 3);
+            let p = Problem { w: w.as_ref(), g: g.as_ref(), c: c.as_ref(), k };
+            let warm = hard_threshold(&w, pattern, true);
+            let o = FistaOptions { rounds: 4, refit_iters: 20, ..Default::default() };
+            let (out, rep) = solve(&p, &warm, pattern, &o).unwrap();
+            assert!(rep.error <= rep.warm_error + 1e-12, "{pattern:?}: {} > warm {}", rep.error, rep.warm_error);
+            mask::verify(&out, pattern, 6).unwrap();
+            if let Pattern::Unstructured(s) = pattern {
+                for i in 0..6 {
+                    assert_eq!((0..16).filter(|&j| out[(i, j)] == 0.0).count(), mask::count_for(16, s), "{pattern:?} row {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn refit_never_leaves_the_support_and_lowers_the_error() {
+        let (w, g, c, k) = problem(5, 12, 90, 4);
+        let p = Problem { w: w.as_ref(), g: g.as_ref(), c: c.as_ref(), k };
+        let (h, hm) = threshold_mask(&w, Pattern::Unstructured(0.5), true);
+        let r = refit(&p, &h, &hm, 30);
+        for j in 0..12 {
+            for i in 0..5 {
+                if h[(i, j)] == 0.0 {
+                    assert_eq!(r[(i, j)], 0.0);
+                }
+            }
+        }
+        assert!(p.error(r.as_ref()) < 0.9 * p.error(h.as_ref()));
+    }
+
+    #[test]
+    fn power_iteration_finds_the_top_eigenvalue() {
+        let (_, g, _, _) = problem(2, 10, 50, 5);
+        let gd = Mat::<f64>::from_fn(10, 10, |i, j| g[(i, j)] as f64);
+        let ev = gd.self_adjoint_eigenvalues(faer::Side::Lower).unwrap();
+        let top = ev.iter().cloned().fold(f64::MIN, f64::max);
+        let est = lambda_max(g.as_ref(), 200);
+        assert!(est >= top * (1.0 - 1e-4) && est <= top * 1.02, "{est} vs {top}");
+    }
+}
