@@ -122,11 +122,11 @@ impl Default for FistaOptions {
 /// The quadratic model of one operator.
 pub struct Problem<'a> {
     /// Dense weight `W` `(m, n)`.
-    pub w: MatRef<'a, f32>,
+    pub w: &'a Mat<f32>,
     /// `G* = X*ᵀ X*` `(n, n)`.
-    pub g: MatRef<'a, f32>,
+    pub g: &'a Mat<f32>,
     /// `C = W XᵀX*` `(m, n)`.
-    pub c: MatRef<'a, f32>,
+    pub c: &'a Mat<f32>,
     /// `K = ‖W X‖²`.
     pub k: f64,
 }
@@ -147,18 +147,15 @@ pub struct SolveReport {
 
 impl Problem<'_> {
     /// `‖W' X* − W X‖² = tr(W' G* W'ᵀ) − 2 tr(W' Cᵀ) + K`, accumulated in f64.
-    pub fn error(&self, w: MatRef<f32>) -> f64 {
-        let wg = matmul(w, self.g);
-        let mut quad = 0f64;
-        let mut lin = 0f64;
+    pub fn error(&self, w: &Mat<f32>) -> f64 {
+        let wg = matmul(w.as_ref(), self.g.as_ref());
+        let mut s = 0f64;
         for j in 0..w.ncols() {
-            for i in 0..w.nrows() {
-                let x = w[(i, j)] as f64;
-                quad += x * wg[(i, j)] as f64;
-                lin += x * self.c[(i, j)] as f64;
-            }
+            let (wc, gc, cc) = (w.col_as_slice(j), wg.col_as_slice(j), self.c.col_as_slice(j));
+            // Σ w·(wG − 2c), in f32 per column, f64 across columns.
+            s += wc.iter().zip(gc).zip(cc).map(|((&x, &q), &c)| x * (q - 2.0 * c)).sum::<f32>() as f64;
         }
-        (quad - 2.0 * lin + self.k).max(0.0)
+        (s + self.k).max(0.0)
     }
 }
 
@@ -217,7 +214,7 @@ fn soft(z: f32, tau: f32) -> f32 {
 }
 
 fn frob(a: &Mat<f32>) -> f64 {
-    (0..a.ncols()).map(|j| (0..a.nrows()).map(|i| (a[(i, j)] as f64).powi(2)).sum::<f64>()).sum::<f64>().sqrt()
+    (0..a.ncols()).map(|j| a.col_as_slice(j).iter().map(|&x| x * x).sum::<f32>() as f64).sum::<f64>().sqrt()
 }
 
 /// FISTA on `½‖W'X* − WX‖² + λ‖W'‖₁` from `w0`; returns the last iterate and the iterations run.
@@ -227,17 +224,17 @@ pub fn fista(p: &Problem, w0: &Mat<f32>, lambda: f64, l: f64, iters: usize, tol:
     let inv_l = (1.0 / l) as f32;
     let mut w_prev = w0.clone();
     let mut y = w0.clone();
+    let mut w = Mat::<f32>::zeros(m, n);
     let mut t = 1f64;
     let mut done = 0;
     for _ in 0..iters {
         done += 1;
-        // grad = Y G* − C
-        let mut grad = matmul(y.as_ref(), p.g);
-        let mut w = Mat::<f32>::zeros(m, n);
+        // W = S_{λ/L}(Y − (Y G* − C) / L)
+        let yg = matmul(y.as_ref(), p.g.as_ref());
         for j in 0..n {
-            for i in 0..m {
-                grad[(i, j)] -= p.c[(i, j)];
-                w[(i, j)] = soft(y[(i, j)] - inv_l * grad[(i, j)], tau);
+            let (ygc, cc, yc) = (yg.col_as_slice(j), p.c.col_as_slice(j), y.col_as_slice(j));
+            for (i, wv) in w.col_as_slice_mut(j).iter_mut().enumerate() {
+                *wv = soft(yc[i] - inv_l * (ygc[i] - cc[i]), tau);
             }
         }
         if let Some((pattern, per_row)) = project {
@@ -245,12 +242,23 @@ pub fn fista(p: &Problem, w0: &Mat<f32>, lambda: f64, l: f64, iters: usize, tol:
         }
         let t_next = (1.0 + (1.0 + 4.0 * t * t).sqrt()) / 2.0;
         let beta = ((t - 1.0) / t_next) as f32;
-        let diff = &w - &w_prev;
-        y = Mat::from_fn(m, n, |i, j| w[(i, j)] + beta * diff[(i, j)]);
-        let change = frob(&diff) / frob(&w).max(f64::MIN_POSITIVE);
-        w_prev = w;
+        // Y = W + β (W − W_prev), and the relative change.
+        let (mut dd, mut ww) = (0f64, 0f64);
+        for j in 0..n {
+            let (wc, pc) = (w.col_as_slice(j), w_prev.col_as_slice(j));
+            let (mut d, mut q) = (0f32, 0f32);
+            for (i, yv) in y.col_as_slice_mut(j).iter_mut().enumerate() {
+                let diff = wc[i] - pc[i];
+                *yv = wc[i] + beta * diff;
+                d += diff * diff;
+                q += wc[i] * wc[i];
+            }
+            dd += d as f64;
+            ww += q as f64;
+        }
+        std::mem::swap(&mut w_prev, &mut w);
         t = t_next;
-        if change < tol {
+        if dd.sqrt() < tol * ww.sqrt().max(f64::MIN_POSITIVE) {
             break;
         }
     }
@@ -261,12 +269,11 @@ pub fn fista(p: &Problem, w0: &Mat<f32>, lambda: f64, l: f64, iters: usize, tol:
 /// per row, conjugate gradient on `G*` restricted to the row's support, all rows at once (one GEMM per step).
 pub fn refit(p: &Problem, w: &Mat<f32>, pruned: &mask::Mask, iters: usize) -> Mat<f32> {
     let (m, n) = w.shape();
-    let keep = Mat::from_fn(m, n, |i, j| !pruned[(i, j)]);
     let project = |a: &mut Mat<f32>| {
         for j in 0..n {
-            for i in 0..m {
-                if !keep[(i, j)] {
-                    a[(i, j)] = 0.0;
+            for (i, v) in a.col_as_slice_mut(j).iter_mut().enumerate() {
+                if pruned[(i, j)] {
+                    *v = 0.0;
                 }
             }
         }
@@ -274,18 +281,18 @@ pub fn refit(p: &Problem, w: &Mat<f32>, pruned: &mask::Mask, iters: usize) -> Ma
     let row_dot = |a: &Mat<f32>, b: &Mat<f32>| -> Vec<f64> {
         let mut s = vec![0f64; m];
         for j in 0..n {
-            for (i, si) in s.iter_mut().enumerate() {
-                *si += a[(i, j)] as f64 * b[(i, j)] as f64;
+            for ((si, &x), &y) in s.iter_mut().zip(a.col_as_slice(j)).zip(b.col_as_slice(j)) {
+                *si += x as f64 * y as f64;
             }
         }
         s
     };
     let mut x = w.clone();
     // r = P(C − X G*)
-    let mut r = matmul(x.as_ref(), p.g);
+    let mut r = matmul(x.as_ref(), p.g.as_ref());
     for j in 0..n {
-        for i in 0..m {
-            r[(i, j)] = p.c[(i, j)] - r[(i, j)];
+        for (rv, &c) in r.col_as_slice_mut(j).iter_mut().zip(p.c.col_as_slice(j)) {
+            *rv = c - *rv;
         }
     }
     project(&mut r);
@@ -293,14 +300,17 @@ pub fn refit(p: &Problem, w: &Mat<f32>, pruned: &mask::Mask, iters: usize) -> Ma
     let mut rr = row_dot(&r, &r);
     let rr0: Vec<f64> = rr.clone();
     for _ in 0..iters {
-        let mut q = matmul(d.as_ref(), p.g);
+        let mut q = matmul(d.as_ref(), p.g.as_ref());
         project(&mut q);
         let dq = row_dot(&d, &q);
         let alpha: Vec<f32> = (0..m).map(|i| if dq[i] > 0.0 { (rr[i] / dq[i]) as f32 } else { 0.0 }).collect();
         for j in 0..n {
-            for i in 0..m {
-                x[(i, j)] += alpha[i] * d[(i, j)];
-                r[(i, j)] -= alpha[i] * q[(i, j)];
+            let (dc, qc) = (d.col_as_slice(j), q.col_as_slice(j));
+            for (i, xv) in x.col_as_slice_mut(j).iter_mut().enumerate() {
+                *xv += alpha[i] * dc[i];
+            }
+            for (i, rv) in r.col_as_slice_mut(j).iter_mut().enumerate() {
+                *rv -= alpha[i] * qc[i];
             }
         }
         let rr_new = row_dot(&r, &r);
@@ -309,8 +319,9 @@ pub fn refit(p: &Problem, w: &Mat<f32>, pruned: &mask::Mask, iters: usize) -> Ma
         }
         let beta: Vec<f32> = (0..m).map(|i| if rr[i] > 0.0 { (rr_new[i] / rr[i]) as f32 } else { 0.0 }).collect();
         for j in 0..n {
-            for i in 0..m {
-                d[(i, j)] = r[(i, j)] + beta[i] * d[(i, j)];
+            let rc = r.col_as_slice(j);
+            for (i, dv) in d.col_as_slice_mut(j).iter_mut().enumerate() {
+                *dv = rc[i] + beta[i] * *dv;
             }
         }
         rr = rr_new;
@@ -324,13 +335,13 @@ pub fn solve(p: &Problem, w0: &Mat<f32>, pattern: Pattern, o: &FistaOptions) -> 
     let (m, n) = p.w.shape();
     ensure!(w0.shape() == (m, n) && p.g.shape() == (n, n) && p.c.shape() == (m, n), "fista: shapes disagree");
     let base = p.k.max(f64::MIN_POSITIVE);
-    let l = lambda_max(p.g, o.power_iters).max(f64::MIN_POSITIVE);
-    let rms = (frob(&p.w.to_owned()) / ((m * n) as f64).sqrt()).max(f64::MIN_POSITIVE);
+    let l = lambda_max(p.g.as_ref(), o.power_iters).max(f64::MIN_POSITIVE);
+    let rms = (frob(p.w) / ((m * n) as f64).sqrt()).max(f64::MIN_POSITIVE);
     let mut report = SolveReport { lipschitz: l, ..Default::default() };
 
     // The warm start on the pattern is the first candidate.
     let (mut best, mut best_mask) = threshold_mask(w0, pattern, o.per_row);
-    let mut best_err = p.error(best.as_ref());
+    let mut best_err = p.error(&best);
     report.warm_error = best_err / base;
     let (mut lo, mut hi) = o.alpha_bracket;
     let mut alpha = o.alpha0.clamp(lo, hi);
@@ -339,8 +350,8 @@ pub fn solve(p: &Problem, w0: &Mat<f32>, pattern: Pattern, o: &FistaOptions) -> 
         let lambda = alpha * l * rms;
         let (wk, its) = fista(p, &best, lambda, l, o.iters, o.tol, project);
         let (h, hm) = threshold_mask(&wk, pattern, o.per_row);
-        let e_total = p.error(h.as_ref());
-        let e_fista = p.error(wk.as_ref());
+        let e_total = p.error(&h);
+        let e_fista = p.error(&wk);
         let ratio = if e_total > 0.0 { (e_total - e_fista) / e_total } else { 0.0 };
         report.rounds.push((alpha, e_total / base, ratio, its));
         if e_total < best_err {
@@ -360,7 +371,7 @@ pub fn solve(p: &Problem, w0: &Mat<f32>, pattern: Pattern, o: &FistaOptions) -> 
     }
     if o.refit_iters > 0 {
         let r = refit(p, &best, &best_mask, o.refit_iters);
-        let e = p.error(r.as_ref());
+        let e = p.error(&r);
         report.refit_error = Some(e / base);
         if e < best_err {
             best = r;
@@ -431,13 +442,13 @@ mod tests {
 
     fn objective(p: &Problem, w: MatRef<f32>, lambda: f64) -> f64 {
         let l1: f64 = (0..w.ncols()).map(|j| (0..w.nrows()).map(|i| (w[(i, j)] as f64).abs()).sum::<f64>()).sum();
-        0.5 * p.error(w) + lambda * l1
+        0.5 * p.error(&w.to_owned()) + lambda * l1
     }
 
     #[test]
     fn fista_reaches_the_lasso_optimum_of_coordinate_descent() {
         let (w, g, c, k) = problem(4, 12, 80, 1);
-        let p = Problem { w: w.as_ref(), g: g.as_ref(), c: c.as_ref(), k };
+        let p = Problem { w: &w, g: &g, c: &c, k };
         let l = lambda_max(g.as_ref(), 100);
         let lambda = 0.05 * l * 0.3;
         let (wf, _) = fista(&p, &w, lambda, l, 20000, 0.0, None);
@@ -453,7 +464,7 @@ mod tests {
     #[test]
     fn lambda_zero_without_threshold_recovers_least_squares() {
         let (w, g, c, k) = problem(3, 8, 60, 2);
-        let p = Problem { w: w.as_ref(), g: g.as_ref(), c: c.as_ref(), k };
+        let p = Problem { w: &w, g: &g, c: &c, k };
         let l = lambda_max(g.as_ref(), 100);
         let (wf, _) = fista(&p, &Mat::zeros(3, 8), 0.0, l, 5000, 0.0, None);
         // Least squares: W' G* = C.
@@ -467,14 +478,14 @@ mod tests {
         }
         // The masked refit on a full support is the same least squares.
         let r = refit(&p, &Mat::from_fn(3, 8, |_, _| 1.0), &Mat::from_fn(3, 8, |_, _| false), 50);
-        assert!((p.error(r.as_ref()) - p.error(wf.as_ref())).abs() <= 1e-4 * p.error(wf.as_ref()).max(1e-9));
+        assert!((p.error(&r) - p.error(&wf)).abs() <= 1e-4 * p.error(&wf).max(1e-9));
     }
 
     #[test]
     fn best_so_far_is_monotone_and_meets_the_pattern() {
         for pattern in [Pattern::Unstructured(0.5), Pattern::Unstructured(0.7), Pattern::NM { n: 2, m: 4 }] {
             let (w, g, c, k) = problem(6, 16, 100, 3);
-            let p = Problem { w: w.as_ref(), g: g.as_ref(), c: c.as_ref(), k };
+            let p = Problem { w: &w, g: &g, c: &c, k };
             let warm = hard_threshold(&w, pattern, true);
             let o = FistaOptions { rounds: 4, refit_iters: 20, ..Default::default() };
             let (out, rep) = solve(&p, &warm, pattern, &o).unwrap();
@@ -491,7 +502,7 @@ mod tests {
     #[test]
     fn refit_never_leaves_the_support_and_lowers_the_error() {
         let (w, g, c, k) = problem(5, 12, 90, 4);
-        let p = Problem { w: w.as_ref(), g: g.as_ref(), c: c.as_ref(), k };
+        let p = Problem { w: &w, g: &g, c: &c, k };
         let (h, hm) = threshold_mask(&w, Pattern::Unstructured(0.5), true);
         let r = refit(&p, &h, &hm, 30);
         for j in 0..12 {
@@ -501,7 +512,7 @@ mod tests {
                 }
             }
         }
-        assert!(p.error(r.as_ref()) < 0.9 * p.error(h.as_ref()));
+        assert!(p.error(&r) < 0.9 * p.error(&h));
     }
 
     #[test]

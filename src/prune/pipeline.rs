@@ -224,7 +224,7 @@ pub fn prune_operator(
             let p = st.problem(&w, &c);
             let base = p.k.max(f64::MIN_POSITIVE);
             let masked = Mat::from_fn(rows, cols, |i, j| if pw[(i, j)] == 0.0 { 0.0 } else { w[(i, j)] });
-            (Some(p.error(pw.as_ref()) / base), Some(p.error(masked.as_ref()) / base))
+            (Some(p.error(pw) / base), Some(p.error(&masked) / base))
         }
         None => (None, None),
     };

@@ -105,7 +105,7 @@ impl OpStats {
 
     /// The operator's least-squares model for weight `w`: `‖W' X* − W X‖² = tr(W'G*W'ᵀ) − 2 tr(W' Cᵀ) + K`.
     pub fn problem<'a>(&'a self, w: &'a Mat<f32>, c: &'a Mat<f32>) -> super::fista::Problem<'a> {
-        super::fista::Problem { w: w.as_ref(), g: self.gram.as_ref(), c: c.as_ref(), k: quad_error(w.as_ref(), self.dense().as_ref()) }
+        super::fista::Problem { w, g: &self.gram, c, k: quad_error(w.as_ref(), self.dense().as_ref()) }
     }
 
     /// `C = W XᵀX*`.
