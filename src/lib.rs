@@ -13,4 +13,5 @@ pub mod eval;
 pub mod linalg;
 pub mod model;
 pub mod prune;
+pub mod report;
 pub mod util;

@@ -55,6 +55,183 @@ struct Cli {
     command: Command,
 }
 
+/// The options `prune` and `compare` share.
+#[derive(clap::Args, Clone)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["sparsity", "pattern"])))]
+struct PruneFlags {
+    /// Hugging Face model directory or .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Unstructured: this fraction of each operator's weights becomes zero.
+    #[arg(long)]
+    sparsity: Option<f64>,
+    /// Semi-structured N:M (N zeros in every M consecutive inputs), e.g. 2:4.
+    #[arg(long)]
+    pattern: Option<String>,
+    /// Calibration text (C4 .jsonl/.json.gz, WikiText, any text) or a file saved with --save-calib.
+    #[arg(long)]
+    calib: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    calib_format: Option<TextFormat>,
+    /// documents: random long document, random window (the peers' C4 recipe); stream: documents joined
+    /// with EOS, random windows; auto: documents when enough are long enough.
+    #[arg(long, value_enum, default_value = "auto")]
+    calib_mode: CalibMode,
+    #[arg(long, default_value_t = 128)]
+    nsamples: usize,
+    /// Tokens per calibration sample.
+    #[arg(long, default_value_t = 2048)]
+    seqlen: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Save the calibration token ids here (reload them with --calib FILE).
+    #[arg(long)]
+    save_calib: Option<PathBuf>,
+    /// Replace an existing output directory.
+    #[arg(long)]
+    force: bool,
+    /// Output weight type (default: the input's; f32 for GGUF).
+    #[arg(long, value_enum)]
+    dtype: Option<OutDType>,
+    #[arg(long, default_value_t = 5.0)]
+    max_shard_gb: f64,
+    /// Print perplexity on this dataset before and after pruning.
+    #[arg(long)]
+    eval: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    eval_format: Option<TextFormat>,
+    #[arg(long, default_value_t = 512)]
+    eval_seqlen: usize,
+    #[arg(long)]
+    eval_max_windows: Option<usize>,
+    /// Calibration samples per forward batch.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Storage type of the activations between layers.
+    #[arg(long, value_enum, default_value = "f32")]
+    act_dtype: ActDType,
+    /// SparseGPT: diagonal damping, as a fraction of the mean diagonal of the Hessian.
+    #[arg(long, default_value_t = 0.01)]
+    percdamp: f64,
+    /// SparseGPT: columns per lazy-update block.
+    #[arg(long, default_value_t = 128)]
+    blocksize: usize,
+    /// Magnitude: one threshold per output row instead of per matrix.
+    #[arg(long)]
+    per_row: bool,
+    /// Each layer's calibration inputs: from the dense model (layers independent; default for fista) or
+    /// from the pruned previous layers (default for the others).
+    #[arg(long, value_enum)]
+    layer_inputs: Option<LayerInputs>,
+    /// Prune the operators of a layer in data-flow order, each against the inputs the partially pruned
+    /// layer gives it (default for fista).
+    #[arg(long, conflicts_with = "no_error_correction")]
+    error_correction: bool,
+    /// Every operator sees the dense layer's inputs (the ablation; default for the others).
+    #[arg(long)]
+    no_error_correction: bool,
+    /// Prune only layers A-B (inclusive; with dense layer inputs); `fistaprune merge` joins the parts.
+    #[arg(long)]
+    layers: Option<String>,
+    /// Layers pruned at the same time (dense layer inputs); the checkpoint does not depend on it.
+    #[arg(long, default_value_t = 1)]
+    jobs: usize,
+    /// FISTAPruner's starting point (default: wanda for the LLaMA family, sparsegpt for OPT).
+    #[arg(long, value_enum)]
+    warm_start: Option<WarmStart>,
+    /// FISTA: iterations per λ (K).
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+    /// FISTA: stop when the iterate moves less than this (relative).
+    #[arg(long, default_value_t = 1e-4)]
+    tol: f64,
+    /// FISTA: λ bisection rounds (T).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// FISTA: target share of the rounding error in the total error (ξ).
+    #[arg(long, default_value_t = 0.3)]
+    xi: f64,
+    /// FISTA: initial λ, as a multiple of L · rms(W) (the soft threshold in units of a typical weight).
+    #[arg(long, default_value_t = 0.1)]
+    alpha: f64,
+    #[arg(long, default_value_t = 1e-3)]
+    alpha_min: f64,
+    #[arg(long, default_value_t = 1.0)]
+    alpha_max: f64,
+    /// FISTA: unstructured hard threshold per output row or per matrix.
+    #[arg(long, value_enum, default_value = "per-row")]
+    threshold: Threshold,
+    /// FISTA: masked conjugate-gradient re-fit steps on the final support (0: off).
+    #[arg(long, default_value_t = 0)]
+    refit_iters: usize,
+    /// FISTA: keep the pattern inside the iterations (hard threshold every step).
+    #[arg(long)]
+    projected: bool,
+    #[arg(long)]
+    quiet: bool,
+    }
+
+impl PruneFlags {
+    fn to_args(&self, method: MethodName, out: PathBuf) -> anyhow::Result<commands::prune::PruneArgs> {
+        let f = self.clone();
+        let pattern = match (f.sparsity, &f.pattern) {
+            (Some(s), None) => Pattern::unstructured(s)?,
+            (None, Some(p)) => p.parse()?,
+            _ => anyhow::bail!("give exactly one of --sparsity and --pattern"),
+        };
+        anyhow::ensure!(f.percdamp >= 0.0 && f.percdamp.is_finite(), "--percdamp {} must be ≥ 0", f.percdamp);
+        Ok(commands::prune::PruneArgs {
+            model: f.model,
+            method,
+            pattern,
+            calib: f.calib,
+            calib_format: f.calib_format,
+            calib_mode: f.calib_mode,
+            nsamples: f.nsamples,
+            seqlen: f.seqlen,
+            seed: f.seed,
+            save_calib: f.save_calib,
+            out,
+            force: f.force,
+            dtype: f.dtype,
+            max_shard_bytes: (f.max_shard_gb * 1e9) as usize,
+            eval: f.eval,
+            eval_format: f.eval_format,
+            eval_seqlen: f.eval_seqlen,
+            eval_max_windows: f.eval_max_windows,
+            batch: f.batch,
+            act_dtype: f.act_dtype.into(),
+            percdamp: f.percdamp,
+            blocksize: f.blocksize,
+            magnitude_per_row: f.per_row,
+            layer_inputs: f.layer_inputs,
+            error_correction: if f.error_correction {
+                Some(true)
+            } else if f.no_error_correction {
+                Some(false)
+            } else {
+                None
+            },
+            layers: f.layers.as_deref().map(parse_layers).transpose()?,
+            warm_start: f.warm_start,
+            fista: FistaOptions {
+                iters: f.iters,
+                tol: f.tol,
+                rounds: f.rounds,
+                xi: f.xi,
+                alpha0: f.alpha,
+                alpha_bracket: (f.alpha_min, f.alpha_max),
+                per_row: f.threshold == Threshold::PerRow,
+                refit_iters: f.refit_iters,
+                projected: f.projected,
+                ..FistaOptions::default()
+            },
+            jobs: f.jobs.max(1),
+            quiet: f.quiet,
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Perplexity of a model on a text dataset (WikiText-2, C4, PTB or any text file).
@@ -89,123 +266,26 @@ enum Command {
         quiet: bool,
     },
     /// Prune a model layer by layer and write it as a Hugging Face directory with report.json.
-    #[command(group(clap::ArgGroup::new("target").required(true).args(["sparsity", "pattern"])))]
     Prune {
-        /// Hugging Face model directory or .gguf file.
-        #[arg(long)]
-        model: PathBuf,
         #[arg(long, value_enum)]
         method: MethodName,
-        /// Unstructured: this fraction of each operator's weights becomes zero.
-        #[arg(long)]
-        sparsity: Option<f64>,
-        /// Semi-structured N:M (N zeros in every M consecutive inputs), e.g. 2:4.
-        #[arg(long)]
-        pattern: Option<String>,
-        /// Calibration text (C4 .jsonl/.json.gz, WikiText, any text) or a file saved with --save-calib.
-        #[arg(long)]
-        calib: Option<PathBuf>,
-        #[arg(long, value_enum)]
-        calib_format: Option<TextFormat>,
-        /// documents: random long document, random window (the peers' C4 recipe); stream: documents joined
-        /// with EOS, random windows; auto: documents when enough are long enough.
-        #[arg(long, value_enum, default_value = "auto")]
-        calib_mode: CalibMode,
-        #[arg(long, default_value_t = 128)]
-        nsamples: usize,
-        /// Tokens per calibration sample.
-        #[arg(long, default_value_t = 2048)]
-        seqlen: usize,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Save the calibration token ids here (reload them with --calib FILE).
-        #[arg(long)]
-        save_calib: Option<PathBuf>,
         /// Output directory (Hugging Face layout).
         #[arg(long)]
         out: PathBuf,
-        /// Replace an existing output directory.
+        #[command(flatten)]
+        flags: PruneFlags,
+    },
+    /// Run several methods on the same calibration token ids; write a table (Markdown, JSON) and a per-layer
+    /// plot of reconstruction error.
+    Compare {
+        /// Methods to run, e.g. sparsegpt,wanda,fista.
+        #[arg(long, value_enum, value_delimiter = ',', required = true)]
+        methods: Vec<MethodName>,
+        /// Output directory: one pruned checkpoint per method, compare.md, compare.json, layer_error.svg.
         #[arg(long)]
-        force: bool,
-        /// Output weight type (default: the input's; f32 for GGUF).
-        #[arg(long, value_enum)]
-        dtype: Option<OutDType>,
-        #[arg(long, default_value_t = 5.0)]
-        max_shard_gb: f64,
-        /// Print perplexity on this dataset before and after pruning.
-        #[arg(long)]
-        eval: Option<PathBuf>,
-        #[arg(long, value_enum)]
-        eval_format: Option<TextFormat>,
-        #[arg(long, default_value_t = 512)]
-        eval_seqlen: usize,
-        #[arg(long)]
-        eval_max_windows: Option<usize>,
-        /// Calibration samples per forward batch.
-        #[arg(long, default_value_t = 8)]
-        batch: usize,
-        /// Storage type of the activations between layers.
-        #[arg(long, value_enum, default_value = "f32")]
-        act_dtype: ActDType,
-        /// SparseGPT: diagonal damping, as a fraction of the mean diagonal of the Hessian.
-        #[arg(long, default_value_t = 0.01)]
-        percdamp: f64,
-        /// SparseGPT: columns per lazy-update block.
-        #[arg(long, default_value_t = 128)]
-        blocksize: usize,
-        /// Magnitude: one threshold per output row instead of per matrix.
-        #[arg(long)]
-        per_row: bool,
-        /// Each layer's calibration inputs: from the dense model (layers independent; default for fista) or
-        /// from the pruned previous layers (default for the others).
-        #[arg(long, value_enum)]
-        layer_inputs: Option<LayerInputs>,
-        /// Prune the operators of a layer in data-flow order, each against the inputs the partially pruned
-        /// layer gives it (default for fista).
-        #[arg(long, conflicts_with = "no_error_correction")]
-        error_correction: bool,
-        /// Every operator sees the dense layer's inputs (the ablation; default for the others).
-        #[arg(long)]
-        no_error_correction: bool,
-        /// Prune only layers A-B (inclusive; with dense layer inputs); `fistaprune merge` joins the parts.
-        #[arg(long)]
-        layers: Option<String>,
-        /// Layers pruned at the same time (dense layer inputs); the checkpoint does not depend on it.
-        #[arg(long, default_value_t = 1)]
-        jobs: usize,
-        /// FISTAPruner's starting point (default: wanda for the LLaMA family, sparsegpt for OPT).
-        #[arg(long, value_enum)]
-        warm_start: Option<WarmStart>,
-        /// FISTA: iterations per λ (K).
-        #[arg(long, default_value_t = 20)]
-        iters: usize,
-        /// FISTA: stop when the iterate moves less than this (relative).
-        #[arg(long, default_value_t = 1e-4)]
-        tol: f64,
-        /// FISTA: λ bisection rounds (T).
-        #[arg(long, default_value_t = 3)]
-        rounds: usize,
-        /// FISTA: target share of the rounding error in the total error (ξ).
-        #[arg(long, default_value_t = 0.3)]
-        xi: f64,
-        /// FISTA: initial λ, as a multiple of L · rms(W) (the soft threshold in units of a typical weight).
-        #[arg(long, default_value_t = 0.1)]
-        alpha: f64,
-        #[arg(long, default_value_t = 1e-3)]
-        alpha_min: f64,
-        #[arg(long, default_value_t = 1.0)]
-        alpha_max: f64,
-        /// FISTA: unstructured hard threshold per output row or per matrix.
-        #[arg(long, value_enum, default_value = "per-row")]
-        threshold: Threshold,
-        /// FISTA: masked conjugate-gradient re-fit steps on the final support (0: off).
-        #[arg(long, default_value_t = 0)]
-        refit_iters: usize,
-        /// FISTA: keep the pattern inside the iterations (hard threshold every step).
-        #[arg(long)]
-        projected: bool,
-        #[arg(long)]
-        quiet: bool,
+        out: PathBuf,
+        #[command(flatten)]
+        flags: PruneFlags,
     },
     /// Join the parts written by `prune --layers A-B` into one checkpoint.
     Merge {
@@ -289,104 +369,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 quiet,
             })?;
         }
-        Command::Prune {
-            model,
-            method,
-            sparsity,
-            pattern,
-            calib,
-            calib_format,
-            calib_mode,
-            nsamples,
-            seqlen,
-            seed,
-            save_calib,
-            out,
-            force,
-            dtype,
-            max_shard_gb,
-            eval,
-            eval_format,
-            eval_seqlen,
-            eval_max_windows,
-            batch,
-            act_dtype,
-            percdamp,
-            blocksize,
-            per_row,
-            layer_inputs,
-            error_correction,
-            no_error_correction,
-            layers,
-            jobs,
-            warm_start,
-            iters,
-            tol,
-            rounds,
-            xi,
-            alpha,
-            alpha_min,
-            alpha_max,
-            threshold,
-            refit_iters,
-            projected,
-            quiet,
-        } => {
-            let pattern = match (sparsity, pattern) {
-                (Some(s), None) => Pattern::unstructured(s)?,
-                (None, Some(p)) => p.parse()?,
-                _ => anyhow::bail!("give exactly one of --sparsity and --pattern"),
-            };
-            anyhow::ensure!(percdamp >= 0.0 && percdamp.is_finite(), "--percdamp {percdamp} must be ≥ 0");
-            commands::prune::prune(&commands::prune::PruneArgs {
-                model,
-                method,
-                pattern,
-                calib,
-                calib_format,
-                calib_mode,
-                nsamples,
-                seqlen,
-                seed,
-                save_calib,
-                out,
-                force,
-                dtype,
-                max_shard_bytes: (max_shard_gb * 1e9) as usize,
-                eval,
-                eval_format,
-                eval_seqlen,
-                eval_max_windows,
-                batch,
-                act_dtype: act_dtype.into(),
-                percdamp,
-                blocksize,
-                magnitude_per_row: per_row,
-                layer_inputs,
-                error_correction: if error_correction {
-                    Some(true)
-                } else if no_error_correction {
-                    Some(false)
-                } else {
-                    None
-                },
-                layers: layers.as_deref().map(parse_layers).transpose()?,
-                warm_start,
-                fista: FistaOptions {
-                    iters,
-                    tol,
-                    rounds,
-                    xi,
-                    alpha0: alpha,
-                    alpha_bracket: (alpha_min, alpha_max),
-                    per_row: threshold == Threshold::PerRow,
-                    refit_iters,
-                    projected,
-                    ..FistaOptions::default()
-                },
-                jobs: jobs.max(1),
-                quiet,
-            })?;
+        Command::Prune { method, out, flags } => {
+            commands::prune::prune(&flags.to_args(method, out.clone())?)?;
+        }
+        Command::Compare { methods, out, flags } => {
+            let args = flags.to_args(methods[0], out.clone())?;
+            let r = commands::compare::compare(&args, &methods, &out)?;
+            print!("{}", r.markdown);
         }
         Command::Merge { model, parts, out, force, dtype, max_shard_gb } => {
             let r = commands::prune::merge(&model, &parts, &out, force, dtype, (max_shard_gb * 1e9) as usize)?;

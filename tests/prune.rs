@@ -222,3 +222,29 @@ fn fista_is_never_worse_than_its_warm_start_and_reports_its_search() {
     let (ok, _, err) = run(&["prune", "--model", fixture("llama").to_str().unwrap(), "--method", "wanda", "--sparsity", "0.5", "--calib", &c4(), "--nsamples", "4", "--seqlen", "16", "--layers", "0-0", "--out", d.join("y").to_str().unwrap()]);
     assert!(!ok && err.contains("--layers needs --layer-inputs dense"), "{err}");
 }
+
+#[test]
+fn compare_writes_one_table_and_plot_for_all_methods_on_one_calibration() {
+    let d = tmpdir("p-compare");
+    let out = d.join("cmp");
+    let (ok, stdout, err) = run(&[
+        "compare", "--model", fixture("opt").to_str().unwrap(), "--methods", "wanda,sparsegpt,fista", "--pattern", "2:4",
+        "--calib", &c4(), "--nsamples", "8", "--seqlen", "32", "--out", out.to_str().unwrap(),
+        "--eval", shared("wikitext-2-raw/wiki.test.raw").to_str().unwrap(), "--eval-seqlen", "32", "--eval-max-windows", "4", "--quiet",
+    ]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("| fista |"), "{stdout}");
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("compare.json")).unwrap()).unwrap();
+    let results = j["results"].as_array().unwrap();
+    assert_eq!(results.len(), 3);
+    let sha = j["calibration_sha256"].as_str().unwrap();
+    for r in results {
+        let rep: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(Path::new(r["checkpoint"].as_str().unwrap()).join("report.json")).unwrap()).unwrap();
+        assert_eq!(rep["calibration"]["sha256"], sha, "every method saw the same calibration ids");
+        assert!(r["perplexity"].as_f64().unwrap().is_finite());
+        assert!(r["mean_layer_output_error"].as_f64().unwrap() > 0.0);
+    }
+    let svg = std::fs::read_to_string(out.join("layer_error.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("polyline") && svg.contains("fista"), "not a plot");
+    assert!(std::fs::read_to_string(out.join("compare.md")).unwrap().contains("| sparsegpt |"));
+}

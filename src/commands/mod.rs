@@ -1,5 +1,6 @@
 //! The command-line verbs, as library functions (`main.rs` only parses arguments).
 
+pub mod compare;
 pub mod prune;
 
 use std::path::{Path, PathBuf};

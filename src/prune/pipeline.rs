@@ -87,7 +87,31 @@ pub struct LayerReport {
     pub forward_seconds: f64,
     /// Floating-point operations counted for this layer (statistics passes, Gram matrices, the method, forward).
     pub gflop: f64,
+    /// `‖f'(x) − f(x)‖² / ‖f(x) − x‖²`: how much of the dense layer's update `f(x) − x` the pruned layer `f'`
+    /// misses, on (up to [`OUTPUT_ERROR_SAMPLES`]) calibration inputs of this layer. The same measure for
+    /// every method, unlike the operators' errors.
+    pub output_rel_error: Option<f64>,
     pub operators: Vec<OperatorReport>,
+}
+
+/// Calibration samples the layer output error is measured on.
+pub const OUTPUT_ERROR_SAMPLES: usize = 16;
+
+/// See [`LayerReport::output_rel_error`].
+fn layer_output_error(dense: &dyn DecoderLayer, work: &dyn DecoderLayer, acts: &[Tensor], ctx: &LayerContext) -> Result<f64> {
+    let (mut num, mut den, mut seen) = (0f64, 0f64, 0usize);
+    for x in acts {
+        if seen >= OUTPUT_ERROR_SAMPLES {
+            break;
+        }
+        let x = x.to_dtype(DType::F32)?;
+        let yd = dense.forward(&x, ctx, None)?;
+        let yp = work.forward(&x, ctx, None)?;
+        num += (&yp - &yd)?.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        den += (&yd - &x)?.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        seen += x.dims()[0];
+    }
+    Ok(num / den.max(f64::MIN_POSITIVE))
 }
 
 /// FLOPs of one layer's linear operators and attention per token, split by input group: entry `g` is what a
@@ -326,6 +350,14 @@ fn prune_layer(
         }
     }
     flops += operators.iter().map(|o| method.flops(o.shape[0], o.shape[1])).sum::<f64>();
+    let dense = match (&dense, acts) {
+        (None, Some(_)) => Some(model.load_layer(i)?),
+        _ => dense,
+    };
+    let output_rel_error = match (acts, ctx, &dense) {
+        (Some(a), Some(c), Some(d)) => Some(layer_output_error(d.as_ref(), work.as_ref(), a, c)?),
+        _ => None,
+    };
     let report = LayerReport {
         layer: i,
         seconds: t0.elapsed().as_secs_f64(),
@@ -333,6 +365,7 @@ fn prune_layer(
         prune_seconds,
         forward_seconds: 0.0,
         gflop: flops / 1e9,
+        output_rel_error,
         operators,
     };
     Ok((work, dense, report))

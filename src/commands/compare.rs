@@ -1,0 +1,115 @@
+//! `fistaprune compare`: several methods on the same calibration token ids, one table and one plot.
+//!
+//! The calibration set is drawn once (or loaded) and saved as `calib.json` in the output directory, each
+//! method prunes into its own sub-directory from that file, the dense model and every pruned one are evaluated
+//! on the same windows, and `compare.md`, `compare.json` and `layer_error.svg` sum it up.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, ensure};
+use serde_json::json;
+
+use super::dataset_windows;
+use super::prune::{MethodName, PruneArgs, prune};
+use crate::data::calibration::{CalibSpec, Calibration};
+use crate::eval::perplexity::{PplOptions, perplexity};
+use crate::model::Checkpoint;
+use crate::report::{Series, layer_errors, markdown_table, plot_layers};
+use crate::util::write_atomic;
+
+pub struct Comparison {
+    pub json: serde_json::Value,
+    pub markdown: String,
+}
+
+pub fn compare(base: &PruneArgs, methods: &[MethodName], out: &Path) -> Result<Comparison> {
+    ensure!(!methods.is_empty(), "--methods is empty");
+    if out.exists() {
+        ensure!(base.force, "{}: already exists (use --force to replace it)", out.display());
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let ck = Checkpoint::open(&base.model)?;
+    // One calibration set for every method.
+    let calib_path = out.join("calib.json");
+    let needs_calib = methods.iter().any(|m| *m != MethodName::Magnitude);
+    let calib = if needs_calib {
+        let src = base.calib.as_ref().ok_or_else(|| anyhow::anyhow!("--calib is required"))?;
+        let c = Calibration::build(
+            ck.tokenizer()?,
+            &CalibSpec {
+                source: src,
+                format: base.calib_format,
+                nsamples: base.nsamples,
+                seqlen: base.seqlen,
+                seed: base.seed,
+                mode: base.calib_mode,
+            },
+        )?;
+        c.save(&calib_path)?;
+        Some(c)
+    } else {
+        None
+    };
+    let windows = match &base.eval {
+        Some(p) => Some(dataset_windows(&ck, p, base.eval_format, base.eval_seqlen, base.eval_max_windows)?.1),
+        None => None,
+    };
+    let ppl_opts = PplOptions { progress: !base.quiet, ..Default::default() };
+    let dense = match &windows {
+        Some(w) => Some(perplexity(ck.model()?.as_ref(), w, &ppl_opts)?.perplexity),
+        None => None,
+    };
+    let mut rows = Vec::new();
+    let mut results = Vec::new();
+    let mut series = Vec::new();
+    for &m in methods {
+        let name = serde_json::to_value(m)?.as_str().unwrap_or("method").to_string();
+        let dir = out.join(&name);
+        let args = PruneArgs {
+            method: m,
+            calib: calib.as_ref().map(|_| calib_path.clone()),
+            save_calib: None,
+            out: dir.clone(),
+            force: true,
+            eval: None,
+            ..base.clone()
+        };
+        let report = prune(&args).with_context(|| format!("--method {name}"))?;
+        let ppl = match &windows {
+            Some(w) => Some(perplexity(Checkpoint::open(&dir)?.model()?.as_ref(), w, &ppl_opts)?.perplexity),
+            None => None,
+        };
+        let errs = layer_errors(&report);
+        let mean_err = if errs.is_empty() { None } else { Some(errs.iter().map(|e| e.1).sum::<f64>() / errs.len() as f64) };
+        rows.push(vec![
+            name.clone(),
+            ppl.map_or("–".into(), |p| format!("{p:.3}")),
+            format!("{:.4}", report["sparsity"].as_f64().unwrap_or(0.0)),
+            mean_err.map_or("–".into(), |e| format!("{e:.3e}")),
+            format!("{:.1}", report["prune_seconds"].as_f64().unwrap_or(0.0)),
+        ]);
+        results.push(json!({
+            "method": name, "perplexity": ppl, "sparsity": report["sparsity"], "mean_layer_output_error": mean_err,
+            "prune_seconds": report["prune_seconds"], "prune_gflop": report["prune_gflop"], "checkpoint": dir.display().to_string(),
+        }));
+        series.push(Series { label: name, values: errs });
+    }
+    let title = format!("{} at {}", base.model.display(), base.pattern);
+    let mut markdown = format!("{title}\n\n");
+    if let (Some(d), Some(w)) = (dense, &windows) {
+        markdown.push_str(&format!("dense perplexity {d:.3} ({} windows x {} tokens)\n\n", w.len(), base.eval_seqlen));
+    }
+    markdown.push_str(&markdown_table(&["method", "perplexity", "sparsity", "mean layer output error", "prune s"], &rows));
+    let j = json!({
+        "model": base.model.display().to_string(),
+        "pattern": base.pattern.to_string(),
+        "calibration_sha256": calib.as_ref().map(|c| c.sha256.clone()),
+        "dense_perplexity": dense,
+        "eval": base.eval.as_ref().map(|p| json!({"dataset": p.display().to_string(), "seqlen": base.eval_seqlen, "windows": windows.as_ref().map(|w| w.len())})),
+        "results": results,
+    });
+    write_atomic(&out.join("compare.md"), markdown.as_bytes())?;
+    write_atomic(&out.join("compare.json"), serde_json::to_string_pretty(&j)?.as_bytes())?;
+    plot_layers(&out.join("layer_error.svg"), &title, "layer output error ‖f'(x) − f(x)‖² / ‖f(x) − x‖²", &series)?;
+    Ok(Comparison { json: j, markdown })
+}
