@@ -77,11 +77,12 @@ struct PruneFlags {
     /// with EOS, random windows; auto: documents when enough are long enough.
     #[arg(long, value_enum, default_value = "auto")]
     calib_mode: CalibMode,
-    #[arg(long, default_value_t = 128)]
-    nsamples: usize,
-    /// Tokens per calibration sample.
-    #[arg(long, default_value_t = 2048)]
-    seqlen: usize,
+    /// Calibration samples [default: 128, or the count a saved --calib file holds].
+    #[arg(long)]
+    nsamples: Option<usize>,
+    /// Tokens per calibration sample [default: 2048, or the length a saved --calib file holds].
+    #[arg(long)]
+    seqlen: Option<usize>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Save the calibration token ids here (reload them with --calib FILE).
@@ -119,8 +120,9 @@ struct PruneFlags {
     /// Magnitude: one threshold per output row instead of per matrix.
     #[arg(long)]
     per_row: bool,
-    /// Each layer's calibration inputs: from the dense model (layers independent; default for fista) or
-    /// from the pruned previous layers (default for the others).
+    /// Each layer's calibration inputs: from the dense model (layers independent; default for fista), from
+    /// the pruned previous layers (default for the others), or corrected: the pruned layers' outputs as
+    /// inputs with the dense model's as targets (error correction across layers too).
     #[arg(long, value_enum)]
     layer_inputs: Option<LayerInputs>,
     /// Prune the operators of a layer in data-flow order, each against the inputs the partially pruned
@@ -167,6 +169,15 @@ struct PruneFlags {
     /// FISTA: keep the pattern inside the iterations (hard threshold every step).
     #[arg(long)]
     projected: bool,
+    /// Unstructured only: spread the sparsity over the layers by their outlier ratios (OWL), mean unchanged.
+    #[arg(long)]
+    owl: bool,
+    /// OWL: half the spread of the per-layer sparsities (λ).
+    #[arg(long, default_value_t = 0.08)]
+    owl_lambda: f64,
+    /// OWL: a score is an outlier above this many times its layer's mean score (M).
+    #[arg(long, default_value_t = 5.0)]
+    owl_m: f64,
     #[arg(long)]
     quiet: bool,
     }
@@ -227,6 +238,7 @@ impl PruneFlags {
                 ..FistaOptions::default()
             },
             jobs: f.jobs.max(1),
+            owl: f.owl.then_some(fistaprune::prune::allocation::Owl { lambda: f.owl_lambda, m: f.owl_m }),
             quiet: f.quiet,
         })
     }

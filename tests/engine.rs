@@ -97,3 +97,39 @@ fn gguf_sentencepiece_tokenizer_matches_sentencepiece() {
         assert_eq!(tok.decode(&got[1..]).unwrap(), text, "round trip");
     }
 }
+
+/// Error correction steps from one operator group's input to the next (`next_group_input`) instead of rerunning
+/// the layer: it must give exactly what `capture` reports, for every architecture and layer-norm placement.
+#[test]
+fn stepping_between_operator_groups_equals_capture() {
+    use candle_core::{Device, Tensor};
+    for name in ["llama", "qwen2_f16", "opt", "opt350m_layout"] {
+        let ck = fistaprune::model::Checkpoint::open(&fixture(name)).unwrap();
+        let m = ck.model().unwrap();
+        let ctx = m.context(12).unwrap();
+        for i in 0..m.num_layers() {
+            let l = m.load_layer(i).unwrap();
+            let groups = l.input_groups();
+            let width = l.linear(groups[0][0]).unwrap().in_features();
+            let x = Tensor::randn(0f32, 1.0, (2, 12, width), &Device::Cpu).unwrap();
+            let mut inputs: Vec<Tensor> = Vec::new();
+            let mut hook = |n: &str, t: &Tensor| -> anyhow::Result<()> {
+                if groups.iter().any(|g| g[0] == n) {
+                    inputs.push(t.clone());
+                }
+                Ok(())
+            };
+            l.capture(&x, &ctx, &mut hook).unwrap();
+            assert_eq!(inputs.len(), groups.len());
+            let mut stepped = 0;
+            for gi in 1..groups.len() {
+                if let Some(t) = l.next_group_input(gi, &x, &inputs[gi - 1]).unwrap() {
+                    let (a, b) = (t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), inputs[gi].flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                    assert!(a == b, "{name} layer {i} group {gi}: stepping differs from capture");
+                    stepped += 1;
+                }
+            }
+            assert_eq!(stepped, 2, "{name}: both FFN groups step");
+        }
+    }
+}

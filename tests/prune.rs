@@ -116,6 +116,13 @@ fn saved_calibration_reproduces_the_checkpoint_byte_for_byte() {
     let b: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("b/report.json")).unwrap()).unwrap();
     assert_eq!(a["calibration"]["sha256"], b["calibration"]["sha256"]);
     assert!(std::fs::read(d.join("a/model.safetensors")).unwrap() == std::fs::read(d.join("b/model.safetensors")).unwrap(), "checkpoints differ");
+    // A saved file sets the sample count and length itself.
+    let (ok, _, err) = run(&["prune", "--model", fixture("llama").to_str().unwrap(), "--calib", calib.to_str().unwrap(), "--out", d.join("e").to_str().unwrap(), "--quiet", "--method", "sparsegpt", "--sparsity", "0.5"]);
+    assert!(ok, "{err}");
+    assert!(std::fs::read(d.join("a/model.safetensors")).unwrap() == std::fs::read(d.join("e/model.safetensors")).unwrap(), "checkpoints differ");
+    let (ok, _, err) = run(&["prune", "--model", fixture("llama").to_str().unwrap(), "--calib", calib.to_str().unwrap(), "--seqlen", "16", "--out", d.join("f").to_str().unwrap(), "--quiet", "--method", "sparsegpt", "--sparsity", "0.5"]);
+    assert!(!ok && err.contains("holds 8 x 32 samples, but --nsamples 8 --seqlen 16"), "{err}");
+    assert!(!d.join("f").exists());
     // Another seed draws other samples.
     let c = prune(fixture("llama").to_str().unwrap(), &d.join("c"), &["--method", "wanda", "--sparsity", "0.5", "--seed", "4"]);
     assert_ne!(a["calibration"]["sha256"], c["calibration"]["sha256"]);
@@ -247,4 +254,53 @@ fn compare_writes_one_table_and_plot_for_all_methods_on_one_calibration() {
     let svg = std::fs::read_to_string(out.join("layer_error.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("polyline") && svg.contains("fista"), "not a plot");
     assert!(std::fs::read_to_string(out.join("compare.md")).unwrap().contains("| sparsegpt |"));
+}
+
+#[test]
+fn corrected_layer_inputs_carry_two_streams_and_imply_error_correction() {
+    let d = tmpdir("p-corrected");
+    let m = fixture("llama");
+    let flags = ["--method", "fista", "--pattern", "2:4", "--refit-iters", "5"];
+    let c = prune(m.to_str().unwrap(), &d.join("c"), &[&flags[..], &["--layer-inputs", "corrected"]].concat());
+    let p = prune(m.to_str().unwrap(), &d.join("p"), &[&flags[..], &["--layer-inputs", "pruned"]].concat());
+    assert_eq!(c["options"]["layer_inputs"], "corrected");
+    assert_eq!(c["options"]["error_correction"], true);
+    // Layer 0 sees the embeddings in both walks: the same problems (up to summation order).
+    for (oc, op) in c["layers"][0]["operators"].as_array().unwrap().iter().zip(p["layers"][0]["operators"].as_array().unwrap()) {
+        let (ec, ep) = (oc["rel_error"].as_f64().unwrap(), op["rel_error"].as_f64().unwrap());
+        assert!((ec - ep).abs() <= 1e-3 * ep.max(1e-6), "{}: {ec} vs {ep}", oc["name"]);
+    }
+    // From layer 1 on the targets differ (the dense model's activations against the pruned model's).
+    let e1 = |r: &serde_json::Value| r["layers"][1]["operators"][0]["rel_error"].as_f64().unwrap();
+    assert!((e1(&c) - e1(&p)).abs() > 1e-6 * e1(&p), "layer 1 saw the same target in both walks");
+    let (ok, _, err) = run(&["prune", "--model", m.to_str().unwrap(), "--method", "fista", "--pattern", "2:4", "--calib", &c4(), "--nsamples", "4", "--seqlen", "16", "--layer-inputs", "corrected", "--no-error-correction", "--out", d.join("x").to_str().unwrap()]);
+    assert!(!ok && err.contains("implies error correction"), "{err}");
+    assert!(!d.join("x").exists());
+}
+
+#[test]
+fn owl_spreads_the_sparsity_over_layers_with_the_same_mean() {
+    let d = tmpdir("p-owl");
+    let m = fixture("llama");
+    let r = prune(m.to_str().unwrap(), &d.join("o"), &["--method", "sparsegpt", "--sparsity", "0.6", "--owl", "--owl-lambda", "0.1"]);
+    let alloc = &r["allocation"];
+    let s: Vec<f64> = alloc["layer_sparsity"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let ratios: Vec<f64> = alloc["outlier_ratios"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    assert_eq!(s.len(), 2);
+    assert!((s.iter().sum::<f64>() / 2.0 - 0.6).abs() < 1e-9, "{s:?}");
+    // Two layers with different outlier ratios: the spread is the whole 2λ, the layer with more outliers sparser less.
+    assert!(ratios[0] != ratios[1], "{ratios:?}");
+    assert!(((s[0] - s[1]).abs() - 0.2).abs() < 1e-9, "{s:?}");
+    assert_eq!(s[0] < s[1], ratios[0] > ratios[1]);
+    // Each layer's operators meet that layer's target (SparseGPT rounds per 128-column block).
+    for l in r["layers"].as_array().unwrap() {
+        let want = s[l["layer"].as_u64().unwrap() as usize];
+        for o in l["operators"].as_array().unwrap() {
+            assert!((o["sparsity"].as_f64().unwrap() - want).abs() < 0.02, "{o} vs {want}");
+        }
+    }
+    assert!((r["sparsity"].as_f64().unwrap() - 0.6).abs() < 0.01, "{}", r["sparsity"]);
+    let (ok, _, err) = run(&["prune", "--model", m.to_str().unwrap(), "--method", "wanda", "--pattern", "2:4", "--owl", "--calib", &c4(), "--nsamples", "4", "--seqlen", "16", "--out", d.join("x").to_str().unwrap()]);
+    assert!(!ok && err.contains("--owl allocates unstructured sparsity"), "{err}");
+    assert!(!d.join("x").exists());
 }

@@ -49,6 +49,38 @@ def sparsity(model):
     return z / t
 
 
+def against(theirs, dense, ours_dir, a, m):
+    """Where the authors' masks and fistaprune's differ, and whether every difference is a tie: in each row
+    (each group of `m` for N:M) both masks prune the same multiset of scores, |W| for magnitude. Then
+    fistaprune's pruned weights, evaluated here."""
+    import glob
+    from safetensors.torch import load_file
+    ours = {}
+    for f in sorted(glob.glob(f"{ours_dir}/*.safetensors")):
+        ours.update(load_file(f))
+    differ = total = untied = 0
+    for i, (lt, ld) in enumerate(zip(theirs.model.layers, dense.model.layers)):
+        mods_d = dict(ld.named_modules())
+        for name, mt in lt.named_modules():
+            if not isinstance(mt, torch.nn.Linear):
+                continue
+            w = mods_d[name].weight.data
+            mo = ours[f"model.layers.{i}.{name}.weight"] == 0
+            mt_ = mt.weight.data == 0
+            differ += (mo != mt_).sum().item()
+            total += mo.numel()
+            if a.method == "magnitude":
+                g = w.abs().reshape(w.shape[0], -1, m) if m else w.abs().unsqueeze(1)
+                so = (g * mo.reshape(g.shape)).sum(-1)
+                st = (g * mt_.reshape(g.shape)).sum(-1)
+                untied += (so != st).sum().item()
+            mods_d[name].weight.data = ours[f"model.layers.{i}.{name}.weight"].float()
+    p, _ = ppl(dense, load_ids(a.eval_ids), a.seqlen, a.max_windows)
+    return {"mask_positions_differing": differ, "mask_positions": total,
+            "groups_differing_not_by_ties": untied if a.method == "magnitude" else None,
+            "perplexity_of_fistaprune_weights": p}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--method", required=True, choices=["sparsegpt", "wanda", "magnitude"])
@@ -63,6 +95,8 @@ def main():
     ap.add_argument("--wanda-repo")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--json")
+    ap.add_argument("--against", help="fistaprune's pruned checkpoint of the same run: compare the masks, and "
+                    "evaluate fistaprune's weights with this script's evaluation")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -116,6 +150,9 @@ def main():
            "prune_seconds": secs, "perplexity": p, "windows": n, "seqlen": a.seqlen,
            "calibration_sha256": calib.get("sha256"), "torch": torch.__version__,
            "transformers": transformers.__version__, "threads": torch.get_num_threads()}
+    if a.against:
+        out["against"] = against(model, AutoModelForCausalLM.from_pretrained(a.model, torch_dtype=torch.float32),
+                                 a.against, a, prune_m)
     print(json.dumps(out, indent=2))
     if a.json:
         json.dump(out, open(a.json, "w"), indent=2)

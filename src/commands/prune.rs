@@ -17,6 +17,7 @@ use crate::eval::perplexity::{PplOptions, perplexity};
 use crate::model::export::{OutDType, write_hf_contents, write_safetensors};
 use crate::model::safetensors::SafetensorsStore;
 use crate::model::{Checkpoint, DecoderLayer, Format};
+use crate::prune::allocation::{Owl, layer_outlier_ratios, owl_sparsities};
 use crate::prune::magnitude::Magnitude;
 use crate::prune::fista::{Dense, FistaOptions, FistaPruner};
 use crate::prune::pipeline::{LayerInputs, PipelineOptions, prune_model};
@@ -52,8 +53,8 @@ pub struct PruneArgs {
     pub calib: Option<PathBuf>,
     pub calib_format: Option<TextFormat>,
     pub calib_mode: CalibMode,
-    pub nsamples: usize,
-    pub seqlen: usize,
+    pub nsamples: Option<usize>,
+    pub seqlen: Option<usize>,
     pub seed: u64,
     pub save_calib: Option<PathBuf>,
     pub out: PathBuf,
@@ -80,6 +81,8 @@ pub struct PruneArgs {
     pub fista: FistaOptions,
     /// Layers pruned at once (dense layer inputs only).
     pub jobs: usize,
+    /// Non-uniform layer sparsity (unstructured targets).
+    pub owl: Option<Owl>,
     pub quiet: bool,
 }
 
@@ -151,7 +154,12 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
     let method = method_of(a, &ck);
     let is_fista = a.method == MethodName::Fista;
     let layer_inputs = a.layer_inputs.unwrap_or(if is_fista { LayerInputs::Dense } else { LayerInputs::Pruned });
-    let error_correction = a.error_correction.unwrap_or(is_fista);
+    // The corrected walk is error correction across layers: it implies it within them.
+    ensure!(
+        !(layer_inputs == LayerInputs::Corrected && a.error_correction == Some(false)),
+        "--layer-inputs corrected implies error correction: drop --no-error-correction"
+    );
+    let error_correction = a.error_correction.unwrap_or(is_fista) || layer_inputs == LayerInputs::Corrected;
     ensure!(a.batch > 0, "--batch must be at least 1");
     // Every layer has the same shapes: check the pattern against layer 0 before any work.
     if ck.config.num_layers() > 0 {
@@ -166,7 +174,13 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
     let calib = if method.needs_gram() {
         let src = a.calib.as_ref().ok_or_else(|| anyhow!("--calib is required for --method {:?}", a.method))?;
         let max_pos = ck.config.max_positions();
-        ensure!(a.seqlen <= max_pos, "--seqlen {} is above the model's context of {max_pos} positions", a.seqlen);
+        let check_len = |n: usize| {
+            ensure!(n <= max_pos, "--seqlen {n} is above the model's context of {max_pos} positions");
+            Ok(())
+        };
+        if let Some(n) = a.seqlen {
+            check_len(n)?;
+        }
         let c = Calibration::build(
             ck.tokenizer()?,
             &CalibSpec {
@@ -178,6 +192,7 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
                 mode: a.calib_mode,
             },
         )?;
+        check_len(c.seqlen).with_context(|| format!("{}", src.display()))?;
         c.check_vocab(ck.config.vocab_size(), src)?;
         if let Some(p) = &a.save_calib {
             c.save(p)?;
@@ -202,8 +217,20 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
     std::fs::create_dir_all(&layers_dir)?;
     let model = ck.model()?;
     let ids: &[Vec<u32>] = calib.as_ref().map(|c| c.ids.as_slice()).unwrap_or(&[]);
+    // OWL: per-layer sparsities from the dense model's outlier ratios, before any layer is pruned.
+    let allocation = match (a.owl, a.pattern) {
+        (None, _) => None,
+        (Some(o), Pattern::Unstructured(s)) => {
+            ensure!(!ids.is_empty(), "--owl needs calibration data (--calib)");
+            ensure!(o.lambda >= 0.0 && s - o.lambda > 0.0 && s + o.lambda < 1.0, "--owl-lambda {} must keep every layer's sparsity inside (0, 1) around {s}", o.lambda);
+            let ratios = layer_outlier_ratios(model.as_ref(), ids, a.batch, a.act_dtype, o.m, !a.quiet)?;
+            Some((o, owl_sparsities(&ratios, s, o.lambda), ratios))
+        }
+        (Some(_), p) => anyhow::bail!("--owl allocates unstructured sparsity; --pattern {p} fixes every layer's"),
+    };
     let opts = PipelineOptions {
         pattern: a.pattern,
+        layer_sparsity: allocation.as_ref().map(|(_, s, _)| s.clone()),
         batch: a.batch,
         act_dtype: a.act_dtype,
         layer_inputs,
@@ -237,6 +264,9 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
             "layer_inputs": layer_inputs, "error_correction": error_correction,
             "warm_start": is_fista.then(|| warm_of(a, &ck)), "fista": is_fista.then(|| a.fista.clone()),
         },
+        "allocation": allocation.as_ref().map(|(o, s, r)| json!({
+            "method": "owl", "lambda": o.lambda, "m": o.m, "layer_sparsity": s, "outlier_ratios": r,
+        })),
         "calibration": calib.as_ref().map(|c| json!({
             "source": c.source, "nsamples": c.nsamples, "seqlen": c.seqlen, "seed": c.seed, "mode": c.mode,
             "documents": c.documents, "long_documents": c.long_documents, "sha256": c.sha256,

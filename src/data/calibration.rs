@@ -49,11 +49,17 @@ pub struct Calibration {
     pub ids: Vec<Vec<u32>>,
 }
 
+/// The peers' calibration: 128 samples of 2,048 tokens.
+pub const DEFAULT_NSAMPLES: usize = 128;
+pub const DEFAULT_SEQLEN: usize = 2048;
+
 pub struct CalibSpec<'a> {
     pub source: &'a Path,
     pub format: Option<TextFormat>,
-    pub nsamples: usize,
-    pub seqlen: usize,
+    /// None: a saved file's count, else [`DEFAULT_NSAMPLES`].
+    pub nsamples: Option<usize>,
+    /// None: a saved file's length, else [`DEFAULT_SEQLEN`].
+    pub seqlen: Option<usize>,
     pub seed: u64,
     pub mode: CalibMode,
 }
@@ -91,53 +97,54 @@ fn documents(path: &Path, format: TextFormat) -> Result<Vec<String>> {
 
 impl Calibration {
     /// Draw a calibration set, or load a saved one when `spec.source` is a saved calibration file (its
-    /// sample count and length must then agree with `spec`).
+    /// sample count and length must then agree with `spec` where it sets them).
     pub fn build(tok: &Tokenizer, spec: &CalibSpec) -> Result<Self> {
         if let Some(saved) = Self::try_load(spec.source)? {
             ensure!(
-                saved.nsamples == spec.nsamples && saved.seqlen == spec.seqlen,
+                spec.nsamples.is_none_or(|n| n == saved.nsamples) && spec.seqlen.is_none_or(|n| n == saved.seqlen),
                 "{}: holds {} x {} samples, but --nsamples {} --seqlen {} were asked",
                 spec.source.display(),
                 saved.nsamples,
                 saved.seqlen,
-                spec.nsamples,
-                spec.seqlen
+                spec.nsamples.unwrap_or(saved.nsamples),
+                spec.seqlen.unwrap_or(saved.seqlen)
             );
             return Ok(saved);
         }
-        ensure!(spec.nsamples > 0, "--nsamples must be at least 1");
-        ensure!(spec.seqlen >= 2, "--seqlen must be at least 2");
+        let (nsamples, seqlen) = (spec.nsamples.unwrap_or(DEFAULT_NSAMPLES), spec.seqlen.unwrap_or(DEFAULT_SEQLEN));
+        ensure!(nsamples > 0, "--nsamples must be at least 1");
+        ensure!(seqlen >= 2, "--seqlen must be at least 2");
         let format = spec.format.unwrap_or_else(|| dataset::detect_format(spec.source));
         let docs = documents(spec.source, format)?;
         ensure!(!docs.is_empty(), "{}: no documents", spec.source.display());
         // Each document as the peers tokenize it (with the tokenizer's own BOS, if any).
         let toks: Vec<Vec<u32>> = docs.par_iter().map(|d| tok.encode(d, true)).collect::<Result<_>>()?;
-        let long = toks.iter().filter(|t| t.len() > spec.seqlen).count();
+        let long = toks.iter().filter(|t| t.len() > seqlen).count();
         let mode = match spec.mode {
-            CalibMode::Auto if long >= spec.nsamples && docs.len() > 1 => CalibMode::Documents,
+            CalibMode::Auto if long >= nsamples && docs.len() > 1 => CalibMode::Documents,
             CalibMode::Auto => CalibMode::Stream,
             m => m,
         };
         let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
-        let mut ids = Vec::with_capacity(spec.nsamples);
+        let mut ids = Vec::with_capacity(nsamples);
         match mode {
             CalibMode::Documents => {
                 ensure!(
                     long > 0,
                     "{}: no document is longer than --seqlen {} tokens (use --calib-mode stream)",
                     spec.source.display(),
-                    spec.seqlen
+                    seqlen
                 );
-                for _ in 0..spec.nsamples {
+                for _ in 0..nsamples {
                     let doc = loop {
                         let d = &toks[rng.random_range(0..toks.len())];
-                        if d.len() > spec.seqlen {
+                        if d.len() > seqlen {
                             break d;
                         }
                     };
                     // As `random.randint(0, len - seqlen - 1)`: both ends included.
-                    let start = rng.random_range(0..doc.len() - spec.seqlen);
-                    ids.push(doc[start..start + spec.seqlen].to_vec());
+                    let start = rng.random_range(0..doc.len() - seqlen);
+                    ids.push(doc[start..start + seqlen].to_vec());
                 }
             }
             _ => {
@@ -149,25 +156,25 @@ impl Calibration {
                     }
                     stream.extend_from_slice(t);
                 }
-                if stream.len() <= spec.seqlen {
+                if stream.len() <= seqlen {
                     bail!(
                         "{}: {} tokens in all, not enough for one calibration window of {}",
                         spec.source.display(),
                         stream.len(),
-                        spec.seqlen
+                        seqlen
                     );
                 }
-                for _ in 0..spec.nsamples {
-                    let start = rng.random_range(0..stream.len() - spec.seqlen);
-                    ids.push(stream[start..start + spec.seqlen].to_vec());
+                for _ in 0..nsamples {
+                    let start = rng.random_range(0..stream.len() - seqlen);
+                    ids.push(stream[start..start + seqlen].to_vec());
                 }
             }
         }
         Ok(Self {
             fistaprune_calibration: 1,
             source: spec.source.display().to_string(),
-            nsamples: spec.nsamples,
-            seqlen: spec.seqlen,
+            nsamples: nsamples,
+            seqlen: seqlen,
             seed: spec.seed,
             mode,
             documents: docs.len(),
@@ -238,7 +245,7 @@ mod tests {
     }
 
     fn spec(p: &Path, nsamples: usize, seqlen: usize, mode: CalibMode) -> CalibSpec<'_> {
-        CalibSpec { source: p, format: Some(TextFormat::C4), nsamples, seqlen, seed: 0, mode }
+        CalibSpec { source: p, format: Some(TextFormat::C4), nsamples: Some(nsamples), seqlen: Some(seqlen), seed: 0, mode }
     }
 
     #[test]

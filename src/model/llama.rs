@@ -218,6 +218,15 @@ impl DecoderLayer for LlamaLayer {
         self.until_down(x, ctx, &mut Some(hook)).map(|_| ())
     }
 
+    fn next_group_input(&self, gi: usize, x: &Tensor, prev: &Tensor) -> Result<Option<Tensor>> {
+        Ok(match gi {
+            // gate/up read the post-attention norm of the residual; down reads the SwiGLU activation.
+            2 => Some(candle_nn::ops::rms_norm(&(x + self.o.forward(prev)?)?, &self.post_norm, self.cfg.rms_norm_eps as f32)?),
+            3 => Some((self.gate.forward(prev)?.silu()? * self.up.forward(prev)?)?),
+            _ => None,
+        })
+    }
+
     fn linear_names(&self) -> &'static [&'static str] {
         LINEARS
     }

@@ -260,6 +260,12 @@ pub trait DecoderLayer: Send + Sync {
     /// Run the layer only as far as its operators' inputs, reporting each to `hook` (all that input
     /// statistics need: the last projection and the residual are skipped).
     fn capture(&self, x: &Tensor, ctx: &LayerContext, hook: Hook) -> Result<()>;
+    /// The input of operator group `gi` from the layer input `x` and `prev`, the input of group `gi − 1`,
+    /// computed as `capture` would but without rerunning what lies before `prev`; `None` where the layer
+    /// cannot (then run `capture`). Error correction uses it to step from group to group.
+    fn next_group_input(&self, _gi: usize, _x: &Tensor, _prev: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
     /// Names of the linear operators, in data-flow order (`q_proj`, `k_proj`, ... / `fc1`, `fc2`).
     fn linear_names(&self) -> &'static [&'static str];
     /// The operators grouped by shared input, in data-flow order (q, k, v read the same tensor).

@@ -291,6 +291,18 @@ impl DecoderLayer for OptLayer {
         self.until_fc2(x, &mut Some(hook)).map(|_| ())
     }
 
+    fn next_group_input(&self, gi: usize, x: &Tensor, prev: &Tensor) -> Result<Option<Tensor>> {
+        let pre = self.cfg.do_layer_norm_before;
+        Ok(match gi {
+            2 => {
+                let x = (x + self.out.forward(prev)?)?;
+                Some(if pre { self.ffn_ln.forward(&x)? } else { self.attn_ln.forward(&x)? })
+            }
+            3 => Some(self.fc1.forward(prev)?.relu()?),
+            _ => None,
+        })
+    }
+
     fn linear_names(&self) -> &'static [&'static str] {
         LINEARS
     }

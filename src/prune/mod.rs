@@ -3,6 +3,7 @@
 //! A method sees one linear operator at a time: its dense weight `(out, in)` and the statistics of its inputs
 //! over the calibration tokens ([`stats::OpStats`]), and returns the pruned weight.
 
+pub mod allocation;
 pub mod fista;
 pub mod magnitude;
 pub mod mask;

@@ -39,6 +39,10 @@ pub enum LayerInputs {
     Pruned,
     /// The dense model's (FISTAPruner): layers are independent.
     Dense,
+    /// Beyond the paper: the pruned previous layers' outputs as `X*`, the dense model's own activations for
+    /// the target `W X`, so that each layer also corrects the error the layers before it left (error
+    /// correction across layers as well as within). Two activation streams; implies error correction.
+    Corrected,
 }
 
 #[derive(Debug, Clone)]
@@ -55,6 +59,18 @@ pub struct PipelineOptions {
     /// Layers pruned at the same time (dense inputs only); the result does not depend on it.
     pub jobs: usize,
     pub progress: bool,
+    /// Per-layer unstructured sparsity (a non-uniform allocation such as OWL's) instead of `pattern`'s.
+    pub layer_sparsity: Option<Vec<f64>>,
+}
+
+impl PipelineOptions {
+    /// The pattern layer `i` is pruned to.
+    pub fn pattern_for(&self, i: usize) -> Pattern {
+        match &self.layer_sparsity {
+            Some(s) => Pattern::Unstructured(s[i]),
+            None => self.pattern,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -191,34 +207,68 @@ fn collect_dense(layer: &dyn DecoderLayer, acts: &[Tensor], ctx: &LayerContext) 
         .collect()
 }
 
-/// Statistics of group `gi` with error correction: `X*` from the partially pruned layer `work`, `X` from the
-/// dense layer `dense`, on the same inputs.
+/// Each calibration batch's input of the previous operator group: (partially pruned layer, dense layer; `None`
+/// where the two were the same), from which the layer may step to the next group's input.
+type GroupInputs = Vec<(Tensor, Option<Tensor>)>;
+
+/// Statistics of group `gi` with error correction: `X*` from the partially pruned layer `work` on `acts`, `X`
+/// from the dense layer `dense` on `targets` (the dense model's activations) or else on the same `acts`.
+/// `prev` holds the previous group's inputs (empty for the first group) and is replaced by this group's when
+/// `keep` (the next group steps from them instead of rerunning the layer up to there).
+#[allow(clippy::too_many_arguments)]
 fn collect_corrected(
     dense: &dyn DecoderLayer,
     work: &dyn DecoderLayer,
     gi: usize,
     acts: &[Tensor],
+    targets: Option<&[Tensor]>,
     ctx: &LayerContext,
-) -> Result<OpStats> {
+    prev: &mut GroupInputs,
+    keep: Option<DType>,
+) -> Result<(OpStats, bool)> {
     let leader = dense.input_groups()[gi][0];
     let mut gram: Option<Gram> = None;
     let mut cross: Option<Cross> = None;
     let mut dgram: Option<Gram> = None;
-    for x in acts {
+    let mut next = GroupInputs::new();
+    let stepped = std::cell::Cell::new(false);
+    // The input of this group for layer `l` on `x`, stepping from the previous group's when it can.
+    let input = |l: &dyn DecoderLayer, x: &Tensor, p: Option<&Tensor>| -> Result<Tensor> {
+        if let Some(p) = p
+            && let Some(t) = l.next_group_input(gi, x, &p.to_dtype(DType::F32)?)?
+        {
+            stepped.set(true);
+            return Ok(t);
+        }
+        capture_input(l, x, ctx, leader)
+    };
+    for (b, x) in acts.iter().enumerate() {
         let x = x.to_dtype(DType::F32)?;
-        let xs = capture_input(work, &x, ctx, leader)?;
+        let p = prev.get(b);
+        let xs = input(work, &x, p.map(|p| &p.0))?;
         let n = xs.dim(candle_core::D::Minus1)?;
         gram.get_or_insert_with(|| Gram::new(n)).add(&xs)?;
-        // Before any operator is pruned the two inputs are the same.
-        if gi > 0 {
-            let xd = capture_input(dense, &x, ctx, leader)?;
+        // Before any operator is pruned the two inputs are the same, unless the targets come from elsewhere.
+        let xd = if gi > 0 || targets.is_some() {
+            let xt = match targets {
+                Some(t) => t[b].to_dtype(DType::F32)?,
+                None => x.clone(),
+            };
+            let xd = input(dense, &xt, p.map(|p| p.1.as_ref().unwrap_or(&p.0)))?;
             cross.get_or_insert_with(|| Cross::new(n)).add(&xd, &xs)?;
             dgram.get_or_insert_with(|| Gram::new(n)).add(&xd)?;
+            Some(xd)
+        } else {
+            None
+        };
+        if let Some(dt) = keep {
+            next.push((xs.to_dtype(dt)?, xd.map(|t| t.to_dtype(dt)).transpose()?));
         }
     }
+    *prev = next;
     let g = gram.ok_or_else(|| anyhow!("no calibration batches"))?;
     let tokens = g.tokens;
-    Ok(OpStats { gram: g.finish(), cross: cross.map(|c| c.c), dense: dgram.map(Gram::finish), tokens })
+    Ok((OpStats { gram: g.finish(), cross: cross.map(|c| c.c), dense: dgram.map(Gram::finish), tokens }, stepped.get()))
 }
 
 /// Prune one operator of `layer` given its input statistics (if the method uses them); returns its report.
@@ -278,7 +328,7 @@ pub fn embed_calibration(model: &dyn CausalLm, ids: &[Vec<u32>], batch: usize, a
 }
 
 /// Replace each batch of `acts` by `layer`'s output on it.
-fn advance(layer: &dyn DecoderLayer, acts: &mut [Tensor], ctx: &LayerContext, act_dtype: DType, what: &str) -> Result<()> {
+pub fn advance(layer: &dyn DecoderLayer, acts: &mut [Tensor], ctx: &LayerContext, act_dtype: DType, what: &str) -> Result<()> {
     for x in acts.iter_mut() {
         let y = layer.forward(&x.to_dtype(DType::F32)?, ctx, None)?;
         check_finite(&y, what)?;
@@ -292,6 +342,7 @@ fn prune_layer(
     model: &dyn CausalLm,
     i: usize,
     acts: Option<&[Tensor]>,
+    targets: Option<&[Tensor]>,
     ctx: Option<&LayerContext>,
     method: &dyn Method,
     opts: &PipelineOptions,
@@ -299,7 +350,7 @@ fn prune_layer(
     let t0 = Instant::now();
     let mut work = model.load_layer(i)?;
     // A dense copy is the target with error correction, and produces the next inputs in dense mode.
-    let needs_dense = acts.is_some() && (opts.error_correction || opts.layer_inputs == LayerInputs::Dense);
+    let needs_dense = acts.is_some() && (opts.error_correction || opts.layer_inputs != LayerInputs::Pruned);
     let dense = if needs_dense { Some(model.load_layer(i)?) } else { None };
     let groups = work.input_groups();
     let mut operators = Vec::new();
@@ -310,17 +361,23 @@ fn prune_layer(
     let pre = prefix_flops(work.as_ref(), seqlen.max(1));
     let in_dim = |layer: &dyn DecoderLayer, g: usize| layer.linear(groups[g][0]).map(|l| l.in_features()).unwrap_or(0) as f64;
     match (acts, ctx) {
-        (Some(acts), Some(ctx)) if opts.error_correction => {
+        (Some(acts), Some(ctx)) if opts.error_correction || targets.is_some() => {
             let dense = dense.as_deref().expect("loaded");
+            let mut prev = GroupInputs::new();
             for (gi, group) in groups.iter().enumerate() {
                 let ts = Instant::now();
-                let st = collect_corrected(dense, work.as_ref(), gi, acts, ctx).with_context(|| format!("decoder layer {i}"))?;
+                let keep = (gi + 1 < groups.len()).then_some(opts.act_dtype);
+                let (st, stepped) = collect_corrected(dense, work.as_ref(), gi, acts, targets, ctx, &mut prev, keep)
+                    .with_context(|| format!("decoder layer {i}"))?;
                 stats_seconds += ts.elapsed().as_secs_f64();
                 let n = in_dim(work.as_ref(), gi);
-                flops += tokens * if gi == 0 { pre[0] + n * n } else { 2.0 * pre[gi] + 4.0 * n * n };
+                // The layer's FLOPs up to this group's input (from the previous group's when stepping), once
+                // for the pruned layer and once for the dense one; G*, XX*ᵀ and XXᵀ.
+                let reach = if stepped { pre[gi] - pre[gi - 1] } else { pre[gi] };
+                flops += tokens * if gi == 0 && targets.is_none() { pre[0] + n * n } else { 2.0 * reach + 4.0 * n * n };
                 let tp = Instant::now();
                 for name in group.iter() {
-                    operators.push(prune_operator(work.as_mut(), i, name, Some(&st), method, opts.pattern)?);
+                    operators.push(prune_operator(work.as_mut(), i, name, Some(&st), method, opts.pattern_for(i))?);
                 }
                 prune_seconds += tp.elapsed().as_secs_f64();
             }
@@ -334,7 +391,7 @@ fn prune_layer(
             let tp = Instant::now();
             for (group, st) in groups.iter().zip(&stats) {
                 for name in group.iter() {
-                    operators.push(prune_operator(work.as_mut(), i, name, Some(st), method, opts.pattern)?);
+                    operators.push(prune_operator(work.as_mut(), i, name, Some(st), method, opts.pattern_for(i))?);
                 }
             }
             prune_seconds = tp.elapsed().as_secs_f64();
@@ -343,7 +400,7 @@ fn prune_layer(
             let tp = Instant::now();
             for group in groups {
                 for name in group.iter() {
-                    operators.push(prune_operator(work.as_mut(), i, name, None, method, opts.pattern)?);
+                    operators.push(prune_operator(work.as_mut(), i, name, None, method, opts.pattern_for(i))?);
                 }
             }
             prune_seconds = tp.elapsed().as_secs_f64();
@@ -401,6 +458,8 @@ pub fn prune_model(
         pb.finish_and_clear();
         return Ok(reports);
     }
+    // The dense model's activations, the targets of the corrected walk.
+    let mut targets = (opts.layer_inputs == LayerInputs::Corrected && ctx.is_some()).then(|| acts.clone());
     let mut reports = Vec::new();
     for i in 0..=last {
         if i < first {
@@ -411,7 +470,7 @@ pub fn prune_model(
             continue;
         }
         let data = needs_data.then_some(acts.as_slice());
-        let (work, dense, mut report) = prune_layer(model, i, data, ctx.as_ref(), method, opts)?;
+        let (work, dense, mut report) = prune_layer(model, i, data, targets.as_deref(), ctx.as_ref(), method, opts)?;
         let t2 = Instant::now();
         if let Some(ctx) = &ctx
             && i < last
@@ -420,6 +479,13 @@ pub fn prune_model(
             report.gflop += tokens as f64 * prefix_flops(work.as_ref(), ctx.seqlen).last().copied().unwrap_or(0.0) / 1e9;
             match opts.layer_inputs {
                 LayerInputs::Pruned => advance(work.as_ref(), &mut acts, ctx, opts.act_dtype, &format!("output of pruned decoder layer {i}"))?,
+                LayerInputs::Corrected => {
+                    let d = dense.as_deref().expect("dense copy loaded in corrected mode");
+                    let t = targets.as_mut().expect("targets kept in corrected mode");
+                    advance(d, t, ctx, opts.act_dtype, &format!("output of decoder layer {i}"))?;
+                    report.gflop += tokens as f64 * prefix_flops(d, ctx.seqlen).last().copied().unwrap_or(0.0) / 1e9;
+                    advance(work.as_ref(), &mut acts, ctx, opts.act_dtype, &format!("output of pruned decoder layer {i}"))?
+                }
                 LayerInputs::Dense => {
                     let d = dense.as_deref().expect("dense copy loaded in dense mode");
                     advance(d, &mut acts, ctx, opts.act_dtype, &format!("output of decoder layer {i}"))?
@@ -464,7 +530,7 @@ fn prune_parallel(
                 loop {
                     let job = job_rx.lock().expect("job queue").recv();
                     let Ok((i, inputs)) = job else { break };
-                    let r = prune_layer(model, i, Some(&inputs), Some(ctx), method, opts).map(|(w, _, rep)| (i, w, rep));
+                    let r = prune_layer(model, i, Some(&inputs), None, Some(ctx), method, opts).map(|(w, _, rep)| (i, w, rep));
                     if res_tx.send(r).is_err() {
                         break;
                     }

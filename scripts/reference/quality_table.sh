@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The quality table of FISTAPruner against SparseGPT and Wanda on the demo model: the same calibration token ids
+# (128 x 512 from the C4 sample, seed 0, saved by compare_peers.sh or made here), WikiText-2 perplexity at
+# seqlen 512 on the first WINDOWS windows.
+#
+#   scripts/reference/quality_table.sh OUTDIR WINDOWS "TAG|prune flags" ...
+#
+# e.g. "fista-2_4|--method fista --pattern 2:4" "sparsegpt-70|--method sparsegpt --sparsity 0.7".
+# Each run writes OUTDIR/TAG/ (checkpoint and report.json) and OUTDIR/TAG.json (evaluation), and is skipped
+# when its evaluation exists. Prints one line per run: tag, perplexity, sparsity, prune seconds.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+cd "$root"
+out="$1"; windows="$2"; shift 2
+mkdir -p "$out"
+scripts/fetch-assets.sh >/dev/null
+cargo build --release --quiet --bin fistaprune
+fp=./target/release/fistaprune
+model=assets/SmolLM2-135M-Instruct.Q4_1.gguf
+wiki=../shared/data/wikitext-2-raw/wiki.test.raw
+c4=../shared/data/c4/c4-train.00000-of-01024.first1000.jsonl
+calib="$out/calib_128x512.json"
+[ -f "$calib" ] || $fp prune --model "$model" --method magnitude --sparsity 0.5 --calib "$c4" --nsamples 128 \
+  --seqlen 512 --save-calib "$calib" --out "$out/tmp-calib" --force --quiet
+rm -rf "$out/tmp-calib"
+[ -f "$out/dense.json" ] || $fp eval --model "$model" --dataset "$wiki" --max-windows "$windows" --quiet --json "$out/dense.json"
+for spec in "$@"; do
+  tag="${spec%%|*}"; flags="${spec#*|}"
+  if [ ! -f "$out/$tag.json" ]; then
+    /usr/bin/time -v $fp prune --model "$model" $flags --calib "$calib" --out "$out/$tag" --force --quiet \
+      2> "$out/$tag.time" || { cat "$out/$tag.time" >&2; exit 1; }
+    $fp eval --model "$out/$tag" --dataset "$wiki" --max-windows "$windows" --quiet --json "$out/$tag.json"
+  fi
+  python3 - "$out" "$tag" <<'PY'
+import json, re, sys
+d, tag = sys.argv[1:]
+e, r = json.load(open(f"{d}/{tag}.json")), json.load(open(f"{d}/{tag}/report.json"))
+rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", open(f"{d}/{tag}.time").read())
+print(f"{tag}\tppl {e['perplexity']:.3f}\tsparsity {r['sparsity']:.4f}\tprune {r['prune_seconds']:.0f} s"
+      f"\trss {int(rss.group(1)) / 1024:.0f} MiB" if rss else "")
+PY
+done

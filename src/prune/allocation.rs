@@ -1,0 +1,117 @@
+//! Non-uniform sparsity across decoder layers (METHOD.md §5): OWL's outlier-weighted allocation (Yin et al.
+//! 2023, "Outlier Weighed Layerwise Sparsity"), on top of any method, for unstructured targets.
+//!
+//! Each layer's outlier ratio `D_l` is the share of its Wanda scores `|W_ij| · ‖X_j‖` (over all its operators,
+//! on the dense model's calibration activations) above `m` times their mean. Layers with more outliers keep
+//! more weights: the densities `1 − s_l` are the ratios mapped linearly onto `[0, 2λ]`, then shifted so that
+//! their mean is `1 − s`. Every layer has the same parameter count in the architectures here, so the model's
+//! sparsity stays `s`.
+
+use anyhow::{Result, ensure};
+use candle_core::{D, DType, Tensor};
+
+use super::pipeline::{advance, embed_calibration};
+use crate::linalg::tensor_to_mat;
+use crate::model::CausalLm;
+use crate::util::progress_bar;
+
+/// OWL's knobs; the authors' defaults are λ = 0.08 and m = 5.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Owl {
+    pub lambda: f64,
+    pub m: f64,
+}
+
+/// Per-layer sparsities from outlier ratios: mean `s`, spread `2λ` (uniform when all ratios are equal).
+pub fn owl_sparsities(ratios: &[f64], s: f64, lambda: f64) -> Vec<f64> {
+    let (lo, hi) = ratios.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &r| (a.min(r), b.max(r)));
+    if ratios.is_empty() || hi - lo <= 0.0 {
+        return vec![s; ratios.len()];
+    }
+    let dens: Vec<f64> = ratios.iter().map(|r| (r - lo) / (hi - lo) * 2.0 * lambda).collect();
+    let mean = dens.iter().sum::<f64>() / dens.len() as f64;
+    dens.iter().map(|d| 1.0 - (d - mean + 1.0 - s)).collect()
+}
+
+/// Share of `scores` above `m` times their mean.
+pub fn outlier_ratio(scores: &[f32], m: f64) -> f64 {
+    if scores.is_empty() {
+        return 0.0;
+    }
+    let mean = scores.iter().map(|&x| x as f64).sum::<f64>() / scores.len() as f64;
+    scores.iter().filter(|&&x| x as f64 > m * mean).count() as f64 / scores.len() as f64
+}
+
+/// Every layer's outlier ratio, on the dense model's activations of the calibration samples.
+pub fn layer_outlier_ratios(model: &dyn CausalLm, calib: &[Vec<u32>], batch: usize, act_dtype: DType, m: f64, progress: bool) -> Result<Vec<f64>> {
+    let seqlen = calib.first().map(|s| s.len()).unwrap_or(0);
+    ensure!(seqlen > 0, "OWL needs calibration samples");
+    let ctx = model.context(seqlen)?;
+    let mut acts = embed_calibration(model, calib, batch, act_dtype)?;
+    let pb = progress_bar(model.num_layers() as u64, "outliers", progress);
+    let mut ratios = Vec::with_capacity(model.num_layers());
+    for i in 0..model.num_layers() {
+        let layer = model.load_layer(i)?;
+        let groups = layer.input_groups();
+        // Σ x_j² per input column of each group.
+        let mut sq: Vec<Option<Tensor>> = vec![None; groups.len()];
+        for x in &acts {
+            let x = x.to_dtype(DType::F32)?;
+            let mut hook = |name: &str, inp: &Tensor| -> Result<()> {
+                if let Some(g) = groups.iter().position(|g| g[0] == name) {
+                    let n = inp.dim(D::Minus1)?;
+                    let s = inp.reshape(((), n))?.sqr()?.sum(0)?;
+                    sq[g] = Some(match sq[g].take() {
+                        Some(t) => (t + s)?,
+                        None => s,
+                    });
+                }
+                Ok(())
+            };
+            layer.capture(&x, &ctx, &mut hook)?;
+        }
+        let mut scores = Vec::new();
+        for (g, names) in groups.iter().enumerate() {
+            let norms: Vec<f32> = match &sq[g] {
+                Some(t) => t.sqrt()?.to_vec1()?,
+                None => anyhow::bail!("decoder layer {i}: no input reached {}", names[0]),
+            };
+            for name in names.iter() {
+                let w = tensor_to_mat(&layer.linear(name).expect("grouped operators exist").weight)?;
+                for j in 0..w.ncols() {
+                    scores.extend((0..w.nrows()).map(|r| w[(r, j)].abs() * norms[j]));
+                }
+            }
+        }
+        ratios.push(outlier_ratio(&scores, m));
+        if i + 1 < model.num_layers() {
+            advance(layer.as_ref(), &mut acts, &ctx, act_dtype, &format!("output of decoder layer {i}"))?;
+        }
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    Ok(ratios)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocation_matches_a_hand_computation() {
+        // Ratios [0.01, 0.03, 0.02], λ = 0.1: normalised [0, 1, 0.5] · 0.2 = [0, 0.2, 0.1], mean 0.1;
+        // densities [0.2, 0.4, 0.3] around 1 − 0.7 = 0.3 → sparsities [0.8, 0.6, 0.7].
+        let s = owl_sparsities(&[0.01, 0.03, 0.02], 0.7, 0.1);
+        for (a, b) in s.iter().zip([0.8, 0.6, 0.7]) {
+            assert!((a - b).abs() < 1e-12, "{s:?}");
+        }
+        assert!((s.iter().sum::<f64>() / 3.0 - 0.7).abs() < 1e-12);
+        assert_eq!(owl_sparsities(&[0.2, 0.2], 0.5, 0.08), vec![0.5, 0.5]);
+    }
+
+    #[test]
+    fn outlier_ratio_counts_scores_above_m_means() {
+        // mean 1.45; 5 × mean = 7.25: only 10 is above.
+        assert_eq!(outlier_ratio(&[0.5, 0.5, 0.5, 10.0, 0.5, 0.5, 0.5, 0.5, 0.5, 1.0], 5.0), 0.1);
+    }
+}
