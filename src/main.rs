@@ -169,6 +169,9 @@ struct PruneFlags {
     /// FISTA: keep the pattern inside the iterations (hard threshold every step).
     #[arg(long)]
     projected: bool,
+    /// FISTA: ridge on G*, as a fraction of its mean diagonal (as SparseGPT's --percdamp).
+    #[arg(long, default_value_t = 0.0)]
+    damp: f64,
     /// Unstructured only: spread the sparsity over the layers by their outlier ratios (OWL), mean unchanged.
     #[arg(long)]
     owl: bool,
@@ -235,6 +238,7 @@ impl PruneFlags {
                 per_row: f.threshold == Threshold::PerRow,
                 refit_iters: f.refit_iters,
                 projected: f.projected,
+                damp: f.damp,
                 ..FistaOptions::default()
             },
             jobs: f.jobs.max(1),

@@ -25,7 +25,7 @@ calib="$out/calib_${nsamples}x${cseq}.json"
 [ -f "$calib" ] || $fp prune --model "$model" --method wanda --sparsity 0.5 --calib "$c4" --nsamples "$nsamples" \
   --seqlen "$cseq" --save-calib "$calib" --out "$out/tmp-calib" --force --quiet
 rm -rf "$out/tmp-calib"
-$fp eval --model "$model" --dataset "$wiki" --max-windows "$windows" --quiet --json "$out/dense.json"
+[ -f "$out/dense.json" ] || $fp eval --model "$model" --dataset "$wiki" --max-windows "$windows" --quiet --json "$out/dense.json"
 for cfg in "magnitude --sparsity 0.5" "wanda --sparsity 0.5" "sparsegpt --sparsity 0.5" \
            "magnitude --pattern 2:4" "wanda --pattern 2:4" "sparsegpt --pattern 2:4"; do
   set -- $cfg
@@ -38,7 +38,7 @@ for cfg in "magnitude --sparsity 0.5" "wanda --sparsity 0.5" "sparsegpt --sparsi
   if [ ! -f "$out/peers-$tag.json" ]; then
     .venv-peers/bin/python scripts/reference/peers_prune.py --method $cfg --model "$out/hf" --calib "$calib" \
       --eval-ids "$out/wt2_ids.json" --max-windows "$windows" --sparsegpt-repo "$sg" --wanda-repo "$wd" \
-      --json "$out/peers-$tag.json" > "$out/peers-$tag.log" 2>&1
+      --against "$out/ours-$tag" --json "$out/peers-$tag.json" > "$out/peers-$tag.log" 2>&1
   fi
 done
 python3 - "$out" <<'PY'
@@ -46,8 +46,8 @@ import json, os, re, sys
 d = sys.argv[1]
 dense = json.load(open(f"{d}/dense.json"))
 rows = [f"dense: perplexity {dense['perplexity']:.3f} ({dense['windows']} windows x {dense['seqlen']})", "",
-        "| method | pattern | fistaprune | authors' code | difference | fistaprune prune s | authors' prune s | peak RSS (fistaprune) |",
-        "|---|---|---|---|---|---|---|---|"]
+        "| method | pattern | fistaprune | authors' code | difference | fistaprune's weights, their eval | masks differing | of which not ties | fistaprune prune s | authors' prune s | peak RSS (fistaprune) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|"]
 for m in ["magnitude", "wanda", "sparsegpt"]:
     for p in ["0.5", "2_4"]:
         tag = f"{m}-{p}"
@@ -55,8 +55,13 @@ for m in ["magnitude", "wanda", "sparsegpt"]:
         rep = json.load(open(f"{d}/ours-{tag}/report.json"))
         rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", open(f"{d}/ours-{tag}.time").read()).group(1))
         diff = 100 * (ours["perplexity"] / theirs["perplexity"] - 1)
+        ag = theirs.get("against") or {}
+        fpe = f"{ag['perplexity_of_fistaprune_weights']:.3f}" if ag else "-"
+        md = f"{100 * ag['mask_positions_differing'] / ag['mask_positions']:.2f}%" if ag else "-"
+        nt = ag.get("groups_differing_not_by_ties")
+        nt = "-" if nt is None else str(nt)
         rows.append(f"| {m} | {'50%' if p == '0.5' else '2:4'} | {ours['perplexity']:.3f} | {theirs['perplexity']:.3f} | "
-                    f"{diff:+.2f}% | {rep['prune_seconds']:.0f} | {theirs['prune_seconds']:.0f} | {rss/1024:.0f} MiB |")
+                    f"{diff:+.2f}% | {fpe} | {md} | {nt} | {rep['prune_seconds']:.0f} | {theirs['prune_seconds']:.0f} | {rss/1024:.0f} MiB |")
 open(f"{d}/table.md", "w").write("\n".join(rows) + "\n")
 print("\n".join(rows))
 PY

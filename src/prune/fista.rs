@@ -73,7 +73,18 @@ impl Method for FistaPruner {
         let st = stats.ok_or_else(|| anyhow!("fista needs input statistics"))?;
         let w0 = self.warm.prune(w, Some(st), pattern).with_context(|| format!("warm start ({})", self.warm.name()))?.w;
         let c = st.target(w);
-        let p = st.problem(w, &c);
+        let mut p = st.problem(w, &c);
+        let damped;
+        if self.opts.damp > 0.0 {
+            let n = st.gram.nrows();
+            let d = self.opts.damp * (0..n).map(|j| st.gram[(j, j)] as f64).sum::<f64>() / n as f64;
+            let mut g = st.gram.clone();
+            for j in 0..n {
+                g[(j, j)] += d as f32;
+            }
+            damped = g;
+            p.g = &damped;
+        }
         let (out, report) = solve(&p, &w0, pattern, &self.opts)?;
         Ok(Pruned { w: out, details: Some(serde_json::to_value(report)?) })
     }
@@ -100,6 +111,10 @@ pub struct FistaOptions {
     pub projected: bool,
     /// Power iterations for `L`.
     pub power_iters: usize,
+    /// Ridge added to `G*` as a fraction of its mean diagonal (SparseGPT's `percdamp`): the solver minimises
+    /// `‖W'X* − WX‖² + δ‖W'‖²` besides the `λ‖W'‖₁`, which keeps the fit off the directions the calibration
+    /// data barely excites.
+    pub damp: f64,
 }
 
 impl Default for FistaOptions {
@@ -115,6 +130,7 @@ impl Default for FistaOptions {
             refit_iters: 0,
             projected: false,
             power_iters: 30,
+            damp: 0.0,
         }
     }
 }
