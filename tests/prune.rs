@@ -123,6 +123,10 @@ fn saved_calibration_reproduces_the_checkpoint_byte_for_byte() {
     let (ok, _, err) = run(&["prune", "--model", fixture("llama").to_str().unwrap(), "--calib", calib.to_str().unwrap(), "--seqlen", "16", "--out", d.join("f").to_str().unwrap(), "--quiet", "--method", "sparsegpt", "--sparsity", "0.5"]);
     assert!(!ok && err.contains("holds 8 x 32 samples, but --nsamples 8 --seqlen 16"), "{err}");
     assert!(!d.join("f").exists());
+    // Magnitude needs no calibration but still saves it when asked (to share it with later runs).
+    let calib2 = d.join("calib2.json");
+    prune(fixture("llama").to_str().unwrap(), &d.join("g"), &["--method", "magnitude", "--sparsity", "0.5", "--save-calib", calib2.to_str().unwrap(), "--seed", "3"]);
+    assert_eq!(std::fs::read(&calib).unwrap(), std::fs::read(&calib2).unwrap(), "the same draw");
     // Another seed draws other samples.
     let c = prune(fixture("llama").to_str().unwrap(), &d.join("c"), &["--method", "wanda", "--sparsity", "0.5", "--seed", "4"]);
     assert_ne!(a["calibration"]["sha256"], c["calibration"]["sha256"]);

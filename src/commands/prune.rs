@@ -170,8 +170,8 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
         }
     }
 
-    // Calibration (magnitude needs none).
-    let calib = if method.needs_gram() {
+    // Calibration (magnitude needs none, but may be asked to save it for other runs).
+    let calib = if method.needs_gram() || a.save_calib.is_some() || a.owl.is_some() {
         let src = a.calib.as_ref().ok_or_else(|| anyhow!("--calib is required for --method {:?}", a.method))?;
         let max_pos = ck.config.max_positions();
         let check_len = |n: usize| {
