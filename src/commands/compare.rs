@@ -9,9 +9,7 @@ use std::path::Path;
 use anyhow::{Context, Result, ensure};
 use serde_json::json;
 
-use super::dataset_windows;
-use super::prune::{MethodName, PruneArgs, prune};
-use crate::data::calibration::{CalibSpec, Calibration};
+use super::prune::{MethodName, PruneArgs, dense_eval, load_calibration, prune};
 use crate::eval::perplexity::{PplOptions, perplexity};
 use crate::model::Checkpoint;
 use crate::report::{Series, layer_errors, markdown_table, plot_layers};
@@ -33,32 +31,15 @@ pub fn compare(base: &PruneArgs, methods: &[MethodName], out: &Path) -> Result<C
     let calib_path = out.join("calib.json");
     let needs_calib = methods.iter().any(|m| *m != MethodName::Magnitude);
     let calib = if needs_calib {
-        let src = base.calib.as_ref().ok_or_else(|| anyhow::anyhow!("--calib is required"))?;
-        let c = Calibration::build(
-            ck.tokenizer()?,
-            &CalibSpec {
-                source: src,
-                format: base.calib_format,
-                nsamples: base.nsamples,
-                seqlen: base.seqlen,
-                seed: base.seed,
-                mode: base.calib_mode,
-            },
-        )?;
+        let c = load_calibration(base, &ck)?;
         c.save(&calib_path)?;
         Some(c)
     } else {
         None
     };
-    let windows = match &base.eval {
-        Some(p) => Some(dataset_windows(&ck, p, base.eval_format, base.eval_seqlen, base.eval_max_windows)?.1),
-        None => None,
-    };
+    let (windows, dense) = dense_eval(base, &ck)?;
+    let dense = dense.map(|r| r.perplexity);
     let ppl_opts = PplOptions { progress: !base.quiet, ..Default::default() };
-    let dense = match &windows {
-        Some(w) => Some(perplexity(ck.model()?.as_ref(), w, &ppl_opts)?.perplexity),
-        None => None,
-    };
     let mut rows = Vec::new();
     let mut results = Vec::new();
     let mut series = Vec::new();

@@ -13,7 +13,7 @@ use serde_json::json;
 use super::{dataset_windows, tensor_specs};
 use crate::data::calibration::{CalibMode, CalibSpec, Calibration};
 use crate::data::dataset::TextFormat;
-use crate::eval::perplexity::{PplOptions, perplexity};
+use crate::eval::perplexity::{PplOptions, PplResult, perplexity};
 use crate::model::export::{OutDType, write_hf_contents, write_safetensors};
 use crate::model::safetensors::SafetensorsStore;
 use crate::model::{Checkpoint, DecoderLayer, Format};
@@ -148,6 +148,35 @@ fn save_layer(dir: &Path, i: usize, layer: &dyn DecoderLayer) -> Result<()> {
     Ok(())
 }
 
+/// The calibration set `a` asks for (drawn or loaded), checked against the model's context and vocabulary.
+pub fn load_calibration(a: &PruneArgs, ck: &Checkpoint) -> Result<Calibration> {
+    let src = a.calib.as_ref().ok_or_else(|| anyhow!("--calib is required for --method {:?}", a.method))?;
+    let max_pos = ck.config.max_positions();
+    let check_len = |n: usize| {
+        ensure!(n <= max_pos, "--seqlen {n} is above the model's context of {max_pos} positions");
+        Ok(())
+    };
+    if let Some(n) = a.seqlen {
+        check_len(n)?;
+    }
+    let c = Calibration::build(
+        ck.tokenizer()?,
+        &CalibSpec { source: src, format: a.calib_format, nsamples: a.nsamples, seqlen: a.seqlen, seed: a.seed, mode: a.calib_mode },
+    )?;
+    check_len(c.seqlen).with_context(|| format!("{}", src.display()))?;
+    c.check_vocab(ck.config.vocab_size(), src)?;
+    Ok(c)
+}
+
+/// With `--eval`: the evaluation windows and the dense model's perplexity on them.
+pub fn dense_eval(a: &PruneArgs, ck: &Checkpoint) -> Result<(Option<Vec<Vec<u32>>>, Option<PplResult>)> {
+    let Some(p) = &a.eval else { return Ok((None, None)) };
+    let windows = dataset_windows(ck, p, a.eval_format, a.eval_seqlen, a.eval_max_windows)?.1;
+    let ppl_opts = PplOptions { progress: !a.quiet, ..Default::default() };
+    let before = perplexity(ck.model()?.as_ref(), &windows, &ppl_opts).context("evaluating the dense model")?;
+    Ok((Some(windows), Some(before)))
+}
+
 pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
     let t_start = Instant::now();
     let ck = Checkpoint::open(&a.model)?;
@@ -172,28 +201,7 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
 
     // Calibration (magnitude needs none, but may be asked to save it for other runs).
     let calib = if method.needs_gram() || a.save_calib.is_some() || a.owl.is_some() {
-        let src = a.calib.as_ref().ok_or_else(|| anyhow!("--calib is required for --method {:?}", a.method))?;
-        let max_pos = ck.config.max_positions();
-        let check_len = |n: usize| {
-            ensure!(n <= max_pos, "--seqlen {n} is above the model's context of {max_pos} positions");
-            Ok(())
-        };
-        if let Some(n) = a.seqlen {
-            check_len(n)?;
-        }
-        let c = Calibration::build(
-            ck.tokenizer()?,
-            &CalibSpec {
-                source: src,
-                format: a.calib_format,
-                nsamples: a.nsamples,
-                seqlen: a.seqlen,
-                seed: a.seed,
-                mode: a.calib_mode,
-            },
-        )?;
-        check_len(c.seqlen).with_context(|| format!("{}", src.display()))?;
-        c.check_vocab(ck.config.vocab_size(), src)?;
+        let c = load_calibration(a, &ck)?;
         if let Some(p) = &a.save_calib {
             c.save(p)?;
         }
@@ -202,15 +210,7 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
         None
     };
 
-    let eval_windows = match &a.eval {
-        Some(p) => Some(dataset_windows(&ck, p, a.eval_format, a.eval_seqlen, a.eval_max_windows)?.1),
-        None => None,
-    };
-    let ppl_opts = PplOptions { progress: !a.quiet, ..Default::default() };
-    let before = match &eval_windows {
-        Some(w) => Some(perplexity(ck.model()?.as_ref(), w, &ppl_opts).context("evaluating the dense model")?),
-        None => None,
-    };
+    let (eval_windows, before) = dense_eval(a, &ck)?;
 
     let dir = AtomicDir::new(&a.out, a.force)?;
     let layers_dir = dir.tmp.join("layers");
@@ -293,6 +293,7 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
     let after = match &eval_windows {
         Some(w) => {
             let pruned = Checkpoint::open(&dir.tmp)?;
+            let ppl_opts = PplOptions { progress: !a.quiet, ..Default::default() };
             Some(perplexity(pruned.model()?.as_ref(), w, &ppl_opts).context("evaluating the pruned model")?)
         }
         None => None,
