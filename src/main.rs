@@ -19,6 +19,12 @@ enum Threshold {
     PerMatrix,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Basis {
+    Raw,
+    Normalized,
+}
+
 /// `A-B` or `A` (inclusive).
 fn parse_layers(s: &str) -> anyhow::Result<(usize, usize)> {
     let parse = |x: &str| x.trim().parse::<usize>().map_err(|_| anyhow::anyhow!("--layers {s:?}: expected A-B, e.g. 0-14"));
@@ -120,11 +126,12 @@ struct PruneFlags {
     /// Magnitude: one threshold per output row instead of per matrix.
     #[arg(long)]
     per_row: bool,
-    /// Each layer's calibration inputs: from the dense model (layers independent; default for fista), from
-    /// the pruned previous layers (default for the others), or corrected: the pruned layers' outputs as
-    /// inputs with the dense model's as targets (error correction across layers too).
-    #[arg(long, value_enum)]
-    layer_inputs: Option<LayerInputs>,
+    /// Each layer's calibration inputs: from the pruned previous layers (SparseGPT's way, the default: it
+    /// measured far better for fista too), from the dense model (the FISTAPruner paper's: layers independent,
+    /// so --jobs and --layers can split the work), or corrected: the pruned layers' outputs as inputs with the
+    /// dense model's as targets (error correction across layers too).
+    #[arg(long, value_enum, default_value = "pruned")]
+    layer_inputs: LayerInputs,
     /// Prune the operators of a layer in data-flow order, each against the inputs the partially pruned
     /// layer gives it (default for fista).
     #[arg(long, conflicts_with = "no_error_correction")]
@@ -138,7 +145,7 @@ struct PruneFlags {
     /// Layers pruned at the same time (dense layer inputs); the checkpoint does not depend on it.
     #[arg(long, default_value_t = 1)]
     jobs: usize,
-    /// FISTAPruner's starting point (default: wanda for the LLaMA family, sparsegpt for OPT).
+    /// FISTAPruner's starting point (default sparsegpt; the paper used wanda for the LLaMA family).
     #[arg(long, value_enum)]
     warm_start: Option<WarmStart>,
     /// FISTA: iterations per λ (K).
@@ -163,8 +170,8 @@ struct PruneFlags {
     /// FISTA: unstructured hard threshold per output row or per matrix.
     #[arg(long, value_enum, default_value = "per-row")]
     threshold: Threshold,
-    /// FISTA: masked conjugate-gradient re-fit steps on the final support (0: off).
-    #[arg(long, default_value_t = 0)]
+    /// FISTA: masked conjugate-gradient re-fit steps on the final support (0: off, as in the paper).
+    #[arg(long, default_value_t = 20)]
     refit_iters: usize,
     /// FISTA: keep the pattern inside the iterations (hard threshold every step).
     #[arg(long)]
@@ -172,6 +179,11 @@ struct PruneFlags {
     /// FISTA: ridge on G*, as a fraction of its mean diagonal (as SparseGPT's --percdamp).
     #[arg(long, default_value_t = 0.0)]
     damp: f64,
+    /// FISTA: solve for the weights as they are (the paper) or in the basis of unit-norm input channels
+    /// (Jacobi-scaled G*: better conditioned, and the L1 term and the hard threshold weigh each weight by its
+    /// input's norm, as Wanda's score does).
+    #[arg(long, value_enum, default_value = "raw")]
+    basis: Basis,
     /// Unstructured only: spread the sparsity over the layers by their outlier ratios (OWL), mean unchanged.
     #[arg(long)]
     owl: bool,
@@ -239,6 +251,7 @@ impl PruneFlags {
                 refit_iters: f.refit_iters,
                 projected: f.projected,
                 damp: f.damp,
+                normalize: f.basis == Basis::Normalized,
                 ..FistaOptions::default()
             },
             jobs: f.jobs.max(1),

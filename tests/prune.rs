@@ -174,7 +174,7 @@ fn fista_is_byte_identical_whatever_the_parallelism() {
     let d = tmpdir("p-fista-par");
     let m = fixture("llama");
     let c4 = c4();
-    let base = ["prune", "--model", m.to_str().unwrap(), "--method", "fista", "--pattern", "2:4", "--calib", &c4, "--nsamples", "8", "--seqlen", "32", "--quiet", "--refit-iters", "5"];
+    let base = ["prune", "--model", m.to_str().unwrap(), "--method", "fista", "--pattern", "2:4", "--calib", &c4, "--nsamples", "8", "--seqlen", "32", "--quiet", "--refit-iters", "5", "--layer-inputs", "dense"];
     let go = |out: &str, extra: &[&str]| {
         let mut args = base.to_vec();
         let o = d.join(out);

@@ -8,14 +8,15 @@
 # e.g. "fista-2_4|--method fista --pattern 2:4" "sparsegpt-70|--method sparsegpt --sparsity 0.7".
 # Each run writes OUTDIR/TAG/ (checkpoint and report.json) and OUTDIR/TAG.json (evaluation), and is skipped
 # when its evaluation exists. Prints one line per run: tag, perplexity, sparsity, prune seconds.
+# FP=path uses that binary instead of building one; THREADS=n passes --threads n.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
 out="$1"; windows="$2"; shift 2
 mkdir -p "$out"
 scripts/fetch-assets.sh >/dev/null
-cargo build --release --quiet --bin fistaprune
-fp=./target/release/fistaprune
+if [ -z "${FP:-}" ]; then cargo build --release --quiet --bin fistaprune; fi
+fp="${FP:-./target/release/fistaprune}${THREADS:+ --threads $THREADS}"
 model=assets/SmolLM2-135M-Instruct.Q4_1.gguf
 wiki=../shared/data/wikitext-2-raw/wiki.test.raw
 c4=../shared/data/c4/c4-train.00000-of-01024.first1000.jsonl

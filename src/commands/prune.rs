@@ -72,7 +72,7 @@ pub struct PruneArgs {
     pub blocksize: usize,
     pub magnitude_per_row: bool,
     /// Default: dense for fista, pruned for the others.
-    pub layer_inputs: Option<LayerInputs>,
+    pub layer_inputs: LayerInputs,
     /// Default: on for fista, off for the others.
     pub error_correction: Option<bool>,
     pub layers: Option<(usize, usize)>,
@@ -86,21 +86,20 @@ pub struct PruneArgs {
     pub quiet: bool,
 }
 
-fn warm_of(a: &PruneArgs, ck: &Checkpoint) -> WarmStart {
-    a.warm_start.unwrap_or(match ck.config {
-        crate::model::ModelConfig::Opt(_) => WarmStart::Sparsegpt,
-        crate::model::ModelConfig::Llama(_) => WarmStart::Wanda,
-    })
+/// SparseGPT's result is the default start for every family: the paper used it for OPT and Wanda's for LLaMA,
+/// but on SmolLM2 (LLaMA) SparseGPT's start measured better (docs/BENCHMARKS.md).
+fn warm_of(a: &PruneArgs) -> WarmStart {
+    a.warm_start.unwrap_or(WarmStart::Sparsegpt)
 }
 
-fn method_of(a: &PruneArgs, ck: &Checkpoint) -> Box<dyn Method> {
+fn method_of(a: &PruneArgs) -> Box<dyn Method> {
     let sparsegpt = || Box::new(SparseGpt { percdamp: a.percdamp, blocksize: a.blocksize });
     match a.method {
         MethodName::Magnitude => Box::new(Magnitude { per_row: a.magnitude_per_row }),
         MethodName::Wanda => Box::new(Wanda),
         MethodName::Sparsegpt => sparsegpt(),
         MethodName::Fista => {
-            let warm: Box<dyn Method> = match warm_of(a, ck) {
+            let warm: Box<dyn Method> = match warm_of(a) {
                 WarmStart::Wanda => Box::new(Wanda),
                 WarmStart::Sparsegpt => sparsegpt(),
                 WarmStart::Magnitude => Box::new(Magnitude { per_row: a.fista.per_row }),
@@ -180,9 +179,9 @@ pub fn dense_eval(a: &PruneArgs, ck: &Checkpoint) -> Result<(Option<Vec<Vec<u32>
 pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
     let t_start = Instant::now();
     let ck = Checkpoint::open(&a.model)?;
-    let method = method_of(a, &ck);
+    let method = method_of(a);
     let is_fista = a.method == MethodName::Fista;
-    let layer_inputs = a.layer_inputs.unwrap_or(if is_fista { LayerInputs::Dense } else { LayerInputs::Pruned });
+    let layer_inputs = a.layer_inputs;
     // The corrected walk is error correction across layers: it implies it within them.
     ensure!(
         !(layer_inputs == LayerInputs::Corrected && a.error_correction == Some(false)),
@@ -262,7 +261,7 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
             "percdamp": a.percdamp, "blocksize": a.blocksize, "magnitude_per_row": a.magnitude_per_row,
             "batch": a.batch, "act_dtype": format!("{:?}", a.act_dtype).to_lowercase(),
             "layer_inputs": layer_inputs, "error_correction": error_correction,
-            "warm_start": is_fista.then(|| warm_of(a, &ck)), "fista": is_fista.then(|| a.fista.clone()),
+            "warm_start": is_fista.then(|| warm_of(a)), "fista": is_fista.then(|| a.fista.clone()),
         },
         "allocation": allocation.as_ref().map(|(o, s, r)| json!({
             "method": "owl", "lambda": o.lambda, "m": o.m, "layer_sparsity": s, "outlier_ratios": r,
