@@ -65,7 +65,7 @@ fn peers_slice() -> serde_json::Value {
 /// the slice's calibration ids (every method but magnitude reads them), and returns the WikiText-2 perplexity
 /// on the slice's windows (`r["eval"]`) and the report.
 fn slice_run(r: &serde_json::Value, tag: &str, flags: &[&str]) -> (f64, serde_json::Value) {
-    let d = tmpdir("smol-slice");
+    let d = tmpdir(&format!("smol-slice-{tag}"));
     let model = smollm2();
     let c4 = shared("c4/c4-train.00000-of-01024.first1000.jsonl");
     let (cal, ev) = (&r["calibration"], &r["eval"]);
