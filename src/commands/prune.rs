@@ -71,7 +71,6 @@ pub struct PruneArgs {
     pub percdamp: f64,
     pub blocksize: usize,
     pub magnitude_per_row: bool,
-    /// Default: dense for fista, pruned for the others.
     pub layer_inputs: LayerInputs,
     /// Default: on for fista, off for the others.
     pub error_correction: Option<bool>,
