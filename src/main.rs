@@ -17,6 +17,8 @@ use fistaprune::prune::Pattern;
 enum Threshold {
     PerRow,
     PerMatrix,
+    /// Each row keeps as many zeros as the warm start has in it (per row when it has none).
+    WarmRows,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -94,9 +96,13 @@ struct PruneFlags {
     /// Save the calibration token ids here (reload them with --calib FILE).
     #[arg(long)]
     save_calib: Option<PathBuf>,
-    /// Replace an existing output directory.
+    /// Replace an existing output directory (and clear what an interrupted run left aside).
     #[arg(long)]
     force: bool,
+    /// Continue an interrupted run into the same --out with the same flags: the layers it finished
+    /// (kept in `.OUT.partial` beside --out) are not pruned again; the result is the same bytes.
+    #[arg(long)]
+    resume: bool,
     /// Output weight type (default: the input's; f32 for GGUF).
     #[arg(long, value_enum)]
     dtype: Option<OutDType>,
@@ -167,7 +173,8 @@ struct PruneFlags {
     alpha_min: f64,
     #[arg(long, default_value_t = 1.0)]
     alpha_max: f64,
-    /// FISTA: unstructured hard threshold per output row or per matrix.
+    /// FISTA: unstructured hard threshold per output row, per matrix, or per row with the warm start's
+    /// count of zeros in each row (SparseGPT spreads its zeros unevenly over the rows).
     #[arg(long, value_enum, default_value = "per-row")]
     threshold: Threshold,
     /// FISTA: masked conjugate-gradient re-fit steps on the final support (0: off, as in the paper).
@@ -184,6 +191,11 @@ struct PruneFlags {
     /// input's norm, as Wanda's score does).
     #[arg(long, value_enum, default_value = "raw")]
     basis: Basis,
+    /// Scale tokens whose operator input has a mean square above this many times their sequence's median
+    /// down to that level in the statistics every method uses (massive activations otherwise make a few
+    /// tokens the whole least-squares objective). Off by default.
+    #[arg(long)]
+    token_cap: Option<f64>,
     /// Unstructured only: spread the sparsity over the layers by their outlier ratios (OWL), mean unchanged.
     #[arg(long)]
     owl: bool,
@@ -206,6 +218,9 @@ impl PruneFlags {
             _ => anyhow::bail!("give exactly one of --sparsity and --pattern"),
         };
         anyhow::ensure!(f.percdamp >= 0.0 && f.percdamp.is_finite(), "--percdamp {} must be ≥ 0", f.percdamp);
+        if let Some(k) = f.token_cap {
+            anyhow::ensure!(k >= 1.0 && k.is_finite(), "--token-cap {k} must be at least 1 (a multiple of the median)");
+        }
         Ok(commands::prune::PruneArgs {
             model: f.model,
             method,
@@ -219,6 +234,7 @@ impl PruneFlags {
             save_calib: f.save_calib,
             out,
             force: f.force,
+            resume: f.resume,
             dtype: f.dtype,
             max_shard_bytes: (f.max_shard_gb * 1e9) as usize,
             eval: f.eval,
@@ -247,7 +263,8 @@ impl PruneFlags {
                 xi: f.xi,
                 alpha0: f.alpha,
                 alpha_bracket: (f.alpha_min, f.alpha_max),
-                per_row: f.threshold == Threshold::PerRow,
+                per_row: f.threshold != Threshold::PerMatrix,
+                warm_rows: f.threshold == Threshold::WarmRows,
                 refit_iters: f.refit_iters,
                 projected: f.projected,
                 damp: f.damp,
@@ -255,6 +272,7 @@ impl PruneFlags {
                 ..FistaOptions::default()
             },
             jobs: f.jobs.max(1),
+            token_cap: f.token_cap,
             owl: f.owl.then_some(fistaprune::prune::allocation::Owl { lambda: f.owl_lambda, m: f.owl_m }),
             quiet: f.quiet,
         })
@@ -268,9 +286,20 @@ enum Command {
         /// Hugging Face model directory or .gguf file.
         #[arg(long)]
         model: PathBuf,
-        /// Dataset file (.raw/.txt, .jsonl, .json.gz).
+        /// Dataset file (.raw/.txt, .jsonl, .json.gz) for perplexity.
+        #[arg(long, required_unless_present = "tasks")]
+        dataset: Option<PathBuf>,
+        /// Zero-shot tasks, scored as lm-evaluation-harness does (acc, acc_norm): boolq, rte, hellaswag,
+        /// winogrande, arc_easy, arc_challenge, openbookqa.
+        #[arg(long, value_delimiter = ',')]
+        tasks: Vec<String>,
+        /// Folder of the task files (`boolq/dev.jsonl`, `winogrande/dev.jsonl`, `arc_easy/test.json`,
+        /// `openbookqa/test.jsonl`, ...).
+        #[arg(long, default_value = "../shared/data/zeroshot")]
+        tasks_dir: PathBuf,
+        /// Zero-shot: score only the first K examples of each task.
         #[arg(long)]
-        dataset: PathBuf,
+        limit: Option<usize>,
         /// How to read the dataset (default: guessed from the file name).
         #[arg(long, value_enum)]
         format: Option<TextFormat>,
@@ -385,18 +414,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
     }
     match cli.command {
-        Command::Eval { model, dataset, format, seqlen, max_windows, batch, layer_memory_mb, json, quiet } => {
-            commands::eval(&commands::EvalArgs {
-                model,
-                dataset,
-                format,
-                seqlen,
-                max_windows,
-                batch,
-                layer_memory_bytes: layer_memory_mb << 20,
-                json,
-                quiet,
-            })?;
+        Command::Eval { model, dataset, tasks, tasks_dir, limit, format, seqlen, max_windows, batch, layer_memory_mb, json, quiet } => {
+            if !tasks.is_empty() {
+                // With a dataset too, its perplexity goes to --json and the tasks beside it (`.tasks.json`).
+                let tasks_json = json.as_ref().map(|j| if dataset.is_some() { j.with_extension("tasks.json") } else { j.clone() });
+                commands::zeroshot(&commands::ZeroShotArgs { model: model.clone(), tasks, tasks_dir, limit, json: tasks_json, quiet })?;
+            }
+            if let Some(dataset) = dataset {
+                commands::eval(&commands::EvalArgs {
+                    model,
+                    dataset,
+                    format,
+                    seqlen,
+                    max_windows,
+                    batch,
+                    layer_memory_bytes: layer_memory_mb << 20,
+                    json,
+                    quiet,
+                })?;
+            }
         }
         Command::Prune { method, out, flags } => {
             commands::prune::prune(&flags.to_args(method, out.clone())?)?;

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use candle_core::{DType, Tensor};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -51,6 +51,8 @@ pub struct AtomicDir {
     pub tmp: PathBuf,
     dest: PathBuf,
     committed: bool,
+    /// A resumed directory holds an earlier run's work: a failure now (flags that disagree with it) keeps it.
+    keep: bool,
 }
 
 impl AtomicDir {
@@ -67,11 +69,48 @@ impl AtomicDir {
             std::fs::remove_dir_all(&tmp)?;
         }
         std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-        Ok(Self { tmp, dest: dest.to_path_buf(), committed: false })
+        Ok(Self { tmp, dest: dest.to_path_buf(), committed: false, keep: false })
+    }
+
+    /// Like [`AtomicDir::new`], but the directory aside has a fixed name, `.NAME.partial`, so that what a
+    /// killed run (SIGINT, SIGTERM, `kill -9`: nothing removes it then) left there can be continued: with
+    /// `resume` it is kept and the second value is true; without, it is refused, or cleared with `force`.
+    /// (A run that fails with an error removes it, unless it was resuming: that work stays for a corrected
+    /// `--resume`.)
+    pub fn resumable(dest: &Path, force: bool, resume: bool) -> Result<(Self, bool)> {
+        if dest.exists() && !force {
+            bail!("{}: already exists (use --force to replace it)", dest.display());
+        }
+        let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", parent.display()))?;
+        let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+        let tmp = parent.join(format!(".{name}.partial"));
+        let lock = tmp.join("lock");
+        if let Ok(pid) = std::fs::read_to_string(&lock)
+            && let Ok(pid) = pid.trim().parse::<u32>()
+            && pid != std::process::id()
+            && Path::new(&format!("/proc/{pid}")).exists()
+        {
+            bail!("{}: another run (process {pid}) is writing {} now", tmp.display(), dest.display());
+        }
+        let resumed = tmp.exists() && resume;
+        if tmp.exists() && !resume {
+            ensure!(
+                force,
+                "{}: an interrupted run left its finished layers here; --resume continues it, --force starts over",
+                tmp.display()
+            );
+            std::fs::remove_dir_all(&tmp).with_context(|| format!("{}: cannot remove", tmp.display()))?;
+        }
+        std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+        write_atomic(&lock, std::process::id().to_string().as_bytes())?;
+        Ok((Self { tmp, dest: dest.to_path_buf(), committed: false, keep: resumed }, resumed))
     }
 
     /// Move the finished directory into place (replacing an old one, which is removed afterwards).
     pub fn commit(mut self) -> Result<()> {
+        // The lock of a resumable directory is not part of the output.
+        std::fs::remove_file(self.tmp.join("lock")).ok();
         let old = self.dest.with_file_name(format!(
             ".{}.old-{}",
             self.dest.file_name().unwrap_or_default().to_string_lossy(),
@@ -92,7 +131,7 @@ impl AtomicDir {
 
 impl Drop for AtomicDir {
     fn drop(&mut self) {
-        if !self.committed {
+        if !self.committed && !self.keep {
             std::fs::remove_dir_all(&self.tmp).ok();
         }
     }

@@ -308,3 +308,51 @@ fn owl_spreads_the_sparsity_over_layers_with_the_same_mean() {
     assert!(!ok && err.contains("--owl allocates unstructured sparsity"), "{err}");
     assert!(!d.join("x").exists());
 }
+
+#[test]
+fn resume_after_a_kill_gives_the_same_checkpoint_in_every_walk() {
+    let d = tmpdir("p-resume");
+    let m = fixture("llama");
+    let c4 = c4();
+    let walks: &[(&str, &[&str])] = &[
+        ("sgpt-pruned", &["--method", "sparsegpt", "--sparsity", "0.5"]),
+        ("fista-dense-jobs2", &["--method", "fista", "--pattern", "2:4", "--layer-inputs", "dense", "--jobs", "2", "--refit-iters", "5"]),
+        ("fista-corrected", &["--method", "fista", "--sparsity", "0.6", "--layer-inputs", "corrected", "--refit-iters", "5"]),
+    ];
+    for (tag, flags) in walks {
+        let go = |out: &str, extra: &[&str], exit_after: Option<&str>| {
+            let o = d.join(format!("{tag}-{out}"));
+            let mut args = vec!["prune", "--model", m.to_str().unwrap(), "--calib", &c4, "--nsamples", "8", "--seqlen", "32", "--quiet", "--threads", "1"];
+            let os = o.to_str().unwrap().to_string();
+            args.extend_from_slice(&["--out", &os]);
+            args.extend_from_slice(flags);
+            args.extend_from_slice(extra);
+            let mut cmd = std::process::Command::new(bin());
+            cmd.args(&args);
+            if let Some(l) = exit_after {
+                cmd.env("FISTAPRUNE_TEST_EXIT_AFTER_LAYER", l);
+            }
+            let r = cmd.output().unwrap();
+            (r.status.success(), String::from_utf8_lossy(&r.stderr).into_owned(), o)
+        };
+        let (ok, err, whole) = go("whole", &[], None);
+        assert!(ok, "{tag}: {err}");
+        let (ok, _, cut) = go("cut", &[], Some("0"));
+        assert!(!ok && !cut.exists(), "{tag}: the interrupted run should leave no output");
+        let (ok, err, _) = go("cut", &["--resume"], None);
+        assert!(ok, "{tag}: {err}");
+        let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(cut.join("report.json")).unwrap()).unwrap();
+        assert!(r["resumed_layers"].as_u64().unwrap() >= 1, "{tag}: {}", r["resumed_layers"]);
+        assert_eq!(r["layers"].as_array().unwrap().len(), 2, "{tag}: one report per layer");
+        assert!(
+            std::fs::read(whole.join("model.safetensors")).unwrap() == std::fs::read(cut.join("model.safetensors")).unwrap(),
+            "{tag}: the resumed checkpoint differs"
+        );
+        // --resume with nothing to resume is a plain run.
+        let (ok, err, _) = go("fresh", &["--resume"], None);
+        assert!(ok, "{tag}: {err}");
+    }
+    // Only the outputs are left: nothing aside.
+    let left: Vec<String> = std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -143,3 +143,64 @@ fn fista_beats_the_baselines_on_a_slice() {
         assert!((ppl / recorded - 1.0).abs() < 1e-3, "{tag}: {ppl} moved from the recorded {recorded}");
     }
 }
+
+/// A real `prune` on SmolLM2 killed (SIGKILL) once a randomly chosen layer has landed, then `--resume`d: the
+/// same bytes as an uninterrupted run, and what the killed run left is protected against the wrong flags.
+#[test]
+fn killed_prune_resumes_to_the_same_bytes() {
+    let d = tmpdir("smol-resume");
+    let model = smollm2();
+    let c4 = shared("c4/c4-train.00000-of-01024.first1000.jsonl");
+    // Pruned layer inputs (each layer's calibration inputs come from the pruned layers before it), so the
+    // resumed run has to rebuild them through the layers it reloads.
+    let args = |out: &str, extra: &[&str]| -> Vec<String> {
+        let s = if extra.contains(&"--sparsity") { &[][..] } else { &["--sparsity", "0.5"][..] };
+        let mut v: Vec<String> = ["prune", "--model", model.to_str().unwrap(), "--method", "sparsegpt"].iter().chain(s).chain(&[
+            "--calib", c4.to_str().unwrap(), "--nsamples", "8", "--seqlen", "128", "--threads", "2", "--quiet", "--out"])
+            .map(|s| s.to_string()).collect();
+        v.push(d.join(out).to_str().unwrap().to_string());
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let go = |a: &[String]| run(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    let (ok, _, err) = go(&args("whole", &[]));
+    assert!(ok, "{err}");
+
+    // A layer from 1 to 24 (of 30), drawn from the clock.
+    let k = 1 + (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as usize) % 24;
+    let aside = d.join(".killed.partial");
+    let marker = aside.join(format!("layers/layer-{k:05}.safetensors"));
+    let mut child = std::process::Command::new(bin()).args(args("killed", &[])).spawn().unwrap();
+    let t0 = std::time::Instant::now();
+    while !marker.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before layer {k} was written");
+        assert!(t0.elapsed().as_secs() < 600, "layer {k} never came");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!d.join("killed").exists(), "a killed run left an output");
+    assert!(aside.exists());
+
+    // Without --resume the leftover is refused, with other flags --resume is refused: both keep it.
+    let (ok, _, err) = go(&args("killed", &[]));
+    assert!(!ok && err.contains("--resume continues it"), "{err}");
+    let (ok, _, err) = go(&args("killed", &["--resume", "--sparsity", "0.6"]));
+    assert!(!ok && err.contains("differs (pattern: \"50%\" → \"60%\")"), "{err}");
+    assert!(marker.exists(), "a refused run removed the interrupted one's layers");
+
+    let (ok, _, err) = go(&args("killed", &["--resume"]));
+    assert!(ok, "{err}");
+    assert!(!aside.exists());
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("killed/report.json")).unwrap()).unwrap();
+    let resumed = report["resumed_layers"].as_u64().unwrap() as usize;
+    assert!(resumed > k && resumed < 30, "layer {k}: {resumed} layers resumed");
+    let mut names: Vec<String> = std::fs::read_dir(d.join("whole")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    let mut theirs: Vec<String> = std::fs::read_dir(d.join("killed")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    theirs.sort();
+    assert_eq!(names, theirs);
+    for n in names.iter().filter(|n| *n != "report.json") {
+        assert!(std::fs::read(d.join("whole").join(n)).unwrap() == std::fs::read(d.join("killed").join(n)).unwrap(), "{n} differs (killed after layer {k})");
+    }
+}

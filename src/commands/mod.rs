@@ -11,9 +11,51 @@ use serde_json::json;
 
 use crate::data::dataset::{self, TextFormat};
 use crate::eval::perplexity::{PplOptions, PplResult, perplexity};
+use crate::eval::zeroshot;
 use crate::model::export::{OutDType, write_hf_dir};
 use crate::model::{Checkpoint, Format, forward_logits};
 use crate::util::write_atomic;
+
+pub struct ZeroShotArgs {
+    pub model: PathBuf,
+    pub tasks: Vec<String>,
+    /// Folder holding the task files (`boolq/dev.jsonl`, ...; see [`zeroshot::task_file`]).
+    pub tasks_dir: PathBuf,
+    /// Score only the first K examples of each task.
+    pub limit: Option<usize>,
+    pub json: Option<PathBuf>,
+    pub quiet: bool,
+}
+
+/// `fistaprune eval --tasks`: zero-shot acc and acc_norm of each task, as lm-evaluation-harness scores them.
+pub fn zeroshot(a: &ZeroShotArgs) -> Result<Vec<zeroshot::TaskResult>> {
+    ensure!(!a.tasks.is_empty(), "--tasks: give at least one of {}", zeroshot::TASKS.join(", "));
+    ensure!(a.tasks_dir.is_dir(), "--tasks-dir {}: not a folder (the task files are read from a local folder; no hub download here)", a.tasks_dir.display());
+    // Every file is found before any model work.
+    let files: Vec<PathBuf> = a.tasks.iter().map(|t| zeroshot::task_file(&a.tasks_dir, t)).collect::<Result<_>>()?;
+    let ck = Checkpoint::open(&a.model)?;
+    let tok = ck.tokenizer()?;
+    // Padding, and the stand-in for an empty context (the harness's prefix token: BOS, else EOS).
+    let eos = tok.bos_id.or(tok.eos_id).or(ck.config.eos_token_id()).unwrap_or(0);
+    let model = ck.model()?;
+    let mut results = Vec::new();
+    for (t, f) in a.tasks.iter().zip(&files) {
+        let r = zeroshot::evaluate(model.as_ref(), tok, eos, t, f, a.limit, !a.quiet)?;
+        if !a.quiet {
+            println!("{:<14} acc {:.4} ± {:.4}  acc_norm {:.4} ± {:.4}  ({} examples, {:.0} s)", r.task, r.acc, r.acc_stderr, r.acc_norm, r.acc_norm_stderr, r.examples, r.seconds);
+        }
+        results.push(r);
+    }
+    if let Some(out) = &a.json {
+        let mean = |f: fn(&zeroshot::TaskResult) -> f64| results.iter().map(f).sum::<f64>() / results.len() as f64;
+        let j = json!({
+            "model": a.model.display().to_string(), "tasks": results, "limit": a.limit,
+            "mean_acc": mean(|r| r.acc), "mean_acc_norm": mean(|r| r.acc_norm),
+        });
+        write_atomic(out, serde_json::to_string_pretty(&j)?.as_bytes())?;
+    }
+    Ok(results)
+}
 
 /// Tokenize a dataset file the peers' way and cut it into windows.
 pub fn dataset_windows(

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result, anyhow, ensure};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use candle_core::{DType, Tensor};
 use serde_json::json;
 
@@ -16,11 +16,11 @@ use crate::data::dataset::TextFormat;
 use crate::eval::perplexity::{PplOptions, PplResult, perplexity};
 use crate::model::export::{OutDType, write_hf_contents, write_safetensors};
 use crate::model::safetensors::SafetensorsStore;
-use crate::model::{Checkpoint, DecoderLayer, Format};
+use crate::model::{CausalLm, Checkpoint, DecoderLayer, Format};
 use crate::prune::allocation::{Owl, layer_outlier_ratios, owl_sparsities};
 use crate::prune::magnitude::Magnitude;
 use crate::prune::fista::{Dense, FistaOptions, FistaPruner};
-use crate::prune::pipeline::{LayerInputs, PipelineOptions, prune_model};
+use crate::prune::pipeline::{FinishedLayer, LayerInputs, LayerReport, PipelineOptions, prune_model};
 use crate::prune::sparsegpt::SparseGpt;
 use crate::prune::wanda::Wanda;
 use crate::prune::{Method, Pattern};
@@ -59,6 +59,8 @@ pub struct PruneArgs {
     pub save_calib: Option<PathBuf>,
     pub out: PathBuf,
     pub force: bool,
+    /// Continue what an interrupted run with the same flags left aside.
+    pub resume: bool,
     /// Default: the input's weight type (f32 for GGUF).
     pub dtype: Option<OutDType>,
     pub max_shard_bytes: usize,
@@ -80,6 +82,8 @@ pub struct PruneArgs {
     pub fista: FistaOptions,
     /// Layers pruned at once (dense layer inputs only).
     pub jobs: usize,
+    /// See [`PipelineOptions::token_cap`].
+    pub token_cap: Option<f64>,
     /// Non-uniform layer sparsity (unstructured targets).
     pub owl: Option<Owl>,
     pub quiet: bool,
@@ -133,8 +137,14 @@ fn layer_file(dir: &Path, i: usize) -> PathBuf {
     dir.join(format!("layer-{i:05}.safetensors"))
 }
 
-/// Write a finished layer (f32) to `dir`.
-fn save_layer(dir: &Path, i: usize, layer: &dyn DecoderLayer) -> Result<()> {
+fn layer_report_file(dir: &Path, i: usize) -> PathBuf {
+    dir.join(format!("layer-{i:05}.json"))
+}
+
+/// Write a finished layer (f32) and its report to `dir`; the weights land last, so that a layer whose weights
+/// are there is complete.
+fn save_layer(dir: &Path, i: usize, layer: &dyn DecoderLayer, report: &LayerReport) -> Result<()> {
+    write_atomic(&layer_report_file(dir, i), serde_json::to_string(report)?.as_bytes())?;
     let tensors = layer.named_tensors();
     let specs: Vec<(String, Vec<usize>)> = tensors.iter().map(|(n, t)| (n.clone(), t.dims().to_vec())).collect();
     let mut load = |name: &str| -> Result<Tensor> {
@@ -144,6 +154,45 @@ fn save_layer(dir: &Path, i: usize, layer: &dyn DecoderLayer) -> Result<()> {
     write_safetensors(&tmp, &specs, OutDType::F32, &mut load)?;
     std::fs::rename(&tmp, layer_file(dir, i))?;
     Ok(())
+}
+
+/// Layer `i` as an interrupted run left it in `dir` (its weights on top of the model's layer), if it finished.
+fn load_finished(dir: &Path, model: &dyn CausalLm, i: usize) -> Result<Option<FinishedLayer>> {
+    let (file, rep) = (layer_file(dir, i), layer_report_file(dir, i));
+    if !file.exists() || !rep.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&rep).with_context(|| format!("{}: cannot read", rep.display()))?;
+    let report: LayerReport = serde_json::from_str(&text).with_context(|| format!("{}: not a layer report", rep.display()))?;
+    ensure!(report.layer == i, "{}: the report of layer {}, not {i}", rep.display(), report.layer);
+    let store = SafetensorsStore::open_files(std::slice::from_ref(&file))?;
+    let mut layer = model.load_layer(i)?;
+    let names: Vec<String> = layer.named_tensors().into_iter().map(|(n, _)| n).collect();
+    for op in layer.linear_names() {
+        let suffix = format!(".{op}.weight");
+        let full = names.iter().find(|n| n.ends_with(&suffix)).ok_or_else(|| anyhow!("decoder layer {i}: no tensor for {op}"))?;
+        let w = store.load_f32(full).with_context(|| format!("{}: {full}", file.display()))?;
+        let lin = layer.linear_mut(op).expect("listed");
+        ensure!(w.dims() == lin.weight.dims(), "{}: {full} has shape {:?}, the model {:?}", file.display(), w.dims(), lin.weight.dims());
+        lin.weight = w;
+    }
+    Ok(Some((layer, report)))
+}
+
+/// The first place where two run descriptions differ, as `key: old → new`.
+fn first_difference(path: &str, old: &serde_json::Value, new: &serde_json::Value) -> Option<String> {
+    use serde_json::Value::Object;
+    match (old, new) {
+        (Object(a), Object(b)) => {
+            let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            keys.into_iter().find_map(|k| {
+                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                let null = serde_json::Value::Null;
+                first_difference(&p, a.get(k).unwrap_or(&null), b.get(k).unwrap_or(&null))
+            })
+        }
+        _ => (old != new).then(|| format!("{path}: {old} → {new}")),
+    }
 }
 
 /// The calibration set `a` asks for (drawn or loaded), checked against the model's context and vocabulary.
@@ -210,7 +259,7 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
 
     let (eval_windows, before) = dense_eval(a, &ck)?;
 
-    let dir = AtomicDir::new(&a.out, a.force)?;
+    let (dir, resumed) = AtomicDir::resumable(&a.out, a.force, a.resume)?;
     let layers_dir = dir.tmp.join("layers");
     std::fs::create_dir_all(&layers_dir)?;
     let model = ck.model()?;
@@ -236,16 +285,62 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
         layers: a.layers,
         jobs: a.jobs,
         progress: !a.quiet,
+        token_cap: a.token_cap,
     };
-    let t_prune = Instant::now();
-    let layers = prune_model(model.as_ref(), ids, method.as_ref(), &opts, &mut |i, layer| save_layer(&layers_dir, i, layer))?;
-    let prune_seconds = t_prune.elapsed().as_secs_f64();
-    drop(model);
-
     let n_layers = ck.config.num_layers();
     let range = a.layers.unwrap_or((0, n_layers.saturating_sub(1)));
     let partial = range != (0, n_layers.saturating_sub(1));
     let dtype = a.dtype.unwrap_or_else(|| input_dtype(&ck));
+    let options = json!({
+        "percdamp": a.percdamp, "blocksize": a.blocksize, "magnitude_per_row": a.magnitude_per_row,
+        "batch": a.batch, "act_dtype": format!("{:?}", a.act_dtype).to_lowercase(),
+        "layer_inputs": layer_inputs, "error_correction": error_correction, "token_cap": a.token_cap,
+        "warm_start": is_fista.then(|| warm_of(a)), "fista": is_fista.then(|| a.fista.clone()),
+    });
+    // What decides the layers' bytes: a resumed run must match the interrupted one on all of it.
+    let run = json!({
+        "model": std::fs::canonicalize(&a.model).unwrap_or_else(|_| a.model.clone()).display().to_string(),
+        "method": a.method, "pattern": a.pattern.to_string(), "target_sparsity": a.pattern.sparsity(),
+        "layer_range": [range.0, range.1],
+        "options": options, "layer_sparsity": opts.layer_sparsity,
+        "calibration_sha256": calib.as_ref().map(|c| c.sha256.clone()),
+    });
+    let run_file = dir.tmp.join("run.json");
+    if resumed && run_file.exists() {
+        let text = std::fs::read_to_string(&run_file).with_context(|| format!("{}: cannot read", run_file.display()))?;
+        let old: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", run_file.display()))?;
+        if let Some(d) = first_difference("", &old, &run) {
+            bail!("--resume: the interrupted run in {} differs ({d}); rerun it with its flags, or --force to start over", dir.tmp.display());
+        }
+    } else {
+        // Nothing to continue from without the description: start clean.
+        std::fs::remove_dir_all(&layers_dir).ok();
+        std::fs::create_dir_all(&layers_dir)?;
+        write_atomic(&run_file, serde_json::to_string_pretty(&run)?.as_bytes())?;
+    }
+    let done = (range.0..=range.1).filter(|&i| layer_file(&layers_dir, i).exists() && layer_report_file(&layers_dir, i).exists()).count();
+    if a.resume && !a.quiet {
+        eprintln!("--resume: {done} of {} layers already pruned in {}", range.1 + 1 - range.0, dir.tmp.display());
+    }
+
+    let t_prune = Instant::now();
+    let layers = prune_model(
+        model.as_ref(),
+        ids,
+        method.as_ref(),
+        &opts,
+        &mut |i| load_finished(&layers_dir, model.as_ref(), i),
+        &mut |i, layer, report| {
+            save_layer(&layers_dir, i, layer, report)?;
+            // Tests stand in for a kill at a chosen layer with this (an exit that runs no destructors).
+            if std::env::var("FISTAPRUNE_TEST_EXIT_AFTER_LAYER").is_ok_and(|v| v == i.to_string()) {
+                std::process::exit(137);
+            }
+            Ok(())
+        },
+    )?;
+    let prune_seconds = t_prune.elapsed().as_secs_f64();
+    drop(model);
     let mut report = json!({
         "fistaprune_version": env!("CARGO_PKG_VERSION"),
         "command": std::env::args().collect::<Vec<_>>(),
@@ -256,12 +351,8 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
         "target_sparsity": a.pattern.sparsity(),
         "dtype": dtype.torch_name(),
         "layer_range": [range.0, range.1],
-        "options": {
-            "percdamp": a.percdamp, "blocksize": a.blocksize, "magnitude_per_row": a.magnitude_per_row,
-            "batch": a.batch, "act_dtype": format!("{:?}", a.act_dtype).to_lowercase(),
-            "layer_inputs": layer_inputs, "error_correction": error_correction,
-            "warm_start": is_fista.then(|| warm_of(a)), "fista": is_fista.then(|| a.fista.clone()),
-        },
+        "options": run["options"],
+        "resumed_layers": done,
         "allocation": allocation.as_ref().map(|(o, s, r)| json!({
             "method": "owl", "lambda": o.lambda, "m": o.m, "layer_sparsity": s, "outlier_ratios": r,
         })),
@@ -279,6 +370,7 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
         // A part: its layers only, to be joined by `fistaprune merge`.
         report["seconds"] = json!(t_start.elapsed().as_secs_f64());
         write_atomic(&dir.tmp.join("report.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
+        std::fs::remove_file(&run_file)?;
         dir.commit()?;
         if !a.quiet {
             println!("{}: layers {}-{} pruned into {} (join the parts with `fistaprune merge`)", a.model.display(), range.0, range.1, a.out.display());
@@ -287,7 +379,6 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
     }
 
     assemble(&ck, &dir.tmp, &[layers_dir.clone()], dtype, a.max_shard_bytes)?;
-    std::fs::remove_dir_all(&layers_dir)?;
     let after = match &eval_windows {
         Some(w) => {
             let pruned = Checkpoint::open(&dir.tmp)?;
@@ -304,6 +395,9 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
     report["perplexity_after"] = json!(after.as_ref().map(|r| r.perplexity));
     report["seconds"] = json!(t_start.elapsed().as_secs_f64());
     write_atomic(&dir.tmp.join("report.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
+    // Kept until now so that a run killed while assembling or evaluating resumes without pruning again.
+    std::fs::remove_dir_all(&layers_dir)?;
+    std::fs::remove_file(&run_file)?;
     dir.commit()?;
     if !a.quiet {
         println!(

@@ -1,3 +1,4 @@
-//! Evaluation: perplexity (and, later, zero-shot accuracy).
+//! Evaluation: perplexity and zero-shot multiple-choice accuracy.
 
 pub mod perplexity;
+pub mod zeroshot;

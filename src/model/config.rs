@@ -268,6 +268,13 @@ impl ModelConfig {
         }
     }
 
+    pub fn eos_token_id(&self) -> Option<u32> {
+        match self {
+            ModelConfig::Llama(c) => c.eos_token_id,
+            ModelConfig::Opt(c) => c.eos_token_id,
+        }
+    }
+
     pub fn max_positions(&self) -> usize {
         match self {
             ModelConfig::Llama(c) => c.max_position_embeddings,

@@ -65,8 +65,10 @@ impl Method for FistaPruner {
         self.warm.flops(rows, cols) + iters as f64 * gemm + o.power_iters as f64 * 2.0 * (cols * cols) as f64
     }
 
-    fn rounding_units(&self, rows: usize, _cols: usize, _pattern: Pattern) -> usize {
-        if self.opts.per_row { rows } else { 1 }
+    fn rounding_units(&self, rows: usize, cols: usize, pattern: Pattern) -> usize {
+        let own = if self.opts.per_row { rows } else { 1 };
+        // With the warm start's row budgets the count is the warm start's (or per row, when it had none).
+        if self.opts.warm_rows { own.max(rows).max(self.warm.rounding_units(rows, cols, pattern)) } else { own }
     }
 
     fn prune(&self, w: &Mat<f32>, stats: Option<&OpStats>, pattern: Pattern) -> Result<Pruned> {
@@ -120,6 +122,9 @@ pub struct FistaOptions {
     pub alpha_bracket: (f64, f64),
     /// Unstructured threshold per output row (else per matrix).
     pub per_row: bool,
+    /// Unstructured: keep the warm start's number of zeros in each row (overrides `per_row` when the warm
+    /// start is on the pattern).
+    pub warm_rows: bool,
     /// Masked conjugate-gradient steps on the final support (0: no re-fit).
     pub refit_iters: usize,
     /// Hard-threshold to the pattern inside every iteration (iterative hard thresholding with momentum).
@@ -144,6 +149,7 @@ impl Default for FistaOptions {
             alpha0: 0.1,
             alpha_bracket: (1e-3, 1.0),
             per_row: true,
+            warm_rows: false,
             refit_iters: 20,
             projected: false,
             power_iters: 30,
@@ -224,17 +230,46 @@ pub fn lambda_max(g: MatRef<f32>, iters: usize) -> f64 {
 
 /// The hard threshold `H`: keep the largest `|w|` under the pattern.
 pub fn hard_threshold(w: &Mat<f32>, pattern: Pattern, per_row: bool) -> Mat<f32> {
-    threshold_mask(w, pattern, per_row).0
+    Threshold { pattern, per_row, budgets: None }.apply(w).0
 }
 
-/// `H(w)` and its mask (true = pruned). Positions the pattern allows keep their place in the support even
-/// where `w` is already zero, so a re-fit can use them.
-fn threshold_mask(w: &Mat<f32>, pattern: Pattern, per_row: bool) -> (Mat<f32>, mask::Mask) {
-    let scores = Mat::from_fn(w.nrows(), w.ncols(), |i, j| w[(i, j)].abs());
-    let m = mask::select(&scores, pattern, per_row);
-    let mut out = w.clone();
-    mask::apply(&mut out, &m);
-    (out, m)
+/// What the hard threshold keeps: the pattern, counted per row or per matrix, or (unstructured) per row
+/// with each row's own count of zeros.
+#[derive(Debug, Clone)]
+pub struct Threshold {
+    pub pattern: Pattern,
+    pub per_row: bool,
+    /// Zeros per row (their sum meets the unstructured target): overrides `per_row`.
+    pub budgets: Option<Vec<usize>>,
+}
+
+impl Threshold {
+    /// The row budgets of `w0` when it is on the unstructured `pattern` (its zeros per row, as long as their
+    /// sum reaches the target less one per row); else the plain per-row or per-matrix count.
+    pub fn from_warm(w0: &Mat<f32>, pattern: Pattern, per_row: bool) -> Self {
+        let budgets = match pattern {
+            Pattern::Unstructured(s) => {
+                let (r, c) = w0.shape();
+                let b: Vec<usize> = (0..r).map(|i| (0..c).filter(|&j| w0[(i, j)] == 0.0).count()).collect();
+                (b.iter().sum::<usize>() + r >= mask::count_for(r * c, s)).then_some(b)
+            }
+            Pattern::NM { .. } => None,
+        };
+        Self { pattern, per_row, budgets }
+    }
+
+    /// `H(w)` and its mask (true = pruned). Positions the pattern allows keep their place in the support even
+    /// where `w` is already zero, so a re-fit can use them.
+    pub fn apply(&self, w: &Mat<f32>) -> (Mat<f32>, mask::Mask) {
+        let scores = Mat::from_fn(w.nrows(), w.ncols(), |i, j| w[(i, j)].abs());
+        let m = match &self.budgets {
+            Some(b) => mask::mask_row_budgets(&scores, b),
+            None => mask::select(&scores, self.pattern, self.per_row),
+        };
+        let mut out = w.clone();
+        mask::apply(&mut out, &m);
+        (out, m)
+    }
 }
 
 fn soft(z: f32, tau: f32) -> f32 {
@@ -252,7 +287,7 @@ fn frob(a: &Mat<f32>) -> f64 {
 }
 
 /// FISTA on `½‖W'X* − WX‖² + λ‖W'‖₁` from `w0`; returns the last iterate and the iterations run.
-pub fn fista(p: &Problem, w0: &Mat<f32>, lambda: f64, l: f64, iters: usize, tol: f64, project: Option<(Pattern, bool)>) -> (Mat<f32>, usize) {
+pub fn fista(p: &Problem, w0: &Mat<f32>, lambda: f64, l: f64, iters: usize, tol: f64, project: Option<&Threshold>) -> (Mat<f32>, usize) {
     let (m, n) = w0.shape();
     let tau = (lambda / l) as f32;
     let inv_l = (1.0 / l) as f32;
@@ -271,8 +306,8 @@ pub fn fista(p: &Problem, w0: &Mat<f32>, lambda: f64, l: f64, iters: usize, tol:
                 *wv = soft(yc[i] - inv_l * (ygc[i] - cc[i]), tau);
             }
         }
-        if let Some((pattern, per_row)) = project {
-            w = hard_threshold(&w, pattern, per_row);
+        if let Some(h) = project {
+            w = h.apply(&w).0;
         }
         let t_next = (1.0 + (1.0 + 4.0 * t * t).sqrt()) / 2.0;
         let beta = ((t - 1.0) / t_next) as f32;
@@ -374,22 +409,25 @@ pub fn solve(p: &Problem, w0: &Mat<f32>, pattern: Pattern, o: &FistaOptions) -> 
     let mut report = SolveReport { lipschitz: l, ..Default::default() };
 
     // The warm start on the pattern is the first candidate.
-    let (mut best, mut best_mask) = threshold_mask(w0, pattern, o.per_row);
+    // Unstructured targets keep the warm start's zeros per row (SparseGPT spreads them unevenly over the rows,
+    // and forcing its result to an even count costs it most of its quality) unless told to count per row.
+    let h = if o.warm_rows { Threshold::from_warm(w0, pattern, o.per_row) } else { Threshold { pattern, per_row: o.per_row, budgets: None } };
+    let (mut best, mut best_mask) = h.apply(w0);
     let mut best_err = p.error(&best);
     report.warm_error = best_err / base;
     let (mut lo, mut hi) = o.alpha_bracket;
     let mut alpha = o.alpha0.clamp(lo, hi);
-    let project = o.projected.then_some((pattern, o.per_row));
+    let project = o.projected.then_some(&h);
     for _ in 0..o.rounds {
         let lambda = alpha * l * rms;
         let (wk, its) = fista(p, &best, lambda, l, o.iters, o.tol, project);
-        let (h, hm) = threshold_mask(&wk, pattern, o.per_row);
-        let e_total = p.error(&h);
+        let (ht, hm) = h.apply(&wk);
+        let e_total = p.error(&ht);
         let e_fista = p.error(&wk);
         let ratio = if e_total > 0.0 { (e_total - e_fista) / e_total } else { 0.0 };
         report.rounds.push((alpha, e_total / base, ratio, its));
         if e_total < best_err {
-            best = h;
+            best = ht;
             best_mask = hm;
             best_err = e_total;
             report.improved = true;
@@ -571,7 +609,7 @@ mod tests {
     fn refit_never_leaves_the_support_and_lowers_the_error() {
         let (w, g, c, k) = problem(5, 12, 90, 4);
         let p = Problem { w: &w, g: &g, c: &c, k };
-        let (h, hm) = threshold_mask(&w, Pattern::Unstructured(0.5), true);
+        let (h, hm) = Threshold { pattern: Pattern::Unstructured(0.5), per_row: true, budgets: None }.apply(&w);
         let r = refit(&p, &h, &hm, 30);
         for j in 0..12 {
             for i in 0..5 {
@@ -591,5 +629,32 @@ mod tests {
         let top = ev.iter().cloned().fold(f64::MIN, f64::max);
         let est = lambda_max(g.as_ref(), 200);
         assert!(est >= top * (1.0 - 1e-4) && est <= top * 1.02, "{est} vs {top}");
+    }
+
+    #[test]
+    fn warm_rows_keep_the_warm_starts_zeros_per_row() {
+        let (w, g, c, k) = problem(6, 16, 120, 11);
+        let p = Problem { w: &w, g: &g, c: &c, k };
+        // An uneven warm start, as SparseGPT's per-block selection gives: rows with 4..12 zeros, 48 in all
+        // (50 % of 96).
+        let budgets = [4usize, 12, 6, 10, 8, 8];
+        let scores = Mat::from_fn(6, 16, |i, j| w[(i, j)].abs());
+        let mut w0 = w.clone();
+        mask::apply(&mut w0, &mask::mask_row_budgets(&scores, &budgets));
+        let pattern = Pattern::Unstructured(0.5);
+        let h = Threshold::from_warm(&w0, pattern, true);
+        assert_eq!(h.budgets.as_deref(), Some(&budgets[..]));
+        let o = FistaOptions { warm_rows: true, ..Default::default() };
+        let (out, rep) = solve(&p, &w0, pattern, &o).unwrap();
+        for (i, &b) in budgets.iter().enumerate() {
+            assert_eq!((0..16).filter(|&j| out[(i, j)] == 0.0).count(), b, "row {i}");
+        }
+        assert!(rep.error <= rep.warm_error, "{} > {}", rep.error, rep.warm_error);
+        // Without its own budgets (dense, or N:M) the threshold counts as usual.
+        assert!(Threshold::from_warm(&w, pattern, true).budgets.is_none());
+        assert!(Threshold::from_warm(&w0, Pattern::NM { n: 2, m: 4 }, true).budgets.is_none());
+        // And the plain per-row threshold forces 8 per row.
+        let (even, _) = solve(&p, &w0, pattern, &FistaOptions::default()).unwrap();
+        assert!((0..6).all(|i| (0..16).filter(|&j| even[(i, j)] == 0.0).count() == 8));
     }
 }

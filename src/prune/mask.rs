@@ -101,6 +101,21 @@ pub fn mask_per_row(scores: &Mat<f32>, s: f64) -> Mask {
     mask
 }
 
+/// Per row, a count of its own: the `budgets[i]` lowest scores of row `i` (FISTAPruner keeping the row
+/// budgets of its warm start, such as SparseGPT's, which spreads an unstructured target unevenly over rows).
+pub fn mask_row_budgets(scores: &Mat<f32>, budgets: &[usize]) -> Mask {
+    let (r, c) = scores.shape();
+    assert_eq!(budgets.len(), r, "one budget per row");
+    let mut mask = Mat::from_fn(r, c, |_, _| false);
+    for (i, &k) in budgets.iter().enumerate() {
+        let row: Vec<f32> = (0..c).map(|j| scores[(i, j)]).collect();
+        for j in lowest_k(&row, k.min(c)) {
+            mask[(i, j)] = true;
+        }
+    }
+    mask
+}
+
 /// Over the whole matrix: the `round(rows·cols·s)` lowest scores (magnitude, SparseGPT's blocks).
 pub fn mask_per_matrix(scores: &Mat<f32>, s: f64) -> Mask {
     let (r, c) = scores.shape();

@@ -22,10 +22,10 @@ use std::time::Instant;
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use candle_core::{DType, Device, Tensor};
 use faer::Mat;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::mask::{self, Pattern};
-use super::stats::{Cross, Gram, OpStats};
+use super::stats::{Cross, Gram, OpStats, outlier_token_scales};
 use super::Method;
 use crate::linalg::{mat_to_tensor, tensor_to_mat};
 use crate::model::{CausalLm, DecoderLayer, LayerContext};
@@ -61,6 +61,9 @@ pub struct PipelineOptions {
     pub progress: bool,
     /// Per-layer unstructured sparsity (a non-uniform allocation such as OWL's) instead of `pattern`'s.
     pub layer_sparsity: Option<Vec<f64>>,
+    /// Scale outlier tokens down to this many times their sequence's median in every operator's statistics
+    /// ([`outlier_token_scales`]); `None`: every token counts as it is (the paper, SparseGPT, Wanda).
+    pub token_cap: Option<f64>,
 }
 
 impl PipelineOptions {
@@ -73,7 +76,7 @@ impl PipelineOptions {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OperatorReport {
     pub layer: usize,
     pub name: String,
@@ -88,11 +91,11 @@ pub struct OperatorReport {
     pub rel_error_mask_only: Option<f64>,
     pub seconds: f64,
     /// Method-specific details (FISTAPruner: λ rounds, warm-start error).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub details: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LayerReport {
     pub layer: usize,
     pub seconds: f64,
@@ -182,7 +185,7 @@ fn capture_input(layer: &dyn DecoderLayer, x: &Tensor, ctx: &LayerContext, leade
 }
 
 /// Statistics of every group from one pass of the dense layer (no error correction: `X* = X`).
-fn collect_dense(layer: &dyn DecoderLayer, acts: &[Tensor], ctx: &LayerContext) -> Result<Vec<OpStats>> {
+fn collect_dense(layer: &dyn DecoderLayer, acts: &[Tensor], ctx: &LayerContext, cap: Option<f64>) -> Result<Vec<OpStats>> {
     let groups = layer.input_groups();
     let mut grams: Vec<Option<Gram>> = (0..groups.len()).map(|_| None).collect();
     for x in acts {
@@ -190,7 +193,11 @@ fn collect_dense(layer: &dyn DecoderLayer, acts: &[Tensor], ctx: &LayerContext) 
         let mut hook = |name: &str, inp: &Tensor| -> Result<()> {
             if let Some(gi) = groups.iter().position(|g| g[0] == name) {
                 let n = inp.dim(candle_core::D::Minus1)?;
-                grams[gi].get_or_insert_with(|| Gram::new(n)).add(inp)?;
+                let gram = grams[gi].get_or_insert_with(|| Gram::new(n));
+                match cap {
+                    Some(k) => gram.add(&inp.broadcast_mul(&outlier_token_scales(inp, k)?)?)?,
+                    None => gram.add(inp)?,
+                }
             }
             Ok(())
         };
@@ -225,6 +232,7 @@ fn collect_corrected(
     ctx: &LayerContext,
     prev: &mut GroupInputs,
     keep: Option<DType>,
+    cap: Option<f64>,
 ) -> Result<(OpStats, bool)> {
     let leader = dense.input_groups()[gi][0];
     let mut gram: Option<Gram> = None;
@@ -247,20 +255,31 @@ fn collect_corrected(
         let p = prev.get(b);
         let xs = input(work, &x, p.map(|p| &p.0))?;
         let n = xs.dim(candle_core::D::Minus1)?;
-        gram.get_or_insert_with(|| Gram::new(n)).add(&xs)?;
         // Before any operator is pruned the two inputs are the same, unless the targets come from elsewhere.
         let xd = if gi > 0 || targets.is_some() {
             let xt = match targets {
                 Some(t) => t[b].to_dtype(DType::F32)?,
                 None => x.clone(),
             };
-            let xd = input(dense, &xt, p.map(|p| p.1.as_ref().unwrap_or(&p.0)))?;
-            cross.get_or_insert_with(|| Cross::new(n)).add(&xd, &xs)?;
-            dgram.get_or_insert_with(|| Gram::new(n)).add(&xd)?;
-            Some(xd)
+            Some(input(dense, &xt, p.map(|p| p.1.as_ref().unwrap_or(&p.0)))?)
         } else {
             None
         };
+        // One scale per token for X and X* alike (from the dense input), so the three sums stay one objective.
+        let scale = cap.map(|k| outlier_token_scales(xd.as_ref().unwrap_or(&xs), k)).transpose()?;
+        let scaled = |t: &Tensor| -> Result<Tensor> {
+            Ok(match &scale {
+                Some(s) => t.broadcast_mul(s)?,
+                None => t.clone(),
+            })
+        };
+        let xs_w = scaled(&xs)?;
+        gram.get_or_insert_with(|| Gram::new(n)).add(&xs_w)?;
+        if let Some(xd) = &xd {
+            let xd_w = scaled(xd)?;
+            cross.get_or_insert_with(|| Cross::new(n)).add(&xd_w, &xs_w)?;
+            dgram.get_or_insert_with(|| Gram::new(n)).add(&xd_w)?;
+        }
         if let Some(dt) = keep {
             next.push((xs.to_dtype(dt)?, xd.map(|t| t.to_dtype(dt)).transpose()?));
         }
@@ -367,7 +386,7 @@ fn prune_layer(
             for (gi, group) in groups.iter().enumerate() {
                 let ts = Instant::now();
                 let keep = (gi + 1 < groups.len()).then_some(opts.act_dtype);
-                let (st, stepped) = collect_corrected(dense, work.as_ref(), gi, acts, targets, ctx, &mut prev, keep)
+                let (st, stepped) = collect_corrected(dense, work.as_ref(), gi, acts, targets, ctx, &mut prev, keep, opts.token_cap)
                     .with_context(|| format!("decoder layer {i}"))?;
                 stats_seconds += ts.elapsed().as_secs_f64();
                 let n = in_dim(work.as_ref(), gi);
@@ -384,7 +403,7 @@ fn prune_layer(
         }
         (Some(acts), Some(ctx)) => {
             let ts = Instant::now();
-            let stats = collect_dense(dense.as_deref().unwrap_or(work.as_ref()), acts, ctx)
+            let stats = collect_dense(dense.as_deref().unwrap_or(work.as_ref()), acts, ctx, opts.token_cap)
                 .with_context(|| format!("decoder layer {i}"))?;
             stats_seconds = ts.elapsed().as_secs_f64();
             flops += tokens * (pre[groups.len() - 1] + (0..groups.len()).map(|g| in_dim(work.as_ref(), g).powi(2)).sum::<f64>());
@@ -428,13 +447,21 @@ fn prune_layer(
     Ok((work, dense, report))
 }
 
-/// Walk the decoder layers of `model`, pruning each with `method`; every finished layer goes to `sink`.
+/// A layer an earlier, interrupted run already pruned: its weights and its report.
+pub type FinishedLayer = (Box<dyn DecoderLayer>, LayerReport);
+
+/// Walk the decoder layers of `model`, pruning each with `method`; every finished layer goes to `sink` with its
+/// report.
+/// `finished(i)` gives layer `i` as an interrupted run left it, if it did: that layer is not pruned again,
+/// only run forward (where the walk needs its outputs), so a resumed run ends where an uninterrupted one
+/// would.
 pub fn prune_model(
     model: &dyn CausalLm,
     calib: &[Vec<u32>],
     method: &dyn Method,
     opts: &PipelineOptions,
-    sink: &mut dyn FnMut(usize, &dyn DecoderLayer) -> Result<()>,
+    finished: &mut dyn FnMut(usize) -> Result<Option<FinishedLayer>>,
+    sink: &mut dyn FnMut(usize, &dyn DecoderLayer, &LayerReport) -> Result<()>,
 ) -> Result<Vec<LayerReport>> {
     let n_layers = model.num_layers();
     let (first, last) = opts.layers.unwrap_or((0, n_layers.saturating_sub(1)));
@@ -454,7 +481,7 @@ pub fn prune_model(
         && opts.jobs > 1
     {
         ensure!(opts.layer_inputs == LayerInputs::Dense, "--jobs needs --layer-inputs dense (layers are then independent)");
-        let reports = prune_parallel(model, acts, ctx, method, opts, (first, last), sink, &pb)?;
+        let reports = prune_parallel(model, acts, ctx, method, opts, (first, last), finished, sink, &pb)?;
         pb.finish_and_clear();
         return Ok(reports);
     }
@@ -467,6 +494,24 @@ pub fn prune_model(
             if let Some(ctx) = &ctx {
                 advance(model.load_layer(i)?.as_ref(), &mut acts, ctx, opts.act_dtype, &format!("output of decoder layer {i}"))?;
             }
+            continue;
+        }
+        if let Some((work, report)) = finished(i)? {
+            // Pruned before the interruption: only its outputs are needed, as the walk below makes them.
+            if let Some(ctx) = &ctx
+                && i < last
+            {
+                if opts.layer_inputs != LayerInputs::Pruned {
+                    let d = model.load_layer(i)?;
+                    let t = if opts.layer_inputs == LayerInputs::Dense { &mut acts } else { targets.as_mut().expect("corrected") };
+                    advance(d.as_ref(), t, ctx, opts.act_dtype, &format!("output of decoder layer {i}"))?;
+                }
+                if opts.layer_inputs != LayerInputs::Dense {
+                    advance(work.as_ref(), &mut acts, ctx, opts.act_dtype, &format!("output of pruned decoder layer {i}"))?;
+                }
+            }
+            reports.push(report);
+            pb.inc(1);
             continue;
         }
         let data = needs_data.then_some(acts.as_slice());
@@ -494,7 +539,7 @@ pub fn prune_model(
         }
         report.forward_seconds = t2.elapsed().as_secs_f64();
         report.seconds += report.forward_seconds;
-        sink(i, work.as_ref())?;
+        sink(i, work.as_ref(), &report)?;
         reports.push(report);
         pb.inc(1);
     }
@@ -516,7 +561,8 @@ fn prune_parallel(
     method: &dyn Method,
     opts: &PipelineOptions,
     (first, last): (usize, usize),
-    sink: &mut dyn FnMut(usize, &dyn DecoderLayer) -> Result<()>,
+    finished: &mut dyn FnMut(usize) -> Result<Option<FinishedLayer>>,
+    sink: &mut dyn FnMut(usize, &dyn DecoderLayer, &LayerReport) -> Result<()>,
     pb: &indicatif::ProgressBar,
 ) -> Result<Vec<LayerReport>> {
     use std::sync::{Arc, Mutex, mpsc};
@@ -539,16 +585,23 @@ fn prune_parallel(
         }
         drop(res_tx);
         let mut reports = Vec::new();
+        let mut resumed = Vec::new();
         let mut handle = |r: LayerResult| -> Result<()> {
             let (i, layer, report) = r?;
-            sink(i, layer.as_ref())?;
+            sink(i, layer.as_ref(), &report)?;
             reports.push(report);
             pb.inc(1);
             Ok(())
         };
         for i in 0..=last {
             if i >= first {
-                job_tx.send((i, acts.clone())).map_err(|_| anyhow!("the pruning workers stopped"))?;
+                // Layers are independent here: one an interrupted run finished needs nothing more.
+                if let Some((_, report)) = finished(i)? {
+                    resumed.push(report);
+                    pb.inc(1);
+                } else {
+                    job_tx.send((i, acts.clone())).map_err(|_| anyhow!("the pruning workers stopped"))?;
+                }
             }
             if i < last {
                 let dense = model.load_layer(i)?;
@@ -562,6 +615,7 @@ fn prune_parallel(
         for r in res_rx {
             handle(r)?;
         }
+        reports.extend(resumed);
         reports.sort_by_key(|r| r.layer);
         Ok(reports)
     })

@@ -84,6 +84,29 @@ impl Cross {
     }
 }
 
+/// Per-token scales that tame outlier tokens in the statistics (`--token-cap κ`): a token whose input has a
+/// mean square above `κ` times the median of its sequence's tokens is scaled down to that level, so that it
+/// weighs in `G`, `XᵀX*` and `XᵀX` as a token at the cap would. Models with massive activations (a few
+/// tokens, often the first, with inputs hundreds of times larger than the rest) otherwise make those tokens
+/// the whole least-squares objective. Returns `(..., 1)` factors in `(0, 1]` for `x` `(..., seq, n)`.
+pub fn outlier_token_scales(x: &Tensor, cap: f64) -> Result<Tensor> {
+    ensure!(cap > 0.0 && cap.is_finite(), "token cap {cap} must be a positive number");
+    let dims = x.dims().to_vec();
+    ensure!(dims.len() >= 2, "token scales: expected (..., seq, n), got {dims:?}");
+    let seq = dims[dims.len() - 2].max(1);
+    let ms: Vec<f32> = x.to_dtype(candle_core::DType::F32)?.sqr()?.mean_keepdim(D::Minus1)?.flatten_all()?.to_vec1()?;
+    let mut out = Vec::with_capacity(ms.len());
+    for s in ms.chunks(seq) {
+        let mut sorted = s.to_vec();
+        sorted.sort_by(|a, b| a.total_cmp(b));
+        let limit = cap * sorted[sorted.len() / 2] as f64;
+        out.extend(s.iter().map(|&m| if m as f64 > limit && m > 0.0 { (limit / m as f64).sqrt() as f32 } else { 1.0 }));
+    }
+    let mut shape = dims;
+    *shape.last_mut().expect("rank ≥ 2") = 1;
+    Ok(Tensor::from_vec(out, shape, x.device())?)
+}
+
 /// What a method knows of one operator's inputs over the calibration tokens (rows = tokens):
 /// `gram = X*ᵀX*` of the inputs it actually gets; with intra-layer error correction also `cross = XᵀX*` and
 /// `dense = XᵀX` of the inputs the dense layer gives it (without, all three are the same matrix).
@@ -156,5 +179,24 @@ mod tests {
                 assert!((g[(a, b)] as f64 - want).abs() < 1e-4, "({a},{b}) {} vs {want}", g[(a, b)]);
             }
         }
+    }
+
+    #[test]
+    fn outlier_tokens_are_scaled_to_the_cap_and_the_rest_kept() {
+        // One sequence of five tokens, mean squares 1, 1, 4, 1, 400: the median is 1; with κ = 10 only the
+        // last is over the cap and is scaled to mean square 10.
+        let rows: [[f32; 2]; 5] = [[1.0, 1.0], [1.0, -1.0], [2.0, 2.0], [-1.0, 1.0], [20.0, 20.0]];
+        let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+        let x = Tensor::from_vec(flat, (1, 5, 2), &Device::Cpu).unwrap();
+        let s: Vec<f32> = outlier_token_scales(&x, 10.0).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(&s[..4], &[1.0, 1.0, 1.0, 1.0]);
+        let scaled_ms = 400.0 * s[4] * s[4];
+        assert!((scaled_ms - 10.0).abs() < 1e-4, "{scaled_ms}");
+        // Each sequence has its own median.
+        let two = Tensor::cat(&[&x, &(&x * 3.0).unwrap()], 0).unwrap();
+        let s2: Vec<f32> = outlier_token_scales(&two, 10.0).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(&s2[..5], &s[..]);
+        assert_eq!(&s2[5..], &s[..]);
+        assert!(outlier_token_scales(&x, 0.0).is_err());
     }
 }
