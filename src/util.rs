@@ -137,6 +137,47 @@ impl Drop for AtomicDir {
     }
 }
 
+/// Bytes free to an unprivileged writer on the filesystem holding `dir` (`FISTAPRUNE_TEST_FREE_BYTES`
+/// overrides it, for tests).
+pub fn free_bytes(dir: &Path) -> Result<u64> {
+    if let Some(v) = std::env::var_os("FISTAPRUNE_TEST_FREE_BYTES") {
+        return v.to_string_lossy().parse().context("FISTAPRUNE_TEST_FREE_BYTES");
+    }
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized, writable statvfs.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    ensure!(rc == 0, "{}: cannot read the free space ({})", dir.display(), std::io::Error::last_os_error());
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Refuse to start when the filesystem of `dest` has less than `need` bytes free.
+pub fn check_free_space(dest: &Path, need: u64) -> Result<()> {
+    let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut probe = parent.to_path_buf();
+    // The nearest existing ancestor (the output's parent may not exist yet).
+    while !probe.exists() {
+        match probe.parent() {
+            Some(p) if !p.as_os_str().is_empty() => probe = p.to_path_buf(),
+            _ => {
+                probe = PathBuf::from(".");
+                break;
+            }
+        }
+    }
+    let free = free_bytes(&probe)?;
+    let gb = |b: u64| b as f64 / 1e9;
+    ensure!(
+        free >= need,
+        "{}: not enough disk space for the output: {:.2} GB free, about {:.2} GB needed (free some space or choose another --out)",
+        probe.display(),
+        gb(free),
+        gb(need)
+    );
+    Ok(())
+}
+
 /// Write `contents` to `path` atomically (temporary file in the same directory, then rename).
 pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
     let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));

@@ -356,3 +356,44 @@ fn resume_after_a_kill_gives_the_same_checkpoint_in_every_walk() {
     let left: Vec<String> = std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+#[test]
+fn a_nan_weight_is_named_by_layer_and_operator() {
+    let d = tmpdir("p-nan");
+    let model = d.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for e in std::fs::read_dir(fixture("llama")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
+    }
+    // One NaN in layer 1's q_proj, written into the safetensors data in place.
+    let path = model.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let name = "model.layers.1.self_attn.q_proj.weight";
+    assert_eq!(header[name]["dtype"], "F32");
+    let at = 8 + n + header[name]["data_offsets"][0].as_u64().unwrap() as usize + 4 * 5;
+    bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    let out = d.join("out");
+    let (ok, _, err) = run(&["prune", "--model", model.to_str().unwrap(), "--method", "magnitude", "--sparsity", "0.5", "--out", out.to_str().unwrap()]);
+    assert!(!ok && err.contains("decoder layer 1: weight model.layers.1.self_attn.q_proj.weight: 1 non-finite values"), "{err}");
+    assert!(!out.exists() && !d.join(".out.partial").exists(), "a failed run left output");
+}
+
+#[test]
+fn too_little_disk_is_refused_before_any_work() {
+    let d = tmpdir("p-disk");
+    let out = d.join("sub/out");
+    let c4 = c4();
+    let r = std::process::Command::new(bin())
+        .args(["prune", "--model", fixture("llama").to_str().unwrap(), "--method", "sparsegpt", "--sparsity", "0.5", "--calib", &c4,
+            "--nsamples", "4", "--seqlen", "16", "--out", out.to_str().unwrap()])
+        .env("FISTAPRUNE_TEST_FREE_BYTES", "1000")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success() && err.contains("not enough disk space for the output") && err.contains("GB needed"), "{err}");
+    assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0, "nothing written");
+}

@@ -24,7 +24,7 @@ use crate::prune::pipeline::{FinishedLayer, LayerInputs, LayerReport, PipelineOp
 use crate::prune::sparsegpt::SparseGpt;
 use crate::prune::wanda::Wanda;
 use crate::prune::{Method, Pattern};
-use crate::util::{AtomicDir, write_atomic};
+use crate::util::{AtomicDir, check_free_space, write_atomic};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -246,6 +246,14 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
         }
     }
 
+    // Before any work: room for the output, plus every layer in f32 aside until it is assembled (an estimate, with 5 % to spare).
+    let n_layers = ck.config.num_layers();
+    let out_dtype = a.dtype.unwrap_or_else(|| input_dtype(&ck));
+    let specs = tensor_specs(&ck);
+    let elems = |layer_only: bool| specs.iter().filter(|(n, _)| !layer_only || layer_of(n).is_some()).map(|(_, s)| s.iter().product::<usize>() as u64).sum::<u64>();
+    let need = elems(false) * out_dtype.size() as u64 + elems(true) * 4;
+    check_free_space(&a.out, need + need / 20)?;
+
     // Calibration (magnitude needs none, but may be asked to save it for other runs).
     let calib = if method.needs_gram() || a.save_calib.is_some() || a.owl.is_some() {
         let c = load_calibration(a, &ck)?;
@@ -287,10 +295,9 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
         progress: !a.quiet,
         token_cap: a.token_cap,
     };
-    let n_layers = ck.config.num_layers();
     let range = a.layers.unwrap_or((0, n_layers.saturating_sub(1)));
     let partial = range != (0, n_layers.saturating_sub(1));
-    let dtype = a.dtype.unwrap_or_else(|| input_dtype(&ck));
+    let dtype = out_dtype;
     let options = json!({
         "percdamp": a.percdamp, "blocksize": a.blocksize, "magnitude_per_row": a.magnitude_per_row,
         "batch": a.batch, "act_dtype": format!("{:?}", a.act_dtype).to_lowercase(),

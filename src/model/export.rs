@@ -23,7 +23,7 @@ pub enum OutDType {
 }
 
 impl OutDType {
-    fn size(self) -> usize {
+    pub fn size(self) -> usize {
         if self == OutDType::F32 { 4 } else { 2 }
     }
     fn st_name(self) -> &'static str {

@@ -368,6 +368,10 @@ fn prune_layer(
 ) -> Result<(Box<dyn DecoderLayer>, Option<Box<dyn DecoderLayer>>, LayerReport)> {
     let t0 = Instant::now();
     let mut work = model.load_layer(i)?;
+    // A NaN or Inf in a weight would only surface later as unusable statistics: name it here.
+    for (name, t) in work.named_tensors() {
+        check_finite(&t, &format!("decoder layer {i}: weight {name}"))?;
+    }
     // A dense copy is the target with error correction, and produces the next inputs in dense mode.
     let needs_dense = acts.is_some() && (opts.error_correction || opts.layer_inputs != LayerInputs::Pruned);
     let dense = if needs_dense { Some(model.load_layer(i)?) } else { None };
