@@ -234,7 +234,8 @@ impl<'a> Reader<'a> {
                 let n = usize::try_from(n).ok().filter(|&n| n <= self.remaining()).ok_or_else(|| {
                     anyhow!("metadata {key}: array length {n} runs past the end of the file")
                 })?;
-                let mut v = Vec::with_capacity(n);
+                // Grown as elements are read, so that a lying count allocates nothing it cannot fill.
+                let mut v = Vec::with_capacity(n.min(1024));
                 for _ in 0..n {
                     v.push(self.value(ety, version, key, depth + 1)?);
                 }
