@@ -77,3 +77,65 @@ pub fn markdown_table(header: &[&str], rows: &[Vec<String>]) -> String {
     }
     s
 }
+
+/// Per layer of a prune `report.json`: (layer, sparsity, output error, mean operator error, seconds).
+pub fn layer_rows(report: &serde_json::Value) -> Vec<(usize, f64, Option<f64>, Option<f64>, f64)> {
+    report["layers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| {
+            let ops = l["operators"].as_array()?;
+            let (mut zeros, mut total, mut errs) = (0f64, 0f64, Vec::new());
+            for o in ops {
+                let n = o["shape"][0].as_f64()? * o["shape"][1].as_f64()?;
+                zeros += o["sparsity"].as_f64()? * n;
+                total += n;
+                errs.extend(o["rel_error"].as_f64());
+            }
+            let mean = (!errs.is_empty()).then(|| errs.iter().sum::<f64>() / errs.len() as f64);
+            Some((l["layer"].as_u64()? as usize, zeros / total.max(1.0), l["output_rel_error"].as_f64(), mean, l["seconds"].as_f64()?))
+        })
+        .collect()
+}
+
+/// `report.md` and `layers.svg` beside a prune `report.json`: what was run, the outcome, and each layer.
+pub fn write_prune_summary(dir: &Path, report: &serde_json::Value) -> Result<()> {
+    let f = |v: &serde_json::Value, p: usize| v.as_f64().map_or("–".to_string(), |x| format!("{x:.p$}"));
+    let rows = layer_rows(report);
+    let mut md = format!(
+        "# fistaprune: {} {} of {}\n\n| | |\n|---|---|\n| method | {} |\n| pattern | {} |\n| sparsity (measured) | {} |\n\
+         | perplexity before → after | {} → {} |\n| prune time | {} s |\n| total time | {} s |\n| calibration | {} × {} from {} (sha256 {}) |\n| command | `{}` |\n\n",
+        report["method"].as_str().unwrap_or("?"),
+        report["pattern"].as_str().unwrap_or("?"),
+        report["model"].as_str().unwrap_or("?"),
+        report["method"].as_str().unwrap_or("?"),
+        report["pattern"].as_str().unwrap_or("?"),
+        f(&report["sparsity"], 4),
+        f(&report["perplexity_before"], 3),
+        f(&report["perplexity_after"], 3),
+        f(&report["prune_seconds"], 1),
+        f(&report["seconds"], 1),
+        report["calibration"]["nsamples"],
+        report["calibration"]["seqlen"],
+        report["calibration"]["source"].as_str().unwrap_or("–"),
+        report["calibration"]["sha256"].as_str().map(|s| &s[..s.len().min(12)]).unwrap_or("–"),
+        report["command"].as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(" ")).unwrap_or_default(),
+    );
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|(l, s, o, m, t)| {
+            vec![l.to_string(), format!("{s:.4}"), o.map_or("–".into(), |x| format!("{x:.3e}")), m.map_or("–".into(), |x| format!("{x:.3e}")), format!("{t:.1}")]
+        })
+        .collect();
+    md.push_str(&markdown_table(&["layer", "sparsity", "output error", "mean operator error", "seconds"], &table));
+    md.push_str("\nOutput error: `‖f'(x) − f(x)‖² / ‖f(x) − x‖²` of the pruned layer on calibration inputs; operator error: `‖W'X* − WX‖² / ‖WX‖²`. Plot: `layers.svg`.\n");
+    crate::util::write_atomic(&dir.join("report.md"), md.as_bytes())?;
+    let series = [
+        Series { label: "layer output error".into(), values: rows.iter().filter_map(|r| Some((r.0, r.2?))).collect() },
+        Series { label: "mean operator error".into(), values: rows.iter().filter_map(|r| Some((r.0, r.3?))).collect() },
+        Series { label: "sparsity".into(), values: rows.iter().map(|r| (r.0, r.1)).collect() },
+    ];
+    let title = format!("{} {}: per-layer error and sparsity", report["method"].as_str().unwrap_or("?"), report["pattern"].as_str().unwrap_or("?"));
+    plot_layers(&dir.join("layers.svg"), &title, "relative error / sparsity", &series)
+}

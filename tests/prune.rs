@@ -60,6 +60,13 @@ fn sparsegpt_unstructured_on_llama_meets_target_and_reports() {
         let z = w.iter().flatten().filter(|&&x| x == 0.0).count();
         assert!((z as f64 / n as f64 - 0.6).abs() < 0.01, "{name}: {z}/{n}");
     }
+    // The Markdown summary and the per-layer plot beside report.json.
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    let s = format!("{:.4}", r["sparsity"].as_f64().unwrap());
+    assert!(md.contains(&format!("| sparsity (measured) | {s} |")) && md.contains(&format!("| 1 | {s} |")), "{md}");
+    assert!(md.contains(&format!("{before:.3} → {after:.3}")), "{md}");
+    let svg = std::fs::read_to_string(out.join("layers.svg")).unwrap();
+    assert!(svg.contains("<svg") && svg.contains("layer output error") && svg.contains("sparsity"));
     // Embeddings and norms untouched.
     let a = Checkpoint::open(&fixture("llama")).unwrap();
     let b = Checkpoint::open(&out).unwrap();

@@ -402,6 +402,7 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
     report["perplexity_after"] = json!(after.as_ref().map(|r| r.perplexity));
     report["seconds"] = json!(t_start.elapsed().as_secs_f64());
     write_atomic(&dir.tmp.join("report.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
+    crate::report::write_prune_summary(&dir.tmp, &report)?;
     // Kept until now so that a run killed while assembling or evaluating resumes without pruning again.
     std::fs::remove_dir_all(&layers_dir)?;
     std::fs::remove_file(&run_file)?;
