@@ -266,3 +266,32 @@ fn seqlen_above_context_is_refused() {
     let args = ["eval", "--model", m.to_str().unwrap(), "--dataset", w.to_str().unwrap(), "--seqlen", "4096", "--quiet"];
     assert_clean_failure(&args, &["--seqlen 4096", "128"]);
 }
+
+#[test]
+fn hub_ids_resolve_through_the_hugging_face_cache() {
+    let d = tmpdir("hub");
+    let snap = d.join("hub/models--some-org--tiny-llama/snapshots/0123abcd");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(d.join("hub/models--some-org--tiny-llama/refs")).unwrap();
+    std::fs::write(d.join("hub/models--some-org--tiny-llama/refs/main"), "0123abcd").unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(fixture("llama").join(f), snap.join(f)).unwrap();
+    }
+    let go = |model: &str| {
+        let r = std::process::Command::new(bin())
+            .args(["inspect", "--model", model])
+            .env("HF_HOME", &d)
+            .env_remove("HF_HUB_CACHE")
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
+        (r.status.success(), String::from_utf8_lossy(&r.stdout).into_owned(), String::from_utf8_lossy(&r.stderr).into_owned())
+    };
+    let (ok, out, err) = go("some-org/tiny-llama");
+    assert!(ok, "{err}");
+    assert!(out.contains("llama"), "{out}");
+    // Offline with nothing cached: a clear message naming the model and the cache.
+    let (ok, _, err) = go("some-org/absent-model");
+    assert!(!ok && err.contains("some-org/absent-model: not in the Hugging Face cache") && err.contains("HF_HUB_OFFLINE"), "{err}");
+    assert!(err.contains(&d.join("hub").display().to_string()), "{err}");
+}

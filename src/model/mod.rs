@@ -9,6 +9,7 @@
 pub mod config;
 pub mod export;
 pub mod gguf;
+pub mod hub;
 pub mod linear;
 pub mod llama;
 pub mod opt;
@@ -172,7 +173,10 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     /// Open a Hugging Face model directory or a `.gguf` file.
+    /// A path that does not exist but reads `org/name` is a Hugging Face Hub model ([`hub::resolve`]).
     pub fn open(path: &Path) -> Result<Self> {
+        let resolved = hub::resolve(path)?;
+        let path = resolved.as_path();
         if !path.exists() {
             bail!("{}: no such file or directory", path.display());
         }
