@@ -486,6 +486,8 @@ fn print_inspect(info: &serde_json::Value) {
 }
 
 fn main() -> ExitCode {
+    // Logs on stderr, off unless RUST_LOG asks (e.g. RUST_LOG=fistaprune=debug).
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("off")).format_timestamp_millis().init();
     fistaprune::util::tune_allocator();
     let cli = Cli::parse();
     match run(cli) {

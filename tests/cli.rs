@@ -295,3 +295,22 @@ fn hub_ids_resolve_through_the_hugging_face_cache() {
     assert!(!ok && err.contains("some-org/absent-model: not in the Hugging Face cache") && err.contains("HF_HUB_OFFLINE"), "{err}");
     assert!(err.contains(&d.join("hub").display().to_string()), "{err}");
 }
+
+#[test]
+fn rust_log_turns_on_per_layer_logs() {
+    let d = tmpdir("log");
+    let go = |out: &str, log: Option<&str>| {
+        let mut c = std::process::Command::new(bin());
+        c.args(["prune", "--model", fixture("llama").to_str().unwrap(), "--method", "magnitude", "--sparsity", "0.5", "--quiet", "--out", d.join(out).to_str().unwrap()]);
+        match log {
+            Some(l) => c.env("RUST_LOG", l),
+            None => c.env_remove("RUST_LOG"),
+        };
+        let r = c.output().unwrap();
+        assert!(r.status.success());
+        String::from_utf8_lossy(&r.stderr).into_owned()
+    };
+    let err = go("a", Some("fistaprune=debug"));
+    assert!(err.contains("layer 1:") && err.contains("layer 1 down_proj: sparsity 0.5000"), "{err}");
+    assert!(!go("b", None).contains("layer 1:"), "logs without RUST_LOG");
+}

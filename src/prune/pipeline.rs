@@ -501,6 +501,7 @@ pub fn prune_model(
             continue;
         }
         if let Some((work, report)) = finished(i)? {
+            log::info!("layer {i}: pruned by the interrupted run, reloaded");
             // Pruned before the interruption: only its outputs are needed, as the walk below makes them.
             if let Some(ctx) = &ctx
                 && i < last
@@ -543,6 +544,13 @@ pub fn prune_model(
         }
         report.forward_seconds = t2.elapsed().as_secs_f64();
         report.seconds += report.forward_seconds;
+        log::info!(
+            "layer {i}: {:.1} s (statistics {:.1} s, pruning {:.1} s), output error {:?}",
+            report.seconds, report.stats_seconds, report.prune_seconds, report.output_rel_error
+        );
+        for o in &report.operators {
+            log::debug!("layer {i} {}: sparsity {:.4}, error {:?} (mask only {:?}), {:.2} s", o.name, o.sparsity, o.rel_error, o.rel_error_mask_only, o.seconds);
+        }
         sink(i, work.as_ref(), &report)?;
         reports.push(report);
         pb.inc(1);
