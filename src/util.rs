@@ -58,13 +58,7 @@ pub struct AtomicDir {
 impl AtomicDir {
     /// Refuses an existing `dest` unless `force`.
     pub fn new(dest: &Path, force: bool) -> Result<Self> {
-        if dest.exists() && !force {
-            bail!("{}: already exists (use --force to replace it)", dest.display());
-        }
-        let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", parent.display()))?;
-        let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
-        let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
+        let tmp = aside(dest, force, &format!("partial-{}", std::process::id()))?;
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)?;
         }
@@ -78,13 +72,7 @@ impl AtomicDir {
     /// (A run that fails with an error removes it, unless it was resuming: that work stays for a corrected
     /// `--resume`.)
     pub fn resumable(dest: &Path, force: bool, resume: bool) -> Result<(Self, bool)> {
-        if dest.exists() && !force {
-            bail!("{}: already exists (use --force to replace it)", dest.display());
-        }
-        let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", parent.display()))?;
-        let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
-        let tmp = parent.join(format!(".{name}.partial"));
+        let tmp = aside(dest, force, "partial")?;
         let lock = tmp.join("lock");
         if let Ok(pid) = std::fs::read_to_string(&lock)
             && let Ok(pid) = pid.trim().parse::<u32>()
@@ -127,6 +115,17 @@ impl AtomicDir {
         }
         Ok(())
     }
+}
+
+/// `.NAME.SUFFIX` beside `dest` (its parent created), after refusing an existing `dest` unless `force`.
+fn aside(dest: &Path, force: bool, suffix: &str) -> Result<PathBuf> {
+    if dest.exists() && !force {
+        bail!("{}: already exists (use --force to replace it)", dest.display());
+    }
+    let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", parent.display()))?;
+    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    Ok(parent.join(format!(".{name}.{suffix}")))
 }
 
 impl Drop for AtomicDir {

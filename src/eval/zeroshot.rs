@@ -317,16 +317,14 @@ pub fn score_example(model: &dyn CausalLm, cache: &LayerCache, tok: &Tokenizer, 
         if all.len() > max_pos + 1 {
             all.drain(..all.len() - max_pos - 1);
         }
-        seqs.push((all, cont.len()));
+        seqs.push((all, cont));
     }
     // One shared context and one-token answers (BoolQ, RTE): one sequence serves every choice.
-    let shared = seqs.iter().all(|(s, n)| *n == 1 && s[..s.len() - 1] == seqs[0].0[..seqs[0].0.len() - 1]);
-    if shared && seqs.len() > 1 {
-        seqs.truncate(1);
-    }
-    let len = seqs.iter().map(|(s, _)| s.len() - 1).max().unwrap_or(1);
-    let flat: Vec<u32> = seqs.iter().flat_map(|(s, _)| s[..s.len() - 1].iter().copied().chain(std::iter::repeat_n(eos, len - (s.len() - 1)))).collect();
-    let ids = Tensor::from_vec(flat, (seqs.len(), len), &Device::Cpu)?;
+    let shared = seqs.iter().all(|(s, c)| c.len() == 1 && s[..s.len() - 1] == seqs[0].0[..seqs[0].0.len() - 1]);
+    let run = if shared { &seqs[..1] } else { &seqs[..] };
+    let len = run.iter().map(|(s, _)| s.len() - 1).max().unwrap_or(1);
+    let flat: Vec<u32> = run.iter().flat_map(|(s, _)| s[..s.len() - 1].iter().copied().chain(std::iter::repeat_n(eos, len - (s.len() - 1)))).collect();
+    let ids = Tensor::from_vec(flat, (run.len(), len), &Device::Cpu)?;
     let ctx = model.context(len)?;
     let mut h = model.embed(&ids)?;
     for i in 0..model.num_layers() {
@@ -337,18 +335,18 @@ pub fn score_example(model: &dyn CausalLm, cache: &LayerCache, tok: &Tokenizer, 
     let mut out = Vec::new();
     if shared {
         let x = fin.get(0)?.narrow(0, len - 1, 1)?;
-        for c in &e.choices {
-            let (_, cont) = encode_pair(tok, eos, &c.context, &c.continuation)?;
-            let nll = head_nll_sum(&x, model.lm_head(), &cont)?;
+        for (_, cont) in &seqs {
+            let nll = head_nll_sum(&x, model.lm_head(), cont)?;
             ensure!(nll.is_finite(), "non-finite log-likelihood (logits hold NaN or Inf)");
             out.push(-nll);
         }
         return Ok(out);
     }
-    for (b, (s, n)) in seqs.iter().enumerate() {
+    for (b, (s, cont)) in seqs.iter().enumerate() {
+        let n = cont.len();
         // Inputs s[..-1]; position p predicts s[p + 1]; the continuation is the last n targets.
         let start = s.len() - 1 - n;
-        let x = fin.get(b)?.narrow(0, start, *n)?;
+        let x = fin.get(b)?.narrow(0, start, n)?;
         let nll = head_nll_sum(&x, model.lm_head(), &s[start + 1..])?;
         ensure!(nll.is_finite(), "non-finite log-likelihood (logits hold NaN or Inf)");
         out.push(-nll);
