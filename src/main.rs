@@ -12,6 +12,7 @@ use fistaprune::data::calibration::CalibMode;
 use fistaprune::data::dataset::TextFormat;
 use fistaprune::model::export::OutDType;
 use fistaprune::prune::Pattern;
+use fistaprune::util::Progress;
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Threshold {
@@ -53,12 +54,36 @@ impl From<ActDType> for candle_core::DType {
     }
 }
 
+/// How long steps report progress.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ProgressMode {
+    /// Bars with ETA on stderr when it is a terminal (none under --quiet).
+    Auto,
+    /// One JSON object per line on stderr: stage start/progress/done, each pruned layer, the result.
+    Json,
+    /// No progress at all.
+    None,
+}
+
+impl ProgressMode {
+    fn resolve(self, quiet: bool) -> Progress {
+        match self {
+            Self::Json => Progress::Json,
+            Self::None => Progress::Hidden,
+            Self::Auto => Progress::from_flags(quiet, false),
+        }
+    }
+}
+
 #[derive(Parser)]
 #[command(name = "fistaprune", version, about = "Post-training pruning of large language models")]
 struct Cli {
     /// Worker threads for the matrix kernels (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Progress display: bars (auto), JSON lines on stderr for machines (json), or none.
+    #[arg(long, global = true, value_enum, default_value = "auto")]
+    progress: ProgressMode,
     #[command(subcommand)]
     command: Command,
 }
@@ -206,12 +231,17 @@ struct PruneFlags {
     /// OWL: a score is an outlier above this many times its layer's mean score (M).
     #[arg(long, default_value_t = 5.0)]
     owl_m: f64,
+    /// No progress bars or summary lines.
     #[arg(long)]
     quiet: bool,
+    /// For machines: JSON lines on stderr (progress, each layer, the result) and nothing on stdout
+    /// (the same as --progress json --quiet).
+    #[arg(long)]
+    json: bool,
     }
 
 impl PruneFlags {
-    fn to_args(&self, method: MethodName, out: PathBuf) -> anyhow::Result<commands::prune::PruneArgs> {
+    fn to_args(&self, method: MethodName, out: PathBuf, progress: ProgressMode) -> anyhow::Result<commands::prune::PruneArgs> {
         let f = self.clone();
         let pattern = match (f.sparsity, &f.pattern) {
             (Some(s), None) => Pattern::unstructured(s)?,
@@ -275,7 +305,8 @@ impl PruneFlags {
             jobs: f.jobs.max(1),
             token_cap: f.token_cap,
             owl: f.owl.then_some(fistaprune::prune::allocation::Owl { lambda: f.owl_lambda, m: f.owl_m }),
-            quiet: f.quiet,
+            quiet: f.quiet || f.json,
+            progress: if f.json { Progress::Json } else { progress.resolve(f.quiet) },
         })
     }
 }
@@ -419,7 +450,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if !tasks.is_empty() {
                 // With a dataset too, its perplexity goes to --json and the tasks beside it (`.tasks.json`).
                 let tasks_json = json.as_ref().map(|j| if dataset.is_some() { j.with_extension("tasks.json") } else { j.clone() });
-                commands::zeroshot(&commands::ZeroShotArgs { model: model.clone(), tasks, tasks_dir, limit, json: tasks_json, quiet })?;
+                commands::zeroshot(&commands::ZeroShotArgs { model: model.clone(), tasks, tasks_dir, limit, json: tasks_json, quiet, progress: cli.progress.resolve(quiet) })?;
             }
             if let Some(dataset) = dataset {
                 commands::eval(&commands::EvalArgs {
@@ -432,16 +463,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     layer_memory_bytes: layer_memory_mb << 20,
                     json,
                     quiet,
+                    progress: cli.progress.resolve(quiet),
                 })?;
             }
         }
         Command::Prune { method, out, flags } => {
-            commands::prune::prune(&flags.to_args(method, out.clone())?)?;
+            commands::prune::prune(&flags.to_args(method, out.clone(), cli.progress)?)?;
         }
         Command::Compare { methods, out, flags } => {
-            let args = flags.to_args(methods[0], out.clone())?;
+            let args = flags.to_args(methods[0], out.clone(), cli.progress)?;
             let r = commands::compare::compare(&args, &methods, &out)?;
-            print!("{}", r.markdown);
+            // The table is the result, printed even under --quiet; --json keeps stdout empty.
+            if !flags.json {
+                print!("{}", r.markdown);
+            }
         }
         Command::Merge { model, parts, out, force, dtype, max_shard_gb } => {
             let r = commands::prune::merge(&model, &parts, &out, force, dtype, (max_shard_gb * 1e9) as usize)?;
@@ -490,10 +525,15 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("off")).format_timestamp_millis().init();
     fistaprune::util::tune_allocator();
     let cli = Cli::parse();
+    let json = cli.progress == ProgressMode::Json
+        || matches!(&cli.command, Command::Prune { flags, .. } | Command::Compare { flags, .. } if flags.json);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
+            if json {
+                fistaprune::util::json_event(serde_json::json!({"event": "error", "message": format!("{e:#}")}));
+            }
             ExitCode::FAILURE
         }
     }

@@ -1,10 +1,12 @@
 //! Small shared helpers: numeric checks, progress bars, atomic output.
 
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
 use candle_core::{DType, Tensor};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use indicatif::{ProgressDrawTarget, ProgressStyle};
 
 /// Keep freed memory in the process instead of returning each large block to the kernel.
 ///
@@ -30,19 +32,120 @@ pub fn check_finite(t: &Tensor, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// A progress bar on stderr with ETA; hidden when `show` is false or stderr is not a terminal.
-pub fn progress_bar(len: u64, prefix: &str, show: bool) -> ProgressBar {
-    let pb = ProgressBar::with_draw_target(
+/// How long steps show their progress.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Progress {
+    /// Nothing (`--quiet`).
+    #[default]
+    Hidden,
+    /// A bar with ETA on stderr, drawn only when stderr is a terminal.
+    Bar,
+    /// One JSON object per line on stderr, for machines (`--json`): `{"event":"progress","stage":..,"done":..,
+    /// "total":..,"elapsed_s":..,"eta_s":..}` at most about once a second and at the end of each stage.
+    Json,
+}
+
+impl Progress {
+    pub fn from_flags(quiet: bool, json: bool) -> Self {
+        if json {
+            Self::Json
+        } else if quiet {
+            Self::Hidden
+        } else {
+            Self::Bar
+        }
+    }
+
+    /// Whether a human is shown bars and summary lines.
+    pub fn human(self) -> bool {
+        self == Self::Bar
+    }
+}
+
+/// Print one machine-readable event line on stderr (in `--json` mode).
+pub fn json_event(value: serde_json::Value) {
+    use std::io::Write;
+    let mut err = std::io::stderr().lock();
+    // A closed stderr must not stop the work.
+    writeln!(err, "{value}").ok();
+}
+
+/// The progress of one stage: an indicatif bar, or JSON lines (see [`Progress::Json`]).
+pub struct ProgressBar {
+    bar: indicatif::ProgressBar,
+    json: Option<std::sync::Mutex<JsonState>>,
+}
+
+struct JsonState {
+    stage: String,
+    done: u64,
+    total: u64,
+    start: Instant,
+    last: Option<Instant>,
+    message: String,
+}
+
+impl JsonState {
+    fn emit(&mut self, event: &str) {
+        let elapsed = self.start.elapsed().as_secs_f64();
+        let eta = (self.done > 0).then(|| elapsed / self.done as f64 * self.total.saturating_sub(self.done) as f64);
+        let mut v = serde_json::json!({
+            "event": event, "stage": self.stage, "done": self.done, "total": self.total,
+            "elapsed_s": (elapsed * 1000.0).round() / 1000.0, "eta_s": eta.map(|e| (e * 10.0).round() / 10.0),
+        });
+        if !self.message.is_empty() {
+            v["message"] = self.message.clone().into();
+        }
+        json_event(v);
+        self.last = Some(Instant::now());
+    }
+}
+
+impl ProgressBar {
+    pub fn inc(&self, n: u64) {
+        self.bar.inc(n);
+        if let Some(j) = &self.json {
+            let mut j = j.lock().expect("progress state");
+            j.done += n;
+            if j.done >= j.total || j.last.is_none_or(|t| t.elapsed().as_secs_f64() >= 1.0) {
+                j.emit("progress");
+            }
+        }
+    }
+
+    pub fn set_message(&self, msg: String) {
+        if let Some(j) = &self.json {
+            j.lock().expect("progress state").message = msg.clone();
+        }
+        self.bar.set_message(msg);
+    }
+
+    pub fn finish_and_clear(&self) {
+        self.bar.finish_and_clear();
+        if let Some(j) = &self.json {
+            j.lock().expect("progress state").emit("done");
+        }
+    }
+}
+
+/// The progress of a stage of `len` steps named `prefix`.
+pub fn progress_bar(len: u64, prefix: &str, mode: Progress) -> ProgressBar {
+    let bar = indicatif::ProgressBar::with_draw_target(
         Some(len),
-        if show { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },
+        if mode == Progress::Bar { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },
     );
-    pb.set_style(
+    bar.set_style(
         ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {msg} (ETA {eta})")
             .expect("valid template")
             .progress_chars("=> "),
     );
-    pb.set_prefix(prefix.to_string());
-    pb
+    bar.set_prefix(prefix.to_string());
+    let json = (mode == Progress::Json).then(|| {
+        let mut st = JsonState { stage: prefix.to_string(), done: 0, total: len, start: Instant::now(), last: None, message: String::new() };
+        st.emit("start");
+        std::sync::Mutex::new(st)
+    });
+    ProgressBar { bar, json }
 }
 
 /// A directory written aside and renamed into place when complete, so that `dest` is either absent, the

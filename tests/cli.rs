@@ -135,20 +135,52 @@ fn truncated_safetensors_is_refused() {
 
 #[test]
 fn safetensors_header_that_lies_about_sizes_is_refused() {
-    let d = tmpdir("lie-st").join("m");
-    copy_dir(&fixture("llama"), &d);
-    let f = d.join("model.safetensors");
+    let d = tmpdir("lie-st");
+    let m = edit_safetensors_header(&d, |h| h["model.norm.weight"]["shape"] = serde_json::json!([64]));
+    let w = wikitext();
+    assert_clean_failure(&eval_args(m.to_str().unwrap(), w.to_str().unwrap()), &["model.safetensors", "header"]);
+}
+
+/// The llama fixture's safetensors in `d/m` with its header JSON changed by `edit` (data unchanged).
+fn edit_safetensors_header(d: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
+    let m = d.join("m");
+    copy_dir(&fixture("llama"), &m);
+    let f = m.join("model.safetensors");
     let bytes = std::fs::read(&f).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    header["model.norm.weight"]["shape"] = serde_json::json!([64]);
+    edit(&mut header);
     let h = serde_json::to_vec(&header).unwrap();
     let mut out = (h.len() as u64).to_le_bytes().to_vec();
     out.extend_from_slice(&h);
     out.extend_from_slice(&bytes[8 + n..]);
     std::fs::write(&f, out).unwrap();
+    m
+}
+
+#[test]
+fn corrupted_safetensors_header_is_refused() {
+    let d = tmpdir("corrupt-st").join("m");
+    copy_dir(&fixture("llama"), &d);
+    let f = d.join("model.safetensors");
+    let mut bytes = std::fs::read(&f).unwrap();
+    // Bytes of the JSON header overwritten (a disk or transfer error): not JSON any more.
+    bytes[9..40].fill(0xff);
+    std::fs::write(&f, &bytes).unwrap();
     let w = wikitext();
     assert_clean_failure(&eval_args(d.to_str().unwrap(), w.to_str().unwrap()), &["model.safetensors", "header"]);
+}
+
+#[test]
+fn unsupported_dtype_is_refused() {
+    let d = tmpdir("dtype-st");
+    // Same byte size, so the file itself is consistent: only the dtype is one we do not compute with.
+    let m = edit_safetensors_header(&d, |h| h["model.layers.0.mlp.up_proj.weight"]["dtype"] = serde_json::json!("I32"));
+    let w = wikitext();
+    assert_clean_failure(
+        &eval_args(m.to_str().unwrap(), w.to_str().unwrap()),
+        &["model.safetensors", "model.layers.0.mlp.up_proj.weight", "I32", "only F32, F16 and BF16"],
+    );
 }
 
 #[test]

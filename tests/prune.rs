@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::*;
 use fistaprune::model::Checkpoint;
@@ -171,6 +171,9 @@ fn bad_prune_arguments_are_refused_without_output() {
     std::fs::write(&short, "too short").unwrap();
     let (ok, _, err) = run(&["prune", "--model", m.to_str().unwrap(), "--method", "wanda", "--sparsity", "0.5", "--calib", short.to_str().unwrap(), "--seqlen", "16", "--out", out.to_str().unwrap()]);
     assert!(!ok && err.contains("short.txt") && err.contains("not enough for one calibration window"), "{err}");
+    std::fs::write(&short, "").unwrap();
+    let (ok, _, err) = run(&["prune", "--model", m.to_str().unwrap(), "--method", "wanda", "--sparsity", "0.5", "--calib", short.to_str().unwrap(), "--seqlen", "16", "--out", out.to_str().unwrap()]);
+    assert!(!ok && err.contains("short.txt") && !err.contains("panicked"), "{err}");
     let (ok, _, err) = run(&["prune", "--model", m.to_str().unwrap(), "--method", "wanda", "--sparsity", "0.5", "--calib", &c4, "--seqlen", "4096", "--out", out.to_str().unwrap()]);
     assert!(!ok && err.contains("--seqlen 4096"), "{err}");
     assert!(!out.exists());
@@ -364,29 +367,57 @@ fn resume_after_a_kill_gives_the_same_checkpoint_in_every_walk() {
     assert!(left.is_empty(), "{left:?}");
 }
 
-#[test]
-fn a_nan_weight_is_named_by_layer_and_operator() {
-    let d = tmpdir("p-nan");
+/// A copy of the llama fixture in `d/model` whose F32 tensor `name` is changed by `edit`.
+fn patched_llama(d: &Path, name: &str, edit: impl FnOnce(&mut [f32])) -> PathBuf {
     let model = d.join("model");
     std::fs::create_dir_all(&model).unwrap();
     for e in std::fs::read_dir(fixture("llama")).unwrap() {
         let e = e.unwrap();
         std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
     }
-    // One NaN in layer 1's q_proj, written into the safetensors data in place.
     let path = model.join("model.safetensors");
     let mut bytes = std::fs::read(&path).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    let name = "model.layers.1.self_attn.q_proj.weight";
     assert_eq!(header[name]["dtype"], "F32");
-    let at = 8 + n + header[name]["data_offsets"][0].as_u64().unwrap() as usize + 4 * 5;
-    bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let [a, b] = [0, 1].map(|k| 8 + n + header[name]["data_offsets"][k].as_u64().unwrap() as usize);
+    let mut values: Vec<f32> = bytes[a..b].chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    edit(&mut values);
+    for (k, v) in values.iter().enumerate() {
+        bytes[a + 4 * k..a + 4 * k + 4].copy_from_slice(&v.to_le_bytes());
+    }
     std::fs::write(&path, bytes).unwrap();
+    model
+}
+
+#[test]
+fn a_nan_weight_is_named_by_layer_and_operator() {
+    let d = tmpdir("p-nan");
+    let model = patched_llama(&d, "model.layers.1.self_attn.q_proj.weight", |w| w[5] = f32::NAN);
     let out = d.join("out");
     let (ok, _, err) = run(&["prune", "--model", model.to_str().unwrap(), "--method", "magnitude", "--sparsity", "0.5", "--out", out.to_str().unwrap()]);
     assert!(!ok && err.contains("decoder layer 1: weight model.layers.1.self_attn.q_proj.weight: 1 non-finite values"), "{err}");
     assert!(!out.exists() && !d.join(".out.partial").exists(), "a failed run left output");
+}
+
+#[test]
+fn activations_that_overflow_are_named_by_layer_and_operator() {
+    let d = tmpdir("p-overflow");
+    // Finite weights whose activations are not: layer 1's MLP norm scales its output by 1e38, so the input of
+    // gate_proj and up_proj overflows f32 (weights alone pass the NaN check).
+    let model = patched_llama(&d, "model.layers.1.post_attention_layernorm.weight", |w| w.fill(1e38));
+    let c4 = c4();
+    // Wanda collects dense statistics in one pass; FISTA (error correction) collects them group by group.
+    for method in ["wanda", "fista"] {
+        let out = d.join("out");
+        let (ok, _, err) = run(&[
+            "prune", "--model", model.to_str().unwrap(), "--method", method, "--sparsity", "0.5", "--calib", &c4,
+            "--nsamples", "2", "--seqlen", "16", "--out", out.to_str().unwrap(), "--quiet",
+        ]);
+        assert!(!ok && !err.contains("panicked"), "{method}: {err}");
+        assert!(err.contains("decoder layer 1: input of gate_proj, up_proj: NaN or Inf in the calibration activations"), "{method}: {err}");
+        assert!(!out.exists() && !d.join(".out.partial").exists(), "{method}: a failed run left output");
+    }
 }
 
 #[test]
@@ -403,4 +434,47 @@ fn too_little_disk_is_refused_before_any_work() {
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(!r.status.success() && err.contains("not enough disk space for the output") && err.contains("GB needed"), "{err}");
     assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0, "nothing written");
+}
+
+#[test]
+fn json_mode_reports_stages_layers_and_the_result_for_machines() {
+    let d = tmpdir("p-json");
+    let out = d.join("out");
+    let m = fixture("llama");
+    let (ok, stdout, err) = run(&[
+        "prune", "--model", m.to_str().unwrap(), "--method", "sparsegpt", "--sparsity", "0.5", "--calib", &c4(), "--nsamples", "4",
+        "--seqlen", "16", "--out", out.to_str().unwrap(), "--eval", shared("wikitext-2-raw/wiki.test.raw").to_str().unwrap(),
+        "--eval-seqlen", "16", "--eval-max-windows", "3", "--json",
+    ]);
+    assert!(ok, "{err}");
+    assert!(stdout.is_empty(), "--json keeps stdout empty: {stdout}");
+    // Every stderr line is one JSON object.
+    let events: Vec<serde_json::Value> =
+        err.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
+    let of = |kind: &str| events.iter().filter(|e| e["event"] == kind).collect::<Vec<_>>();
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let n_layers = report["layers"].as_array().unwrap().len();
+    let layers = of("layer");
+    assert_eq!(layers.iter().map(|e| e["layer"].as_u64().unwrap() as usize).collect::<Vec<_>>(), (0..n_layers).collect::<Vec<_>>());
+    assert!(layers.iter().all(|e| (e["sparsity"].as_f64().unwrap() - 0.5).abs() < 0.01 && e["output_rel_error"].as_f64().is_some()));
+    // Each stage starts at 0 and ends done with its whole count; the pruning stage counts layers.
+    for stage in ["sparsegpt", "perplexity"] {
+        let s: Vec<_> = events.iter().filter(|e| e["stage"] == stage).collect();
+        assert_eq!(s.first().unwrap()["event"], "start", "{stage}");
+        let done: Vec<_> = s.iter().filter(|e| e["event"] == "done").collect();
+        assert!(!done.is_empty() && done.iter().all(|e| e["done"] == e["total"]), "{stage}: {s:?}");
+    }
+    assert!(events.iter().any(|e| e["stage"] == "sparsegpt" && e["event"] == "done" && e["total"] == n_layers));
+    let result = of("result");
+    assert_eq!(result.len(), 1);
+    assert_eq!(result[0]["sparsity"], report["sparsity"]);
+    assert_eq!(result[0]["perplexity_after"], report["perplexity_after"]);
+    assert!(result[0]["perplexity_before"].as_f64().unwrap() > 1.0);
+
+    // A failure ends with an error event naming the problem.
+    let (ok, _, err) = run(&["prune", "--model", m.to_str().unwrap(), "--method", "wanda", "--sparsity", "2", "--calib", &c4(), "--out", d.join("x").to_str().unwrap(), "--json"]);
+    assert!(!ok);
+    let last: serde_json::Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
+    assert_eq!(last["event"], "error");
+    assert!(last["message"].as_str().unwrap().contains("--sparsity 2"), "{last}");
 }

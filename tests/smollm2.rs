@@ -51,6 +51,7 @@ fn wikitext_perplexity_matches_transformers() {
         layer_memory_bytes: 0,
         json: None,
         quiet: true,
+        progress: Default::default(),
     })
     .unwrap();
     eprintln!("ours {} transformers {want}", res.perplexity);
@@ -90,6 +91,7 @@ fn slice_run(r: &serde_json::Value, tag: &str, flags: &[&str]) -> (f64, serde_js
         layer_memory_bytes: 1 << 30,
         json: None,
         quiet: true,
+        progress: Default::default(),
     })
     .unwrap();
     let _ = std::fs::remove_dir_all(&out);

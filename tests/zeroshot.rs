@@ -21,7 +21,7 @@ fn scores_match_lm_evaluation_harness() {
     for &task in TASKS {
         let want = &r["tasks"][task];
         let examples = load_task(task, &task_file(&dir, task).unwrap(), None).unwrap();
-        let scores = score_all(model.as_ref(), tok, eos, &examples, None).unwrap();
+        let scores = score_all(model.as_ref(), tok, eos, &examples, "", Default::default()).unwrap();
         let wex = want["examples"].as_array().unwrap();
         assert_eq!(examples.len(), wex.len(), "{task}");
         for (i, ((e, s), w)) in examples.iter().zip(&scores).zip(wex).enumerate() {

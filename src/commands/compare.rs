@@ -39,7 +39,7 @@ pub fn compare(base: &PruneArgs, methods: &[MethodName], out: &Path) -> Result<C
     };
     let (windows, dense) = dense_eval(base, &ck)?;
     let dense = dense.map(|r| r.perplexity);
-    let ppl_opts = PplOptions { progress: !base.quiet, ..Default::default() };
+    let ppl_opts = PplOptions { progress: base.progress, ..Default::default() };
     let mut rows = Vec::new();
     let mut results = Vec::new();
     let mut series = Vec::new();

@@ -14,7 +14,7 @@ use crate::eval::perplexity::{PplOptions, PplResult, perplexity};
 use crate::eval::zeroshot;
 use crate::model::export::{OutDType, write_hf_dir};
 use crate::model::{Checkpoint, Format, forward_logits};
-use crate::util::write_atomic;
+use crate::util::{Progress, write_atomic};
 
 pub struct ZeroShotArgs {
     pub model: PathBuf,
@@ -24,7 +24,9 @@ pub struct ZeroShotArgs {
     /// Score only the first K examples of each task.
     pub limit: Option<usize>,
     pub json: Option<PathBuf>,
+    /// No summary lines on stdout.
     pub quiet: bool,
+    pub progress: Progress,
 }
 
 /// `fistaprune eval --tasks`: zero-shot acc and acc_norm of each task, as lm-evaluation-harness scores them.
@@ -40,7 +42,7 @@ pub fn zeroshot(a: &ZeroShotArgs) -> Result<Vec<zeroshot::TaskResult>> {
     let model = ck.model()?;
     let mut results = Vec::new();
     for (t, f) in a.tasks.iter().zip(&files) {
-        let r = zeroshot::evaluate(model.as_ref(), tok, eos, t, f, a.limit, !a.quiet)?;
+        let r = zeroshot::evaluate(model.as_ref(), tok, eos, t, f, a.limit, a.progress)?;
         if !a.quiet {
             println!("{:<14} acc {:.4} ± {:.4}  acc_norm {:.4} ± {:.4}  ({} examples, {:.0} s)", r.task, r.acc, r.acc_stderr, r.acc_norm, r.acc_norm_stderr, r.examples, r.seconds);
         }
@@ -95,14 +97,16 @@ pub struct EvalArgs {
     /// See [`PplOptions::layer_budget_bytes`].
     pub layer_memory_bytes: usize,
     pub json: Option<PathBuf>,
+    /// No summary lines on stdout.
     pub quiet: bool,
+    pub progress: Progress,
 }
 
 pub fn eval(a: &EvalArgs) -> Result<PplResult> {
     let ck = Checkpoint::open(&a.model)?;
     let (format, windows) = dataset_windows(&ck, &a.dataset, a.format, a.seqlen, a.max_windows)?;
     let model = ck.model()?;
-    let opts = PplOptions { batch: a.batch, layer_budget_bytes: a.layer_memory_bytes, progress: !a.quiet };
+    let opts = PplOptions { batch: a.batch, layer_budget_bytes: a.layer_memory_bytes, progress: a.progress };
     let r = perplexity(model.as_ref(), &windows, &opts)?;
     if !a.quiet {
         println!(

@@ -24,7 +24,7 @@ use crate::prune::pipeline::{FinishedLayer, LayerInputs, LayerReport, PipelineOp
 use crate::prune::sparsegpt::SparseGpt;
 use crate::prune::wanda::Wanda;
 use crate::prune::{Method, Pattern};
-use crate::util::{AtomicDir, check_free_space, write_atomic};
+use crate::util::{AtomicDir, Progress, check_free_space, json_event, write_atomic};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -86,7 +86,9 @@ pub struct PruneArgs {
     pub token_cap: Option<f64>,
     /// Non-uniform layer sparsity (unstructured targets).
     pub owl: Option<Owl>,
+    /// No summary lines on stdout.
     pub quiet: bool,
+    pub progress: Progress,
 }
 
 /// SparseGPT's result is the default start for every family: the paper used it for OPT and Wanda's for LLaMA,
@@ -219,7 +221,7 @@ pub fn load_calibration(a: &PruneArgs, ck: &Checkpoint) -> Result<Calibration> {
 pub fn dense_eval(a: &PruneArgs, ck: &Checkpoint) -> Result<(Option<Vec<Vec<u32>>>, Option<PplResult>)> {
     let Some(p) = &a.eval else { return Ok((None, None)) };
     let windows = dataset_windows(ck, p, a.eval_format, a.eval_seqlen, a.eval_max_windows)?.1;
-    let ppl_opts = PplOptions { progress: !a.quiet, ..Default::default() };
+    let ppl_opts = PplOptions { progress: a.progress, ..Default::default() };
     let before = perplexity(ck.model()?.as_ref(), &windows, &ppl_opts).context("evaluating the dense model")?;
     Ok((Some(windows), Some(before)))
 }
@@ -278,7 +280,7 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
         (Some(o), Pattern::Unstructured(s)) => {
             ensure!(!ids.is_empty(), "--owl needs calibration data (--calib)");
             ensure!(o.lambda >= 0.0 && s - o.lambda > 0.0 && s + o.lambda < 1.0, "--owl-lambda {} must keep every layer's sparsity inside (0, 1) around {s}", o.lambda);
-            let ratios = layer_outlier_ratios(model.as_ref(), ids, a.batch, a.act_dtype, o.m, !a.quiet)?;
+            let ratios = layer_outlier_ratios(model.as_ref(), ids, a.batch, a.act_dtype, o.m, a.progress)?;
             Some((o, owl_sparsities(&ratios, s, o.lambda), ratios))
         }
         (Some(_), p) => anyhow::bail!("--owl allocates unstructured sparsity; --pattern {p} fixes every layer's"),
@@ -292,7 +294,7 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
         error_correction,
         layers: a.layers,
         jobs: a.jobs,
-        progress: !a.quiet,
+        progress: a.progress,
         token_cap: a.token_cap,
     };
     let range = a.layers.unwrap_or((0, n_layers.saturating_sub(1)));
@@ -339,6 +341,14 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
         &mut |i| load_finished(&layers_dir, model.as_ref(), i),
         &mut |i, layer, report| {
             save_layer(&layers_dir, i, layer, report)?;
+            if a.progress == Progress::Json {
+                let zeros: f64 = report.operators.iter().map(|o| o.sparsity * (o.shape[0] * o.shape[1]) as f64).sum();
+                let total: f64 = report.operators.iter().map(|o| (o.shape[0] * o.shape[1]) as f64).sum();
+                json_event(json!({
+                    "event": "layer", "layer": i, "seconds": report.seconds, "output_rel_error": report.output_rel_error,
+                    "sparsity": zeros / total.max(1.0),
+                }));
+            }
             // Tests stand in for a kill at a chosen layer with this (an exit that runs no destructors).
             if std::env::var("FISTAPRUNE_TEST_EXIT_AFTER_LAYER").is_ok_and(|v| v == i.to_string()) {
                 std::process::exit(137);
@@ -385,11 +395,11 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
         return Ok(report);
     }
 
-    assemble(&ck, &dir.tmp, &[layers_dir.clone()], dtype, a.max_shard_bytes)?;
+    assemble(&ck, &dir.tmp, std::slice::from_ref(&layers_dir), dtype, a.max_shard_bytes)?;
     let after = match &eval_windows {
         Some(w) => {
             let pruned = Checkpoint::open(&dir.tmp)?;
-            let ppl_opts = PplOptions { progress: !a.quiet, ..Default::default() };
+            let ppl_opts = PplOptions { progress: a.progress, ..Default::default() };
             Some(perplexity(pruned.model()?.as_ref(), w, &ppl_opts).context("evaluating the pruned model")?)
         }
         None => None,
@@ -407,6 +417,13 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
     std::fs::remove_dir_all(&layers_dir)?;
     std::fs::remove_file(&run_file)?;
     dir.commit()?;
+    if a.progress == Progress::Json {
+        json_event(json!({
+            "event": "result", "out": a.out.display().to_string(), "method": method.name(), "pattern": a.pattern.to_string(),
+            "sparsity": report["sparsity"], "pruned_parameters": report["pruned_parameters"], "prune_seconds": prune_seconds,
+            "perplexity_before": report["perplexity_before"], "perplexity_after": report["perplexity_after"],
+        }));
+    }
     if !a.quiet {
         println!(
             "{}: {} {} -> {} (sparsity {:.4} over {} weights, {:.1} s)",

@@ -10,7 +10,7 @@
 //! The RNG is ChaCha8 seeded with `--seed`; a sample set can be saved and reloaded, so that two runs (or a
 //! Python reference) share exactly the same token ids.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use rand::{RngExt, SeedableRng};
@@ -173,8 +173,8 @@ impl Calibration {
         Ok(Self {
             fistaprune_calibration: 1,
             source: spec.source.display().to_string(),
-            nsamples: nsamples,
-            seqlen: seqlen,
+            nsamples,
+            seqlen,
             seed: spec.seed,
             mode,
             documents: docs.len(),
@@ -219,7 +219,7 @@ impl Calibration {
     }
 
     /// Check every id is inside the model's vocabulary.
-    pub fn check_vocab(&self, vocab: usize, what: &PathBuf) -> Result<()> {
+    pub fn check_vocab(&self, vocab: usize, what: &Path) -> Result<()> {
         if let Some(bad) = self.ids.iter().flatten().find(|&&t| t as usize >= vocab) {
             bail!("{}: token id {bad} is outside the model's vocabulary of {vocab}", what.display());
         }
@@ -235,7 +235,7 @@ mod tests {
         Tokenizer::from_file(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/llama/tokenizer.json"))).unwrap()
     }
 
-    fn corpus(name: &str, docs: &[&str]) -> PathBuf {
+    fn corpus(name: &str, docs: &[&str]) -> std::path::PathBuf {
         let d = std::env::temp_dir().join(format!("fistaprune-calib-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         let p = d.join(name);

@@ -12,7 +12,7 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use crate::model::{CausalLm, DecoderLayer};
-use crate::util::{check_finite, progress_bar};
+use crate::util::{Progress, check_finite, progress_bar};
 
 #[derive(Debug, Clone)]
 pub struct PplOptions {
@@ -20,12 +20,12 @@ pub struct PplOptions {
     pub batch: usize,
     /// Keep materialised layers while their f32 size stays under this many bytes.
     pub layer_budget_bytes: usize,
-    pub progress: bool,
+    pub progress: Progress,
 }
 
 impl Default for PplOptions {
     fn default() -> Self {
-        Self { batch: 1, layer_budget_bytes: 4 << 30, progress: false }
+        Self { batch: 1, layer_budget_bytes: 4 << 30, progress: Progress::Hidden }
     }
 }
 

@@ -25,7 +25,7 @@ use serde_json::Value;
 use crate::data::tokenizer::Tokenizer;
 use crate::eval::perplexity::{LayerCache, head_nll_sum};
 use crate::model::CausalLm;
-use crate::util::{check_finite, progress_bar};
+use crate::util::{Progress, check_finite, progress_bar};
 
 /// The tasks, by their lm-evaluation-harness names.
 pub const TASKS: &[&str] = &["boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"];
@@ -354,10 +354,10 @@ pub fn score_example(model: &dyn CausalLm, cache: &LayerCache, tok: &Tokenizer, 
     Ok(out)
 }
 
-/// Every choice's log-likelihood, example by example (a progress bar under `progress`'s name).
-pub fn score_all(model: &dyn CausalLm, tok: &Tokenizer, eos: u32, examples: &[Example], progress: Option<&str>) -> Result<Vec<Vec<f64>>> {
+/// Every choice's log-likelihood, example by example (progress shown as stage `stage`).
+pub fn score_all(model: &dyn CausalLm, tok: &Tokenizer, eos: u32, examples: &[Example], stage: &str, progress: Progress) -> Result<Vec<Vec<f64>>> {
     let cache = LayerCache::new(model, 4 << 30)?;
-    let pb = progress_bar(examples.len() as u64, progress.unwrap_or(""), progress.is_some());
+    let pb = progress_bar(examples.len() as u64, stage, progress);
     let mut scores = Vec::with_capacity(examples.len());
     for (i, e) in examples.iter().enumerate() {
         scores.push(score_example(model, &cache, tok, eos, e).with_context(|| format!("example {}", i + 1))?);
@@ -368,10 +368,10 @@ pub fn score_all(model: &dyn CausalLm, tok: &Tokenizer, eos: u32, examples: &[Ex
 }
 
 /// `task` from `path` on `model`.
-pub fn evaluate(model: &dyn CausalLm, tok: &Tokenizer, eos: u32, task: &str, path: &Path, limit: Option<usize>, progress: bool) -> Result<TaskResult> {
+pub fn evaluate(model: &dyn CausalLm, tok: &Tokenizer, eos: u32, task: &str, path: &Path, limit: Option<usize>, progress: Progress) -> Result<TaskResult> {
     let t0 = Instant::now();
     let examples = load_task(task, path, limit)?;
-    let scores = score_all(model, tok, eos, &examples, progress.then_some(task)).with_context(|| format!("{}", path.display()))?;
+    let scores = score_all(model, tok, eos, &examples, task, progress).with_context(|| format!("{}", path.display()))?;
     let (acc, acc_norm) = accuracy(&examples, &scores);
     let n = examples.len() as f64;
     let se = |p: f64| (p * (1.0 - p) / (n - 1.0).max(1.0)).sqrt();

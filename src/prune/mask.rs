@@ -30,7 +30,7 @@ impl Pattern {
     /// Check that the pattern can apply to a matrix with `cols` inputs.
     pub fn check_cols(&self, cols: usize, what: &str) -> Result<()> {
         if let Pattern::NM { n, m } = *self {
-            ensure!(cols % m == 0, "--pattern {n}:{m}: {what} has {cols} inputs, not a multiple of {m}");
+            ensure!(cols.is_multiple_of(m), "--pattern {n}:{m}: {what} has {cols} inputs, not a multiple of {m}");
         }
         Ok(())
     }

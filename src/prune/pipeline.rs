@@ -29,7 +29,7 @@ use super::stats::{Cross, Gram, OpStats, outlier_token_scales};
 use super::Method;
 use crate::linalg::{mat_to_tensor, tensor_to_mat};
 use crate::model::{CausalLm, DecoderLayer, LayerContext};
-use crate::util::{check_finite, progress_bar};
+use crate::util::{Progress, check_finite, progress_bar};
 
 /// Where each layer's calibration inputs come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -58,7 +58,7 @@ pub struct PipelineOptions {
     pub layers: Option<(usize, usize)>,
     /// Layers pruned at the same time (dense inputs only); the result does not depend on it.
     pub jobs: usize,
-    pub progress: bool,
+    pub progress: Progress,
     /// Per-layer unstructured sparsity (a non-uniform allocation such as OWL's) instead of `pattern`'s.
     pub layer_sparsity: Option<Vec<f64>>,
     /// Scale outlier tokens down to this many times their sequence's median in every operator's statistics
@@ -392,6 +392,7 @@ fn prune_layer(
                 let keep = (gi + 1 < groups.len()).then_some(opts.act_dtype);
                 let (st, stepped) = collect_corrected(dense, work.as_ref(), gi, acts, targets, ctx, &mut prev, keep, opts.token_cap)
                     .with_context(|| format!("decoder layer {i}"))?;
+                st.check_finite(&format!("decoder layer {i}: input of {}", group.join(", ")))?;
                 stats_seconds += ts.elapsed().as_secs_f64();
                 let n = in_dim(work.as_ref(), gi);
                 // The layer's FLOPs up to this group's input (from the previous group's when stepping), once
@@ -413,6 +414,7 @@ fn prune_layer(
             flops += tokens * (pre[groups.len() - 1] + (0..groups.len()).map(|g| in_dim(work.as_ref(), g).powi(2)).sum::<f64>());
             let tp = Instant::now();
             for (group, st) in groups.iter().zip(&stats) {
+                st.check_finite(&format!("decoder layer {i}: input of {}", group.join(", ")))?;
                 for name in group.iter() {
                     operators.push(prune_operator(work.as_mut(), i, name, Some(st), method, opts.pattern_for(i))?);
                 }
@@ -575,7 +577,7 @@ fn prune_parallel(
     (first, last): (usize, usize),
     finished: &mut dyn FnMut(usize) -> Result<Option<FinishedLayer>>,
     sink: &mut dyn FnMut(usize, &dyn DecoderLayer, &LayerReport) -> Result<()>,
-    pb: &indicatif::ProgressBar,
+    pb: &crate::util::ProgressBar,
 ) -> Result<Vec<LayerReport>> {
     use std::sync::{Arc, Mutex, mpsc};
     std::thread::scope(|scope| {

@@ -126,6 +126,28 @@ impl OpStats {
         self.dense.as_ref().unwrap_or(&self.gram)
     }
 
+    /// Fail, naming `what` (the layer and its operators), if a NaN or an infinity reached these statistics:
+    /// any non-finite input value makes its diagonal entry (a sum of squares) non-finite, so this catches
+    /// bad activations at the operator they feed, at O(n²) cost.
+    pub fn check_finite(&self, what: &str) -> Result<()> {
+        let streams = [
+            (Some(&self.gram), "X*, the inputs of the partially pruned layer"),
+            (self.cross.as_ref(), "X·X*, dense against pruned inputs"),
+            (self.dense.as_ref(), "X, the dense layer's inputs"),
+        ];
+        for (m, label) in streams {
+            let Some(m) = m else { continue };
+            // A non-finite input value makes its feature's sum of squares non-finite; name the first such.
+            if let Some(f) = (0..m.nrows().min(m.ncols())).find(|&f| !m[(f, f)].is_finite()) {
+                anyhow::bail!("{what}: NaN or Inf in the calibration activations (input feature {f}; statistics of {label})");
+            }
+            if (0..m.ncols()).any(|j| (0..m.nrows()).any(|i| !m[(i, j)].is_finite())) {
+                anyhow::bail!("{what}: the calibration activations overflow f32 in the statistics of {label}");
+            }
+        }
+        Ok(())
+    }
+
     /// The operator's least-squares model for weight `w`: `‖W' X* − W X‖² = tr(W'G*W'ᵀ) − 2 tr(W' Cᵀ) + K`.
     pub fn problem<'a>(&'a self, w: &'a Mat<f32>, c: &'a Mat<f32>) -> super::fista::Problem<'a> {
         super::fista::Problem { w, g: &self.gram, c, k: quad_error(w.as_ref(), self.dense().as_ref()) }
