@@ -324,6 +324,7 @@ fn resume_after_a_kill_gives_the_same_checkpoint_in_every_walk() {
     let d = tmpdir("p-resume");
     let m = fixture("llama");
     let c4 = c4();
+    let input_before: Vec<(String, Vec<u8>)> = read_dir_bytes(&m);
     let walks: &[(&str, &[&str])] = &[
         ("sgpt-pruned", &["--method", "sparsegpt", "--sparsity", "0.5"]),
         ("fista-dense-jobs2", &["--method", "fista", "--pattern", "2:4", "--layer-inputs", "dense", "--jobs", "2", "--refit-iters", "5"]),
@@ -361,10 +362,28 @@ fn resume_after_a_kill_gives_the_same_checkpoint_in_every_walk() {
         // --resume with nothing to resume is a plain run.
         let (ok, err, _) = go("fresh", &["--resume"], None);
         assert!(ok, "{tag}: {err}");
+        // A finished output is never overwritten without --force, and is left as it was.
+        let before = read_dir_bytes(&whole);
+        let (ok, err, _) = go("whole", &[], None);
+        assert!(!ok && err.contains("already exists") && err.contains("--force"), "{tag}: {err}");
+        assert!(read_dir_bytes(&whole) == before, "{tag}: a refused run changed the existing output");
     }
+    assert!(read_dir_bytes(&m) == input_before, "the input model was modified");
     // Only the outputs are left: nothing aside.
     let left: Vec<String> = std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// Every file of `dir` (not recursive) with its bytes, by name.
+fn read_dir_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
+        .collect();
+    v.sort();
+    v
 }
 
 /// A copy of the llama fixture in `d/model` whose F32 tensor `name` is changed by `edit`.
