@@ -326,7 +326,8 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         tasks: Vec<String>,
         /// Folder of the task files (`boolq/dev.jsonl`, `winogrande/dev.jsonl`, `arc_easy/test.json`,
-        /// `openbookqa/test.jsonl`, ...).
+        /// `openbookqa/test.jsonl`, ...), or `hub`: the datasets lm-evaluation-harness reads (Parquet splits of
+        /// aps/super_glue, allenai/ai2_arc, ...) from the Hugging Face cache, downloaded into it when online.
         #[arg(long, default_value = "../shared/data/zeroshot")]
         tasks_dir: PathBuf,
         /// Zero-shot: score only the first K examples of each task.

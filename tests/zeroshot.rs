@@ -68,3 +68,54 @@ fn eval_tasks_from_the_command_line() {
         assert!(!bad.exists());
     }
 }
+
+/// The hub's Parquet splits (tests/fixtures/zeroshot_hub, written by scripts/reference/hub_task_fixtures.py from
+/// the same rows in the hub's schemas) give the same examples as the local files: same prompts, same gold.
+#[test]
+fn hub_parquet_splits_give_the_same_examples_as_local_files() {
+    let hub = fixture("zeroshot_hub/hub");
+    for task in TASKS {
+        let (repo, file) = fistaprune::eval::zeroshot::hub_task_file(task).unwrap();
+        let dir = hub.join(format!("datasets--{}", repo.replace('/', "--")));
+        let commit = std::fs::read_to_string(dir.join("refs/main")).unwrap();
+        let parquet = dir.join("snapshots").join(commit.trim()).join(file);
+        let from_hub = load_task(task, &parquet, None).unwrap_or_else(|e| panic!("{task}: {e:#}"));
+        let local = load_task(task, &task_file(&fixture("zeroshot"), task).unwrap(), None).unwrap();
+        assert_eq!(from_hub, local, "{task}");
+    }
+}
+
+/// `eval --tasks-dir hub` finds every task in the Hugging Face cache offline, and scores what the local files
+/// score; with an empty cache offline, a message says what is missing and where it looked.
+#[test]
+fn eval_tasks_from_the_hugging_face_cache() {
+    let d = tmpdir("zs-hub");
+    let tasks = TASKS.join(",");
+    let go = |hf_home: &std::path::Path, tasks_dir: &str, out: &str| {
+        let r = std::process::Command::new(bin())
+            .args(["eval", "--model", fixture("llama").to_str().unwrap(), "--tasks", &tasks, "--tasks-dir", tasks_dir, "--quiet"])
+            .args(["--json", d.join(out).to_str().unwrap()])
+            .env("HF_HOME", hf_home)
+            .env_remove("HF_HUB_CACHE")
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
+        (r.status.success(), String::from_utf8_lossy(&r.stderr).into_owned())
+    };
+    let (ok, err) = go(&fixture("zeroshot_hub"), "hub", "hub.json");
+    assert!(ok, "{err}");
+    let (ok, err) = go(&d, fixture("zeroshot").to_str().unwrap(), "local.json");
+    assert!(ok, "{err}");
+    let read = |f: &str| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(d.join(f)).unwrap()).unwrap() };
+    let (hub, local) = (read("hub.json"), read("local.json"));
+    for (h, l) in hub["tasks"].as_array().unwrap().iter().zip(local["tasks"].as_array().unwrap()) {
+        assert_eq!(h["task"], l["task"]);
+        assert!(h["file"].as_str().unwrap().ends_with(".parquet"), "{h}");
+        for k in ["acc", "acc_norm", "examples"] {
+            assert_eq!(h[k], l[k], "{}: {k}", h["task"]);
+        }
+    }
+    let (ok, err) = go(&d.join("empty"), "hub", "none.json");
+    assert!(!ok && !err.contains("panicked"), "{err}");
+    assert!(err.contains("aps/super_glue") && err.contains("HF_HUB_OFFLINE") && err.contains(&d.join("empty").display().to_string()), "{err}");
+}

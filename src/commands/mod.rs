@@ -32,9 +32,19 @@ pub struct ZeroShotArgs {
 /// `fistaprune eval --tasks`: zero-shot acc and acc_norm of each task, as lm-evaluation-harness scores them.
 pub fn zeroshot(a: &ZeroShotArgs) -> Result<Vec<zeroshot::TaskResult>> {
     ensure!(!a.tasks.is_empty(), "--tasks: give at least one of {}", zeroshot::TASKS.join(", "));
-    ensure!(a.tasks_dir.is_dir(), "--tasks-dir {}: not a folder (the task files are read from a local folder; no hub download here)", a.tasks_dir.display());
-    // Every file is found before any model work.
-    let files: Vec<PathBuf> = a.tasks.iter().map(|t| zeroshot::task_file(&a.tasks_dir, t)).collect::<Result<_>>()?;
+    // Every file is found (or downloaded) before any model work.
+    let files: Vec<PathBuf> = if a.tasks_dir == Path::new("hub") && !a.tasks_dir.is_dir() {
+        a.tasks
+            .iter()
+            .map(|t| {
+                let (repo, file) = zeroshot::hub_task_file(t)?;
+                crate::model::hub::dataset_file(repo, file).with_context(|| format!("--tasks {t}"))
+            })
+            .collect::<Result<_>>()?
+    } else {
+        ensure!(a.tasks_dir.is_dir(), "--tasks-dir {}: not a folder (a folder of task files, or `hub` for the Hugging Face Hub)", a.tasks_dir.display());
+        a.tasks.iter().map(|t| zeroshot::task_file(&a.tasks_dir, t)).collect::<Result<_>>()?
+    };
     let ck = Checkpoint::open(&a.model)?;
     let tok = ck.tokenizer()?;
     // Padding, and the stand-in for an empty context (the harness's prefix token: BOS, else EOS).

@@ -78,6 +78,35 @@ pub fn task_file(dir: &Path, task: &str) -> Result<PathBuf> {
         .ok_or_else(|| anyhow!("{}: no file for task {task} (looked for {})", dir.display(), candidates.join(", ")))
 }
 
+/// Where lm-evaluation-harness reads `task` on the Hugging Face Hub: the dataset repository and the Parquet
+/// file of the split it scores (`--tasks-dir hub`).
+pub fn hub_task_file(task: &str) -> Result<(&'static str, &'static str)> {
+    Ok(match task {
+        "boolq" => ("aps/super_glue", "boolq/validation-00000-of-00001.parquet"),
+        "rte" => ("aps/super_glue", "rte/validation-00000-of-00001.parquet"),
+        "hellaswag" => ("Rowan/hellaswag", "data/validation-00000-of-00001.parquet"),
+        "winogrande" => ("allenai/winogrande", "winogrande_xl/validation-00000-of-00001.parquet"),
+        "arc_easy" => ("allenai/ai2_arc", "ARC-Easy/test-00000-of-00001.parquet"),
+        "arc_challenge" => ("allenai/ai2_arc", "ARC-Challenge/test-00000-of-00001.parquet"),
+        "openbookqa" => ("allenai/openbookqa", "main/test-00000-of-00001.parquet"),
+        other => bail!("--tasks: unknown task {other:?} (known: {})", TASKS.join(", ")),
+    })
+}
+
+/// Rows of a Parquet file (the hub's format for these datasets), each as a JSON object of its columns.
+fn read_parquet(path: &Path) -> Result<Vec<Value>> {
+    use parquet::file::reader::SerializedFileReader;
+    let f = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let reader = SerializedFileReader::new(f).with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
+    let rows = reader
+        .into_iter()
+        .map(|r| r.map(|row| row.to_json_value()))
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{}: cannot read its rows", path.display()))?;
+    ensure!(!rows.is_empty(), "{}: no examples", path.display());
+    Ok(rows)
+}
+
 /// Rows of a `.jsonl` file (one object per line) or a `.json` array.
 fn read_rows(path: &Path) -> Result<Vec<Value>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
@@ -262,7 +291,11 @@ pub fn example(task: &str, row: &Value) -> Result<Example> {
 
 /// Every example of `task` in `path` (the first `limit`).
 pub fn load_task(task: &str, path: &Path, limit: Option<usize>) -> Result<Vec<Example>> {
-    let rows = if path.extension().is_some_and(|e| e == "tsv") { read_tsv(path)? } else { read_rows(path)? };
+    let rows = match path.extension().and_then(|e| e.to_str()) {
+        Some("tsv") => read_tsv(path)?,
+        Some("parquet") => read_parquet(path)?,
+        _ => read_rows(path)?,
+    };
     let n = limit.unwrap_or(rows.len()).min(rows.len());
     rows[..n]
         .iter()

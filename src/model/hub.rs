@@ -1,12 +1,13 @@
 //! `--model org/name`: a Hugging Face Hub model, from the standard cache (`HF_HOME`, default
 //! `~/.cache/huggingface`; `HF_HUB_CACHE` for the `hub` folder itself), downloaded into it first when the
 //! machine is online and `HF_HUB_OFFLINE` is not set. The `hf-hub` crate keeps the cache layout
-//! (`models--org--name/refs/main` → `snapshots/<commit>/`), so the Python tools share it.
+//! (`models--org--name/refs/main` → `snapshots/<commit>/`), so the Python tools share it. Zero-shot task
+//! files come the same way from dataset repositories (`datasets--org--name`).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
-use hf_hub::{Cache, Repo};
+use hf_hub::{Cache, Repo, RepoType};
 
 /// Whether `s` names a hub repository (`org/name`) rather than a local path.
 pub fn is_repo_id(s: &str) -> bool {
@@ -75,6 +76,22 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
     }
     download(&s).with_context(|| {
         format!("{s}: not in the Hugging Face cache ({where_}) and the download failed (offline?): fetch it where the hub is reachable into that cache, or pass a local path")
+    })
+}
+
+/// A file of the hub dataset `repo` (e.g. a task's Parquet split): from the cache, else downloaded into it.
+pub fn dataset_file(repo: &str, file: &str) -> Result<PathBuf> {
+    let cache = cache();
+    if let Some(p) = cache.repo(Repo::new(repo.to_string(), RepoType::Dataset)).get(file) {
+        return Ok(p);
+    }
+    let where_ = cache.path().display().to_string();
+    if offline() {
+        bail!("dataset {repo}, file {file}: not in the Hugging Face cache ({where_}) and HF_HUB_OFFLINE is set: download it on a machine that is online (or unset HF_HUB_OFFLINE), or pass --tasks-dir FOLDER");
+    }
+    let api = hf_hub::api::sync::ApiBuilder::from_cache(cache).with_progress(true).build()?;
+    api.dataset(repo.to_string()).get(file).with_context(|| {
+        format!("dataset {repo}, file {file}: not in the Hugging Face cache ({where_}) and the download failed (offline?): fetch it where the hub is reachable into that cache, or pass --tasks-dir FOLDER")
     })
 }
 
