@@ -70,7 +70,8 @@ impl ProgressMode {
         match self {
             Self::Json => Progress::Json,
             Self::None => Progress::Hidden,
-            Self::Auto => Progress::from_flags(quiet, false),
+            Self::Auto if quiet => Progress::Hidden,
+            Self::Auto => Progress::Bar,
         }
     }
 }

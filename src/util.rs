@@ -5,7 +5,6 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
 use candle_core::{DType, Tensor};
-
 use indicatif::{ProgressDrawTarget, ProgressStyle};
 
 /// Keep freed memory in the process instead of returning each large block to the kernel.
@@ -43,23 +42,6 @@ pub enum Progress {
     /// One JSON object per line on stderr, for machines (`--json`): `{"event":"progress","stage":..,"done":..,
     /// "total":..,"elapsed_s":..,"eta_s":..}` at most about once a second and at the end of each stage.
     Json,
-}
-
-impl Progress {
-    pub fn from_flags(quiet: bool, json: bool) -> Self {
-        if json {
-            Self::Json
-        } else if quiet {
-            Self::Hidden
-        } else {
-            Self::Bar
-        }
-    }
-
-    /// Whether a human is shown bars and summary lines.
-    pub fn human(self) -> bool {
-        self == Self::Bar
-    }
 }
 
 /// Print one machine-readable event line on stderr (in `--json` mode).

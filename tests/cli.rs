@@ -100,14 +100,6 @@ fn convert_gguf_round_trips_through_fistaprune() {
     assert_eq!(leftovers.len(), 1, "{leftovers:?}");
 }
 
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
-    }
-}
-
 fn eval_args<'a>(model: &'a str, dataset: &'a str) -> Vec<&'a str> {
     vec!["eval", "--model", model, "--dataset", dataset, "--seqlen", "16", "--max-windows", "1", "--quiet"]
 }

@@ -389,11 +389,7 @@ fn read_dir_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
 /// A copy of the llama fixture in `d/model` whose F32 tensor `name` is changed by `edit`.
 fn patched_llama(d: &Path, name: &str, edit: impl FnOnce(&mut [f32])) -> PathBuf {
     let model = d.join("model");
-    std::fs::create_dir_all(&model).unwrap();
-    for e in std::fs::read_dir(fixture("llama")).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
-    }
+    copy_dir(&fixture("llama"), &model);
     let path = model.join("model.safetensors");
     let mut bytes = std::fs::read(&path).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;

@@ -342,11 +342,9 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
         &mut |i, layer, report| {
             save_layer(&layers_dir, i, layer, report)?;
             if a.progress == Progress::Json {
-                let zeros: f64 = report.operators.iter().map(|o| o.sparsity * (o.shape[0] * o.shape[1]) as f64).sum();
-                let total: f64 = report.operators.iter().map(|o| (o.shape[0] * o.shape[1]) as f64).sum();
                 json_event(json!({
                     "event": "layer", "layer": i, "seconds": report.seconds, "output_rel_error": report.output_rel_error,
-                    "sparsity": zeros / total.max(1.0),
+                    "sparsity": report.sparsity(),
                 }));
             }
             // Tests stand in for a kill at a chosen layer with this (an exit that runs no destructors).

@@ -113,6 +113,15 @@ pub struct LayerReport {
     pub operators: Vec<OperatorReport>,
 }
 
+impl LayerReport {
+    /// Measured fraction of zeros over the layer's pruned operators.
+    pub fn sparsity(&self) -> f64 {
+        let size = |o: &OperatorReport| (o.shape[0] * o.shape[1]) as f64;
+        let zeros: f64 = self.operators.iter().map(|o| o.sparsity * size(o)).sum();
+        zeros / self.operators.iter().map(size).sum::<f64>().max(1.0)
+    }
+}
+
 /// Calibration samples the layer output error is measured on.
 pub const OUTPUT_ERROR_SAMPLES: usize = 16;
 
@@ -209,7 +218,9 @@ fn collect_dense(layer: &dyn DecoderLayer, acts: &[Tensor], ctx: &LayerContext, 
         .map(|(g, names)| {
             let g = g.ok_or_else(|| anyhow!("no statistics were collected for {}", names[0]))?;
             let tokens = g.tokens;
-            Ok(OpStats { gram: g.finish(), cross: None, dense: None, tokens })
+            let st = OpStats { gram: g.finish(), cross: None, dense: None, tokens };
+            st.check_finite(&format!("input of {}", names.join(", ")))?;
+            Ok(st)
         })
         .collect()
 }
@@ -287,7 +298,9 @@ fn collect_corrected(
     *prev = next;
     let g = gram.ok_or_else(|| anyhow!("no calibration batches"))?;
     let tokens = g.tokens;
-    Ok((OpStats { gram: g.finish(), cross: cross.map(|c| c.c), dense: dgram.map(Gram::finish), tokens }, stepped.get()))
+    let st = OpStats { gram: g.finish(), cross: cross.map(|c| c.c), dense: dgram.map(Gram::finish), tokens };
+    st.check_finite(&format!("input of {}", dense.input_groups()[gi].join(", ")))?;
+    Ok((st, stepped.get()))
 }
 
 /// Prune one operator of `layer` given its input statistics (if the method uses them); returns its report.
@@ -392,7 +405,6 @@ fn prune_layer(
                 let keep = (gi + 1 < groups.len()).then_some(opts.act_dtype);
                 let (st, stepped) = collect_corrected(dense, work.as_ref(), gi, acts, targets, ctx, &mut prev, keep, opts.token_cap)
                     .with_context(|| format!("decoder layer {i}"))?;
-                st.check_finite(&format!("decoder layer {i}: input of {}", group.join(", ")))?;
                 stats_seconds += ts.elapsed().as_secs_f64();
                 let n = in_dim(work.as_ref(), gi);
                 // The layer's FLOPs up to this group's input (from the previous group's when stepping), once
@@ -414,7 +426,6 @@ fn prune_layer(
             flops += tokens * (pre[groups.len() - 1] + (0..groups.len()).map(|g| in_dim(work.as_ref(), g).powi(2)).sum::<f64>());
             let tp = Instant::now();
             for (group, st) in groups.iter().zip(&stats) {
-                st.check_finite(&format!("decoder layer {i}: input of {}", group.join(", ")))?;
                 for name in group.iter() {
                     operators.push(prune_operator(work.as_mut(), i, name, Some(st), method, opts.pattern_for(i))?);
                 }
