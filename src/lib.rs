@@ -12,6 +12,7 @@ pub mod data;
 pub mod eval;
 pub mod linalg;
 pub mod model;
+pub mod output;
 pub mod prune;
 pub mod report;
 pub mod util;

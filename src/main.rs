@@ -122,7 +122,8 @@ struct PruneFlags {
     /// Save the calibration token ids here (reload them with --calib FILE).
     #[arg(long)]
     save_calib: Option<PathBuf>,
-    /// Replace an existing output directory (and clear what an interrupted run left aside).
+    /// Replace an earlier output of fistaprune, or an empty folder (nothing else is ever replaced), and clear
+    /// what an interrupted run left aside.
     #[arg(long)]
     force: bool,
     /// Continue an interrupted run into the same --out with the same flags: the layers it finished
@@ -353,6 +354,9 @@ enum Command {
         /// Also write the result as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Replace an earlier --json output of fistaprune (nothing else is ever replaced).
+        #[arg(long)]
+        force: bool,
         /// No progress bar or summary line.
         #[arg(long)]
         quiet: bool,
@@ -389,6 +393,7 @@ enum Command {
         parts: Vec<PathBuf>,
         #[arg(long)]
         out: PathBuf,
+        /// Replace an earlier output of fistaprune, or an empty folder (nothing else is ever replaced).
         #[arg(long)]
         force: bool,
         #[arg(long, value_enum)]
@@ -407,7 +412,7 @@ enum Command {
         /// Largest safetensors shard, in GB.
         #[arg(long, default_value_t = 5.0)]
         max_shard_gb: f64,
-        /// Replace an existing output directory.
+        /// Replace an earlier output of fistaprune, or an empty folder (nothing else is ever replaced).
         #[arg(long)]
         force: bool,
     },
@@ -429,6 +434,9 @@ enum Command {
         format: Option<TextFormat>,
         #[arg(long)]
         out: PathBuf,
+        /// Replace an earlier output of fistaprune (nothing else is ever replaced).
+        #[arg(long)]
+        force: bool,
     },
     /// Greedy continuation of a prompt.
     Generate {
@@ -448,26 +456,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
     }
     match cli.command {
-        Command::Eval { model, dataset, tasks, tasks_dir, limit, format, seqlen, max_windows, batch, layer_memory_mb, json, quiet } => {
-            if !tasks.is_empty() {
-                // With a dataset too, its perplexity goes to --json and the tasks beside it (`.tasks.json`).
-                let tasks_json = json.as_ref().map(|j| if dataset.is_some() { j.with_extension("tasks.json") } else { j.clone() });
-                commands::zeroshot(&commands::ZeroShotArgs { model: model.clone(), tasks, tasks_dir, limit, json: tasks_json, quiet, progress: cli.progress.resolve(quiet) })?;
-            }
-            if let Some(dataset) = dataset {
-                commands::eval(&commands::EvalArgs {
-                    model,
-                    dataset,
-                    format,
-                    seqlen,
-                    max_windows,
-                    batch,
-                    layer_memory_bytes: layer_memory_mb << 20,
-                    json,
-                    quiet,
-                    progress: cli.progress.resolve(quiet),
-                })?;
-            }
+        Command::Eval { model, dataset, tasks, tasks_dir, limit, format, seqlen, max_windows, batch, layer_memory_mb, json, force, quiet } => {
+            commands::eval(&commands::EvalArgs {
+                model,
+                dataset,
+                format,
+                seqlen,
+                max_windows,
+                batch,
+                layer_memory_bytes: layer_memory_mb << 20,
+                tasks,
+                tasks_dir,
+                limit,
+                json,
+                force,
+                quiet,
+                progress: cli.progress.resolve(quiet),
+            })?;
         }
         Command::Prune { method, out, flags } => {
             commands::prune::prune(&flags.to_args(method, out.clone(), cli.progress)?)?;
@@ -496,8 +501,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print_inspect(&info);
             }
         }
-        Command::Tokenize { model, dataset, format, out } => {
-            let n = commands::tokenize(&model, &dataset, format, &out)?;
+        Command::Tokenize { model, dataset, format, out, force } => {
+            let n = commands::tokenize(&model, &dataset, format, &out, force)?;
             println!("{n} tokens written to {}", out.display());
         }
         Command::Generate { model, prompt, max_new_tokens } => {

@@ -130,7 +130,7 @@ pub fn write_prune_summary(dir: &Path, report: &serde_json::Value) -> Result<()>
         .collect();
     md.push_str(&markdown_table(&["layer", "sparsity", "output error", "mean operator error", "seconds"], &table));
     md.push_str("\nOutput error: `‖f'(x) − f(x)‖² / ‖f(x) − x‖²` of the pruned layer on calibration inputs; operator error: `‖W'X* − WX‖² / ‖WX‖²`. Plot: `layers.svg`.\n");
-    crate::util::write_atomic(&dir.join("report.md"), md.as_bytes())?;
+    crate::output::write_atomic(&dir.join("report.md"), md.as_bytes())?;
     let series = [
         Series { label: "layer output error".into(), values: rows.iter().filter_map(|r| Some((r.0, r.2?))).collect() },
         Series { label: "mean operator error".into(), values: rows.iter().filter_map(|r| Some((r.0, r.3?))).collect() },

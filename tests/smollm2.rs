@@ -27,7 +27,7 @@ fn tokenization_matches_the_original_tokenizer_rules() {
         let out = tmpdir("smol-tok").join("ids.json");
         let fmt: fistaprune::data::dataset::TextFormat =
             serde_json::from_value(want["format"].clone()).unwrap();
-        let n = commands::tokenize(&model, &shared(rel), Some(fmt), &out).unwrap();
+        let n = commands::tokenize(&model, &shared(rel), Some(fmt), &out, false).unwrap();
         let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
         let bytes: Vec<u8> = j["ids"].as_array().unwrap().iter().flat_map(|v| (v.as_u64().unwrap() as u32).to_le_bytes()).collect();
         let sha: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
@@ -42,17 +42,23 @@ fn wikitext_perplexity_matches_transformers() {
     let want = r["wikitext2_seqlen512"]["first_10_windows"].as_f64().unwrap();
     let res = commands::eval(&commands::EvalArgs {
         model: smollm2(),
-        dataset: shared("wikitext-2-raw/wiki.test.raw"),
+        dataset: Some(shared("wikitext-2-raw/wiki.test.raw")),
         format: None,
         seqlen: 512,
         max_windows: Some(10),
         batch: 2,
         // Stream the layers: the other code path of the evaluation.
         layer_memory_bytes: 0,
+        tasks: Vec::new(),
+        tasks_dir: Default::default(),
+        limit: None,
         json: None,
+        force: false,
         quiet: true,
         progress: Default::default(),
     })
+    .unwrap()
+    .perplexity
     .unwrap();
     eprintln!("ours {} transformers {want}", res.perplexity);
     assert!((res.perplexity / want - 1.0).abs() < 5e-4, "perplexity {} vs transformers {want}", res.perplexity);
@@ -83,16 +89,22 @@ fn slice_run(r: &serde_json::Value, tag: &str, flags: &[&str]) -> (f64, serde_js
     }
     let res = commands::eval(&commands::EvalArgs {
         model: out.clone(),
-        dataset: shared("wikitext-2-raw/wiki.test.raw"),
+        dataset: Some(shared("wikitext-2-raw/wiki.test.raw")),
         format: None,
         seqlen: ev["seqlen"].as_u64().unwrap() as usize,
         max_windows: Some(ev["windows"].as_u64().unwrap() as usize),
         batch: 2,
         layer_memory_bytes: 1 << 30,
+        tasks: Vec::new(),
+        tasks_dir: Default::default(),
+        limit: None,
         json: None,
+        force: false,
         quiet: true,
         progress: Default::default(),
     })
+    .unwrap()
+    .perplexity
     .unwrap();
     let _ = std::fs::remove_dir_all(&out);
     (res.perplexity, rep)

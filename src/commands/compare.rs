@@ -13,7 +13,7 @@ use super::prune::{MethodName, PruneArgs, dense_eval, load_calibration, prune};
 use crate::eval::perplexity::{PplOptions, perplexity};
 use crate::model::Checkpoint;
 use crate::report::{Series, layer_errors, markdown_table, plot_layers};
-use crate::util::write_atomic;
+use crate::output::{AtomicDir, Kind, RunPaths, marked, write_atomic};
 
 pub struct Comparison {
     pub json: serde_json::Value,
@@ -22,13 +22,16 @@ pub struct Comparison {
 
 pub fn compare(base: &PruneArgs, methods: &[MethodName], out: &Path) -> Result<Comparison> {
     ensure!(!methods.is_empty(), "--methods is empty");
-    if out.exists() {
-        ensure!(base.force, "{}: already exists (use --force to replace it)", out.display());
-    }
-    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let claim = RunPaths::new()
+        .model(&base.model)?
+        .input("--calib", base.calib.as_deref())?
+        .input("--eval", base.eval.as_deref())?
+        .claim("--out", out, Kind::Folder, base.force)?;
     let ck = Checkpoint::open(&base.model)?;
+    // Assembled aside like a pruned checkpoint; each method's own prune resumes inside it with --resume.
+    let (dir, _) = AtomicDir::resumable(claim, base.resume)?;
     // One calibration set for every method.
-    let calib_path = out.join("calib.json");
+    let calib_path = dir.tmp.join("calib.json");
     let needs_calib = methods.iter().any(|m| *m != MethodName::Magnitude);
     let calib = if needs_calib {
         let c = load_calibration(base, &ck)?;
@@ -45,19 +48,19 @@ pub fn compare(base: &PruneArgs, methods: &[MethodName], out: &Path) -> Result<C
     let mut series = Vec::new();
     for &m in methods {
         let name = serde_json::to_value(m)?.as_str().unwrap_or("method").to_string();
-        let dir = out.join(&name);
+        let method_dir = dir.tmp.join(&name);
         let args = PruneArgs {
             method: m,
             calib: calib.as_ref().map(|_| calib_path.clone()),
             save_calib: None,
-            out: dir.clone(),
+            out: method_dir.clone(),
             force: true,
             eval: None,
             ..base.clone()
         };
         let report = prune(&args).with_context(|| format!("--method {name}"))?;
         let ppl = match &windows {
-            Some(w) => Some(perplexity(Checkpoint::open(&dir)?.model()?.as_ref(), w, &ppl_opts)?.perplexity),
+            Some(w) => Some(perplexity(Checkpoint::open(&method_dir)?.model()?.as_ref(), w, &ppl_opts)?.perplexity),
             None => None,
         };
         let errs = layer_errors(&report);
@@ -71,7 +74,7 @@ pub fn compare(base: &PruneArgs, methods: &[MethodName], out: &Path) -> Result<C
         ]);
         results.push(json!({
             "method": name, "perplexity": ppl, "sparsity": report["sparsity"], "mean_layer_output_error": mean_err,
-            "prune_seconds": report["prune_seconds"], "prune_gflop": report["prune_gflop"], "checkpoint": dir.display().to_string(),
+            "prune_seconds": report["prune_seconds"], "prune_gflop": report["prune_gflop"], "checkpoint": out.join(&name).display().to_string(),
         }));
         series.push(Series { label: name, values: errs });
     }
@@ -81,16 +84,17 @@ pub fn compare(base: &PruneArgs, methods: &[MethodName], out: &Path) -> Result<C
         markdown.push_str(&format!("dense perplexity {d:.3} ({} windows x {} tokens)\n\n", w.len(), base.eval_seqlen));
     }
     markdown.push_str(&markdown_table(&["method", "perplexity", "sparsity", "mean layer output error", "prune s"], &rows));
-    let j = json!({
+    let j = marked(json!({
         "model": base.model.display().to_string(),
         "pattern": base.pattern.to_string(),
         "calibration_sha256": calib.as_ref().map(|c| c.sha256.clone()),
         "dense_perplexity": dense,
         "eval": base.eval.as_ref().map(|p| json!({"dataset": p.display().to_string(), "seqlen": base.eval_seqlen, "windows": windows.as_ref().map(|w| w.len())})),
         "results": results,
-    });
-    write_atomic(&out.join("compare.md"), markdown.as_bytes())?;
-    write_atomic(&out.join("compare.json"), serde_json::to_string_pretty(&j)?.as_bytes())?;
-    plot_layers(&out.join("layer_error.svg"), &title, "layer output error ‖f'(x) − f(x)‖² / ‖f(x) − x‖²", &series)?;
+    }));
+    write_atomic(&dir.tmp.join("compare.md"), markdown.as_bytes())?;
+    write_atomic(&dir.tmp.join("compare.json"), serde_json::to_string_pretty(&j)?.as_bytes())?;
+    plot_layers(&dir.tmp.join("layer_error.svg"), &title, "layer output error ‖f'(x) − f(x)‖² / ‖f(x) − x‖²", &series)?;
+    dir.commit()?;
     Ok(Comparison { json: j, markdown })
 }

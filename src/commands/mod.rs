@@ -12,28 +12,72 @@ use serde_json::json;
 use crate::data::dataset::{self, TextFormat};
 use crate::eval::perplexity::{PplOptions, PplResult, perplexity};
 use crate::eval::zeroshot;
-use crate::model::export::{OutDType, write_hf_dir};
+use crate::model::export::{OutDType, write_hf_contents};
 use crate::model::{Checkpoint, Format, forward_logits};
-use crate::util::{Progress, write_atomic};
+use crate::output::{AtomicDir, Claim, Kind, RunPaths};
+use crate::util::Progress;
 
-pub struct ZeroShotArgs {
+/// `fistaprune eval`: perplexity on a dataset, zero-shot tasks, or both.
+pub struct EvalArgs {
     pub model: PathBuf,
+    /// Text for perplexity.
+    pub dataset: Option<PathBuf>,
+    pub format: Option<TextFormat>,
+    pub seqlen: usize,
+    pub max_windows: Option<usize>,
+    pub batch: usize,
+    /// See [`PplOptions::layer_budget_bytes`].
+    pub layer_memory_bytes: usize,
+    /// Zero-shot tasks.
     pub tasks: Vec<String>,
-    /// Folder holding the task files (`boolq/dev.jsonl`, ...; see [`zeroshot::task_file`]).
+    /// Folder holding the task files (`boolq/dev.jsonl`, ...; see [`zeroshot::task_file`]), or `hub`.
     pub tasks_dir: PathBuf,
     /// Score only the first K examples of each task.
     pub limit: Option<usize>,
+    /// The results as JSON; with both a dataset and tasks, the tasks go beside it (`NAME.tasks.json`).
     pub json: Option<PathBuf>,
+    /// Replace an earlier `--json` output.
+    pub force: bool,
     /// No summary lines on stdout.
     pub quiet: bool,
     pub progress: Progress,
 }
 
-/// `fistaprune eval --tasks`: zero-shot acc and acc_norm of each task, as lm-evaluation-harness scores them.
-pub fn zeroshot(a: &ZeroShotArgs) -> Result<Vec<zeroshot::TaskResult>> {
-    ensure!(!a.tasks.is_empty(), "--tasks: give at least one of {}", zeroshot::TASKS.join(", "));
+/// What `eval` measured.
+pub struct EvalResult {
+    pub perplexity: Option<PplResult>,
+    pub tasks: Vec<zeroshot::TaskResult>,
+}
+
+/// `fistaprune eval`: every input and output is checked before any model work, then the zero-shot tasks and
+/// the perplexity are measured.
+pub fn eval(a: &EvalArgs) -> Result<EvalResult> {
+    ensure!(a.dataset.is_some() || !a.tasks.is_empty(), "eval: give --dataset, --tasks, or both");
+    let local_tasks = !(a.tasks_dir == Path::new("hub") && !a.tasks_dir.is_dir());
+    let mut paths = RunPaths::new()
+        .model(&a.model)?
+        .input("--dataset", a.dataset.as_deref())?
+        .input("--tasks-dir", (!a.tasks.is_empty() && local_tasks).then_some(a.tasks_dir.as_path()))?;
+    let (ppl_json, tasks_json) = match (&a.json, a.dataset.is_some(), a.tasks.is_empty()) {
+        (None, _, _) => (None, None),
+        (Some(j), true, false) => (Some(j.clone()), Some(j.with_extension("tasks.json"))),
+        (Some(j), true, true) => (Some(j.clone()), None),
+        (Some(j), false, _) => (None, Some(j.clone())),
+    };
+    let ppl_claim = ppl_json.map(|j| paths.claim("--json", &j, Kind::File, a.force)).transpose()?;
+    let tasks_claim = tasks_json.map(|j| paths.claim("--json", &j, Kind::File, a.force)).transpose()?;
+    let tasks = if a.tasks.is_empty() { Vec::new() } else { zeroshot_tasks(a, local_tasks, tasks_claim.as_ref())? };
+    let perplexity = match &a.dataset {
+        Some(d) => Some(perplexity_of(a, d, ppl_claim.as_ref())?),
+        None => None,
+    };
+    Ok(EvalResult { perplexity, tasks })
+}
+
+/// Zero-shot acc and acc_norm of each task, as lm-evaluation-harness scores them.
+fn zeroshot_tasks(a: &EvalArgs, local: bool, json: Option<&Claim>) -> Result<Vec<zeroshot::TaskResult>> {
     // Every file is found (or downloaded) before any model work.
-    let files: Vec<PathBuf> = if a.tasks_dir == Path::new("hub") && !a.tasks_dir.is_dir() {
+    let files: Vec<PathBuf> = if !local {
         a.tasks
             .iter()
             .map(|t| {
@@ -58,13 +102,12 @@ pub fn zeroshot(a: &ZeroShotArgs) -> Result<Vec<zeroshot::TaskResult>> {
         }
         results.push(r);
     }
-    if let Some(out) = &a.json {
+    if let Some(out) = json {
         let mean = |f: fn(&zeroshot::TaskResult) -> f64| results.iter().map(f).sum::<f64>() / results.len() as f64;
-        let j = json!({
+        out.write_json(&json!({
             "model": a.model.display().to_string(), "tasks": results, "limit": a.limit,
             "mean_acc": mean(|r| r.acc), "mean_acc_norm": mean(|r| r.acc_norm),
-        });
-        write_atomic(out, serde_json::to_string_pretty(&j)?.as_bytes())?;
+        }))?;
     }
     Ok(results)
 }
@@ -87,34 +130,20 @@ pub fn dataset_windows(
 }
 
 /// Token ids of a dataset as the evaluation sees them (before windowing), for cross-checks with other tools.
-pub fn tokenize(model: &Path, dataset: &Path, format: Option<TextFormat>, out: &Path) -> Result<usize> {
+pub fn tokenize(model: &Path, dataset: &Path, format: Option<TextFormat>, out: &Path, force: bool) -> Result<usize> {
+    let out = RunPaths::new().model(model)?.input("--dataset", Some(dataset))?.claim("--out", out, Kind::File, force)?;
     let ck = Checkpoint::open(model)?;
     let format = format.unwrap_or_else(|| dataset::detect_format(dataset));
     let text = dataset::eval_text(dataset, format)?;
     let ids = ck.tokenizer()?.encode(&text, true)?;
-    let j = json!({"model": model.display().to_string(), "dataset": dataset.display().to_string(), "format": format, "ids": ids});
-    write_atomic(out, serde_json::to_string(&j)?.as_bytes())?;
+    out.write_json(&json!({"model": model.display().to_string(), "dataset": dataset.display().to_string(), "format": format, "ids": ids}))?;
     Ok(ids.len())
 }
 
-pub struct EvalArgs {
-    pub model: PathBuf,
-    pub dataset: PathBuf,
-    pub format: Option<TextFormat>,
-    pub seqlen: usize,
-    pub max_windows: Option<usize>,
-    pub batch: usize,
-    /// See [`PplOptions::layer_budget_bytes`].
-    pub layer_memory_bytes: usize,
-    pub json: Option<PathBuf>,
-    /// No summary lines on stdout.
-    pub quiet: bool,
-    pub progress: Progress,
-}
-
-pub fn eval(a: &EvalArgs) -> Result<PplResult> {
+/// Perplexity on `dataset`, as the peers measure it.
+fn perplexity_of(a: &EvalArgs, dataset: &Path, json: Option<&Claim>) -> Result<PplResult> {
     let ck = Checkpoint::open(&a.model)?;
-    let (format, windows) = dataset_windows(&ck, &a.dataset, a.format, a.seqlen, a.max_windows)?;
+    let (format, windows) = dataset_windows(&ck, dataset, a.format, a.seqlen, a.max_windows)?;
     let model = ck.model()?;
     let opts = PplOptions { batch: a.batch, layer_budget_bytes: a.layer_memory_bytes, progress: a.progress };
     let r = perplexity(model.as_ref(), &windows, &opts)?;
@@ -123,19 +152,19 @@ pub fn eval(a: &EvalArgs) -> Result<PplResult> {
             "{}: perplexity {:.4} on {} ({} windows x {} tokens, {:.1} s, {:.0} tok/s)",
             a.model.display(),
             r.perplexity,
-            a.dataset.display(),
+            dataset.display(),
             r.windows,
             r.seqlen,
             r.seconds,
             r.tokens_per_second
         );
     }
-    if let Some(out) = &a.json {
+    if let Some(out) = json {
         let mut j = serde_json::to_value(&r)?;
         j["model"] = json!(a.model.display().to_string());
-        j["dataset"] = json!(a.dataset.display().to_string());
+        j["dataset"] = json!(dataset.display().to_string());
         j["format"] = json!(format);
-        write_atomic(out, serde_json::to_string_pretty(&j)?.as_bytes())?;
+        out.write_json(&j)?;
     }
     Ok(r)
 }
@@ -159,21 +188,18 @@ fn is_tied(ck: &Checkpoint) -> bool {
 }
 
 pub fn convert(model: &Path, out: &Path, dtype: OutDType, max_shard_bytes: usize, force: bool) -> Result<()> {
+    let claim = RunPaths::new().model(model)?.claim("--out", out, Kind::Folder, force)?;
     let ck = Checkpoint::open(model)?;
     let specs = tensor_specs(&ck);
-    let weights = ck.weights.clone();
-    let mut load = |name: &str| weights.load(name);
-    write_hf_dir(
-        out,
-        force,
-        &ck.config.to_hf_json(),
-        ck.tokenizer.as_ref(),
-        &specs,
-        dtype,
-        max_shard_bytes,
-        &mut load,
-    )
-    .with_context(|| format!("writing {}", out.display()))
+    let dir = AtomicDir::new(claim)?;
+    let mut load = |name: &str| ck.weights.load(name);
+    write_hf_contents(&dir.tmp, &ck.config.to_hf_json(), ck.tokenizer.as_ref(), &specs, dtype, max_shard_bytes, &mut load)
+        .with_context(|| format!("writing {}", out.display()))?;
+    dir.write_report(&json!({
+        "command": std::env::args().collect::<Vec<_>>(), "model": model.display().to_string(),
+        "dtype": dtype.torch_name(), "tensors": specs.len(),
+    }))?;
+    dir.commit()
 }
 
 /// What `inspect` prints: architecture, configuration and every tensor.

@@ -24,7 +24,8 @@ use crate::prune::pipeline::{FinishedLayer, LayerInputs, LayerReport, PipelineOp
 use crate::prune::sparsegpt::SparseGpt;
 use crate::prune::wanda::Wanda;
 use crate::prune::{Method, Pattern};
-use crate::util::{AtomicDir, Progress, check_free_space, json_event, write_atomic};
+use crate::output::{AtomicDir, Kind, RunPaths, check_free_space, write_atomic};
+use crate::util::{Progress, json_event};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -228,6 +229,10 @@ pub fn dense_eval(a: &PruneArgs, ck: &Checkpoint) -> Result<(Option<Vec<Vec<u32>
 
 pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
     let t_start = Instant::now();
+    // Before any work: what the run writes may replace nothing it should not, and no other run writes it.
+    let mut paths = RunPaths::new().model(&a.model)?.input("--calib", a.calib.as_deref())?.input("--eval", a.eval.as_deref())?;
+    let out = paths.claim("--out", &a.out, Kind::Folder, a.force)?;
+    let save_calib = a.save_calib.as_ref().map(|p| paths.claim("--save-calib", p, Kind::File, a.force)).transpose()?;
     let ck = Checkpoint::open(&a.model)?;
     let method = method_of(a);
     let is_fista = a.method == MethodName::Fista;
@@ -254,13 +259,13 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
     let specs = tensor_specs(&ck);
     let elems = |layer_only: bool| specs.iter().filter(|(n, _)| !layer_only || layer_of(n).is_some()).map(|(_, s)| s.iter().product::<usize>() as u64).sum::<u64>();
     let need = elems(false) * out_dtype.size() as u64 + elems(true) * 4;
-    check_free_space(&a.out, need + need / 20)?;
+    check_free_space(&out.path, need + need / 20)?;
 
     // Calibration (magnitude needs none, but may be asked to save it for other runs).
     let calib = if method.needs_gram() || a.save_calib.is_some() || a.owl.is_some() {
         let c = load_calibration(a, &ck)?;
-        if let Some(p) = &a.save_calib {
-            c.save(p)?;
+        if let Some(p) = &save_calib {
+            c.save(&p.path)?;
         }
         Some(c)
     } else {
@@ -269,7 +274,7 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
 
     let (eval_windows, before) = dense_eval(a, &ck)?;
 
-    let (dir, resumed) = AtomicDir::resumable(&a.out, a.force, a.resume)?;
+    let (dir, resumed) = AtomicDir::resumable(out, a.resume)?;
     let layers_dir = dir.tmp.join("layers");
     std::fs::create_dir_all(&layers_dir)?;
     let model = ck.model()?;
@@ -357,7 +362,6 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
     let prune_seconds = t_prune.elapsed().as_secs_f64();
     drop(model);
     let mut report = json!({
-        "fistaprune_version": env!("CARGO_PKG_VERSION"),
         "command": std::env::args().collect::<Vec<_>>(),
         "model": a.model.display().to_string(),
         "architecture": ck.config.model_type(),
@@ -384,7 +388,7 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
     if partial {
         // A part: its layers only, to be joined by `fistaprune merge`.
         report["seconds"] = json!(t_start.elapsed().as_secs_f64());
-        write_atomic(&dir.tmp.join("report.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
+        dir.write_report(&report)?;
         std::fs::remove_file(&run_file)?;
         dir.commit()?;
         if !a.quiet {
@@ -409,7 +413,7 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
     report["perplexity_before"] = json!(before.as_ref().map(|r| r.perplexity));
     report["perplexity_after"] = json!(after.as_ref().map(|r| r.perplexity));
     report["seconds"] = json!(t_start.elapsed().as_secs_f64());
-    write_atomic(&dir.tmp.join("report.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
+    dir.write_report(&report)?;
     crate::report::write_prune_summary(&dir.tmp, &report)?;
     // Kept until now so that a run killed while assembling or evaluating resumes without pruning again.
     std::fs::remove_dir_all(&layers_dir)?;
@@ -484,6 +488,11 @@ fn assemble(ck: &Checkpoint, dir: &Path, layer_dirs: &[PathBuf], dtype: OutDType
 
 /// `fistaprune merge`: join parts written with `--layers` into one checkpoint.
 pub fn merge(model: &Path, parts: &[PathBuf], out: &Path, force: bool, dtype: Option<OutDType>, max_shard_bytes: usize) -> Result<serde_json::Value> {
+    let mut paths = RunPaths::new().model(model)?;
+    for p in parts {
+        paths = paths.input("--parts", Some(p))?;
+    }
+    let out = paths.claim("--out", out, Kind::Folder, force)?;
     let ck = Checkpoint::open(model)?;
     let n = ck.config.num_layers();
     let mut covered = vec![None::<usize>; n];
@@ -513,7 +522,7 @@ pub fn merge(model: &Path, parts: &[PathBuf], out: &Path, force: bool, dtype: Op
         ensure!(key(r) == key(&reports[0]), "{}: pruned with other options or calibration than {}", p.display(), parts[0].display());
     }
     let dtype = dtype.unwrap_or_else(|| if reports[0]["dtype"] == "bfloat16" { OutDType::Bf16 } else if reports[0]["dtype"] == "float16" { OutDType::F16 } else { OutDType::F32 });
-    let dir = AtomicDir::new(out, force)?;
+    let dir = AtomicDir::new(out)?;
     let layer_dirs: Vec<PathBuf> = parts.iter().map(|p| p.join("layers")).collect();
     assemble(&ck, &dir.tmp, &layer_dirs, dtype, max_shard_bytes)?;
     let mut layers: Vec<serde_json::Value> = reports.iter().flat_map(|r| r["layers"].as_array().cloned().unwrap_or_default()).collect();
@@ -525,7 +534,7 @@ pub fn merge(model: &Path, parts: &[PathBuf], out: &Path, force: bool, dtype: Op
     report["prune_seconds"] = json!(reports.iter().filter_map(|r| r["prune_seconds"].as_f64()).sum::<f64>());
     report["layers"] = json!(layers);
     summarise(&mut report);
-    write_atomic(&dir.tmp.join("report.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
+    dir.write_report(&report)?;
     dir.commit()?;
     Ok(report)
 }

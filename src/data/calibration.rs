@@ -215,7 +215,8 @@ impl Calibration {
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
-        crate::util::write_atomic(path, serde_json::to_string(self)?.as_bytes())
+        let marked = crate::output::marked(serde_json::to_value(self)?);
+        crate::output::write_atomic(path, serde_json::to_string(&marked)?.as_bytes())
     }
 
     /// Check every id is inside the model's vocabulary.

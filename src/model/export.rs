@@ -2,8 +2,8 @@
 //! size limit, with `model.safetensors.index.json`).
 //!
 //! Tensors are streamed: the header is computed from the shapes first, then each tensor is produced, converted
-//! and written one at a time, so a model larger than memory can be written. The directory is assembled
-//! aside and renamed into place when complete.
+//! and written one at a time, so a model larger than memory can be written. The caller assembles the
+//! directory aside and renames it into place when complete ([`crate::output::AtomicDir`]).
 
 use std::io::{BufWriter, Write};
 use std::path::Path;
@@ -13,7 +13,6 @@ use candle_core::{DType, Tensor};
 use serde_json::json;
 
 use crate::data::tokenizer::Tokenizer;
-use crate::util::AtomicDir;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum OutDType {
@@ -164,20 +163,4 @@ pub fn write_hf_contents(
         write_tokenizer(dir, t)?;
     }
     write_weights(dir, specs, dtype, max_shard_bytes, load)
-}
-
-/// A whole Hugging Face directory, written aside and renamed into place.
-pub fn write_hf_dir(
-    out: &Path,
-    force: bool,
-    config: &serde_json::Value,
-    tokenizer: Option<&Tokenizer>,
-    specs: &[(String, Vec<usize>)],
-    dtype: OutDType,
-    max_shard_bytes: usize,
-    load: &mut dyn FnMut(&str) -> Result<Tensor>,
-) -> Result<()> {
-    let dir = AtomicDir::new(out, force)?;
-    write_hf_contents(&dir.tmp, config, tokenizer, specs, dtype, max_shard_bytes, load)?;
-    dir.commit()
 }

@@ -61,6 +61,14 @@ fn download(repo: &str) -> Result<PathBuf> {
     Ok(cfg.parent().ok_or_else(|| anyhow!("{repo}: odd cache path"))?.to_path_buf())
 }
 
+/// `path` itself when it exists, else the cached snapshot of the hub model it names (nothing is downloaded).
+pub fn cached_path(path: &Path) -> Option<PathBuf> {
+    if path.exists() {
+        return Some(path.to_path_buf());
+    }
+    is_repo_id(&path.to_string_lossy()).then(|| cached(&path.to_string_lossy())).flatten()
+}
+
 /// A local path for `--model`: `path` itself when it exists, else the hub model it names.
 pub fn resolve(path: &Path) -> Result<PathBuf> {
     let s = path.to_string_lossy();
