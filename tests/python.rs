@@ -93,7 +93,8 @@ fn pruned_checkpoints_reload_in_transformers_with_same_perplexity_and_sparsity()
         assert!(ok, "{err}");
         let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
         let ids = d.join("ids.json");
-        let (ok, _, err) = run(&["tokenize", "--model", out.to_str().unwrap(), "--dataset", wiki.to_str().unwrap(), "--out", ids.to_str().unwrap()]);
+        // Each model's ids replace the previous one's (an earlier output of fistaprune: --force).
+        let (ok, _, err) = run(&["tokenize", "--model", out.to_str().unwrap(), "--dataset", wiki.to_str().unwrap(), "--out", ids.to_str().unwrap(), "--force"]);
         assert!(ok, "{err}");
         let o = Command::new(&py)
             .arg(root().join("tests/python/check_pruned.py"))
