@@ -179,6 +179,9 @@ fn killed_prune_resumes_to_the_same_bytes() {
     let go = |a: &[String]| run(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
     let (ok, _, err) = go(&args("whole", &[]));
     assert!(ok, "{err}");
+    // The same run as tests/digests.rs's `sparsegpt-50`: its recorded bytes (a refactor changes none).
+    let sha = file_sha256(&d.join("whole/model.safetensors"));
+    assert_eq!(Some(sha), recorded_digest("sparsegpt-50"), "SparseGPT 50 % moved from its recorded bytes ({})", cpu_class());
 
     // A layer from 1 to 24 (of 30), drawn from the clock.
     let k = 1 + (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as usize) % 24;

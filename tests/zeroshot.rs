@@ -56,10 +56,12 @@ fn eval_tasks_from_the_command_line() {
     assert_eq!(j["tasks"][0]["examples"].as_u64(), Some(2));
     // Unknown task, missing folder, missing file: named, before any model work, no output.
     let bad = d.join("bad.json");
+    let empty = d.join("empty");
+    std::fs::create_dir(&empty).unwrap();
     for (args, needle) in [
         (vec!["--tasks", "piqa", "--tasks-dir", tasks_dir.to_str().unwrap()], "unknown task \"piqa\""),
         (vec!["--tasks", "boolq", "--tasks-dir", d.join("nowhere").to_str().unwrap()], "not a folder"),
-        (vec!["--tasks", "boolq", "--tasks-dir", d.to_str().unwrap()], "no file for task boolq"),
+        (vec!["--tasks", "boolq", "--tasks-dir", empty.to_str().unwrap()], "no file for task boolq"),
     ] {
         let mut a = vec!["eval", "--model", m.to_str().unwrap(), "--json", bad.to_str().unwrap()];
         a.extend(args);

@@ -70,3 +70,39 @@ pub fn tmpdir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// The instruction-set class the matrix kernels dispatch on at run time: their summation order, hence the exact
+/// bytes of a pruned checkpoint, follow it.
+pub fn cpu_class() -> String {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return "x86_64-avx512".into();
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            return "x86_64-avx2".into();
+        }
+    }
+    std::env::consts::ARCH.into()
+}
+
+pub fn file_sha256(path: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let mut f = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = std::io::Read::read(&mut f, &mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The digest recorded in tests/reference/digests.json for run `tag` on this CPU class.
+pub fn recorded_digest(tag: &str) -> Option<String> {
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root().join("tests/reference/digests.json")).ok()?).ok()?;
+    j["digests"][cpu_class()][tag].as_str().map(str::to_string)
+}
