@@ -43,7 +43,12 @@ fn best(reps: usize, mut f: impl FnMut()) -> f64 {
 
 fn main() {
     // (name, out m, in n) of SmolLM2-135M's operators.
-    let shapes = [("q_proj/o_proj", 576, 576), ("k_proj/v_proj", 192, 576), ("gate/up_proj", 1536, 576), ("down_proj", 576, 1536)];
+    let shapes = [
+        ("q_proj/o_proj", 576, 576),
+        ("k_proj/v_proj", 192, 576),
+        ("gate/up_proj", 1536, 576),
+        ("down_proj", 576, 1536),
+    ];
     println!("threads: {}", rayon::current_num_threads());
     println!(
         "{:>14} {:>11} {:>12} {:>12} {:>7} {:>12} {:>7}",
@@ -74,8 +79,14 @@ fn main() {
         let t_solve = best(1, || {
             std::hint::black_box(solve(&p, &w, pattern, &o).unwrap());
         });
-        let (rg, rf, rs) = (gemm_flops / t_gemm / 1e9, iters as f64 * gemm_flops / t_fista / 1e9, solve_flops / t_solve / 1e9);
-        println!("{name:>14} {:>11} {rg:>12.1} {rf:>12.1} {:>6.0}% {rs:>12.1} {:>6.0}%", format!("{m}x{n}x{n}"), 100.0 * rf / rg, 100.0 * rs / rg);
+        let (rg, rf, rs) =
+            (gemm_flops / t_gemm / 1e9, iters as f64 * gemm_flops / t_fista / 1e9, solve_flops / t_solve / 1e9);
+        println!(
+            "{name:>14} {:>11} {rg:>12.1} {rf:>12.1} {:>6.0}% {rs:>12.1} {:>6.0}%",
+            format!("{m}x{n}x{n}"),
+            100.0 * rf / rg,
+            100.0 * rs / rg
+        );
         // Weighted by one layer of SmolLM2 (q, k, v, o, gate, up, down).
         let count = match name {
             "q_proj/o_proj" | "k_proj/v_proj" | "gate/up_proj" => 2.0,

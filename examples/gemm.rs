@@ -14,7 +14,16 @@ fn rate(flops: f64, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
-    let shapes = [(2048usize, 2048usize, 2048usize), (512, 576, 576), (512, 576, 1536), (512, 1536, 576), (512, 576, 49152), (2048, 576, 1536), (128, 576, 49152), (64, 576, 49152)];
+    let shapes = [
+        (2048usize, 2048usize, 2048usize),
+        (512, 576, 576),
+        (512, 576, 1536),
+        (512, 1536, 576),
+        (512, 576, 49152),
+        (2048, 576, 1536),
+        (128, 576, 49152),
+        (64, 576, 49152),
+    ];
     println!("{:>18} {:>10} {:>10} {:>10} {:>10}", "r x k x n", "candle", "faer x.wT", "faer colmj", "faer x.B");
     for &(r, k, n) in &shapes {
         let flops = 2.0 * (r * k * n) as f64;
@@ -30,7 +39,14 @@ fn main() {
         let b = faer::Mat::<f32>::from_fn(k, n, |i, j| (i * j) as f32);
         let mut out = faer::Mat::<f32>::zeros(r, n);
         let g = rate(flops, || {
-            faer::linalg::matmul::matmul(out.as_mut(), faer::Accum::Replace, a.as_ref(), b.as_ref(), 1.0, fistaprune::linalg::par());
+            faer::linalg::matmul::matmul(
+                out.as_mut(),
+                faer::Accum::Replace,
+                a.as_ref(),
+                b.as_ref(),
+                1.0,
+                fistaprune::linalg::par(),
+            );
         });
         // x · B with B = Wᵀ stored (k, n) row-major
         let bt = w.t().unwrap().contiguous().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();

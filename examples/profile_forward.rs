@@ -1,7 +1,7 @@
 //! Where the time of one forward window goes: `cargo run --release --example profile_forward -- MODEL`.
-use std::time::Instant;
 use candle_core::{Device, Tensor};
 use fistaprune::model::Checkpoint;
+use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {
     let path = std::env::args().nth(1).expect("model path");
@@ -19,7 +19,9 @@ fn main() -> anyhow::Result<()> {
         let mut h = model.embed(&ids)?;
         let e = s.elapsed().as_secs_f64();
         let s = Instant::now();
-        for l in &layers { h = l.forward(&h, &ctx, None)?; }
+        for l in &layers {
+            h = l.forward(&h, &ctx, None)?;
+        }
         let ls = s.elapsed().as_secs_f64();
         let s = Instant::now();
         let fin = model.final_hidden(&h)?.squeeze(0)?;
@@ -28,7 +30,10 @@ fn main() -> anyhow::Result<()> {
         let tg: Vec<u32> = (0..t as u32).collect();
         let n = fistaprune::eval::perplexity::head_nll_sum(&fin, model.lm_head(), &tg)?;
         let ns = s.elapsed().as_secs_f64();
-        println!("rep {rep}: embed {e:.3}s layers {ls:.3}s final norm {hs:.3}s head+nll {ns:.3}s ({n:.1}) total {:.3}s", e + ls + hs + ns);
+        println!(
+            "rep {rep}: embed {e:.3}s layers {ls:.3}s final norm {hs:.3}s head+nll {ns:.3}s ({n:.1}) total {:.3}s",
+            e + ls + hs + ns
+        );
     }
     Ok(())
 }

@@ -1,8 +1,8 @@
 //! Time one decoder layer's forward on a calibration-sized batch, by part:
 //! `cargo run --release --example profile_layer -- MODEL [BATCH] [SEQLEN]`.
-use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use fistaprune::model::Checkpoint;
+use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {
     if std::env::var("TUNE").is_ok() {
@@ -27,8 +27,11 @@ fn main() -> anyhow::Result<()> {
         let _ = lin.forward(&x)?;
         let q = s.elapsed().as_secs_f64();
         let per_layer = (h - 2.0 * 49152.0 * 576.0) / ck.config.num_layers() as f64;
-        println!("rep {rep}: layer {f:.3}s ({:.1} GFLOP/s), q_proj alone {q:.4}s ({:.1} GFLOP/s)",
-            per_layer * (b * t) as f64 / f / 1e9, 2.0 * (b * t * 576 * 576) as f64 / q / 1e9);
+        println!(
+            "rep {rep}: layer {f:.3}s ({:.1} GFLOP/s), q_proj alone {q:.4}s ({:.1} GFLOP/s)",
+            per_layer * (b * t) as f64 / f / 1e9,
+            2.0 * (b * t * 576 * 576) as f64 / q / 1e9
+        );
     }
     Ok(())
 }

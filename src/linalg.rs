@@ -75,7 +75,12 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Resul
     use rayon::prelude::*;
     let (b, nh, t, d) = q.dims4()?;
     let (b2, nkv, t2, d2) = k.dims4()?;
-    ensure!(b == b2 && t == t2 && d == d2 && nkv > 0 && nh % nkv == 0, "attention: q {:?} / k {:?}", q.dims(), k.dims());
+    ensure!(
+        b == b2 && t == t2 && d == d2 && nkv > 0 && nh % nkv == 0,
+        "attention: q {:?} / k {:?}",
+        q.dims(),
+        k.dims()
+    );
     ensure!(v.dims() == k.dims(), "attention: v {:?} differs from k {:?}", v.dims(), k.dims());
     let rep = nh / nkv;
     let mut out = vec![0f32; b * t * nh * d];
@@ -141,8 +146,7 @@ fn exp_neg(x: f32) -> f32 {
     let n = (x * LOG2E + MAGIC) - MAGIC;
     let r = x - n * C1 - n * C2;
     let z = r * r;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-        + 1.666_666_5e-1)
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1)
         * r
         + 5e-1;
     let y = p * z + r + 1.0;
@@ -292,7 +296,9 @@ mod tests {
                 let kh = h / (nh / nkv);
                 for i in 0..t {
                     let s: Vec<f64> = (0..=i)
-                        .map(|j| (0..d).map(|c| q4[bi][h][i][c] as f64 * k4[bi][kh][j][c] as f64).sum::<f64>() * scale as f64)
+                        .map(|j| {
+                            (0..d).map(|c| q4[bi][h][i][c] as f64 * k4[bi][kh][j][c] as f64).sum::<f64>() * scale as f64
+                        })
                         .collect();
                     let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let z: f64 = s.iter().map(|x| (x - m).exp()).sum();

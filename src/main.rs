@@ -6,12 +6,12 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use fistaprune::commands;
 use fistaprune::commands::prune::{MethodName, WarmStart};
-use fistaprune::prune::fista::FistaOptions;
-use fistaprune::prune::pipeline::LayerInputs;
 use fistaprune::data::calibration::CalibMode;
 use fistaprune::data::dataset::TextFormat;
 use fistaprune::model::export::OutDType;
 use fistaprune::prune::Pattern;
+use fistaprune::prune::fista::FistaOptions;
+use fistaprune::prune::pipeline::LayerInputs;
 use fistaprune::util::Progress;
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -30,7 +30,8 @@ enum Basis {
 
 /// `A-B` or `A` (inclusive).
 fn parse_layers(s: &str) -> anyhow::Result<(usize, usize)> {
-    let parse = |x: &str| x.trim().parse::<usize>().map_err(|_| anyhow::anyhow!("--layers {s:?}: expected A-B, e.g. 0-14"));
+    let parse =
+        |x: &str| x.trim().parse::<usize>().map_err(|_| anyhow::anyhow!("--layers {s:?}: expected A-B, e.g. 0-14"));
     match s.split_once('-') {
         Some((a, b)) => Ok((parse(a)?, parse(b)?)),
         None => parse(s).map(|a| (a, a)),
@@ -240,10 +241,15 @@ struct PruneFlags {
     /// (the same as --progress json --quiet).
     #[arg(long)]
     json: bool,
-    }
+}
 
 impl PruneFlags {
-    fn to_args(&self, method: MethodName, out: PathBuf, progress: ProgressMode) -> anyhow::Result<commands::prune::PruneArgs> {
+    fn to_args(
+        &self,
+        method: MethodName,
+        out: PathBuf,
+        progress: ProgressMode,
+    ) -> anyhow::Result<commands::prune::PruneArgs> {
         let f = self.clone();
         let pattern = match (f.sparsity, &f.pattern) {
             (Some(s), None) => Pattern::unstructured(s)?,
@@ -456,7 +462,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
     }
     match cli.command {
-        Command::Eval { model, dataset, tasks, tasks_dir, limit, format, seqlen, max_windows, batch, layer_memory_mb, json, force, quiet } => {
+        Command::Eval {
+            model,
+            dataset,
+            tasks,
+            tasks_dir,
+            limit,
+            format,
+            seqlen,
+            max_windows,
+            batch,
+            layer_memory_mb,
+            json,
+            force,
+            quiet,
+        } => {
             commands::eval(&commands::EvalArgs {
                 model,
                 dataset,
@@ -487,7 +507,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Merge { model, parts, out, force, dtype, max_shard_gb } => {
             let r = commands::prune::merge(&model, &parts, &out, force, dtype, (max_shard_gb * 1e9) as usize)?;
-            println!("merged {} parts into {} (sparsity {:.4})", parts.len(), out.display(), r["sparsity"].as_f64().unwrap_or(0.0));
+            println!(
+                "merged {} parts into {} (sparsity {:.4})",
+                parts.len(),
+                out.display(),
+                r["sparsity"].as_f64().unwrap_or(0.0)
+            );
         }
         Command::Convert { model, out, dtype, max_shard_gb, force } => {
             commands::convert(&model, &out, dtype, (max_shard_gb * 1e9) as usize, force)?;

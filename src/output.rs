@@ -76,7 +76,9 @@ impl RunPaths {
             } else {
                 continue;
             };
-            bail!("{flag} {shown} {problem}: an output may not overlap what the run reads or writes (refused with or without --force); choose another {flag}");
+            bail!(
+                "{flag} {shown} {problem}: an output may not overlap what the run reads or writes (refused with or without --force); choose another {flag}"
+            );
         }
         let lock = Lock::acquire(&dest, &shown)?;
         check_existing(flag, &shown, &dest, kind, force)?;
@@ -185,19 +187,27 @@ fn existing(dest: &Path, kind: Kind) -> Existing {
                 return Existing::Foreign(format!("a folder holding {}", list(&names)));
             }
             let foreign = foreign_entries(dest, "");
-            if foreign.is_empty() { Existing::Ours } else { Existing::Foreign(format!("a fistaprune output to which {} were added", list(&foreign))) }
+            if foreign.is_empty() {
+                Existing::Ours
+            } else {
+                Existing::Foreign(format!("a fistaprune output to which {} were added", list(&foreign)))
+            }
         }
         (Kind::Folder, false) => Existing::Foreign("a file, not a folder".into()),
         (Kind::File, true) => Existing::Foreign("a folder, not a file".into()),
         (Kind::File, false) if meta.len() == 0 => Existing::Empty,
         (Kind::File, false) if is_marked(dest) => Existing::Ours,
-        (Kind::File, false) => Existing::Foreign(format!("a file of {} bytes that fistaprune did not write", meta.len())),
+        (Kind::File, false) => {
+            Existing::Foreign(format!("a file of {} bytes that fistaprune did not write", meta.len()))
+        }
     }
 }
 
 /// The names in `dir`, sorted.
 fn entries(dir: &Path) -> std::io::Result<Vec<String>> {
-    let mut names: Vec<String> = fs::read_dir(dir)?.map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned())).collect::<Result<_, _>>()?;
+    let mut names: Vec<String> = fs::read_dir(dir)?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()?;
     names.sort();
     Ok(names)
 }
@@ -233,7 +243,13 @@ fn foreign_entries(dir: &Path, prefix: &str) -> Vec<String> {
         if meta.is_dir() {
             if name == "layers" {
                 // A `prune --layers` part's finished layers.
-                foreign.extend(entries(&path).unwrap_or_default().into_iter().filter(|n| !is_layer_file(n)).map(|n| format!("{rel}/{n}")));
+                foreign.extend(
+                    entries(&path)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(|n| !is_layer_file(n))
+                        .map(|n| format!("{rel}/{n}")),
+                );
                 continue;
             }
             // `compare` holds one output per method.
@@ -319,7 +335,9 @@ impl Lock {
                     let who = owner.map(|p| format!(" (process {})", p.trim())).unwrap_or_default();
                     bail!("{shown}: another fistaprune run{who} is writing it now (lock {})", path.display());
                 }
-                Err(fs::TryLockError::Error(e)) => return Err(e).with_context(|| format!("{}: cannot lock", path.display())),
+                Err(fs::TryLockError::Error(e)) => {
+                    return Err(e).with_context(|| format!("{}: cannot lock", path.display()));
+                }
             }
             // A run that finished between our open and our lock has removed the file we hold: take the new one.
             let same = |a: &fs::Metadata, b: &fs::Metadata| {

@@ -94,7 +94,13 @@ pub fn layer_rows(report: &serde_json::Value) -> Vec<(usize, f64, Option<f64>, O
                 errs.extend(o["rel_error"].as_f64());
             }
             let mean = (!errs.is_empty()).then(|| errs.iter().sum::<f64>() / errs.len() as f64);
-            Some((l["layer"].as_u64()? as usize, zeros / total.max(1.0), l["output_rel_error"].as_f64(), mean, l["seconds"].as_f64()?))
+            Some((
+                l["layer"].as_u64()? as usize,
+                zeros / total.max(1.0),
+                l["output_rel_error"].as_f64(),
+                mean,
+                l["seconds"].as_f64()?,
+            ))
         })
         .collect()
 }
@@ -120,12 +126,21 @@ pub fn write_prune_summary(dir: &Path, report: &serde_json::Value) -> Result<()>
         report["calibration"]["seqlen"],
         report["calibration"]["source"].as_str().unwrap_or("–"),
         report["calibration"]["sha256"].as_str().map(|s| &s[..s.len().min(12)]).unwrap_or("–"),
-        report["command"].as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(" ")).unwrap_or_default(),
+        report["command"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(" "))
+            .unwrap_or_default(),
     );
     let table: Vec<Vec<String>> = rows
         .iter()
         .map(|(l, s, o, m, t)| {
-            vec![l.to_string(), format!("{s:.4}"), o.map_or("–".into(), |x| format!("{x:.3e}")), m.map_or("–".into(), |x| format!("{x:.3e}")), format!("{t:.1}")]
+            vec![
+                l.to_string(),
+                format!("{s:.4}"),
+                o.map_or("–".into(), |x| format!("{x:.3e}")),
+                m.map_or("–".into(), |x| format!("{x:.3e}")),
+                format!("{t:.1}"),
+            ]
         })
         .collect();
     md.push_str(&markdown_table(&["layer", "sparsity", "output error", "mean operator error", "seconds"], &table));
@@ -136,6 +151,10 @@ pub fn write_prune_summary(dir: &Path, report: &serde_json::Value) -> Result<()>
         Series { label: "mean operator error".into(), values: rows.iter().filter_map(|r| Some((r.0, r.3?))).collect() },
         Series { label: "sparsity".into(), values: rows.iter().map(|r| (r.0, r.1)).collect() },
     ];
-    let title = format!("{} {}: per-layer error and sparsity", report["method"].as_str().unwrap_or("?"), report["pattern"].as_str().unwrap_or("?"));
+    let title = format!(
+        "{} {}: per-layer error and sparsity",
+        report["method"].as_str().unwrap_or("?"),
+        report["pattern"].as_str().unwrap_or("?")
+    );
     plot_layers(&dir.join("layers.svg"), &title, "relative error / sparsity", &series)
 }

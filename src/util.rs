@@ -122,7 +122,14 @@ pub fn progress_bar(len: u64, prefix: &str, mode: Progress) -> ProgressBar {
     );
     bar.set_prefix(prefix.to_string());
     let json = (mode == Progress::Json).then(|| {
-        let mut st = JsonState { stage: prefix.to_string(), done: 0, total: len, start: Instant::now(), last: None, message: String::new() };
+        let mut st = JsonState {
+            stage: prefix.to_string(),
+            done: 0,
+            total: len,
+            start: Instant::now(),
+            last: None,
+            message: String::new(),
+        };
         st.emit("start");
         std::sync::Mutex::new(st)
     });

@@ -27,8 +27,20 @@ fn eval_matches_transformers_perplexity_on_wikitext() {
     let want = reference["perplexity"].as_f64().unwrap();
     let out = tmpdir("eval").join("ppl.json");
     let (ok, _, err) = run(&[
-        "eval", "--model", fixture("llama").to_str().unwrap(), "--dataset", wikitext().to_str().unwrap(),
-        "--seqlen", "64", "--max-windows", "8", "--batch", "3", "--json", out.to_str().unwrap(), "--quiet",
+        "eval",
+        "--model",
+        fixture("llama").to_str().unwrap(),
+        "--dataset",
+        wikitext().to_str().unwrap(),
+        "--seqlen",
+        "64",
+        "--max-windows",
+        "8",
+        "--batch",
+        "3",
+        "--json",
+        out.to_str().unwrap(),
+        "--quiet",
     ]);
     assert!(ok, "{err}");
     let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
@@ -46,8 +58,13 @@ fn tokenize_matches_transformers_tokenizer_json() {
         serde_json::from_str(&std::fs::read_to_string(fixture("eval_reference.json")).unwrap()).unwrap();
     let out = tmpdir("tok").join("ids.json");
     let (ok, _, err) = run(&[
-        "tokenize", "--model", fixture("llama").to_str().unwrap(), "--dataset", wikitext().to_str().unwrap(),
-        "--out", out.to_str().unwrap(),
+        "tokenize",
+        "--model",
+        fixture("llama").to_str().unwrap(),
+        "--dataset",
+        wikitext().to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
     let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
@@ -68,7 +85,12 @@ fn inspect_reports_architecture_and_counts() {
     assert!(ok);
     let j: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(j["format"], "gguf");
-    let q = j["tensors"].as_array().unwrap().iter().find(|t| t["name"] == "model.layers.0.self_attn.q_proj.weight").unwrap();
+    let q = j["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "model.layers.0.self_attn.q_proj.weight")
+        .unwrap();
     assert_eq!(q["dtype"], "Q8_0");
     assert_eq!(q["shape"], serde_json::json!([32, 32]));
 }
@@ -84,8 +106,22 @@ fn convert_gguf_round_trips_through_fistaprune() {
         assert!(out.join(f).exists(), "{f} missing");
     }
     // An existing output is refused without --force, and left alone.
-    assert_clean_failure(&["convert", "--model", gguf.to_str().unwrap(), "--out", out.to_str().unwrap()], &["already exists", "--force"]);
-    let (ok, _, err) = run(&["convert", "--model", gguf.to_str().unwrap(), "--out", out.to_str().unwrap(), "--force", "--dtype", "bf16", "--max-shard-gb", "0.00003"]);
+    assert_clean_failure(
+        &["convert", "--model", gguf.to_str().unwrap(), "--out", out.to_str().unwrap()],
+        &["already exists", "--force"],
+    );
+    let (ok, _, err) = run(&[
+        "convert",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--force",
+        "--dtype",
+        "bf16",
+        "--max-shard-gb",
+        "0.00003",
+    ]);
     assert!(ok, "{err}");
     assert!(out.join("model.safetensors.index.json").exists(), "expected shards");
     // Same logits as the GGUF (bf16 rounding aside).
@@ -107,7 +143,10 @@ fn eval_args<'a>(model: &'a str, dataset: &'a str) -> Vec<&'a str> {
 #[test]
 fn missing_files_are_named() {
     let w = wikitext();
-    assert_clean_failure(&eval_args("/nonexistent/model", w.to_str().unwrap()), &["/nonexistent/model", "no such file"]);
+    assert_clean_failure(
+        &eval_args("/nonexistent/model", w.to_str().unwrap()),
+        &["/nonexistent/model", "no such file"],
+    );
     let m = fixture("llama");
     assert_clean_failure(&eval_args(m.to_str().unwrap(), "/nonexistent/data.txt"), &["/nonexistent/data.txt"]);
     let d = tmpdir("nodir");
@@ -196,12 +235,20 @@ fn unsupported_architecture_is_refused() {
     c["model_type"] = serde_json::json!("gpt_neox");
     std::fs::write(&p, c.to_string()).unwrap();
     let w = wikitext();
-    assert_clean_failure(&eval_args(d.to_str().unwrap(), w.to_str().unwrap()), &["config.json", "unsupported architecture", "gpt_neox"]);
+    assert_clean_failure(
+        &eval_args(d.to_str().unwrap(), w.to_str().unwrap()),
+        &["config.json", "unsupported architecture", "gpt_neox"],
+    );
 }
 
 /// A GGUF file with the given KV pairs (all strings) and tensor infos (name, dims, type, offset), no data
 /// unless `data_len` bytes of zeros are appended.
-fn tiny_gguf(kv: &[(&str, &str)], tensors: &[(&str, &[u64], u32, u64)], data_len: usize, n_tensors_claimed: Option<u64>) -> Vec<u8> {
+fn tiny_gguf(
+    kv: &[(&str, &str)],
+    tensors: &[(&str, &[u64], u32, u64)],
+    data_len: usize,
+    n_tensors_claimed: Option<u64>,
+) -> Vec<u8> {
     let mut b = b"GGUF".to_vec();
     b.extend(3u32.to_le_bytes());
     b.extend(n_tensors_claimed.unwrap_or(tensors.len() as u64).to_le_bytes());
@@ -287,7 +334,8 @@ fn text_shorter_than_one_window_is_refused() {
 fn seqlen_above_context_is_refused() {
     let m = fixture("llama");
     let w = wikitext();
-    let args = ["eval", "--model", m.to_str().unwrap(), "--dataset", w.to_str().unwrap(), "--seqlen", "4096", "--quiet"];
+    let args =
+        ["eval", "--model", m.to_str().unwrap(), "--dataset", w.to_str().unwrap(), "--seqlen", "4096", "--quiet"];
     assert_clean_failure(&args, &["--seqlen 4096", "128"]);
 }
 
@@ -309,14 +357,21 @@ fn hub_ids_resolve_through_the_hugging_face_cache() {
             .env("HF_HUB_OFFLINE", "1")
             .output()
             .unwrap();
-        (r.status.success(), String::from_utf8_lossy(&r.stdout).into_owned(), String::from_utf8_lossy(&r.stderr).into_owned())
+        (
+            r.status.success(),
+            String::from_utf8_lossy(&r.stdout).into_owned(),
+            String::from_utf8_lossy(&r.stderr).into_owned(),
+        )
     };
     let (ok, out, err) = go("some-org/tiny-llama");
     assert!(ok, "{err}");
     assert!(out.contains("llama"), "{out}");
     // Offline with nothing cached: a clear message naming the model and the cache.
     let (ok, _, err) = go("some-org/absent-model");
-    assert!(!ok && err.contains("some-org/absent-model: not in the Hugging Face cache") && err.contains("HF_HUB_OFFLINE"), "{err}");
+    assert!(
+        !ok && err.contains("some-org/absent-model: not in the Hugging Face cache") && err.contains("HF_HUB_OFFLINE"),
+        "{err}"
+    );
     assert!(err.contains(&d.join("hub").display().to_string()), "{err}");
 }
 
@@ -325,7 +380,18 @@ fn rust_log_turns_on_per_layer_logs() {
     let d = tmpdir("log");
     let go = |out: &str, log: Option<&str>| {
         let mut c = std::process::Command::new(bin());
-        c.args(["prune", "--model", fixture("llama").to_str().unwrap(), "--method", "magnitude", "--sparsity", "0.5", "--quiet", "--out", d.join(out).to_str().unwrap()]);
+        c.args([
+            "prune",
+            "--model",
+            fixture("llama").to_str().unwrap(),
+            "--method",
+            "magnitude",
+            "--sparsity",
+            "0.5",
+            "--quiet",
+            "--out",
+            d.join(out).to_str().unwrap(),
+        ]);
         match log {
             Some(l) => c.env("RUST_LOG", l),
             None => c.env_remove("RUST_LOG"),

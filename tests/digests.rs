@@ -39,9 +39,11 @@ fn reference_path() -> std::path::PathBuf {
 #[test]
 fn pruned_checkpoints_keep_their_recorded_bytes() {
     let class = cpu_class();
-    let mut file: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(reference_path()).unwrap()).unwrap();
+    let mut file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(reference_path()).unwrap()).unwrap();
     let record = std::env::var("FISTAPRUNE_RECORD_DIGESTS").is_ok_and(|v| v == "1");
-    let recorded: BTreeMap<String, String> = serde_json::from_value(file["digests"][&class].clone()).unwrap_or_default();
+    let recorded: BTreeMap<String, String> =
+        serde_json::from_value(file["digests"][&class].clone()).unwrap_or_default();
     assert!(
         record || !recorded.is_empty(),
         "no digests are recorded for this CPU class ({class}): record them with FISTAPRUNE_RECORD_DIGESTS=1 on the commit before a change"
@@ -76,8 +78,20 @@ fn prune_digest(d: &std::path::Path, tag: &str, flags: &[&str]) -> String {
     let c4 = shared("c4/c4-train.00000-of-01024.first1000.jsonl");
     let model = smollm2();
     let mut args = vec![
-        "--threads", "2", "prune", "--model", model.to_str().unwrap(), "--calib", c4.to_str().unwrap(), "--nsamples", "8",
-        "--seqlen", "128", "--quiet", "--out", out.to_str().unwrap(),
+        "--threads",
+        "2",
+        "prune",
+        "--model",
+        model.to_str().unwrap(),
+        "--calib",
+        c4.to_str().unwrap(),
+        "--nsamples",
+        "8",
+        "--seqlen",
+        "128",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
     ];
     args.extend_from_slice(flags);
     let (ok, _, err) = run(&args);

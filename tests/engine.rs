@@ -14,7 +14,11 @@ fn check_logits(dir: &std::path::Path, model_path: &std::path::Path) {
     let logits = forward_logits(model.as_ref(), &ids).unwrap();
     let (max_rel, fro_rel) = rel_errors(&logits, &refs["logits"]);
     eprintln!("{}: max rel {max_rel:.2e}, frobenius rel {fro_rel:.2e}", model_path.display());
-    assert!(max_rel < 1e-4, "{}: logits differ from transformers: max |Δ|/max|ref| = {max_rel:e}", model_path.display());
+    assert!(
+        max_rel < 1e-4,
+        "{}: logits differ from transformers: max |Δ|/max|ref| = {max_rel:e}",
+        model_path.display()
+    );
     assert!(fro_rel < 1e-5, "{}: ‖Δ‖/‖ref‖ = {fro_rel:e}", model_path.display());
 }
 
@@ -54,7 +58,8 @@ fn gguf_tokenizer_matches_tokenizer_json() {
     let d = fixture("llama_gguf");
     let refs = load_st(&d.join("reference.safetensors"));
     let want: Vec<i64> = refs["sample_ids"].to_vec1().unwrap();
-    let sample: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("sample.json")).unwrap()).unwrap();
+    let sample: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("sample.json")).unwrap()).unwrap();
     let ck = Checkpoint::open(&d.join("tiny.gguf")).unwrap();
     let got = ck.tokenizer().unwrap().encode(sample["sample"].as_str().unwrap(), true).unwrap();
     assert_eq!(got.iter().map(|&x| x as i64).collect::<Vec<_>>(), want);
@@ -87,7 +92,8 @@ fn hf_dtypes_load_as_f32() {
 #[test]
 fn gguf_sentencepiece_tokenizer_matches_sentencepiece() {
     let d = fixture("tokenizers");
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("spm_reference.json")).unwrap()).unwrap();
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("spm_reference.json")).unwrap()).unwrap();
     let tok = fistaprune::data::tokenizer::Tokenizer::from_gguf(&GgufFile::open(&d.join("spm.gguf")).unwrap()).unwrap();
     for (text, want) in r["samples"].as_array().unwrap().iter().zip(r["ids"].as_array().unwrap()) {
         let text = text.as_str().unwrap();
@@ -124,7 +130,10 @@ fn stepping_between_operator_groups_equals_capture() {
             let mut stepped = 0;
             for gi in 1..groups.len() {
                 if let Some(t) = l.next_group_input(gi, &x, &inputs[gi - 1]).unwrap() {
-                    let (a, b) = (t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), inputs[gi].flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                    let (a, b) = (
+                        t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                        inputs[gi].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    );
                     assert!(a == b, "{name} layer {i} group {gi}: stepping differs from capture");
                     stepped += 1;
                 }

@@ -89,15 +89,27 @@ fn prune_never_overwrites_its_inputs() {
     let (ms, c4) = (m.to_str().unwrap(), c4());
     // The model as the output, with and without --force; through `..`; through a symbolic link to it.
     for out in [ms.to_string(), format!("{}/../model", m.display()), format!("{}/./", m.display())] {
-        refused(&with(prune_args(ms, &out, &c4), &["--force"]), &["is the input --model itself", "with or without --force"], &[&m]);
+        refused(
+            &with(prune_args(ms, &out, &c4), &["--force"]),
+            &["is the input --model itself", "with or without --force"],
+            &[&m],
+        );
         refused(&prune_args(ms, &out, &c4), &["is the input --model itself"], &[&m]);
     }
     std::os::unix::fs::symlink(&m, d.join("link")).unwrap();
     let link = d.join("link");
-    refused(&with(prune_args(ms, link.to_str().unwrap(), &c4), &["--force"]), &["is the input --model itself"], &[&m, &link]);
+    refused(
+        &with(prune_args(ms, link.to_str().unwrap(), &c4), &["--force"]),
+        &["is the input --model itself"],
+        &[&m, &link],
+    );
     // An output inside the model, and a folder that contains the model.
     let inside = m.join("pruned");
-    refused(&with(prune_args(ms, inside.to_str().unwrap(), &c4), &["--force"]), &["lies inside the input --model"], &[&m]);
+    refused(
+        &with(prune_args(ms, inside.to_str().unwrap(), &c4), &["--force"]),
+        &["lies inside the input --model"],
+        &[&m],
+    );
     assert!(!inside.exists());
     refused(&with(prune_args(ms, d.to_str().unwrap(), &c4), &["--force"]), &["contains the input --model"], &[&d]);
     // The same for the other inputs: --calib, --eval, --save-calib.
@@ -109,14 +121,21 @@ fn prune_never_overwrites_its_inputs() {
     std::fs::create_dir(&evals).unwrap();
     let text = evals.join("text.txt");
     std::fs::copy(wiki(), &text).unwrap();
-    refused(&with(prune_args(ms, evals.to_str().unwrap(), &c4), &["--eval", text.to_str().unwrap(), "--force"]), &["contains the input --eval"], &[&evals]);
+    refused(
+        &with(prune_args(ms, evals.to_str().unwrap(), &c4), &["--eval", text.to_str().unwrap(), "--force"]),
+        &["contains the input --eval"],
+        &[&evals],
+    );
     refused(
         &with(prune_args(ms, d.join("o2").to_str().unwrap(), cs), &["--save-calib", cs, "--force"]),
         &["--save-calib", "is the input --calib itself"],
         &[&calib],
     );
     refused(
-        &with(prune_args(ms, d.join("o3").to_str().unwrap(), &c4), &["--save-calib", d.join("o3/calib.json").to_str().unwrap()]),
+        &with(
+            prune_args(ms, d.join("o3").to_str().unwrap(), &c4),
+            &["--save-calib", d.join("o3/calib.json").to_str().unwrap()],
+        ),
         &["--save-calib", "lies inside the output --out"],
         &[&d.join("o3")],
     );
@@ -136,7 +155,11 @@ fn force_replaces_only_what_fistaprune_wrote() {
     }
     // `--out .` in someone's working folder.
     let before = snapshot(&f);
-    let r = std::process::Command::new(bin()).current_dir(&f).args(with(prune_args(ms, ".", &c4), &["--force"])).output().unwrap();
+    let r = std::process::Command::new(bin())
+        .current_dir(&f)
+        .args(with(prune_args(ms, ".", &c4), &["--force"]))
+        .output()
+        .unwrap();
     assert!(!r.status.success() && String::from_utf8_lossy(&r.stderr).contains("is not an output of fistaprune"));
     assert!(snapshot(&f) == before, "--out . --force changed the working folder");
     // A file where a folder goes.
@@ -149,7 +172,8 @@ fn force_replaces_only_what_fistaprune_wrote() {
     ok(&prune_args(ms, os, &c4));
     refused(&prune_args(ms, os, &c4), &["already exists", "--force"], &[&out]);
     ok(&with(prune_base(ms, os, &c4), &["--force", "--method", "wanda", "--sparsity", "0.6"]));
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     assert_eq!(r["target_sparsity"], 0.6);
     assert!(r["fistaprune_version"].is_string());
     // An earlier output to which the user added a file is no longer ours alone.
@@ -163,13 +187,20 @@ fn force_replaces_only_what_fistaprune_wrote() {
     ok(&with(prune_args(ms, empty.to_str().unwrap(), &c4), &["--force"]));
     assert!(empty.join("model.safetensors").exists());
     std::os::unix::fs::symlink(&out, d.join("to-out")).unwrap();
-    ok(&with(prune_base(ms, d.join("to-out").to_str().unwrap(), &c4), &["--force", "--method", "wanda", "--sparsity", "0.7"]));
+    ok(&with(
+        prune_base(ms, d.join("to-out").to_str().unwrap(), &c4),
+        &["--force", "--method", "wanda", "--sparsity", "0.7"],
+    ));
     assert!(std::fs::symlink_metadata(d.join("to-out")).unwrap().file_type().is_symlink());
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     assert_eq!(r["target_sparsity"], 0.7);
     // Nothing left aside: no lock, no partial folder.
-    let hidden: Vec<String> =
-        std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect();
+    let hidden: Vec<String> = std::fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
     assert!(hidden.is_empty(), "{hidden:?}");
 }
 
@@ -201,10 +232,52 @@ fn every_verb_that_writes_follows_the_rules() {
     let verbs: Vec<(&str, Vec<&str>, bool)> = vec![
         ("convert", vec!["convert", "--model", gs, "--out", "OUT"], true),
         ("merge", vec!["merge", "--model", ms, "--parts", p0s, p1s, "--out", "OUT"], true),
-        ("compare", vec!["compare", "--model", ms, "--methods", "magnitude,wanda", "--sparsity", "0.5", "--calib", &c4, "--nsamples", "4", "--seqlen", "16", "--out", "OUT", "--quiet"], true),
+        (
+            "compare",
+            vec![
+                "compare",
+                "--model",
+                ms,
+                "--methods",
+                "magnitude,wanda",
+                "--sparsity",
+                "0.5",
+                "--calib",
+                &c4,
+                "--nsamples",
+                "4",
+                "--seqlen",
+                "16",
+                "--out",
+                "OUT",
+                "--quiet",
+            ],
+            true,
+        ),
         ("tokenize", vec!["tokenize", "--model", ms, "--dataset", &w, "--out", "OUT"], false),
-        ("eval", vec!["eval", "--model", ms, "--dataset", &w, "--seqlen", "16", "--max-windows", "2", "--json", "OUT", "--quiet"], false),
-        ("save-calib", with(prune_base(ms, "PRUNED", &c4), &["--method", "magnitude", "--sparsity", "0.5", "--save-calib", "OUT"]), false),
+        (
+            "eval",
+            vec![
+                "eval",
+                "--model",
+                ms,
+                "--dataset",
+                &w,
+                "--seqlen",
+                "16",
+                "--max-windows",
+                "2",
+                "--json",
+                "OUT",
+                "--quiet",
+            ],
+            false,
+        ),
+        (
+            "save-calib",
+            with(prune_base(ms, "PRUNED", &c4), &["--method", "magnitude", "--sparsity", "0.5", "--save-calib", "OUT"]),
+            false,
+        ),
     ];
     for (verb, args, is_folder) in verbs {
         let at = |out: &str, extra: &[&str]| -> Vec<String> {
@@ -233,8 +306,16 @@ fn every_verb_that_writes_follows_the_rules() {
     let data = d.join("text.txt");
     std::fs::copy(&w, &data).unwrap();
     let ds = data.to_str().unwrap();
-    refused(&["eval", "--model", ms, "--dataset", ds, "--seqlen", "16", "--max-windows", "1", "--json", ds, "--force"], &["is the input --dataset itself"], &[&data]);
-    refused(&["merge", "--model", ms, "--parts", p0s, p1s, "--out", p1s, "--force"], &["is the input --parts itself"], &[&p1]);
+    refused(
+        &["eval", "--model", ms, "--dataset", ds, "--seqlen", "16", "--max-windows", "1", "--json", ds, "--force"],
+        &["is the input --dataset itself"],
+        &[&data],
+    );
+    refused(
+        &["merge", "--model", ms, "--parts", p0s, p1s, "--out", p1s, "--force"],
+        &["is the input --parts itself"],
+        &[&p1],
+    );
 }
 
 fn lock_file(out: &Path) -> PathBuf {
@@ -265,7 +346,13 @@ fn a_second_run_on_the_same_output_is_refused_and_a_killed_one_is_not_in_the_way
     let m = fixture("llama");
     let (ms, c4) = (m.to_str().unwrap(), c4());
     let fista = |out: &Path| -> Vec<String> {
-        with(prune_base(ms, out.to_str().unwrap(), &c4), &["--method", "fista", "--sparsity", "0.5", "--refit-iters", "3", "--threads", "1"]).iter().map(|s| s.to_string()).collect()
+        with(
+            prune_base(ms, out.to_str().unwrap(), &c4),
+            &["--method", "fista", "--sparsity", "0.5", "--refit-iters", "3", "--threads", "1"],
+        )
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
     };
     let reference = d.join("reference");
     ok(&fista(&reference).iter().map(String::as_str).collect::<Vec<_>>());
@@ -276,21 +363,40 @@ fn a_second_run_on_the_same_output_is_refused_and_a_killed_one_is_not_in_the_way
     signal(&first, libc::SIGSTOP);
     let t = std::time::Instant::now();
     let (ok2, _, err) = run(&fista(&out).iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(!ok2 && err.contains("another fistaprune run") && err.contains(&format!("process {}", first.id())), "{err}");
+    assert!(
+        !ok2 && err.contains("another fistaprune run") && err.contains(&format!("process {}", first.id())),
+        "{err}"
+    );
     assert!(t.elapsed().as_secs_f64() < 30.0, "the second run was not refused at once");
     // The same with --force, and another verb on the same output.
     let (ok3, _, err) = run(&with(fista(&out).iter().map(String::as_str).collect(), &["--force"]));
     assert!(!ok3 && err.contains("another fistaprune run"), "{err}");
-    let (ok4, _, err) = run(&["convert", "--model", fixture("llama_gguf/tiny.gguf").to_str().unwrap(), "--out", out.to_str().unwrap(), "--force"]);
+    let (ok4, _, err) = run(&[
+        "convert",
+        "--model",
+        fixture("llama_gguf/tiny.gguf").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--force",
+    ]);
     assert!(!ok4 && err.contains("another fistaprune run"), "{err}");
     signal(&first, libc::SIGCONT);
     assert!(first.wait().unwrap().success());
-    assert!(std::fs::read(out.join("model.safetensors")).unwrap() == std::fs::read(reference.join("model.safetensors")).unwrap(), "the first run's output was damaged");
+    assert!(
+        std::fs::read(out.join("model.safetensors")).unwrap()
+            == std::fs::read(reference.join("model.safetensors")).unwrap(),
+        "the first run's output was damaged"
+    );
     assert!(!lock_file(&out).exists(), "the lock outlived its run");
 
     // A run killed while it holds the output: its lock is stale, and --resume continues its work.
     let killed = d.join("killed");
-    let mut child = std::process::Command::new(bin()).args(fista(&killed)).args(["--progress", "json"]).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut child = std::process::Command::new(bin())
+        .args(fista(&killed))
+        .args(["--progress", "json"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     // Killed once its first layer has landed.
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
     assert!(lines.any(|l| l.unwrap().contains(r#""event":"layer""#)), "no layer event");
@@ -300,6 +406,9 @@ fn a_second_run_on_the_same_output_is_refused_and_a_killed_one_is_not_in_the_way
     let (ok5, _, err) = run(&fista(&killed).iter().map(String::as_str).collect::<Vec<_>>());
     assert!(!ok5 && err.contains("--resume continues it"), "{err}");
     ok(&with(fista(&killed).iter().map(String::as_str).collect(), &["--resume"]));
-    assert!(std::fs::read(killed.join("model.safetensors")).unwrap() == std::fs::read(reference.join("model.safetensors")).unwrap());
+    assert!(
+        std::fs::read(killed.join("model.safetensors")).unwrap()
+            == std::fs::read(reference.join("model.safetensors")).unwrap()
+    );
     assert!(!lock_file(&killed).exists());
 }

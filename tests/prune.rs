@@ -14,7 +14,20 @@ fn c4() -> String {
 
 fn prune(model: &str, out: &Path, extra: &[&str]) -> serde_json::Value {
     let c4 = c4();
-    let mut args = vec!["prune", "--model", model, "--calib", &c4, "--nsamples", "8", "--seqlen", "32", "--out", out.to_str().unwrap(), "--quiet"];
+    let mut args = vec![
+        "prune",
+        "--model",
+        model,
+        "--calib",
+        &c4,
+        "--nsamples",
+        "8",
+        "--seqlen",
+        "32",
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ];
     args.extend_from_slice(extra);
     let (ok, _, err) = run(&args);
     assert!(ok, "prune {extra:?} failed: {err}");
@@ -40,7 +53,22 @@ fn sparsegpt_unstructured_on_llama_meets_target_and_reports() {
     let d = tmpdir("p-sgpt");
     let out = d.join("out");
     let wt = shared("wikitext-2-raw/wiki.test.raw");
-    let r = prune(fixture("llama").to_str().unwrap(), &out, &["--method", "sparsegpt", "--sparsity", "0.6", "--eval", wt.to_str().unwrap(), "--eval-seqlen", "64", "--eval-max-windows", "4"]);
+    let r = prune(
+        fixture("llama").to_str().unwrap(),
+        &out,
+        &[
+            "--method",
+            "sparsegpt",
+            "--sparsity",
+            "0.6",
+            "--eval",
+            wt.to_str().unwrap(),
+            "--eval-seqlen",
+            "64",
+            "--eval-max-windows",
+            "4",
+        ],
+    );
     assert!((r["sparsity"].as_f64().unwrap() - 0.6).abs() < 0.01, "{}", r["sparsity"]);
     let before = r["perplexity_before"].as_f64().unwrap();
     let after = r["perplexity_after"].as_f64().unwrap();
@@ -71,18 +99,31 @@ fn sparsegpt_unstructured_on_llama_meets_target_and_reports() {
     let a = Checkpoint::open(&fixture("llama")).unwrap();
     let b = Checkpoint::open(&out).unwrap();
     for name in ["model.embed_tokens.weight", "model.layers.1.input_layernorm.weight", "lm_head.weight"] {
-        assert_eq!(a.weights.load(name).unwrap().to_vec2::<f32>().ok(), b.weights.load(name).unwrap().to_vec2::<f32>().ok(), "{name}");
+        assert_eq!(
+            a.weights.load(name).unwrap().to_vec2::<f32>().ok(),
+            b.weights.load(name).unwrap().to_vec2::<f32>().ok(),
+            "{name}"
+        );
     }
 }
 
 #[test]
 fn two_four_and_four_eight_hold_in_every_group() {
-    for (model, method, pat) in [("opt", "wanda", "2:4"), ("llama", "sparsegpt", "4:8"), ("qwen2_f16", "magnitude", "2:4")] {
+    for (model, method, pat) in
+        [("opt", "wanda", "2:4"), ("llama", "sparsegpt", "4:8"), ("qwen2_f16", "magnitude", "2:4")]
+    {
         let d = tmpdir(&format!("p-nm-{model}"));
         let out = d.join("out");
         let r = prune(fixture(model).to_str().unwrap(), &out, &["--method", method, "--pattern", pat]);
-        let (n, m): (usize, usize) = { let (a, b) = pat.split_once(':').unwrap(); (a.parse().unwrap(), b.parse().unwrap()) };
-        assert!((r["sparsity"].as_f64().unwrap() - n as f64 / m as f64).abs() < 1e-9, "{model} {method} {pat}: {}", r["sparsity"]);
+        let (n, m): (usize, usize) = {
+            let (a, b) = pat.split_once(':').unwrap();
+            (a.parse().unwrap(), b.parse().unwrap())
+        };
+        assert!(
+            (r["sparsity"].as_f64().unwrap() - n as f64 / m as f64).abs() < 1e-9,
+            "{model} {method} {pat}: {}",
+            r["sparsity"]
+        );
         for (name, w) in operators(&out) {
             for row in &w {
                 for g in row.chunks(m) {
@@ -104,7 +145,18 @@ fn wanda_per_row_and_magnitude_per_matrix_counts() {
         }
     }
     let out = d.join("m");
-    let (ok, _, err) = run(&["prune", "--model", fixture("llama").to_str().unwrap(), "--method", "magnitude", "--sparsity", "0.3", "--out", out.to_str().unwrap(), "--quiet"]);
+    let (ok, _, err) = run(&[
+        "prune",
+        "--model",
+        fixture("llama").to_str().unwrap(),
+        "--method",
+        "magnitude",
+        "--sparsity",
+        "0.3",
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
     assert!(ok, "magnitude needs no calibration: {err}");
     for (name, w) in operators(&out) {
         let n = w.len() * w[0].len();
@@ -116,26 +168,90 @@ fn wanda_per_row_and_magnitude_per_matrix_counts() {
 fn saved_calibration_reproduces_the_checkpoint_byte_for_byte() {
     let d = tmpdir("p-calib");
     let calib = d.join("calib.json");
-    let a = prune(fixture("llama").to_str().unwrap(), &d.join("a"), &["--method", "sparsegpt", "--sparsity", "0.5", "--save-calib", calib.to_str().unwrap(), "--seed", "3"]);
+    let a = prune(
+        fixture("llama").to_str().unwrap(),
+        &d.join("a"),
+        &["--method", "sparsegpt", "--sparsity", "0.5", "--save-calib", calib.to_str().unwrap(), "--seed", "3"],
+    );
     let c4 = c4();
-    let (ok, _, err) = run(&["prune", "--model", fixture("llama").to_str().unwrap(), "--calib", calib.to_str().unwrap(), "--nsamples", "8", "--seqlen", "32", "--out", d.join("b").to_str().unwrap(), "--quiet", "--method", "sparsegpt", "--sparsity", "0.5"]);
+    let (ok, _, err) = run(&[
+        "prune",
+        "--model",
+        fixture("llama").to_str().unwrap(),
+        "--calib",
+        calib.to_str().unwrap(),
+        "--nsamples",
+        "8",
+        "--seqlen",
+        "32",
+        "--out",
+        d.join("b").to_str().unwrap(),
+        "--quiet",
+        "--method",
+        "sparsegpt",
+        "--sparsity",
+        "0.5",
+    ]);
     assert!(ok, "{err}");
-    let b: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("b/report.json")).unwrap()).unwrap();
+    let b: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("b/report.json")).unwrap()).unwrap();
     assert_eq!(a["calibration"]["sha256"], b["calibration"]["sha256"]);
-    assert!(std::fs::read(d.join("a/model.safetensors")).unwrap() == std::fs::read(d.join("b/model.safetensors")).unwrap(), "checkpoints differ");
+    assert!(
+        std::fs::read(d.join("a/model.safetensors")).unwrap() == std::fs::read(d.join("b/model.safetensors")).unwrap(),
+        "checkpoints differ"
+    );
     // A saved file sets the sample count and length itself.
-    let (ok, _, err) = run(&["prune", "--model", fixture("llama").to_str().unwrap(), "--calib", calib.to_str().unwrap(), "--out", d.join("e").to_str().unwrap(), "--quiet", "--method", "sparsegpt", "--sparsity", "0.5"]);
+    let (ok, _, err) = run(&[
+        "prune",
+        "--model",
+        fixture("llama").to_str().unwrap(),
+        "--calib",
+        calib.to_str().unwrap(),
+        "--out",
+        d.join("e").to_str().unwrap(),
+        "--quiet",
+        "--method",
+        "sparsegpt",
+        "--sparsity",
+        "0.5",
+    ]);
     assert!(ok, "{err}");
-    assert!(std::fs::read(d.join("a/model.safetensors")).unwrap() == std::fs::read(d.join("e/model.safetensors")).unwrap(), "checkpoints differ");
-    let (ok, _, err) = run(&["prune", "--model", fixture("llama").to_str().unwrap(), "--calib", calib.to_str().unwrap(), "--seqlen", "16", "--out", d.join("f").to_str().unwrap(), "--quiet", "--method", "sparsegpt", "--sparsity", "0.5"]);
+    assert!(
+        std::fs::read(d.join("a/model.safetensors")).unwrap() == std::fs::read(d.join("e/model.safetensors")).unwrap(),
+        "checkpoints differ"
+    );
+    let (ok, _, err) = run(&[
+        "prune",
+        "--model",
+        fixture("llama").to_str().unwrap(),
+        "--calib",
+        calib.to_str().unwrap(),
+        "--seqlen",
+        "16",
+        "--out",
+        d.join("f").to_str().unwrap(),
+        "--quiet",
+        "--method",
+        "sparsegpt",
+        "--sparsity",
+        "0.5",
+    ]);
     assert!(!ok && err.contains("holds 8 x 32 samples, but --nsamples 8 --seqlen 16"), "{err}");
     assert!(!d.join("f").exists());
     // Magnitude needs no calibration but still saves it when asked (to share it with later runs).
     let calib2 = d.join("calib2.json");
-    prune(fixture("llama").to_str().unwrap(), &d.join("g"), &["--method", "magnitude", "--sparsity", "0.5", "--save-calib", calib2.to_str().unwrap(), "--seed", "3"]);
+    prune(
+        fixture("llama").to_str().unwrap(),
+        &d.join("g"),
+        &["--method", "magnitude", "--sparsity", "0.5", "--save-calib", calib2.to_str().unwrap(), "--seed", "3"],
+    );
     assert_eq!(std::fs::read(&calib).unwrap(), std::fs::read(&calib2).unwrap(), "the same draw");
     // Another seed draws other samples.
-    let c = prune(fixture("llama").to_str().unwrap(), &d.join("c"), &["--method", "wanda", "--sparsity", "0.5", "--seed", "4"]);
+    let c = prune(
+        fixture("llama").to_str().unwrap(),
+        &d.join("c"),
+        &["--method", "wanda", "--sparsity", "0.5", "--seed", "4"],
+    );
     assert_ne!(a["calibration"]["sha256"], c["calibration"]["sha256"]);
     let _ = c4;
 }
@@ -146,7 +262,20 @@ fn bad_prune_arguments_are_refused_without_output() {
     let out = d.join("out");
     let m = fixture("llama");
     let c4 = c4();
-    let base = ["prune", "--model", m.to_str().unwrap(), "--calib", &c4, "--nsamples", "4", "--seqlen", "16", "--out", out.to_str().unwrap(), "--quiet"];
+    let base = [
+        "prune",
+        "--model",
+        m.to_str().unwrap(),
+        "--calib",
+        &c4,
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "16",
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ];
     let cases: &[(&[&str], &[&str])] = &[
         (&["--method", "wanda", "--sparsity", "1.5"], &["--sparsity 1.5", "outside (0, 1)"]),
         (&["--method", "wanda", "--sparsity", "0"], &["outside (0, 1)"]),
@@ -165,16 +294,68 @@ fn bad_prune_arguments_are_refused_without_output() {
         assert!(!out.exists(), "{extra:?} left an output");
         assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0, "{extra:?} left a partial directory");
     }
-    let (ok, _, err) = run(&["prune", "--model", m.to_str().unwrap(), "--method", "sparsegpt", "--sparsity", "0.5", "--out", out.to_str().unwrap()]);
+    let (ok, _, err) = run(&[
+        "prune",
+        "--model",
+        m.to_str().unwrap(),
+        "--method",
+        "sparsegpt",
+        "--sparsity",
+        "0.5",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(!ok && err.contains("--calib is required"), "{err}");
     let short = d.join("short.txt");
     std::fs::write(&short, "too short").unwrap();
-    let (ok, _, err) = run(&["prune", "--model", m.to_str().unwrap(), "--method", "wanda", "--sparsity", "0.5", "--calib", short.to_str().unwrap(), "--seqlen", "16", "--out", out.to_str().unwrap()]);
+    let (ok, _, err) = run(&[
+        "prune",
+        "--model",
+        m.to_str().unwrap(),
+        "--method",
+        "wanda",
+        "--sparsity",
+        "0.5",
+        "--calib",
+        short.to_str().unwrap(),
+        "--seqlen",
+        "16",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(!ok && err.contains("short.txt") && err.contains("not enough for one calibration window"), "{err}");
     std::fs::write(&short, "").unwrap();
-    let (ok, _, err) = run(&["prune", "--model", m.to_str().unwrap(), "--method", "wanda", "--sparsity", "0.5", "--calib", short.to_str().unwrap(), "--seqlen", "16", "--out", out.to_str().unwrap()]);
+    let (ok, _, err) = run(&[
+        "prune",
+        "--model",
+        m.to_str().unwrap(),
+        "--method",
+        "wanda",
+        "--sparsity",
+        "0.5",
+        "--calib",
+        short.to_str().unwrap(),
+        "--seqlen",
+        "16",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(!ok && err.contains("short.txt") && !err.contains("panicked"), "{err}");
-    let (ok, _, err) = run(&["prune", "--model", m.to_str().unwrap(), "--method", "wanda", "--sparsity", "0.5", "--calib", &c4, "--seqlen", "4096", "--out", out.to_str().unwrap()]);
+    let (ok, _, err) = run(&[
+        "prune",
+        "--model",
+        m.to_str().unwrap(),
+        "--method",
+        "wanda",
+        "--sparsity",
+        "0.5",
+        "--calib",
+        &c4,
+        "--seqlen",
+        "4096",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(!ok && err.contains("--seqlen 4096"), "{err}");
     assert!(!out.exists());
 }
@@ -184,7 +365,26 @@ fn fista_is_byte_identical_whatever_the_parallelism() {
     let d = tmpdir("p-fista-par");
     let m = fixture("llama");
     let c4 = c4();
-    let base = ["prune", "--model", m.to_str().unwrap(), "--method", "fista", "--pattern", "2:4", "--calib", &c4, "--nsamples", "8", "--seqlen", "32", "--quiet", "--refit-iters", "5", "--layer-inputs", "dense"];
+    let base = [
+        "prune",
+        "--model",
+        m.to_str().unwrap(),
+        "--method",
+        "fista",
+        "--pattern",
+        "2:4",
+        "--calib",
+        &c4,
+        "--nsamples",
+        "8",
+        "--seqlen",
+        "32",
+        "--quiet",
+        "--refit-iters",
+        "5",
+        "--layer-inputs",
+        "dense",
+    ];
     let go = |out: &str, extra: &[&str]| {
         let mut args = base.to_vec();
         let o = d.join(out);
@@ -200,22 +400,62 @@ fn fista_is_byte_identical_whatever_the_parallelism() {
     go("part-b", &["--layers", "1-1"]);
     go("part-a", &["--layers", "0-0"]);
     let merged = d.join("merged");
-    let (ok, _, err) = run(&["merge", "--model", m.to_str().unwrap(), "--parts", d.join("part-b").to_str().unwrap(), d.join("part-a").to_str().unwrap(), "--out", merged.to_str().unwrap()]);
+    let (ok, _, err) = run(&[
+        "merge",
+        "--model",
+        m.to_str().unwrap(),
+        "--parts",
+        d.join("part-b").to_str().unwrap(),
+        d.join("part-a").to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
     assert!(ok, "{err}");
     let one = std::fs::read(d.join("one/model.safetensors")).unwrap();
     for other in ["two", "threads1", "merged"] {
-        assert!(std::fs::read(d.join(other).join("model.safetensors")).unwrap() == one, "{other} differs from the --jobs 1 run");
+        assert!(
+            std::fs::read(d.join(other).join("model.safetensors")).unwrap() == one,
+            "{other} differs from the --jobs 1 run"
+        );
     }
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(merged.join("report.json")).unwrap()).unwrap();
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(merged.join("report.json")).unwrap()).unwrap();
     assert_eq!(r["layers"].as_array().unwrap().len(), 2);
     assert!((r["sparsity"].as_f64().unwrap() - 0.5).abs() < 0.01, "{}", r["sparsity"]);
     // Parts that overlap, miss a layer, or disagree are refused.
-    let (ok, _, err) = run(&["merge", "--model", m.to_str().unwrap(), "--parts", d.join("part-a").to_str().unwrap(), "--out", d.join("bad1").to_str().unwrap()]);
+    let (ok, _, err) = run(&[
+        "merge",
+        "--model",
+        m.to_str().unwrap(),
+        "--parts",
+        d.join("part-a").to_str().unwrap(),
+        "--out",
+        d.join("bad1").to_str().unwrap(),
+    ]);
     assert!(!ok && err.contains("no part holds decoder layer 1"), "{err}");
-    let (ok, _, err) = run(&["merge", "--model", m.to_str().unwrap(), "--parts", d.join("part-a").to_str().unwrap(), d.join("part-a").to_str().unwrap(), d.join("part-b").to_str().unwrap(), "--out", d.join("bad2").to_str().unwrap()]);
+    let (ok, _, err) = run(&[
+        "merge",
+        "--model",
+        m.to_str().unwrap(),
+        "--parts",
+        d.join("part-a").to_str().unwrap(),
+        d.join("part-a").to_str().unwrap(),
+        d.join("part-b").to_str().unwrap(),
+        "--out",
+        d.join("bad2").to_str().unwrap(),
+    ]);
     assert!(!ok && err.contains("layer 0 is in both"), "{err}");
     go("part-b-other", &["--layers", "1-1", "--xi", "0.5"]);
-    let (ok, _, err) = run(&["merge", "--model", m.to_str().unwrap(), "--parts", d.join("part-a").to_str().unwrap(), d.join("part-b-other").to_str().unwrap(), "--out", d.join("bad3").to_str().unwrap()]);
+    let (ok, _, err) = run(&[
+        "merge",
+        "--model",
+        m.to_str().unwrap(),
+        "--parts",
+        d.join("part-a").to_str().unwrap(),
+        d.join("part-b-other").to_str().unwrap(),
+        "--out",
+        d.join("bad3").to_str().unwrap(),
+    ]);
     assert!(!ok && err.contains("other options or calibration"), "{err}");
     assert!(!d.join("bad1").exists() && !d.join("bad2").exists() && !d.join("bad3").exists());
 }
@@ -225,7 +465,11 @@ fn fista_is_never_worse_than_its_warm_start_and_reports_its_search() {
     let d = tmpdir("p-fista-warm");
     for warm in ["wanda", "sparsegpt", "magnitude", "dense"] {
         let out = d.join(warm);
-        let r = prune(fixture("llama").to_str().unwrap(), &out, &["--method", "fista", "--sparsity", "0.5", "--warm-start", warm, "--refit-iters", "10"]);
+        let r = prune(
+            fixture("llama").to_str().unwrap(),
+            &out,
+            &["--method", "fista", "--sparsity", "0.5", "--warm-start", warm, "--refit-iters", "10"],
+        );
         assert_eq!(r["options"]["warm_start"], warm);
         for l in r["layers"].as_array().unwrap() {
             for o in l["operators"].as_array().unwrap() {
@@ -238,9 +482,45 @@ fn fista_is_never_worse_than_its_warm_start_and_reports_its_search() {
         }
     }
     // Dense layer inputs with pruned-input-only options are refused.
-    let (ok, _, err) = run(&["prune", "--model", fixture("llama").to_str().unwrap(), "--method", "wanda", "--sparsity", "0.5", "--calib", &c4(), "--nsamples", "4", "--seqlen", "16", "--jobs", "2", "--out", d.join("x").to_str().unwrap()]);
+    let (ok, _, err) = run(&[
+        "prune",
+        "--model",
+        fixture("llama").to_str().unwrap(),
+        "--method",
+        "wanda",
+        "--sparsity",
+        "0.5",
+        "--calib",
+        &c4(),
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "16",
+        "--jobs",
+        "2",
+        "--out",
+        d.join("x").to_str().unwrap(),
+    ]);
     assert!(!ok && err.contains("--jobs needs --layer-inputs dense"), "{err}");
-    let (ok, _, err) = run(&["prune", "--model", fixture("llama").to_str().unwrap(), "--method", "wanda", "--sparsity", "0.5", "--calib", &c4(), "--nsamples", "4", "--seqlen", "16", "--layers", "0-0", "--out", d.join("y").to_str().unwrap()]);
+    let (ok, _, err) = run(&[
+        "prune",
+        "--model",
+        fixture("llama").to_str().unwrap(),
+        "--method",
+        "wanda",
+        "--sparsity",
+        "0.5",
+        "--calib",
+        &c4(),
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "16",
+        "--layers",
+        "0-0",
+        "--out",
+        d.join("y").to_str().unwrap(),
+    ]);
     assert!(!ok && err.contains("--layers needs --layer-inputs dense"), "{err}");
 }
 
@@ -249,18 +529,41 @@ fn compare_writes_one_table_and_plot_for_all_methods_on_one_calibration() {
     let d = tmpdir("p-compare");
     let out = d.join("cmp");
     let (ok, stdout, err) = run(&[
-        "compare", "--model", fixture("opt").to_str().unwrap(), "--methods", "wanda,sparsegpt,fista", "--pattern", "2:4",
-        "--calib", &c4(), "--nsamples", "8", "--seqlen", "32", "--out", out.to_str().unwrap(),
-        "--eval", shared("wikitext-2-raw/wiki.test.raw").to_str().unwrap(), "--eval-seqlen", "32", "--eval-max-windows", "4", "--quiet",
+        "compare",
+        "--model",
+        fixture("opt").to_str().unwrap(),
+        "--methods",
+        "wanda,sparsegpt,fista",
+        "--pattern",
+        "2:4",
+        "--calib",
+        &c4(),
+        "--nsamples",
+        "8",
+        "--seqlen",
+        "32",
+        "--out",
+        out.to_str().unwrap(),
+        "--eval",
+        shared("wikitext-2-raw/wiki.test.raw").to_str().unwrap(),
+        "--eval-seqlen",
+        "32",
+        "--eval-max-windows",
+        "4",
+        "--quiet",
     ]);
     assert!(ok, "{err}");
     assert!(stdout.contains("| fista |"), "{stdout}");
-    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("compare.json")).unwrap()).unwrap();
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("compare.json")).unwrap()).unwrap();
     let results = j["results"].as_array().unwrap();
     assert_eq!(results.len(), 3);
     let sha = j["calibration_sha256"].as_str().unwrap();
     for r in results {
-        let rep: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(Path::new(r["checkpoint"].as_str().unwrap()).join("report.json")).unwrap()).unwrap();
+        let rep: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(Path::new(r["checkpoint"].as_str().unwrap()).join("report.json")).unwrap(),
+        )
+        .unwrap();
         assert_eq!(rep["calibration"]["sha256"], sha, "every method saw the same calibration ids");
         assert!(r["perplexity"].as_f64().unwrap().is_finite());
         assert!(r["mean_layer_output_error"].as_f64().unwrap() > 0.0);
@@ -280,14 +583,35 @@ fn corrected_layer_inputs_carry_two_streams_and_imply_error_correction() {
     assert_eq!(c["options"]["layer_inputs"], "corrected");
     assert_eq!(c["options"]["error_correction"], true);
     // Layer 0 sees the embeddings in both walks: the same problems (up to summation order).
-    for (oc, op) in c["layers"][0]["operators"].as_array().unwrap().iter().zip(p["layers"][0]["operators"].as_array().unwrap()) {
+    for (oc, op) in
+        c["layers"][0]["operators"].as_array().unwrap().iter().zip(p["layers"][0]["operators"].as_array().unwrap())
+    {
         let (ec, ep) = (oc["rel_error"].as_f64().unwrap(), op["rel_error"].as_f64().unwrap());
         assert!((ec - ep).abs() <= 1e-3 * ep.max(1e-6), "{}: {ec} vs {ep}", oc["name"]);
     }
     // From layer 1 on the targets differ (the dense model's activations against the pruned model's).
     let e1 = |r: &serde_json::Value| r["layers"][1]["operators"][0]["rel_error"].as_f64().unwrap();
     assert!((e1(&c) - e1(&p)).abs() > 1e-6 * e1(&p), "layer 1 saw the same target in both walks");
-    let (ok, _, err) = run(&["prune", "--model", m.to_str().unwrap(), "--method", "fista", "--pattern", "2:4", "--calib", &c4(), "--nsamples", "4", "--seqlen", "16", "--layer-inputs", "corrected", "--no-error-correction", "--out", d.join("x").to_str().unwrap()]);
+    let (ok, _, err) = run(&[
+        "prune",
+        "--model",
+        m.to_str().unwrap(),
+        "--method",
+        "fista",
+        "--pattern",
+        "2:4",
+        "--calib",
+        &c4(),
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "16",
+        "--layer-inputs",
+        "corrected",
+        "--no-error-correction",
+        "--out",
+        d.join("x").to_str().unwrap(),
+    ]);
     assert!(!ok && err.contains("implies error correction"), "{err}");
     assert!(!d.join("x").exists());
 }
@@ -296,7 +620,11 @@ fn corrected_layer_inputs_carry_two_streams_and_imply_error_correction() {
 fn owl_spreads_the_sparsity_over_layers_with_the_same_mean() {
     let d = tmpdir("p-owl");
     let m = fixture("llama");
-    let r = prune(m.to_str().unwrap(), &d.join("o"), &["--method", "sparsegpt", "--sparsity", "0.6", "--owl", "--owl-lambda", "0.1"]);
+    let r = prune(
+        m.to_str().unwrap(),
+        &d.join("o"),
+        &["--method", "sparsegpt", "--sparsity", "0.6", "--owl", "--owl-lambda", "0.1"],
+    );
     let alloc = &r["allocation"];
     let s: Vec<f64> = alloc["layer_sparsity"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
     let ratios: Vec<f64> = alloc["outlier_ratios"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
@@ -314,7 +642,24 @@ fn owl_spreads_the_sparsity_over_layers_with_the_same_mean() {
         }
     }
     assert!((r["sparsity"].as_f64().unwrap() - 0.6).abs() < 0.01, "{}", r["sparsity"]);
-    let (ok, _, err) = run(&["prune", "--model", m.to_str().unwrap(), "--method", "wanda", "--pattern", "2:4", "--owl", "--calib", &c4(), "--nsamples", "4", "--seqlen", "16", "--out", d.join("x").to_str().unwrap()]);
+    let (ok, _, err) = run(&[
+        "prune",
+        "--model",
+        m.to_str().unwrap(),
+        "--method",
+        "wanda",
+        "--pattern",
+        "2:4",
+        "--owl",
+        "--calib",
+        &c4(),
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "16",
+        "--out",
+        d.join("x").to_str().unwrap(),
+    ]);
     assert!(!ok && err.contains("--owl allocates unstructured sparsity"), "{err}");
     assert!(!d.join("x").exists());
 }
@@ -327,13 +672,32 @@ fn resume_after_a_kill_gives_the_same_checkpoint_in_every_walk() {
     let input_before: Vec<(String, Vec<u8>)> = read_dir_bytes(&m);
     let walks: &[(&str, &[&str])] = &[
         ("sgpt-pruned", &["--method", "sparsegpt", "--sparsity", "0.5"]),
-        ("fista-dense-jobs2", &["--method", "fista", "--pattern", "2:4", "--layer-inputs", "dense", "--jobs", "2", "--refit-iters", "5"]),
-        ("fista-corrected", &["--method", "fista", "--sparsity", "0.6", "--layer-inputs", "corrected", "--refit-iters", "5"]),
+        (
+            "fista-dense-jobs2",
+            &["--method", "fista", "--pattern", "2:4", "--layer-inputs", "dense", "--jobs", "2", "--refit-iters", "5"],
+        ),
+        (
+            "fista-corrected",
+            &["--method", "fista", "--sparsity", "0.6", "--layer-inputs", "corrected", "--refit-iters", "5"],
+        ),
     ];
     for (tag, flags) in walks {
         let go = |out: &str, extra: &[&str], exit_after: Option<&str>| {
             let o = d.join(format!("{tag}-{out}"));
-            let mut args = vec!["prune", "--model", m.to_str().unwrap(), "--calib", &c4, "--nsamples", "8", "--seqlen", "32", "--quiet", "--threads", "1"];
+            let mut args = vec![
+                "prune",
+                "--model",
+                m.to_str().unwrap(),
+                "--calib",
+                &c4,
+                "--nsamples",
+                "8",
+                "--seqlen",
+                "32",
+                "--quiet",
+                "--threads",
+                "1",
+            ];
             let os = o.to_str().unwrap().to_string();
             args.extend_from_slice(&["--out", &os]);
             args.extend_from_slice(flags);
@@ -352,11 +716,13 @@ fn resume_after_a_kill_gives_the_same_checkpoint_in_every_walk() {
         assert!(!ok && !cut.exists(), "{tag}: the interrupted run should leave no output");
         let (ok, err, _) = go("cut", &["--resume"], None);
         assert!(ok, "{tag}: {err}");
-        let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(cut.join("report.json")).unwrap()).unwrap();
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(cut.join("report.json")).unwrap()).unwrap();
         assert!(r["resumed_layers"].as_u64().unwrap() >= 1, "{tag}: {}", r["resumed_layers"]);
         assert_eq!(r["layers"].as_array().unwrap().len(), 2, "{tag}: one report per layer");
         assert!(
-            std::fs::read(whole.join("model.safetensors")).unwrap() == std::fs::read(cut.join("model.safetensors")).unwrap(),
+            std::fs::read(whole.join("model.safetensors")).unwrap()
+                == std::fs::read(cut.join("model.safetensors")).unwrap(),
             "{tag}: the resumed checkpoint differs"
         );
         // --resume with nothing to resume is a plain run.
@@ -370,7 +736,11 @@ fn resume_after_a_kill_gives_the_same_checkpoint_in_every_walk() {
     }
     assert!(read_dir_bytes(&m) == input_before, "the input model was modified");
     // Only the outputs are left: nothing aside.
-    let left: Vec<String> = std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect();
+    let left: Vec<String> = std::fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
     assert!(left.is_empty(), "{left:?}");
 }
 
@@ -410,8 +780,21 @@ fn a_nan_weight_is_named_by_layer_and_operator() {
     let d = tmpdir("p-nan");
     let model = patched_llama(&d, "model.layers.1.self_attn.q_proj.weight", |w| w[5] = f32::NAN);
     let out = d.join("out");
-    let (ok, _, err) = run(&["prune", "--model", model.to_str().unwrap(), "--method", "magnitude", "--sparsity", "0.5", "--out", out.to_str().unwrap()]);
-    assert!(!ok && err.contains("decoder layer 1: weight model.layers.1.self_attn.q_proj.weight: 1 non-finite values"), "{err}");
+    let (ok, _, err) = run(&[
+        "prune",
+        "--model",
+        model.to_str().unwrap(),
+        "--method",
+        "magnitude",
+        "--sparsity",
+        "0.5",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("decoder layer 1: weight model.layers.1.self_attn.q_proj.weight: 1 non-finite values"),
+        "{err}"
+    );
     assert!(!out.exists() && !d.join(".out.partial").exists(), "a failed run left output");
 }
 
@@ -426,11 +809,28 @@ fn activations_that_overflow_are_named_by_layer_and_operator() {
     for method in ["wanda", "fista"] {
         let out = d.join("out");
         let (ok, _, err) = run(&[
-            "prune", "--model", model.to_str().unwrap(), "--method", method, "--sparsity", "0.5", "--calib", &c4,
-            "--nsamples", "2", "--seqlen", "16", "--out", out.to_str().unwrap(), "--quiet",
+            "prune",
+            "--model",
+            model.to_str().unwrap(),
+            "--method",
+            method,
+            "--sparsity",
+            "0.5",
+            "--calib",
+            &c4,
+            "--nsamples",
+            "2",
+            "--seqlen",
+            "16",
+            "--out",
+            out.to_str().unwrap(),
+            "--quiet",
         ]);
         assert!(!ok && !err.contains("panicked"), "{method}: {err}");
-        assert!(err.contains("decoder layer 1: input of gate_proj, up_proj: NaN or Inf in the calibration activations"), "{method}: {err}");
+        assert!(
+            err.contains("decoder layer 1: input of gate_proj, up_proj: NaN or Inf in the calibration activations"),
+            "{method}: {err}"
+        );
         assert!(!out.exists() && !d.join(".out.partial").exists(), "{method}: a failed run left output");
     }
 }
@@ -441,13 +841,31 @@ fn too_little_disk_is_refused_before_any_work() {
     let out = d.join("sub/out");
     let c4 = c4();
     let r = std::process::Command::new(bin())
-        .args(["prune", "--model", fixture("llama").to_str().unwrap(), "--method", "sparsegpt", "--sparsity", "0.5", "--calib", &c4,
-            "--nsamples", "4", "--seqlen", "16", "--out", out.to_str().unwrap()])
+        .args([
+            "prune",
+            "--model",
+            fixture("llama").to_str().unwrap(),
+            "--method",
+            "sparsegpt",
+            "--sparsity",
+            "0.5",
+            "--calib",
+            &c4,
+            "--nsamples",
+            "4",
+            "--seqlen",
+            "16",
+            "--out",
+            out.to_str().unwrap(),
+        ])
         .env("FISTAPRUNE_TEST_FREE_BYTES", "1000")
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&r.stderr);
-    assert!(!r.status.success() && err.contains("not enough disk space for the output") && err.contains("GB needed"), "{err}");
+    assert!(
+        !r.status.success() && err.contains("not enough disk space for the output") && err.contains("GB needed"),
+        "{err}"
+    );
     assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0, "nothing written");
 }
 
@@ -457,9 +875,28 @@ fn json_mode_reports_stages_layers_and_the_result_for_machines() {
     let out = d.join("out");
     let m = fixture("llama");
     let (ok, stdout, err) = run(&[
-        "prune", "--model", m.to_str().unwrap(), "--method", "sparsegpt", "--sparsity", "0.5", "--calib", &c4(), "--nsamples", "4",
-        "--seqlen", "16", "--out", out.to_str().unwrap(), "--eval", shared("wikitext-2-raw/wiki.test.raw").to_str().unwrap(),
-        "--eval-seqlen", "16", "--eval-max-windows", "3", "--json",
+        "prune",
+        "--model",
+        m.to_str().unwrap(),
+        "--method",
+        "sparsegpt",
+        "--sparsity",
+        "0.5",
+        "--calib",
+        &c4(),
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "16",
+        "--out",
+        out.to_str().unwrap(),
+        "--eval",
+        shared("wikitext-2-raw/wiki.test.raw").to_str().unwrap(),
+        "--eval-seqlen",
+        "16",
+        "--eval-max-windows",
+        "3",
+        "--json",
     ]);
     assert!(ok, "{err}");
     assert!(stdout.is_empty(), "--json keeps stdout empty: {stdout}");
@@ -467,11 +904,19 @@ fn json_mode_reports_stages_layers_and_the_result_for_machines() {
     let events: Vec<serde_json::Value> =
         err.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
     let of = |kind: &str| events.iter().filter(|e| e["event"] == kind).collect::<Vec<_>>();
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     let n_layers = report["layers"].as_array().unwrap().len();
     let layers = of("layer");
-    assert_eq!(layers.iter().map(|e| e["layer"].as_u64().unwrap() as usize).collect::<Vec<_>>(), (0..n_layers).collect::<Vec<_>>());
-    assert!(layers.iter().all(|e| (e["sparsity"].as_f64().unwrap() - 0.5).abs() < 0.01 && e["output_rel_error"].as_f64().is_some()));
+    assert_eq!(
+        layers.iter().map(|e| e["layer"].as_u64().unwrap() as usize).collect::<Vec<_>>(),
+        (0..n_layers).collect::<Vec<_>>()
+    );
+    assert!(
+        layers
+            .iter()
+            .all(|e| (e["sparsity"].as_f64().unwrap() - 0.5).abs() < 0.01 && e["output_rel_error"].as_f64().is_some())
+    );
     // Each stage starts at 0 and ends done with its whole count; the pruning stage counts layers.
     for stage in ["sparsegpt", "perplexity"] {
         let s: Vec<_> = events.iter().filter(|e| e["stage"] == stage).collect();
@@ -487,7 +932,20 @@ fn json_mode_reports_stages_layers_and_the_result_for_machines() {
     assert!(result[0]["perplexity_before"].as_f64().unwrap() > 1.0);
 
     // A failure ends with an error event naming the problem.
-    let (ok, _, err) = run(&["prune", "--model", m.to_str().unwrap(), "--method", "wanda", "--sparsity", "2", "--calib", &c4(), "--out", d.join("x").to_str().unwrap(), "--json"]);
+    let (ok, _, err) = run(&[
+        "prune",
+        "--model",
+        m.to_str().unwrap(),
+        "--method",
+        "wanda",
+        "--sparsity",
+        "2",
+        "--calib",
+        &c4(),
+        "--out",
+        d.join("x").to_str().unwrap(),
+        "--json",
+    ]);
     assert!(!ok);
     let last: serde_json::Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
     assert_eq!(last["event"], "error");

@@ -34,7 +34,11 @@ fn python() -> Option<PathBuf> {
 fn check(py: &Path, args: &[&str]) -> serde_json::Value {
     let out = Command::new(py).arg(root().join("tests/python/check_convert.py")).args(args).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "check_convert.py {args:?} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "check_convert.py {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
 }
 
@@ -49,7 +53,17 @@ fn converted_tiny_gguf_loads_in_transformers_with_same_logits_and_ids() {
     let out = tmpdir("py-tiny").join("hf");
     convert(&fixture("llama_gguf/tiny.gguf"), &out);
     let sample = "Valkyria Chronicles III, released in 2011 for 1,234 yen.";
-    let j = check(&py, &["--hf", out.to_str().unwrap(), "--reference", fixture("llama_gguf/reference.safetensors").to_str().unwrap(), "--sample", sample]);
+    let j = check(
+        &py,
+        &[
+            "--hf",
+            out.to_str().unwrap(),
+            "--reference",
+            fixture("llama_gguf/reference.safetensors").to_str().unwrap(),
+            "--sample",
+            sample,
+        ],
+    );
     eprintln!("{j}");
     let ck = fistaprune::model::Checkpoint::open(&fixture("llama_gguf/tiny.gguf")).unwrap();
     let ours = ck.tokenizer().unwrap().encode(sample, true).unwrap();
@@ -72,7 +86,11 @@ fn converted_smollm2_loads_in_transformers_with_same_logits_and_ids() {
     let theirs: Vec<u32> = j["sample_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
     assert_eq!(ours, theirs);
     let tok = ck.tokenizer().unwrap();
-    let digits: Vec<String> = ours.iter().map(|&i| tok.decode(&[i]).unwrap()).filter(|s| s.trim().chars().all(|c| c.is_ascii_digit()) && !s.trim().is_empty()).collect();
+    let digits: Vec<String> = ours
+        .iter()
+        .map(|&i| tok.decode(&[i]).unwrap())
+        .filter(|s| s.trim().chars().all(|c| c.is_ascii_digit()) && !s.trim().is_empty())
+        .collect();
     assert!(digits.iter().all(|s| s.trim().len() == 1), "digits not split one by one: {digits:?}");
 }
 
@@ -82,19 +100,52 @@ fn pruned_checkpoints_reload_in_transformers_with_same_perplexity_and_sparsity()
     let d = tmpdir("py-pruned");
     let wiki = shared("wikitext-2-raw/wiki.test.raw");
     let c4 = shared("c4/c4-train.00000-of-01024.first1000.jsonl");
-    for (model, method, target) in [("llama", "sparsegpt", "--sparsity"), ("opt", "wanda", "--pattern"), ("llama_bf16_sharded", "sparsegpt", "--pattern")] {
+    for (model, method, target) in [
+        ("llama", "sparsegpt", "--sparsity"),
+        ("opt", "wanda", "--pattern"),
+        ("llama_bf16_sharded", "sparsegpt", "--pattern"),
+    ] {
         let out = d.join(format!("{model}-{method}"));
         let value = if target == "--sparsity" { "0.6" } else { "2:4" };
         let (ok, _, err) = run(&[
-            "prune", "--model", fixture(model).to_str().unwrap(), "--method", method, target, value,
-            "--calib", c4.to_str().unwrap(), "--nsamples", "8", "--seqlen", "32", "--out", out.to_str().unwrap(),
-            "--eval", wiki.to_str().unwrap(), "--eval-seqlen", "64", "--eval-max-windows", "4", "--quiet",
+            "prune",
+            "--model",
+            fixture(model).to_str().unwrap(),
+            "--method",
+            method,
+            target,
+            value,
+            "--calib",
+            c4.to_str().unwrap(),
+            "--nsamples",
+            "8",
+            "--seqlen",
+            "32",
+            "--out",
+            out.to_str().unwrap(),
+            "--eval",
+            wiki.to_str().unwrap(),
+            "--eval-seqlen",
+            "64",
+            "--eval-max-windows",
+            "4",
+            "--quiet",
         ]);
         assert!(ok, "{err}");
-        let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
         let ids = d.join("ids.json");
         // Each model's ids replace the previous one's (an earlier output of fistaprune: --force).
-        let (ok, _, err) = run(&["tokenize", "--model", out.to_str().unwrap(), "--dataset", wiki.to_str().unwrap(), "--out", ids.to_str().unwrap(), "--force"]);
+        let (ok, _, err) = run(&[
+            "tokenize",
+            "--model",
+            out.to_str().unwrap(),
+            "--dataset",
+            wiki.to_str().unwrap(),
+            "--out",
+            ids.to_str().unwrap(),
+            "--force",
+        ]);
         assert!(ok, "{err}");
         let o = Command::new(&py)
             .arg(root().join("tests/python/check_pruned.py"))
@@ -102,10 +153,16 @@ fn pruned_checkpoints_reload_in_transformers_with_same_perplexity_and_sparsity()
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let j: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+        let j: serde_json::Value =
+            serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
         let (ours, theirs) = (report["perplexity_after"].as_f64().unwrap(), j["perplexity"].as_f64().unwrap());
         // bf16 storage: both read the same rounded weights.
         assert!((ours / theirs - 1.0).abs() < 1e-4, "{model} {method}: fistaprune {ours} vs transformers {theirs}");
-        assert!((report["sparsity"].as_f64().unwrap() - j["sparsity"].as_f64().unwrap()).abs() < 1e-9, "{model}: sparsity {} vs {}", report["sparsity"], j["sparsity"]);
+        assert!(
+            (report["sparsity"].as_f64().unwrap() - j["sparsity"].as_f64().unwrap()).abs() < 1e-9,
+            "{model}: sparsity {} vs {}",
+            report["sparsity"],
+            j["sparsity"]
+        );
     }
 }

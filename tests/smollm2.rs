@@ -25,11 +25,11 @@ fn tokenization_matches_the_original_tokenizer_rules() {
     let model = smollm2();
     for (rel, want) in r["tokens"].as_object().unwrap() {
         let out = tmpdir("smol-tok").join("ids.json");
-        let fmt: fistaprune::data::dataset::TextFormat =
-            serde_json::from_value(want["format"].clone()).unwrap();
+        let fmt: fistaprune::data::dataset::TextFormat = serde_json::from_value(want["format"].clone()).unwrap();
         let n = commands::tokenize(&model, &shared(rel), Some(fmt), &out, false).unwrap();
         let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
-        let bytes: Vec<u8> = j["ids"].as_array().unwrap().iter().flat_map(|v| (v.as_u64().unwrap() as u32).to_le_bytes()).collect();
+        let bytes: Vec<u8> =
+            j["ids"].as_array().unwrap().iter().flat_map(|v| (v.as_u64().unwrap() as u32).to_le_bytes()).collect();
         let sha: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(n as u64, want["count"].as_u64().unwrap(), "{rel}: token count");
         assert_eq!(sha, want["sha256_u32le"].as_str().unwrap(), "{rel}: ids differ from the Python reference");
@@ -83,7 +83,8 @@ fn slice_run(r: &serde_json::Value, tag: &str, flags: &[&str]) -> (f64, serde_js
     args.extend(flags);
     let (ok, _, err) = run(&args);
     assert!(ok, "{tag}: {err}");
-    let rep: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let rep: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     if !tag.starts_with("magnitude") {
         assert_eq!(rep["calibration"]["sha256"], cal["sha256"], "{tag}: not the slice's calibration ids");
     }
@@ -143,7 +144,8 @@ fn baselines_match_the_authors_code_on_a_slice() {
 fn fista_beats_the_baselines_on_a_slice() {
     let r = peers_slice();
     let f: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root().join("tests/reference/fista_slice.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(root().join("tests/reference/fista_slice.json")).unwrap())
+            .unwrap();
     let base = |tag: &str| r["runs"][tag]["fistaprune"].as_f64().unwrap();
     for (tag, want) in f["runs"].as_object().unwrap() {
         let flags: Vec<&str> = want["flags"].as_array().unwrap().iter().map(|x| x.as_str().unwrap()).collect();
@@ -153,7 +155,10 @@ fn fista_beats_the_baselines_on_a_slice() {
         eprintln!("{tag}: {ppl:.4} (recorded {recorded:.4}); SparseGPT {sgpt:.4}, Wanda {wanda:.4}");
         assert!((rep["sparsity"].as_f64().unwrap() - 0.5).abs() < 1e-6, "{tag}: sparsity {}", rep["sparsity"]);
         let margin = want["below_sparsegpt_by"].as_f64().unwrap();
-        assert!(ppl < sgpt * (1.0 - margin) && ppl < wanda, "{tag}: {ppl} not {margin} below SparseGPT {sgpt} (Wanda {wanda})");
+        assert!(
+            ppl < sgpt * (1.0 - margin) && ppl < wanda,
+            "{tag}: {ppl} not {margin} below SparseGPT {sgpt} (Wanda {wanda})"
+        );
         assert!((ppl / recorded - 1.0).abs() < 1e-3, "{tag}: {ppl} moved from the recorded {recorded}");
     }
 }
@@ -169,9 +174,23 @@ fn killed_prune_resumes_to_the_same_bytes() {
     // resumed run has to rebuild them through the layers it reloads.
     let args = |out: &str, extra: &[&str]| -> Vec<String> {
         let s = if extra.contains(&"--sparsity") { &[][..] } else { &["--sparsity", "0.5"][..] };
-        let mut v: Vec<String> = ["prune", "--model", model.to_str().unwrap(), "--method", "sparsegpt"].iter().chain(s).chain(&[
-            "--calib", c4.to_str().unwrap(), "--nsamples", "8", "--seqlen", "128", "--threads", "2", "--quiet", "--out"])
-            .map(|s| s.to_string()).collect();
+        let mut v: Vec<String> = ["prune", "--model", model.to_str().unwrap(), "--method", "sparsegpt"]
+            .iter()
+            .chain(s)
+            .chain(&[
+                "--calib",
+                c4.to_str().unwrap(),
+                "--nsamples",
+                "8",
+                "--seqlen",
+                "128",
+                "--threads",
+                "2",
+                "--quiet",
+                "--out",
+            ])
+            .map(|s| s.to_string())
+            .collect();
         v.push(d.join(out).to_str().unwrap().to_string());
         v.extend(extra.iter().map(|s| s.to_string()));
         v
@@ -181,10 +200,16 @@ fn killed_prune_resumes_to_the_same_bytes() {
     assert!(ok, "{err}");
     // The same run as tests/digests.rs's `sparsegpt-50`: its recorded bytes (a refactor changes none).
     let sha = file_sha256(&d.join("whole/model.safetensors"));
-    assert_eq!(Some(sha), recorded_digest("sparsegpt-50"), "SparseGPT 50 % moved from its recorded bytes ({})", cpu_class());
+    assert_eq!(
+        Some(sha),
+        recorded_digest("sparsegpt-50"),
+        "SparseGPT 50 % moved from its recorded bytes ({})",
+        cpu_class()
+    );
 
     // A layer from 1 to 24 (of 30), drawn from the clock.
-    let k = 1 + (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as usize) % 24;
+    let k =
+        1 + (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as usize) % 24;
     let aside = d.join(".killed.partial");
     let marker = aside.join(format!("layers/layer-{k:05}.safetensors"));
     let mut child = std::process::Command::new(bin()).args(args("killed", &[])).spawn().unwrap();
@@ -209,15 +234,25 @@ fn killed_prune_resumes_to_the_same_bytes() {
     let (ok, _, err) = go(&args("killed", &["--resume"]));
     assert!(ok, "{err}");
     assert!(!aside.exists());
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("killed/report.json")).unwrap()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("killed/report.json")).unwrap()).unwrap();
     let resumed = report["resumed_layers"].as_u64().unwrap() as usize;
     assert!(resumed > k && resumed < 30, "layer {k}: {resumed} layers resumed");
-    let mut names: Vec<String> = std::fs::read_dir(d.join("whole")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> = std::fs::read_dir(d.join("whole"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     names.sort();
-    let mut theirs: Vec<String> = std::fs::read_dir(d.join("killed")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut theirs: Vec<String> = std::fs::read_dir(d.join("killed"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     theirs.sort();
     assert_eq!(names, theirs);
     for n in names.iter().filter(|n| *n != "report.json" && *n != "report.md") {
-        assert!(std::fs::read(d.join("whole").join(n)).unwrap() == std::fs::read(d.join("killed").join(n)).unwrap(), "{n} differs (killed after layer {k})");
+        assert!(
+            std::fs::read(d.join("whole").join(n)).unwrap() == std::fs::read(d.join("killed").join(n)).unwrap(),
+            "{n} differs (killed after layer {k})"
+        );
     }
 }

@@ -12,7 +12,8 @@ use fistaprune::model::Checkpoint;
 #[test]
 fn scores_match_lm_evaluation_harness() {
     let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root().join("tests/reference/zeroshot_fixture.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(root().join("tests/reference/zeroshot_fixture.json")).unwrap())
+            .unwrap();
     let ck = Checkpoint::open(&fixture("llama")).unwrap();
     let tok = ck.tokenizer().unwrap();
     let eos = tok.bos_id.or(tok.eos_id).unwrap();
@@ -31,7 +32,11 @@ fn scores_match_lm_evaluation_harness() {
                 assert_eq!(c.continuation, wc["continuation"].as_str().unwrap(), "{task} {i}.{j}: continuation");
                 assert_eq!(c.norm_len as u64, wc["norm_len"].as_u64().unwrap(), "{task} {i}.{j}: length");
                 let ll = wc["loglikelihood"].as_f64().unwrap();
-                assert!((s[j] - ll).abs() <= 1e-4 * ll.abs().max(1.0), "{task} {i}.{j}: log-likelihood {} vs the harness's {ll}", s[j]);
+                assert!(
+                    (s[j] - ll).abs() <= 1e-4 * ll.abs().max(1.0),
+                    "{task} {i}.{j}: log-likelihood {} vs the harness's {ll}",
+                    s[j]
+                );
             }
         }
         let (acc, norm) = accuracy(&examples, &scores);
@@ -46,8 +51,17 @@ fn eval_tasks_from_the_command_line() {
     let tasks_dir = fixture("zeroshot");
     let out = d.join("zs.json");
     let (ok, stdout, err) = run(&[
-        "eval", "--model", m.to_str().unwrap(), "--tasks", "boolq,winogrande", "--tasks-dir", tasks_dir.to_str().unwrap(),
-        "--limit", "2", "--json", out.to_str().unwrap(),
+        "eval",
+        "--model",
+        m.to_str().unwrap(),
+        "--tasks",
+        "boolq,winogrande",
+        "--tasks-dir",
+        tasks_dir.to_str().unwrap(),
+        "--limit",
+        "2",
+        "--json",
+        out.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
     assert!(stdout.contains("boolq") && stdout.contains("acc_norm"), "{stdout}");
@@ -95,7 +109,16 @@ fn eval_tasks_from_the_hugging_face_cache() {
     let tasks = TASKS.join(",");
     let go = |hf_home: &std::path::Path, tasks_dir: &str, out: &str| {
         let r = std::process::Command::new(bin())
-            .args(["eval", "--model", fixture("llama").to_str().unwrap(), "--tasks", &tasks, "--tasks-dir", tasks_dir, "--quiet"])
+            .args([
+                "eval",
+                "--model",
+                fixture("llama").to_str().unwrap(),
+                "--tasks",
+                &tasks,
+                "--tasks-dir",
+                tasks_dir,
+                "--quiet",
+            ])
             .args(["--json", d.join(out).to_str().unwrap()])
             .env("HF_HOME", hf_home)
             .env_remove("HF_HUB_CACHE")
@@ -108,7 +131,8 @@ fn eval_tasks_from_the_hugging_face_cache() {
     assert!(ok, "{err}");
     let (ok, err) = go(&d, fixture("zeroshot").to_str().unwrap(), "local.json");
     assert!(ok, "{err}");
-    let read = |f: &str| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(d.join(f)).unwrap()).unwrap() };
+    let read =
+        |f: &str| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(d.join(f)).unwrap()).unwrap() };
     let (hub, local) = (read("hub.json"), read("local.json"));
     for (h, l) in hub["tasks"].as_array().unwrap().iter().zip(local["tasks"].as_array().unwrap()) {
         assert_eq!(h["task"], l["task"]);
@@ -119,5 +143,10 @@ fn eval_tasks_from_the_hugging_face_cache() {
     }
     let (ok, err) = go(&d.join("empty"), "hub", "none.json");
     assert!(!ok && !err.contains("panicked"), "{err}");
-    assert!(err.contains("aps/super_glue") && err.contains("HF_HUB_OFFLINE") && err.contains(&d.join("empty").display().to_string()), "{err}");
+    assert!(
+        err.contains("aps/super_glue")
+            && err.contains("HF_HUB_OFFLINE")
+            && err.contains(&d.join("empty").display().to_string()),
+        "{err}"
+    );
 }

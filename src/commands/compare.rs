@@ -12,8 +12,8 @@ use serde_json::json;
 use super::prune::{MethodName, PruneArgs, dense_eval, load_calibration, prune};
 use crate::eval::perplexity::{PplOptions, perplexity};
 use crate::model::Checkpoint;
-use crate::report::{Series, layer_errors, markdown_table, plot_layers};
 use crate::output::{AtomicDir, Kind, RunPaths, marked, write_atomic};
+use crate::report::{Series, layer_errors, markdown_table, plot_layers};
 
 pub struct Comparison {
     pub json: serde_json::Value,
@@ -64,7 +64,8 @@ pub fn compare(base: &PruneArgs, methods: &[MethodName], out: &Path) -> Result<C
             None => None,
         };
         let errs = layer_errors(&report);
-        let mean_err = if errs.is_empty() { None } else { Some(errs.iter().map(|e| e.1).sum::<f64>() / errs.len() as f64) };
+        let mean_err =
+            if errs.is_empty() { None } else { Some(errs.iter().map(|e| e.1).sum::<f64>() / errs.len() as f64) };
         rows.push(vec![
             name.clone(),
             ppl.map_or("–".into(), |p| format!("{p:.3}")),
@@ -83,7 +84,8 @@ pub fn compare(base: &PruneArgs, methods: &[MethodName], out: &Path) -> Result<C
     if let (Some(d), Some(w)) = (dense, &windows) {
         markdown.push_str(&format!("dense perplexity {d:.3} ({} windows x {} tokens)\n\n", w.len(), base.eval_seqlen));
     }
-    markdown.push_str(&markdown_table(&["method", "perplexity", "sparsity", "mean layer output error", "prune s"], &rows));
+    markdown
+        .push_str(&markdown_table(&["method", "perplexity", "sparsity", "mean layer output error", "prune s"], &rows));
     let j = marked(json!({
         "model": base.model.display().to_string(),
         "pattern": base.pattern.to_string(),

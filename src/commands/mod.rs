@@ -86,7 +86,11 @@ fn zeroshot_tasks(a: &EvalArgs, local: bool, json: Option<&Claim>) -> Result<Vec
             })
             .collect::<Result<_>>()?
     } else {
-        ensure!(a.tasks_dir.is_dir(), "--tasks-dir {}: not a folder (a folder of task files, or `hub` for the Hugging Face Hub)", a.tasks_dir.display());
+        ensure!(
+            a.tasks_dir.is_dir(),
+            "--tasks-dir {}: not a folder (a folder of task files, or `hub` for the Hugging Face Hub)",
+            a.tasks_dir.display()
+        );
         a.tasks.iter().map(|t| zeroshot::task_file(&a.tasks_dir, t)).collect::<Result<_>>()?
     };
     let ck = Checkpoint::open(&a.model)?;
@@ -98,7 +102,10 @@ fn zeroshot_tasks(a: &EvalArgs, local: bool, json: Option<&Claim>) -> Result<Vec
     for (t, f) in a.tasks.iter().zip(&files) {
         let r = zeroshot::evaluate(model.as_ref(), tok, eos, t, f, a.limit, a.progress)?;
         if !a.quiet {
-            println!("{:<14} acc {:.4} ± {:.4}  acc_norm {:.4} ± {:.4}  ({} examples, {:.0} s)", r.task, r.acc, r.acc_stderr, r.acc_norm, r.acc_norm_stderr, r.examples, r.seconds);
+            println!(
+                "{:<14} acc {:.4} ± {:.4}  acc_norm {:.4} ± {:.4}  ({} examples, {:.0} s)",
+                r.task, r.acc, r.acc_stderr, r.acc_norm, r.acc_norm_stderr, r.examples, r.seconds
+            );
         }
         results.push(r);
     }
@@ -131,7 +138,8 @@ pub fn dataset_windows(
 
 /// Token ids of a dataset as the evaluation sees them (before windowing), for cross-checks with other tools.
 pub fn tokenize(model: &Path, dataset: &Path, format: Option<TextFormat>, out: &Path, force: bool) -> Result<usize> {
-    let out = RunPaths::new().model(model)?.input("--dataset", Some(dataset))?.claim("--out", out, Kind::File, force)?;
+    let out =
+        RunPaths::new().model(model)?.input("--dataset", Some(dataset))?.claim("--out", out, Kind::File, force)?;
     let ck = Checkpoint::open(model)?;
     let format = format.unwrap_or_else(|| dataset::detect_format(dataset));
     let text = dataset::eval_text(dataset, format)?;
@@ -193,8 +201,16 @@ pub fn convert(model: &Path, out: &Path, dtype: OutDType, max_shard_bytes: usize
     let specs = tensor_specs(&ck);
     let dir = AtomicDir::new(claim)?;
     let mut load = |name: &str| ck.weights.load(name);
-    write_hf_contents(&dir.tmp, &ck.config.to_hf_json(), ck.tokenizer.as_ref(), &specs, dtype, max_shard_bytes, &mut load)
-        .with_context(|| format!("writing {}", out.display()))?;
+    write_hf_contents(
+        &dir.tmp,
+        &ck.config.to_hf_json(),
+        ck.tokenizer.as_ref(),
+        &specs,
+        dtype,
+        max_shard_bytes,
+        &mut load,
+    )
+    .with_context(|| format!("writing {}", out.display()))?;
     dir.write_report(&json!({
         "command": std::env::args().collect::<Vec<_>>(), "model": model.display().to_string(),
         "dtype": dtype.torch_name(), "tensors": specs.len(),
@@ -221,7 +237,8 @@ pub fn inspect(model: &Path) -> Result<serde_json::Value> {
         }
         tensors.push(json!({"name": name, "shape": m.shape, "dtype": m.dtype}));
     }
-    let tok = ck.tokenizer.as_ref().map(|t| json!({"vocab_size": t.vocab_size(), "bos_id": t.bos_id, "eos_id": t.eos_id}));
+    let tok =
+        ck.tokenizer.as_ref().map(|t| json!({"vocab_size": t.vocab_size(), "bos_id": t.bos_id, "eos_id": t.eos_id}));
     Ok(json!({
         "path": model.display().to_string(),
         "format": if ck.format == Format::Gguf { "gguf" } else { "huggingface" },

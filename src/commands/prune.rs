@@ -17,14 +17,14 @@ use crate::eval::perplexity::{PplOptions, PplResult, perplexity};
 use crate::model::export::{OutDType, write_hf_contents, write_safetensors};
 use crate::model::safetensors::SafetensorsStore;
 use crate::model::{CausalLm, Checkpoint, DecoderLayer, Format};
+use crate::output::{AtomicDir, Kind, RunPaths, check_free_space, write_atomic};
 use crate::prune::allocation::{Owl, layer_outlier_ratios, owl_sparsities};
-use crate::prune::magnitude::Magnitude;
 use crate::prune::fista::{Dense, FistaOptions, FistaPruner};
+use crate::prune::magnitude::Magnitude;
 use crate::prune::pipeline::{FinishedLayer, LayerInputs, LayerReport, PipelineOptions, prune_model};
 use crate::prune::sparsegpt::SparseGpt;
 use crate::prune::wanda::Wanda;
 use crate::prune::{Method, Pattern};
-use crate::output::{AtomicDir, Kind, RunPaths, check_free_space, write_atomic};
 use crate::util::{Progress, json_event};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -166,17 +166,27 @@ fn load_finished(dir: &Path, model: &dyn CausalLm, i: usize) -> Result<Option<Fi
         return Ok(None);
     }
     let text = std::fs::read_to_string(&rep).with_context(|| format!("{}: cannot read", rep.display()))?;
-    let report: LayerReport = serde_json::from_str(&text).with_context(|| format!("{}: not a layer report", rep.display()))?;
+    let report: LayerReport =
+        serde_json::from_str(&text).with_context(|| format!("{}: not a layer report", rep.display()))?;
     ensure!(report.layer == i, "{}: the report of layer {}, not {i}", rep.display(), report.layer);
     let store = SafetensorsStore::open_files(std::slice::from_ref(&file))?;
     let mut layer = model.load_layer(i)?;
     let names: Vec<String> = layer.named_tensors().into_iter().map(|(n, _)| n).collect();
     for op in layer.linear_names() {
         let suffix = format!(".{op}.weight");
-        let full = names.iter().find(|n| n.ends_with(&suffix)).ok_or_else(|| anyhow!("decoder layer {i}: no tensor for {op}"))?;
+        let full = names
+            .iter()
+            .find(|n| n.ends_with(&suffix))
+            .ok_or_else(|| anyhow!("decoder layer {i}: no tensor for {op}"))?;
         let w = store.load_f32(full).with_context(|| format!("{}: {full}", file.display()))?;
         let lin = layer.linear_mut(op).expect("listed");
-        ensure!(w.dims() == lin.weight.dims(), "{}: {full} has shape {:?}, the model {:?}", file.display(), w.dims(), lin.weight.dims());
+        ensure!(
+            w.dims() == lin.weight.dims(),
+            "{}: {full} has shape {:?}, the model {:?}",
+            file.display(),
+            w.dims(),
+            lin.weight.dims()
+        );
         lin.weight = w;
     }
     Ok(Some((layer, report)))
@@ -211,7 +221,14 @@ pub fn load_calibration(a: &PruneArgs, ck: &Checkpoint) -> Result<Calibration> {
     }
     let c = Calibration::build(
         ck.tokenizer()?,
-        &CalibSpec { source: src, format: a.calib_format, nsamples: a.nsamples, seqlen: a.seqlen, seed: a.seed, mode: a.calib_mode },
+        &CalibSpec {
+            source: src,
+            format: a.calib_format,
+            nsamples: a.nsamples,
+            seqlen: a.seqlen,
+            seed: a.seed,
+            mode: a.calib_mode,
+        },
     )?;
     check_len(c.seqlen).with_context(|| format!("{}", src.display()))?;
     c.check_vocab(ck.config.vocab_size(), src)?;
@@ -230,7 +247,8 @@ pub fn dense_eval(a: &PruneArgs, ck: &Checkpoint) -> Result<(Option<Vec<Vec<u32>
 pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
     let t_start = Instant::now();
     // Before any work: what the run writes may replace nothing it should not, and no other run writes it.
-    let mut paths = RunPaths::new().model(&a.model)?.input("--calib", a.calib.as_deref())?.input("--eval", a.eval.as_deref())?;
+    let mut paths =
+        RunPaths::new().model(&a.model)?.input("--calib", a.calib.as_deref())?.input("--eval", a.eval.as_deref())?;
     let out = paths.claim("--out", &a.out, Kind::Folder, a.force)?;
     let save_calib = a.save_calib.as_ref().map(|p| paths.claim("--save-calib", p, Kind::File, a.force)).transpose()?;
     let ck = Checkpoint::open(&a.model)?;
@@ -257,7 +275,13 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
     let n_layers = ck.config.num_layers();
     let out_dtype = a.dtype.unwrap_or_else(|| input_dtype(&ck));
     let specs = tensor_specs(&ck);
-    let elems = |layer_only: bool| specs.iter().filter(|(n, _)| !layer_only || layer_of(n).is_some()).map(|(_, s)| s.iter().product::<usize>() as u64).sum::<u64>();
+    let elems = |layer_only: bool| {
+        specs
+            .iter()
+            .filter(|(n, _)| !layer_only || layer_of(n).is_some())
+            .map(|(_, s)| s.iter().product::<usize>() as u64)
+            .sum::<u64>()
+    };
     let need = elems(false) * out_dtype.size() as u64 + elems(true) * 4;
     check_free_space(&out.path, need + need / 20)?;
 
@@ -284,7 +308,11 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
         (None, _) => None,
         (Some(o), Pattern::Unstructured(s)) => {
             ensure!(!ids.is_empty(), "--owl needs calibration data (--calib)");
-            ensure!(o.lambda >= 0.0 && s - o.lambda > 0.0 && s + o.lambda < 1.0, "--owl-lambda {} must keep every layer's sparsity inside (0, 1) around {s}", o.lambda);
+            ensure!(
+                o.lambda >= 0.0 && s - o.lambda > 0.0 && s + o.lambda < 1.0,
+                "--owl-lambda {} must keep every layer's sparsity inside (0, 1) around {s}",
+                o.lambda
+            );
             let ratios = layer_outlier_ratios(model.as_ref(), ids, a.batch, a.act_dtype, o.m, a.progress)?;
             Some((o, owl_sparsities(&ratios, s, o.lambda), ratios))
         }
@@ -321,10 +349,15 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
     });
     let run_file = dir.tmp.join("run.json");
     if resumed && run_file.exists() {
-        let text = std::fs::read_to_string(&run_file).with_context(|| format!("{}: cannot read", run_file.display()))?;
-        let old: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", run_file.display()))?;
+        let text =
+            std::fs::read_to_string(&run_file).with_context(|| format!("{}: cannot read", run_file.display()))?;
+        let old: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", run_file.display()))?;
         if let Some(d) = first_difference("", &old, &run) {
-            bail!("--resume: the interrupted run in {} differs ({d}); rerun it with its flags, or --force to start over", dir.tmp.display());
+            bail!(
+                "--resume: the interrupted run in {} differs ({d}); rerun it with its flags, or --force to start over",
+                dir.tmp.display()
+            );
         }
     } else {
         // Nothing to continue from without the description: start clean.
@@ -332,7 +365,9 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
         std::fs::create_dir_all(&layers_dir)?;
         write_atomic(&run_file, serde_json::to_string_pretty(&run)?.as_bytes())?;
     }
-    let done = (range.0..=range.1).filter(|&i| layer_file(&layers_dir, i).exists() && layer_report_file(&layers_dir, i).exists()).count();
+    let done = (range.0..=range.1)
+        .filter(|&i| layer_file(&layers_dir, i).exists() && layer_report_file(&layers_dir, i).exists())
+        .count();
     if a.resume && !a.quiet {
         eprintln!("--resume: {done} of {} layers already pruned in {}", range.1 + 1 - range.0, dir.tmp.display());
     }
@@ -392,7 +427,13 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
         std::fs::remove_file(&run_file)?;
         dir.commit()?;
         if !a.quiet {
-            println!("{}: layers {}-{} pruned into {} (join the parts with `fistaprune merge`)", a.model.display(), range.0, range.1, a.out.display());
+            println!(
+                "{}: layers {}-{} pruned into {} (join the parts with `fistaprune merge`)",
+                a.model.display(),
+                range.0,
+                range.1,
+                a.out.display()
+            );
         }
         return Ok(report);
     }
@@ -438,7 +479,10 @@ pub fn prune(a: &PruneArgs) -> Result<serde_json::Value> {
             prune_seconds
         );
         if let (Some(b), Some(af)) = (&before, &after) {
-            println!("perplexity before {:.4}  after {:.4}  ({} windows x {})", b.perplexity, af.perplexity, b.windows, b.seqlen);
+            println!(
+                "perplexity before {:.4}  after {:.4}  ({} windows x {})",
+                b.perplexity, af.perplexity, b.windows, b.seqlen
+            );
         }
     }
     Ok(report)
@@ -465,7 +509,13 @@ fn summarise(report: &mut serde_json::Value) {
 
 /// Write the Hugging Face checkpoint into `dir`: pruned layers from the `layer-*.safetensors` files found in
 /// `layer_dirs`, every other tensor from the input.
-fn assemble(ck: &Checkpoint, dir: &Path, layer_dirs: &[PathBuf], dtype: OutDType, max_shard_bytes: usize) -> Result<()> {
+fn assemble(
+    ck: &Checkpoint,
+    dir: &Path,
+    layer_dirs: &[PathBuf],
+    dtype: OutDType,
+    max_shard_bytes: usize,
+) -> Result<()> {
     let find = |i: usize| layer_dirs.iter().map(|d| layer_file(d, i)).find(|p| p.exists());
     for i in 0..ck.config.num_layers() {
         ensure!(find(i).is_some(), "no pruned weights for decoder layer {i}");
@@ -487,7 +537,14 @@ fn assemble(ck: &Checkpoint, dir: &Path, layer_dirs: &[PathBuf], dtype: OutDType
 }
 
 /// `fistaprune merge`: join parts written with `--layers` into one checkpoint.
-pub fn merge(model: &Path, parts: &[PathBuf], out: &Path, force: bool, dtype: Option<OutDType>, max_shard_bytes: usize) -> Result<serde_json::Value> {
+pub fn merge(
+    model: &Path,
+    parts: &[PathBuf],
+    out: &Path,
+    force: bool,
+    dtype: Option<OutDType>,
+    max_shard_bytes: usize,
+) -> Result<serde_json::Value> {
     let mut paths = RunPaths::new().model(model)?;
     for p in parts {
         paths = paths.input("--parts", Some(p))?;
@@ -499,8 +556,10 @@ pub fn merge(model: &Path, parts: &[PathBuf], out: &Path, force: bool, dtype: Op
     let mut reports = Vec::new();
     for (pi, p) in parts.iter().enumerate() {
         let rp = p.join("report.json");
-        let text = std::fs::read_to_string(&rp).with_context(|| format!("{}: cannot read (not a part written by prune --layers?)", rp.display()))?;
-        let r: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", rp.display()))?;
+        let text = std::fs::read_to_string(&rp)
+            .with_context(|| format!("{}: cannot read (not a part written by prune --layers?)", rp.display()))?;
+        let r: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", rp.display()))?;
         let (a, b) = (r["layer_range"][0].as_u64(), r["layer_range"][1].as_u64());
         let (Some(a), Some(b)) = (a, b) else { anyhow::bail!("{}: no layer_range", rp.display()) };
         for i in a as usize..=b as usize {
@@ -517,15 +576,31 @@ pub fn merge(model: &Path, parts: &[PathBuf], out: &Path, force: bool, dtype: Op
         anyhow::bail!("no part holds decoder layer {i}");
     }
     // The parts must come from the same run configuration.
-    let key = |r: &serde_json::Value| json!([r["method"], r["pattern"], r["options"], r["calibration"]["sha256"], r["dtype"]]);
+    let key = |r: &serde_json::Value| {
+        json!([r["method"], r["pattern"], r["options"], r["calibration"]["sha256"], r["dtype"]])
+    };
     for (r, p) in reports.iter().zip(parts) {
-        ensure!(key(r) == key(&reports[0]), "{}: pruned with other options or calibration than {}", p.display(), parts[0].display());
+        ensure!(
+            key(r) == key(&reports[0]),
+            "{}: pruned with other options or calibration than {}",
+            p.display(),
+            parts[0].display()
+        );
     }
-    let dtype = dtype.unwrap_or_else(|| if reports[0]["dtype"] == "bfloat16" { OutDType::Bf16 } else if reports[0]["dtype"] == "float16" { OutDType::F16 } else { OutDType::F32 });
+    let dtype = dtype.unwrap_or_else(|| {
+        if reports[0]["dtype"] == "bfloat16" {
+            OutDType::Bf16
+        } else if reports[0]["dtype"] == "float16" {
+            OutDType::F16
+        } else {
+            OutDType::F32
+        }
+    });
     let dir = AtomicDir::new(out)?;
     let layer_dirs: Vec<PathBuf> = parts.iter().map(|p| p.join("layers")).collect();
     assemble(&ck, &dir.tmp, &layer_dirs, dtype, max_shard_bytes)?;
-    let mut layers: Vec<serde_json::Value> = reports.iter().flat_map(|r| r["layers"].as_array().cloned().unwrap_or_default()).collect();
+    let mut layers: Vec<serde_json::Value> =
+        reports.iter().flat_map(|r| r["layers"].as_array().cloned().unwrap_or_default()).collect();
     layers.sort_by_key(|l| l["layer"].as_u64());
     let mut report = reports[0].clone();
     report["command"] = json!(std::env::args().collect::<Vec<_>>());

@@ -210,7 +210,11 @@ impl Calibration {
             c.nsamples,
             c.seqlen
         );
-        ensure!(fingerprint(&c.ids) == c.sha256, "{}: the ids do not match their sha256 (edited or corrupted)", path.display());
+        ensure!(
+            fingerprint(&c.ids) == c.sha256,
+            "{}: the ids do not match their sha256 (edited or corrupted)",
+            path.display()
+        );
         Ok(Some(c))
     }
 
@@ -233,7 +237,8 @@ mod tests {
     use super::*;
 
     fn tokenizer() -> Tokenizer {
-        Tokenizer::from_file(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/llama/tokenizer.json"))).unwrap()
+        Tokenizer::from_file(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/llama/tokenizer.json")))
+            .unwrap()
     }
 
     fn corpus(name: &str, docs: &[&str]) -> std::path::PathBuf {
@@ -246,7 +251,14 @@ mod tests {
     }
 
     fn spec(p: &Path, nsamples: usize, seqlen: usize, mode: CalibMode) -> CalibSpec<'_> {
-        CalibSpec { source: p, format: Some(TextFormat::C4), nsamples: Some(nsamples), seqlen: Some(seqlen), seed: 0, mode }
+        CalibSpec {
+            source: p,
+            format: Some(TextFormat::C4),
+            nsamples: Some(nsamples),
+            seqlen: Some(seqlen),
+            seed: 0,
+            mode,
+        }
     }
 
     #[test]
@@ -283,13 +295,21 @@ mod tests {
         for s in &c.ids {
             assert!(stream.windows(8).any(|w| w == s.as_slice()));
         }
-        assert!(Calibration::build(&tok, &spec(&p, 5, 400, CalibMode::Stream)).unwrap_err().to_string().contains("not enough"));
+        assert!(
+            Calibration::build(&tok, &spec(&p, 5, 400, CalibMode::Stream))
+                .unwrap_err()
+                .to_string()
+                .contains("not enough")
+        );
     }
 
     #[test]
     fn seeds_reproduce_and_saved_files_round_trip() {
         let tok = tokenizer();
-        let p = corpus("seed.jsonl", &[&"lorem ipsum dolor sit amet ".repeat(30), &"consectetur adipiscing elit ".repeat(30)]);
+        let p = corpus(
+            "seed.jsonl",
+            &[&"lorem ipsum dolor sit amet ".repeat(30), &"consectetur adipiscing elit ".repeat(30)],
+        );
         let a = Calibration::build(&tok, &spec(&p, 4, 16, CalibMode::Auto)).unwrap();
         let b = Calibration::build(&tok, &spec(&p, 4, 16, CalibMode::Auto)).unwrap();
         assert_eq!(a.ids, b.ids);
@@ -300,7 +320,12 @@ mod tests {
         a.save(&saved).unwrap();
         let back = Calibration::build(&tok, &spec(&saved, 4, 16, CalibMode::Auto)).unwrap();
         assert_eq!(back.ids, a.ids);
-        assert!(Calibration::build(&tok, &spec(&saved, 8, 16, CalibMode::Auto)).unwrap_err().to_string().contains("holds 4 x 16"));
+        assert!(
+            Calibration::build(&tok, &spec(&saved, 8, 16, CalibMode::Auto))
+                .unwrap_err()
+                .to_string()
+                .contains("holds 4 x 16")
+        );
         // A tampered file is refused.
         let mut j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&saved).unwrap()).unwrap();
         j["ids"][0][0] = serde_json::json!(j["ids"][0][0].as_u64().unwrap() + 1);

@@ -55,7 +55,9 @@ pub fn json_records(path: &Path, text: &str) -> Result<Vec<Json>> {
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}: line {}: invalid JSON", path.display(), i + 1)))
+        .map(|(i, l)| {
+            serde_json::from_str(l).with_context(|| format!("{}: line {}: invalid JSON", path.display(), i + 1))
+        })
         .collect()
 }
 

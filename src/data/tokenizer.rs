@@ -41,7 +41,8 @@ const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
 /// Pre-tokenisation patterns of LLaMA 3 (digits in threes) and Qwen2 (single digits), as llama.cpp has them.
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_PATTERN: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 fn tk_err(e: tokenizers::Error) -> anyhow::Error {
     anyhow!("{e}")
@@ -121,8 +122,12 @@ impl Tokenizer {
 
         let mut inner = match model {
             "gpt2" => {
-                let merges = stored_merges.ok_or_else(|| anyhow!("{path}: gpt2 tokenizer without tokenizer.ggml.merges"))?;
-                let bpe = BPE::builder().vocab_and_merges(vocab.clone().into_iter().collect::<Vocab>(), merges).build().map_err(tk_err)?;
+                let merges =
+                    stored_merges.ok_or_else(|| anyhow!("{path}: gpt2 tokenizer without tokenizer.ggml.merges"))?;
+                let bpe = BPE::builder()
+                    .vocab_and_merges(vocab.clone().into_iter().collect::<Vocab>(), merges)
+                    .build()
+                    .map_err(tk_err)?;
                 let pre = g.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or("default");
                 let mut t = tokenizers::Tokenizer::new(bpe);
                 t.with_pre_tokenizer(Some(gpt2_pre_tokenizer(pre).map_err(|e| anyhow!("{path}: {e}"))?));
@@ -136,7 +141,10 @@ impl Tokenizer {
                 };
                 ensure!(scores.len() == tokens.len(), "{path}: {} scores for {} tokens", scores.len(), tokens.len());
                 let merges = stored_merges.unwrap_or_else(|| merges_from_scores(&tokens, &scores, &vocab));
-                let mut b = BPE::builder().vocab_and_merges(vocab.clone().into_iter().collect::<Vocab>(), merges).byte_fallback(true).fuse_unk(true);
+                let mut b = BPE::builder()
+                    .vocab_and_merges(vocab.clone().into_iter().collect::<Vocab>(), merges)
+                    .byte_fallback(true)
+                    .fuse_unk(true);
                 if let Some(u) = unk_id {
                     b = b.unk_token(tokens[u as usize].clone());
                 }
@@ -148,8 +156,7 @@ impl Tokenizer {
                     norms.push(NormalizerWrapper::Prepend(Prepend::new("▁".into())));
                 }
                 norms.push(NormalizerWrapper::Replace(Replace::new(" ", "▁").map_err(tk_err)?));
-                t.with_normalizer(Some(NormalizerWrapper::Sequence(NormalizerSequence::new(norms))))
-                    .map_err(tk_err)?;
+                t.with_normalizer(Some(NormalizerWrapper::Sequence(NormalizerSequence::new(norms)))).map_err(tk_err)?;
                 let mut decs = vec![
                     DecoderWrapper::Replace(Replace::new("▁", " ").map_err(tk_err)?),
                     DecoderWrapper::ByteFallback(ByteFallback::new()),

@@ -72,7 +72,8 @@ pub fn head_nll_sum(x: &Tensor, head: &Tensor, targets: &[u32]) -> Result<f64> {
             let w = faer::MatRef::from_column_major_slice(ws, e, vocab);
             for (c, tg) in targets.chunks(HEAD_CHUNK).enumerate() {
                 let rows = tg.len();
-                let a = faer::MatRef::from_row_major_slice(&xs[c * HEAD_CHUNK * e..(c * HEAD_CHUNK + rows) * e], rows, e);
+                let a =
+                    faer::MatRef::from_row_major_slice(&xs[c * HEAD_CHUNK * e..(c * HEAD_CHUNK + rows) * e], rows, e);
                 let out = faer::MatMut::from_row_major_slice_mut(&mut buf[..rows * vocab], rows, vocab);
                 faer::linalg::matmul::matmul(out, faer::Accum::Replace, a, w, 1.0f32, crate::linalg::par());
                 total += nll_sum(&buf[..rows * vocab], vocab, tg);

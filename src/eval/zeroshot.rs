@@ -97,7 +97,8 @@ pub fn hub_task_file(task: &str) -> Result<(&'static str, &'static str)> {
 fn read_parquet(path: &Path) -> Result<Vec<Value>> {
     use parquet::file::reader::SerializedFileReader;
     let f = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    let reader = SerializedFileReader::new(f).with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
+    let reader =
+        SerializedFileReader::new(f).with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
     let rows = reader
         .into_iter()
         .map(|r| r.map(|row| row.to_json_value()))
@@ -133,7 +134,11 @@ fn read_tsv(path: &Path) -> Result<Vec<Value>> {
     let header: Vec<&str> = lines.next().ok_or_else(|| anyhow!("{}: empty", path.display()))?.split('\t').collect();
     Ok(lines
         .filter(|l| !l.is_empty())
-        .map(|l| Value::Object(header.iter().zip(l.split('\t')).map(|(k, v)| (k.to_string(), Value::String(v.into()))).collect()))
+        .map(|l| {
+            Value::Object(
+                header.iter().zip(l.split('\t')).map(|(k, v)| (k.to_string(), Value::String(v.into()))).collect(),
+            )
+        })
         .collect())
 }
 
@@ -147,7 +152,10 @@ fn text<'a>(row: &'a Value, key: &str) -> Result<&'a str> {
 
 /// Answers after a delimiter `" "`, as the harness builds them.
 fn answers(context: &str, texts: &[String]) -> Vec<Choice> {
-    texts.iter().map(|t| Choice { context: context.into(), continuation: format!(" {t}"), norm_len: t.chars().count() }).collect()
+    texts
+        .iter()
+        .map(|t| Choice { context: context.into(), continuation: format!(" {t}"), norm_len: t.chars().count() })
+        .collect()
 }
 
 /// The gold index of a label among `labels` ("A".."E", or "1".."5" in a few ARC rows).
@@ -242,7 +250,11 @@ pub fn example(task: &str, row: &Value) -> Result<Example> {
             let options = [text(row, "option1")?, text(row, "option2")?];
             let choices = options
                 .iter()
-                .map(|o| Choice { context: format!("{}{o}", &s[..blank]), continuation: format!(" {rest}"), norm_len: rest.chars().count() })
+                .map(|o| Choice {
+                    context: format!("{}{o}", &s[..blank]),
+                    continuation: format!(" {rest}"),
+                    norm_len: rest.chars().count(),
+                })
                 .collect();
             let gold = match text(row, "answer")? {
                 "1" => 0,
@@ -255,7 +267,10 @@ pub fn example(task: &str, row: &Value) -> Result<Example> {
             // ARC (Hugging Face schema), OpenBookQA (AI2's nested rows or Hugging Face's flat ones).
             let (stem, choices) = match (row.get("question_stem"), field(row, "question")) {
                 (Some(Value::String(q)), _) => (q.as_str(), row.get("choices")),
-                (_, Ok(Value::Object(q))) => (q.get("stem").and_then(Value::as_str).ok_or_else(|| anyhow!("question has no stem"))?, q.get("choices")),
+                (_, Ok(Value::Object(q))) => (
+                    q.get("stem").and_then(Value::as_str).ok_or_else(|| anyhow!("question has no stem"))?,
+                    q.get("choices"),
+                ),
                 (_, Ok(Value::String(q))) => (q.as_str(), row.get("choices")),
                 (_, Ok(_)) => bail!("question is neither text nor an object"),
                 (_, Err(e)) => return Err(e),
@@ -274,7 +289,9 @@ pub fn example(task: &str, row: &Value) -> Result<Example> {
                             .as_array()
                             .ok_or_else(|| anyhow!("choices.{k} is not a list"))?
                             .iter()
-                            .map(|v| v.as_str().map(String::from).ok_or_else(|| anyhow!("choices.{k} holds a non-string")))
+                            .map(|v| {
+                                v.as_str().map(String::from).ok_or_else(|| anyhow!("choices.{k} holds a non-string"))
+                            })
                             .collect()
                     };
                     (list("text")?, list("label")?)
@@ -302,7 +319,14 @@ pub fn load_task(task: &str, path: &Path, limit: Option<usize>) -> Result<Vec<Ex
         .enumerate()
         .map(|(i, r)| {
             let e = example(task, r).with_context(|| format!("{}: example {}", path.display(), i + 1))?;
-            ensure!(e.gold < e.choices.len() && e.choices.len() >= 2, "{}: example {}: gold {} of {} choices", path.display(), i + 1, e.gold, e.choices.len());
+            ensure!(
+                e.gold < e.choices.len() && e.choices.len() >= 2,
+                "{}: example {}: gold {} of {} choices",
+                path.display(),
+                i + 1,
+                e.gold,
+                e.choices.len()
+            );
             Ok(e)
         })
         .collect()
@@ -340,7 +364,13 @@ pub fn encode_pair(tok: &Tokenizer, prefix: u32, context: &str, continuation: &s
 
 /// Log-likelihood of each choice of `e` under `model`: the choices run as one batch, padded at the end (the
 /// causal mask keeps padding out of the scored positions).
-pub fn score_example(model: &dyn CausalLm, cache: &LayerCache, tok: &Tokenizer, eos: u32, e: &Example) -> Result<Vec<f64>> {
+pub fn score_example(
+    model: &dyn CausalLm,
+    cache: &LayerCache,
+    tok: &Tokenizer,
+    eos: u32,
+    e: &Example,
+) -> Result<Vec<f64>> {
     let max_pos = model.config().max_positions();
     let mut seqs = Vec::new();
     for c in &e.choices {
@@ -356,7 +386,10 @@ pub fn score_example(model: &dyn CausalLm, cache: &LayerCache, tok: &Tokenizer, 
     let shared = seqs.iter().all(|(s, c)| c.len() == 1 && s[..s.len() - 1] == seqs[0].0[..seqs[0].0.len() - 1]);
     let run = if shared { &seqs[..1] } else { &seqs[..] };
     let len = run.iter().map(|(s, _)| s.len() - 1).max().unwrap_or(1);
-    let flat: Vec<u32> = run.iter().flat_map(|(s, _)| s[..s.len() - 1].iter().copied().chain(std::iter::repeat_n(eos, len - (s.len() - 1)))).collect();
+    let flat: Vec<u32> = run
+        .iter()
+        .flat_map(|(s, _)| s[..s.len() - 1].iter().copied().chain(std::iter::repeat_n(eos, len - (s.len() - 1))))
+        .collect();
     let ids = Tensor::from_vec(flat, (run.len(), len), &Device::Cpu)?;
     let ctx = model.context(len)?;
     let mut h = model.embed(&ids)?;
@@ -388,7 +421,14 @@ pub fn score_example(model: &dyn CausalLm, cache: &LayerCache, tok: &Tokenizer, 
 }
 
 /// Every choice's log-likelihood, example by example (progress shown as stage `stage`).
-pub fn score_all(model: &dyn CausalLm, tok: &Tokenizer, eos: u32, examples: &[Example], stage: &str, progress: Progress) -> Result<Vec<Vec<f64>>> {
+pub fn score_all(
+    model: &dyn CausalLm,
+    tok: &Tokenizer,
+    eos: u32,
+    examples: &[Example],
+    stage: &str,
+    progress: Progress,
+) -> Result<Vec<Vec<f64>>> {
     let cache = LayerCache::new(model, 4 << 30)?;
     let pb = progress_bar(examples.len() as u64, stage, progress);
     let mut scores = Vec::with_capacity(examples.len());
@@ -401,10 +441,19 @@ pub fn score_all(model: &dyn CausalLm, tok: &Tokenizer, eos: u32, examples: &[Ex
 }
 
 /// `task` from `path` on `model`.
-pub fn evaluate(model: &dyn CausalLm, tok: &Tokenizer, eos: u32, task: &str, path: &Path, limit: Option<usize>, progress: Progress) -> Result<TaskResult> {
+pub fn evaluate(
+    model: &dyn CausalLm,
+    tok: &Tokenizer,
+    eos: u32,
+    task: &str,
+    path: &Path,
+    limit: Option<usize>,
+    progress: Progress,
+) -> Result<TaskResult> {
     let t0 = Instant::now();
     let examples = load_task(task, path, limit)?;
-    let scores = score_all(model, tok, eos, &examples, task, progress).with_context(|| format!("{}", path.display()))?;
+    let scores =
+        score_all(model, tok, eos, &examples, task, progress).with_context(|| format!("{}", path.display()))?;
     let (acc, acc_norm) = accuracy(&examples, &scores);
     let n = examples.len() as f64;
     let se = |p: f64| (p * (1.0 - p) / (n - 1.0).max(1.0)).sqrt();
@@ -429,33 +478,68 @@ mod tests {
     fn prompts_are_the_harness_ones() {
         let b = example("boolq", &json!({"question": "is it", "title": "T", "passage": "P.", "answer": true})).unwrap();
         assert_eq!(b.choices[0].context, "T -- P.\nQuestion: is it?\nAnswer:");
-        assert_eq!((b.choices[0].continuation.as_str(), b.choices[1].continuation.as_str(), b.gold), (" no", " yes", 1));
+        assert_eq!(
+            (b.choices[0].continuation.as_str(), b.choices[1].continuation.as_str(), b.gold),
+            (" no", " yes", 1)
+        );
         let hf = example("boolq", &json!({"question": "q", "passage": "T -- P.", "label": 0})).unwrap();
         assert_eq!((hf.choices[0].context.as_str(), hf.gold), ("T -- P.\nQuestion: q?\nAnswer:", 0));
-        let w = example("winogrande", &json!({"sentence": "A beat B so _ won the cup.", "option1": "A", "option2": "B", "answer": "1"})).unwrap();
-        assert_eq!(w.choices[0], Choice { context: "A beat B so A".into(), continuation: " won the cup.".into(), norm_len: 12 });
+        let w = example(
+            "winogrande",
+            &json!({"sentence": "A beat B so _ won the cup.", "option1": "A", "option2": "B", "answer": "1"}),
+        )
+        .unwrap();
+        assert_eq!(
+            w.choices[0],
+            Choice { context: "A beat B so A".into(), continuation: " won the cup.".into(), norm_len: 12 }
+        );
         assert_eq!((w.choices[1].context.as_str(), w.gold), ("A beat B so B", 0));
-        let a = example("arc_easy", &json!({"question": "Why?", "choices": {"text": ["x", "yy"], "label": ["1", "2"]}, "answerKey": "2"})).unwrap();
-        assert_eq!((a.choices[1].context.as_str(), a.choices[1].continuation.as_str(), a.choices[1].norm_len, a.gold), ("Question: Why?\nAnswer:", " yy", 2, 1));
+        let a = example(
+            "arc_easy",
+            &json!({"question": "Why?", "choices": {"text": ["x", "yy"], "label": ["1", "2"]}, "answerKey": "2"}),
+        )
+        .unwrap();
+        assert_eq!(
+            (a.choices[1].context.as_str(), a.choices[1].continuation.as_str(), a.choices[1].norm_len, a.gold),
+            ("Question: Why?\nAnswer:", " yy", 2, 1)
+        );
         let o = example("openbookqa", &json!({"question": {"stem": "Fog is", "choices": [{"text": "wet", "label": "A"}, {"text": "dry", "label": "B"}]}, "answerKey": "A"})).unwrap();
         assert_eq!((o.choices[0].context.as_str(), o.choices[1].continuation.as_str(), o.gold), ("Fog is", " dry", 0));
         let r = example("rte", &json!({"sentence1": "S1.", "sentence2": "S2.", "label": "not_entailment"})).unwrap();
-        assert_eq!((r.choices[0].context.as_str(), r.choices[0].continuation.as_str(), r.gold), ("S1.\nQuestion: S2. True or False?\nAnswer:", " True", 1));
+        assert_eq!(
+            (r.choices[0].context.as_str(), r.choices[0].continuation.as_str(), r.gold),
+            ("S1.\nQuestion: S2. True or False?\nAnswer:", " True", 1)
+        );
         let h = example(
             "hellaswag",
             &json!({"activity_label": "Baking", "ctx_a": "A man [header] mixes flour.", "ctx_b": "he", "endings": ["adds eggs [step].", "sleeps."], "label": "0"}),
         )
         .unwrap();
-        assert_eq!((h.choices[0].context.as_str(), h.choices[0].continuation.as_str(), h.gold), ("Baking: A man mixes flour. He", " adds eggs .", 0));
+        assert_eq!(
+            (h.choices[0].context.as_str(), h.choices[0].continuation.as_str(), h.gold),
+            ("Baking: A man mixes flour. He", " adds eggs .", 0)
+        );
         assert_eq!(hellaswag_clean(" a [title] b [x] c [open "), "a. b c [open");
-        assert!(example("winogrande", &json!({"sentence": "no blank", "option1": "a", "option2": "b", "answer": "1"})).is_err());
-        assert!(example("arc_easy", &json!({"question": "q", "choices": {"text": ["a"], "label": ["A"]}, "answerKey": "E"})).is_err());
+        assert!(
+            example("winogrande", &json!({"sentence": "no blank", "option1": "a", "option2": "b", "answer": "1"}))
+                .is_err()
+        );
+        assert!(
+            example(
+                "arc_easy",
+                &json!({"question": "q", "choices": {"text": ["a"], "label": ["A"]}, "answerKey": "E"})
+            )
+            .is_err()
+        );
     }
 
     #[test]
     fn acc_and_acc_norm_by_hand() {
         let ex = |lens: &[usize], gold| Example {
-            choices: lens.iter().map(|&n| Choice { context: String::new(), continuation: String::new(), norm_len: n }).collect(),
+            choices: lens
+                .iter()
+                .map(|&n| Choice { context: String::new(), continuation: String::new(), norm_len: n })
+                .collect(),
             gold,
         };
         // 1: raw picks 0 (−2 > −3), normalized picks 1 (−3/6 = −0.5 > −2/2 = −1): gold 1 → acc 0, norm 1.

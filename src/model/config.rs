@@ -69,10 +69,7 @@ pub enum ModelConfig {
 }
 
 fn get_usize(j: &Json, key: &str) -> Result<usize> {
-    j.get(key)
-        .and_then(|v| v.as_u64())
-        .map(|v| v as usize)
-        .ok_or_else(|| anyhow!("missing or non-integer \"{key}\""))
+    j.get(key).and_then(|v| v.as_u64()).map(|v| v as usize).ok_or_else(|| anyhow!("missing or non-integer \"{key}\""))
 }
 
 fn opt_usize(j: &Json, key: &str) -> Option<usize> {
@@ -121,10 +118,8 @@ fn parse_rope(j: &Json) -> Result<(f64, Option<RopeScaling>)> {
 impl ModelConfig {
     /// Parse a Hugging Face `config.json`.
     pub fn from_hf_json(j: &Json) -> Result<Self> {
-        let model_type = j
-            .get("model_type")
-            .and_then(|v| v.as_str())
-            .ok_or_else(|| anyhow!("missing \"model_type\""))?;
+        let model_type =
+            j.get("model_type").and_then(|v| v.as_str()).ok_or_else(|| anyhow!("missing \"model_type\""))?;
         match model_type {
             "llama" | "mistral" | "qwen2" | "smollm" | "smollm2" => {
                 let hidden = get_usize(j, "hidden_size")?;
@@ -247,10 +242,7 @@ impl ModelConfig {
                 cfg.validate().with_context(|| format!("{}: inconsistent metadata", g.path.display()))?;
                 Ok(ModelConfig::Llama(cfg))
             }
-            other => bail!(
-                "{}: unsupported GGUF architecture \"{other}\" (supported: llama, qwen2)",
-                g.path.display()
-            ),
+            other => bail!("{}: unsupported GGUF architecture \"{other}\" (supported: llama, qwen2)", g.path.display()),
         }
     }
 
@@ -407,7 +399,12 @@ impl LlamaConfig {
         let scaled: Vec<f64> = match &self.rope_scaling {
             None => base,
             Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / factor).collect(),
-            Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => {
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
                 let old = *original_max_position_embeddings;
                 let low_wavelen = old / low_freq_factor;
                 let high_wavelen = old / high_freq_factor;

@@ -46,9 +46,7 @@ fn tensor_bytes(t: &Tensor, dtype: OutDType) -> Result<Vec<u8>> {
     let t = t.flatten_all()?;
     Ok(match dtype {
         OutDType::F32 => t.to_dtype(DType::F32)?.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        OutDType::F16 => {
-            t.to_dtype(DType::F16)?.to_vec1::<half::f16>()?.iter().flat_map(|x| x.to_le_bytes()).collect()
-        }
+        OutDType::F16 => t.to_dtype(DType::F16)?.to_vec1::<half::f16>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
         OutDType::Bf16 => {
             t.to_dtype(DType::BF16)?.to_vec1::<half::bf16>()?.iter().flat_map(|x| x.to_le_bytes()).collect()
         }
@@ -67,7 +65,10 @@ pub fn write_safetensors(
     let mut offset = 0usize;
     for (name, shape) in specs {
         let n = shape.iter().product::<usize>() * dtype.size();
-        header.insert(name.clone(), json!({"dtype": dtype.st_name(), "shape": shape, "data_offsets": [offset, offset + n]}));
+        header.insert(
+            name.clone(),
+            json!({"dtype": dtype.st_name(), "shape": shape, "data_offsets": [offset, offset + n]}),
+        );
         offset += n;
     }
     let mut hbytes = serde_json::to_vec(&serde_json::Value::Object(header))?;

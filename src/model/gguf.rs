@@ -143,11 +143,7 @@ fn ggml_type_name(id: u32) -> String {
         (35, "TQ2_0"),
         (39, "MXFP4"),
     ];
-    known
-        .iter()
-        .find(|(k, _)| *k == id)
-        .map(|(_, n)| n.to_string())
-        .unwrap_or_else(|| format!("type id {id}"))
+    known.iter().find(|(k, _)| *k == id).map(|(_, n)| n.to_string()).unwrap_or_else(|| format!("type id {id}"))
 }
 
 pub fn dtype_name(d: GgmlDType) -> &'static str {
@@ -179,11 +175,7 @@ struct Reader<'a> {
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
         let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or_else(|| {
-            anyhow!(
-                "truncated: {what} needs {n} bytes at offset {} but the file has {}",
-                self.pos,
-                self.buf.len()
-            )
+            anyhow!("truncated: {what} needs {n} bytes at offset {} but the file has {}", self.pos, self.buf.len())
         })?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
@@ -210,9 +202,10 @@ impl<'a> Reader<'a> {
     }
     fn string(&mut self, version: u32, what: &str) -> Result<String> {
         let n = self.len(version)?;
-        let n = usize::try_from(n).ok().filter(|&n| n <= self.remaining()).ok_or_else(|| {
-            anyhow!("{what}: string length {n} at offset {} runs past the end of the file", self.pos)
-        })?;
+        let n = usize::try_from(n)
+            .ok()
+            .filter(|&n| n <= self.remaining())
+            .ok_or_else(|| anyhow!("{what}: string length {n} at offset {} runs past the end of the file", self.pos))?;
         Ok(String::from_utf8_lossy(self.take(n, what)?).into_owned())
     }
     fn value(&mut self, ty: u32, version: u32, key: &str, depth: usize) -> Result<Value> {
@@ -231,9 +224,10 @@ impl<'a> Reader<'a> {
                 let ety = self.u32()?;
                 let n = self.len(version)?;
                 // Every element takes at least one byte: a count above the remaining bytes is a lie.
-                let n = usize::try_from(n).ok().filter(|&n| n <= self.remaining()).ok_or_else(|| {
-                    anyhow!("metadata {key}: array length {n} runs past the end of the file")
-                })?;
+                let n = usize::try_from(n)
+                    .ok()
+                    .filter(|&n| n <= self.remaining())
+                    .ok_or_else(|| anyhow!("metadata {key}: array length {n} runs past the end of the file"))?;
                 // Grown as elements are read, so that a lying count allocates nothing it cannot fill.
                 let mut v = Vec::with_capacity(n.min(1024));
                 for _ in 0..n {
@@ -339,7 +333,13 @@ impl GgufFile {
             order.push(name.clone());
             tensors.insert(
                 name.clone(),
-                TensorEntry { name, shape, dtype, offset: (data_start as u64 + offset) as usize, nbytes: nbytes as usize },
+                TensorEntry {
+                    name,
+                    shape,
+                    dtype,
+                    offset: (data_start as u64 + offset) as usize,
+                    nbytes: nbytes as usize,
+                },
             );
         }
         Ok(Self { path: path.to_path_buf(), version, metadata, tensors, order, mmap })
@@ -372,10 +372,7 @@ impl GgufFile {
 
     /// Dequantise one tensor to f32 in its row-major shape.
     pub fn dequantize(&self, name: &str) -> Result<Tensor> {
-        let e = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| anyhow!("{}: no tensor named {name}", self.path.display()))?;
+        let e = self.tensors.get(name).ok_or_else(|| anyhow!("{}: no tensor named {name}", self.path.display()))?;
         let raw = &self.mmap[e.offset..e.offset + e.nbytes];
         let ctx = || format!("{}: tensor {name} ({})", self.path.display(), dtype_name(e.dtype));
         // candle reinterprets the bytes as blocks in place, which needs 4-byte alignment (f32 / f16 fields).
@@ -418,7 +415,14 @@ mod tests {
     /// llama.cpp's permutation, written the way its converter writes it.
     fn permute(t: &Tensor, n_heads: usize) -> Tensor {
         let (rows, cols) = t.dims2().unwrap();
-        t.reshape((n_heads, 2, rows / n_heads / 2, cols)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape((rows, cols)).unwrap()
+        t.reshape((n_heads, 2, rows / n_heads / 2, cols))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((rows, cols))
+            .unwrap()
     }
 
     #[test]

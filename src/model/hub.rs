@@ -13,7 +13,9 @@ use hf_hub::{Cache, Repo, RepoType};
 pub fn is_repo_id(s: &str) -> bool {
     let mut parts = s.split('/');
     let (Some(org), Some(name), None) = (parts.next(), parts.next(), parts.next()) else { return false };
-    let ok = |p: &str| !p.is_empty() && !p.starts_with('.') && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    let ok = |p: &str| {
+        !p.is_empty() && !p.starts_with('.') && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
     ok(org) && ok(name) && !s.ends_with(".gguf")
 }
 
@@ -47,7 +49,8 @@ fn download(repo: &str) -> Result<PathBuf> {
     match r.get("model.safetensors.index.json") {
         Ok(index) => {
             let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index)?)?;
-            let mut shards: Vec<&str> = json["weight_map"].as_object().into_iter().flatten().filter_map(|(_, v)| v.as_str()).collect();
+            let mut shards: Vec<&str> =
+                json["weight_map"].as_object().into_iter().flatten().filter_map(|(_, v)| v.as_str()).collect();
             shards.sort();
             shards.dedup();
             for s in shards {
@@ -55,7 +58,8 @@ fn download(repo: &str) -> Result<PathBuf> {
             }
         }
         Err(_) => {
-            r.get("model.safetensors").with_context(|| format!("{repo}: no model.safetensors (only safetensors checkpoints are read)"))?;
+            r.get("model.safetensors")
+                .with_context(|| format!("{repo}: no model.safetensors (only safetensors checkpoints are read)"))?;
         }
     }
     Ok(cfg.parent().ok_or_else(|| anyhow!("{repo}: odd cache path"))?.to_path_buf())
@@ -80,7 +84,9 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
     }
     let where_ = cache().path().display().to_string();
     if offline() {
-        bail!("{s}: not in the Hugging Face cache ({where_}) and HF_HUB_OFFLINE is set: download it on a machine that is online (or unset HF_HUB_OFFLINE), or pass a local path");
+        bail!(
+            "{s}: not in the Hugging Face cache ({where_}) and HF_HUB_OFFLINE is set: download it on a machine that is online (or unset HF_HUB_OFFLINE), or pass a local path"
+        );
     }
     download(&s).with_context(|| {
         format!("{s}: not in the Hugging Face cache ({where_}) and the download failed (offline?): fetch it where the hub is reachable into that cache, or pass a local path")
@@ -95,7 +101,9 @@ pub fn dataset_file(repo: &str, file: &str) -> Result<PathBuf> {
     }
     let where_ = cache.path().display().to_string();
     if offline() {
-        bail!("dataset {repo}, file {file}: not in the Hugging Face cache ({where_}) and HF_HUB_OFFLINE is set: download it on a machine that is online (or unset HF_HUB_OFFLINE), or pass --tasks-dir FOLDER");
+        bail!(
+            "dataset {repo}, file {file}: not in the Hugging Face cache ({where_}) and HF_HUB_OFFLINE is set: download it on a machine that is online (or unset HF_HUB_OFFLINE), or pass --tasks-dir FOLDER"
+        );
     }
     let api = hf_hub::api::sync::ApiBuilder::from_cache(cache).with_progress(true).build()?;
     api.dataset(repo.to_string()).get(file).with_context(|| {

@@ -173,9 +173,8 @@ impl LlamaLayer {
                 f(n, x)?;
             }
         }
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
-        };
+        let heads =
+            |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?) };
         let q = heads(self.q.forward(x)?, nh)?;
         let k = heads(self.k.forward(x)?, nkv)?;
         let v = heads(self.v.forward(x)?, nkv)?;
@@ -221,7 +220,11 @@ impl DecoderLayer for LlamaLayer {
     fn next_group_input(&self, gi: usize, x: &Tensor, prev: &Tensor) -> Result<Option<Tensor>> {
         Ok(match gi {
             // gate/up read the post-attention norm of the residual; down reads the SwiGLU activation.
-            2 => Some(candle_nn::ops::rms_norm(&(x + self.o.forward(prev)?)?, &self.post_norm, self.cfg.rms_norm_eps as f32)?),
+            2 => Some(candle_nn::ops::rms_norm(
+                &(x + self.o.forward(prev)?)?,
+                &self.post_norm,
+                self.cfg.rms_norm_eps as f32,
+            )?),
             3 => Some((self.gate.forward(prev)?.silu()? * self.up.forward(prev)?)?),
             _ => None,
         })

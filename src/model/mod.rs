@@ -116,7 +116,11 @@ impl Weights {
             Weights::Gguf(g) => {
                 let (gname, _) = g.map.get(name)?;
                 let e = g.file.tensors.get(gname)?;
-                Some(TensorMeta { name: name.to_string(), shape: e.shape.clone(), dtype: gguf::dtype_name(e.dtype).into() })
+                Some(TensorMeta {
+                    name: name.to_string(),
+                    shape: e.shape.clone(),
+                    dtype: gguf::dtype_name(e.dtype).into(),
+                })
             }
         }
     }
@@ -140,12 +144,7 @@ impl Weights {
     /// Load `name` and check its shape.
     pub fn load_shaped(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let t = self.load(name)?;
-        ensure!(
-            t.dims() == shape,
-            "tensor {name} has shape {:?} but the configuration implies {:?}",
-            t.dims(),
-            shape
-        );
+        ensure!(t.dims() == shape, "tensor {name} has shape {:?} but the configuration implies {:?}", t.dims(), shape);
         Ok(t)
     }
 
@@ -180,16 +179,13 @@ impl Checkpoint {
         if !path.exists() {
             bail!("{}: no such file or directory", path.display());
         }
-        if path.is_dir() {
-            Self::open_hf_dir(path)
-        } else {
-            Self::open_gguf(path)
-        }
+        if path.is_dir() { Self::open_hf_dir(path) } else { Self::open_gguf(path) }
     }
 
     fn open_hf_dir(dir: &Path) -> Result<Self> {
         let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("{}: cannot read", cfg_path.display()))?;
+        let text =
+            std::fs::read_to_string(&cfg_path).with_context(|| format!("{}: cannot read", cfg_path.display()))?;
         let json: serde_json::Value =
             serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
         let config = ModelConfig::from_hf_json(&json).with_context(|| format!("{}", cfg_path.display()))?;

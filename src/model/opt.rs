@@ -69,9 +69,15 @@ struct LayerNorm {
 impl LayerNorm {
     fn load(w: &Weights, name: &str, h: usize, affine: bool) -> Result<Self> {
         if affine {
-            Ok(Self { weight: w.load_shaped(&format!("{name}.weight"), &[h])?, bias: w.load_shaped(&format!("{name}.bias"), &[h])? })
+            Ok(Self {
+                weight: w.load_shaped(&format!("{name}.weight"), &[h])?,
+                bias: w.load_shaped(&format!("{name}.bias"), &[h])?,
+            })
         } else {
-            Ok(Self { weight: Tensor::ones(h, DType::F32, &Device::Cpu)?, bias: Tensor::zeros(h, DType::F32, &Device::Cpu)? })
+            Ok(Self {
+                weight: Tensor::ones(h, DType::F32, &Device::Cpu)?,
+                bias: Tensor::zeros(h, DType::F32, &Device::Cpu)?,
+            })
         }
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -117,8 +123,8 @@ impl Opt {
         let p = prefix(&weights);
         let (h, v, e) = (cfg.hidden_size, cfg.vocab_size, cfg.word_embed_proj_dim);
         let embed = weights.load_shaped(&format!("{p}embed_tokens.weight"), &[v, e])?;
-        let positions =
-            weights.load_shaped(&format!("{p}embed_positions.weight"), &[cfg.max_position_embeddings + POS_OFFSET, h])?;
+        let positions = weights
+            .load_shaped(&format!("{p}embed_positions.weight"), &[cfg.max_position_embeddings + POS_OFFSET, h])?;
         let (project_in, project_out) = if e != h {
             (
                 Some(weights.load_shaped(&format!("{p}project_in.weight"), &[h, e])?),

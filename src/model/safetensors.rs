@@ -39,7 +39,10 @@ fn open_shard(path: &Path) -> Result<Shard> {
     // SAFETY: read-only map of a file we never write while it is mapped.
     let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("{}: cannot memory-map", path.display()))?;
     let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
-        anyhow!("{}: invalid safetensors file ({e}); truncated, corrupted, or the header lies about sizes", path.display())
+        anyhow!(
+            "{}: invalid safetensors file ({e}); truncated, corrupted, or the header lies about sizes",
+            path.display()
+        )
     })?;
     Ok(Shard { path: path.to_path_buf(), mmap, header_len, meta })
 }
@@ -119,7 +122,9 @@ impl SafetensorsStore {
             Dtype::F32 => DType::F32,
             Dtype::F16 => DType::F16,
             Dtype::BF16 => DType::BF16,
-            other => bail!("{}: tensor {name} has dtype {other:?}; only F32, F16 and BF16 are supported", s.path.display()),
+            other => {
+                bail!("{}: tensor {name} has dtype {other:?}; only F32, F16 and BF16 are supported", s.path.display())
+            }
         };
         let t = Tensor::from_raw_buffer(bytes, dtype, &shape, &Device::Cpu)
             .with_context(|| format!("{}: tensor {name}", s.path.display()))?;

@@ -43,7 +43,14 @@ pub fn outlier_ratio(scores: &[f32], m: f64) -> f64 {
 }
 
 /// Every layer's outlier ratio, on the dense model's activations of the calibration samples.
-pub fn layer_outlier_ratios(model: &dyn CausalLm, calib: &[Vec<u32>], batch: usize, act_dtype: DType, m: f64, progress: Progress) -> Result<Vec<f64>> {
+pub fn layer_outlier_ratios(
+    model: &dyn CausalLm,
+    calib: &[Vec<u32>],
+    batch: usize,
+    act_dtype: DType,
+    m: f64,
+    progress: Progress,
+) -> Result<Vec<f64>> {
     let seqlen = calib.first().map(|s| s.len()).unwrap_or(0);
     ensure!(seqlen > 0, "OWL needs calibration samples");
     let ctx = model.context(seqlen)?;

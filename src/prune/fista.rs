@@ -288,7 +288,15 @@ fn frob(a: &Mat<f32>) -> f64 {
 }
 
 /// FISTA on `½‖W'X* − WX‖² + λ‖W'‖₁` from `w0`; returns the last iterate and the iterations run.
-pub fn fista(p: &Problem, w0: &Mat<f32>, lambda: f64, l: f64, iters: usize, tol: f64, project: Option<&Threshold>) -> (Mat<f32>, usize) {
+pub fn fista(
+    p: &Problem,
+    w0: &Mat<f32>,
+    lambda: f64,
+    l: f64,
+    iters: usize,
+    tol: f64,
+    project: Option<&Threshold>,
+) -> (Mat<f32>, usize) {
     let (m, n) = w0.shape();
     let tau = (lambda / l) as f32;
     let inv_l = (1.0 / l) as f32;
@@ -412,7 +420,11 @@ pub fn solve(p: &Problem, w0: &Mat<f32>, pattern: Pattern, o: &FistaOptions) -> 
     // The warm start on the pattern is the first candidate.
     // Unstructured targets keep the warm start's zeros per row (SparseGPT spreads them unevenly over the rows,
     // and forcing its result to an even count costs it most of its quality) unless told to count per row.
-    let h = if o.warm_rows { Threshold::from_warm(w0, pattern, o.per_row) } else { Threshold { pattern, per_row: o.per_row, budgets: None } };
+    let h = if o.warm_rows {
+        Threshold::from_warm(w0, pattern, o.per_row)
+    } else {
+        Threshold { pattern, per_row: o.per_row, budgets: None }
+    };
     let (mut best, mut best_mask) = h.apply(w0);
     let mut best_err = p.error(&best);
     report.warm_error = best_err / base;
@@ -477,7 +489,14 @@ mod tests {
         let mut g = Mat::<f32>::zeros(n, n);
         faer::linalg::matmul::matmul(g.as_mut(), Accum::Replace, xs.transpose(), xs.as_ref(), 1.0f32, faer::Par::Seq);
         let mut cross = Mat::<f32>::zeros(n, n);
-        faer::linalg::matmul::matmul(cross.as_mut(), Accum::Replace, x.transpose(), xs.as_ref(), 1.0f32, faer::Par::Seq);
+        faer::linalg::matmul::matmul(
+            cross.as_mut(),
+            Accum::Replace,
+            x.transpose(),
+            xs.as_ref(),
+            1.0f32,
+            faer::Par::Seq,
+        );
         let c = matmul(w.as_ref(), cross.as_ref());
         let y = matmul(x.as_ref(), w.transpose());
         let k = (0..y.ncols()).map(|j| (0..y.nrows()).map(|i| (y[(i, j)] as f64).powi(2)).sum::<f64>()).sum();
@@ -501,7 +520,13 @@ mod tests {
                     }
                     let gjj = g[(j, j)] as f64;
                     let z = -grad;
-                    let new = if z > lambda { (z - lambda) / gjj } else if z < -lambda { (z + lambda) / gjj } else { 0.0 };
+                    let new = if z > lambda {
+                        (z - lambda) / gjj
+                    } else if z < -lambda {
+                        (z + lambda) / gjj
+                    } else {
+                        0.0
+                    };
                     moved = moved.max((new - w[(i, j)]).abs());
                     w[(i, j)] = new;
                 }
@@ -530,7 +555,8 @@ mod tests {
         let (a, b) = (objective(&p, wf.as_ref(), lambda), objective(&p, wcd32.as_ref(), lambda));
         assert!(((a - b) / b).abs() < 1e-6, "FISTA objective {a} vs coordinate descent {b}");
         // Sparse, and the same support.
-        let zeros = (0..12).flat_map(|j| (0..4).map(move |i| (i, j))).filter(|&(i, j)| wcd[(i, j)].abs() < 1e-9).count();
+        let zeros =
+            (0..12).flat_map(|j| (0..4).map(move |i| (i, j))).filter(|&(i, j)| wcd[(i, j)].abs() < 1e-9).count();
         assert!(zeros > 0, "λ too small to test sparsity");
     }
 
@@ -546,7 +572,11 @@ mod tests {
         for i in 0..3 {
             for j in 0..8 {
                 let want: f64 = (0..8).map(|k| c[(i, k)] as f64 * inv[(k, j)]).sum();
-                assert!((wf[(i, j)] as f64 - want).abs() < 1e-3 * (1.0 + want.abs()), "({i},{j}) {} vs {want}", wf[(i, j)]);
+                assert!(
+                    (wf[(i, j)] as f64 - want).abs() < 1e-3 * (1.0 + want.abs()),
+                    "({i},{j}) {} vs {want}",
+                    wf[(i, j)]
+                );
             }
         }
         // The masked refit on a full support is the same least squares.
@@ -566,7 +596,11 @@ mod tests {
             mask::verify(&out, pattern, 6).unwrap();
             if let Pattern::Unstructured(s) = pattern {
                 for i in 0..6 {
-                    assert_eq!((0..16).filter(|&j| out[(i, j)] == 0.0).count(), mask::count_for(16, s), "{pattern:?} row {i}");
+                    assert_eq!(
+                        (0..16).filter(|&j| out[(i, j)] == 0.0).count(),
+                        mask::count_for(16, s),
+                        "{pattern:?} row {i}"
+                    );
                 }
             }
         }

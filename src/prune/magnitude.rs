@@ -4,8 +4,8 @@
 use anyhow::Result;
 use faer::Mat;
 
-use super::{Method, OpStats, Pruned};
 use super::mask::{self, Pattern};
+use super::{Method, OpStats, Pruned};
 
 pub struct Magnitude {
     /// One threshold per output row instead of one per matrix.

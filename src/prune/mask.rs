@@ -246,8 +246,10 @@ mod tests {
         }
         // The masked entries are the lowest: every masked score ≤ every kept score in its unit.
         let m = mask_per_matrix(&s, 0.5);
-        let masked = (0..4).flat_map(|i| (0..8).map(move |j| (i, j))).filter(|&(i, j)| m[(i, j)]).map(|(i, j)| s[(i, j)]);
-        let kept = (0..4).flat_map(|i| (0..8).map(move |j| (i, j))).filter(|&(i, j)| !m[(i, j)]).map(|(i, j)| s[(i, j)]);
+        let masked =
+            (0..4).flat_map(|i| (0..8).map(move |j| (i, j))).filter(|&(i, j)| m[(i, j)]).map(|(i, j)| s[(i, j)]);
+        let kept =
+            (0..4).flat_map(|i| (0..8).map(move |j| (i, j))).filter(|&(i, j)| !m[(i, j)]).map(|(i, j)| s[(i, j)]);
         assert!(masked.fold(f32::MIN, f32::max) <= kept.fold(f32::MAX, f32::min));
     }
 

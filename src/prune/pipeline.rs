@@ -24,9 +24,9 @@ use candle_core::{DType, Device, Tensor};
 use faer::Mat;
 use serde::{Deserialize, Serialize};
 
+use super::Method;
 use super::mask::{self, Pattern};
 use super::stats::{Cross, Gram, OpStats, outlier_token_scales};
-use super::Method;
 use crate::linalg::{mat_to_tensor, tensor_to_mat};
 use crate::model::{CausalLm, DecoderLayer, LayerContext};
 use crate::util::{Progress, check_finite, progress_bar};
@@ -126,7 +126,12 @@ impl LayerReport {
 pub const OUTPUT_ERROR_SAMPLES: usize = 16;
 
 /// See [`LayerReport::output_rel_error`].
-fn layer_output_error(dense: &dyn DecoderLayer, work: &dyn DecoderLayer, acts: &[Tensor], ctx: &LayerContext) -> Result<f64> {
+fn layer_output_error(
+    dense: &dyn DecoderLayer,
+    work: &dyn DecoderLayer,
+    acts: &[Tensor],
+    ctx: &LayerContext,
+) -> Result<f64> {
     let (mut num, mut den, mut seen) = (0f64, 0f64, 0usize);
     for x in acts {
         if seen >= OUTPUT_ERROR_SAMPLES {
@@ -194,7 +199,12 @@ fn capture_input(layer: &dyn DecoderLayer, x: &Tensor, ctx: &LayerContext, leade
 }
 
 /// Statistics of every group from one pass of the dense layer (no error correction: `X* = X`).
-fn collect_dense(layer: &dyn DecoderLayer, acts: &[Tensor], ctx: &LayerContext, cap: Option<f64>) -> Result<Vec<OpStats>> {
+fn collect_dense(
+    layer: &dyn DecoderLayer,
+    acts: &[Tensor],
+    ctx: &LayerContext,
+    cap: Option<f64>,
+) -> Result<Vec<OpStats>> {
     let groups = layer.input_groups();
     let mut grams: Vec<Option<Gram>> = (0..groups.len()).map(|_| None).collect();
     for x in acts {
@@ -319,7 +329,8 @@ pub fn prune_operator(
     pattern.check_cols(cols, &format!("layer {layer_idx} {name}"))?;
     let pruned = method.prune(&w, stats, pattern).with_context(|| format!("layer {layer_idx} {name}"))?;
     let pw = &pruned.w;
-    if let Some((i, j)) = (0..cols).flat_map(|j| (0..rows).map(move |i| (i, j))).find(|&(i, j)| !pw[(i, j)].is_finite()) {
+    if let Some((i, j)) = (0..cols).flat_map(|j| (0..rows).map(move |i| (i, j))).find(|&(i, j)| !pw[(i, j)].is_finite())
+    {
         bail!("layer {layer_idx} {name}: {} produced a non-finite weight at ({i}, {j})", method.name());
     }
     let sparsity = mask::verify(pw, pattern, method.rounding_units(rows, cols, pattern))
@@ -348,7 +359,12 @@ pub fn prune_operator(
 }
 
 /// Embed the calibration samples in batches: the inputs of layer 0.
-pub fn embed_calibration(model: &dyn CausalLm, ids: &[Vec<u32>], batch: usize, act_dtype: DType) -> Result<Vec<Tensor>> {
+pub fn embed_calibration(
+    model: &dyn CausalLm,
+    ids: &[Vec<u32>],
+    batch: usize,
+    act_dtype: DType,
+) -> Result<Vec<Tensor>> {
     let seqlen = ids[0].len();
     ids.chunks(batch.max(1))
         .map(|b| {
@@ -360,7 +376,13 @@ pub fn embed_calibration(model: &dyn CausalLm, ids: &[Vec<u32>], batch: usize, a
 }
 
 /// Replace each batch of `acts` by `layer`'s output on it.
-pub fn advance(layer: &dyn DecoderLayer, acts: &mut [Tensor], ctx: &LayerContext, act_dtype: DType, what: &str) -> Result<()> {
+pub fn advance(
+    layer: &dyn DecoderLayer,
+    acts: &mut [Tensor],
+    ctx: &LayerContext,
+    act_dtype: DType,
+    what: &str,
+) -> Result<()> {
     for x in acts.iter_mut() {
         let y = layer.forward(&x.to_dtype(DType::F32)?, ctx, None)?;
         check_finite(&y, what)?;
@@ -395,7 +417,8 @@ fn prune_layer(
     let seqlen = ctx.map(|c| c.seqlen).unwrap_or(0);
     let tokens = acts.map(|a| a.iter().map(|t| t.dims()[0] * t.dims()[1]).sum::<usize>()).unwrap_or(0) as f64;
     let pre = prefix_flops(work.as_ref(), seqlen.max(1));
-    let in_dim = |layer: &dyn DecoderLayer, g: usize| layer.linear(groups[g][0]).map(|l| l.in_features()).unwrap_or(0) as f64;
+    let in_dim =
+        |layer: &dyn DecoderLayer, g: usize| layer.linear(groups[g][0]).map(|l| l.in_features()).unwrap_or(0) as f64;
     match (acts, ctx) {
         (Some(acts), Some(ctx)) if opts.error_correction || targets.is_some() => {
             let dense = dense.as_deref().expect("loaded");
@@ -403,8 +426,9 @@ fn prune_layer(
             for (gi, group) in groups.iter().enumerate() {
                 let ts = Instant::now();
                 let keep = (gi + 1 < groups.len()).then_some(opts.act_dtype);
-                let (st, stepped) = collect_corrected(dense, work.as_ref(), gi, acts, targets, ctx, &mut prev, keep, opts.token_cap)
-                    .with_context(|| format!("decoder layer {i}"))?;
+                let (st, stepped) =
+                    collect_corrected(dense, work.as_ref(), gi, acts, targets, ctx, &mut prev, keep, opts.token_cap)
+                        .with_context(|| format!("decoder layer {i}"))?;
                 stats_seconds += ts.elapsed().as_secs_f64();
                 let n = in_dim(work.as_ref(), gi);
                 // The layer's FLOPs up to this group's input (from the previous group's when stepping), once
@@ -423,7 +447,8 @@ fn prune_layer(
             let stats = collect_dense(dense.as_deref().unwrap_or(work.as_ref()), acts, ctx, opts.token_cap)
                 .with_context(|| format!("decoder layer {i}"))?;
             stats_seconds = ts.elapsed().as_secs_f64();
-            flops += tokens * (pre[groups.len() - 1] + (0..groups.len()).map(|g| in_dim(work.as_ref(), g).powi(2)).sum::<f64>());
+            flops += tokens
+                * (pre[groups.len() - 1] + (0..groups.len()).map(|g| in_dim(work.as_ref(), g).powi(2)).sum::<f64>());
             let tp = Instant::now();
             for (group, st) in groups.iter().zip(&stats) {
                 for name in group.iter() {
@@ -484,7 +509,10 @@ pub fn prune_model(
     let (first, last) = opts.layers.unwrap_or((0, n_layers.saturating_sub(1)));
     ensure!(first <= last && last < n_layers, "--layers {first}-{last}: the model has layers 0-{}", n_layers - 1);
     if (first, last) != (0, n_layers - 1) {
-        ensure!(opts.layer_inputs == LayerInputs::Dense, "--layers needs --layer-inputs dense (layers are then independent)");
+        ensure!(
+            opts.layer_inputs == LayerInputs::Dense,
+            "--layers needs --layer-inputs dense (layers are then independent)"
+        );
     }
     let needs_data = method.needs_gram();
     let (mut acts, ctx) = if needs_data {
@@ -497,7 +525,10 @@ pub fn prune_model(
     if let Some(ctx) = &ctx
         && opts.jobs > 1
     {
-        ensure!(opts.layer_inputs == LayerInputs::Dense, "--jobs needs --layer-inputs dense (layers are then independent)");
+        ensure!(
+            opts.layer_inputs == LayerInputs::Dense,
+            "--jobs needs --layer-inputs dense (layers are then independent)"
+        );
         let reports = prune_parallel(model, acts, ctx, method, opts, (first, last), finished, sink, &pb)?;
         pb.finish_and_clear();
         return Ok(reports);
@@ -509,7 +540,13 @@ pub fn prune_model(
         if i < first {
             // Dense inputs of the layers before the range.
             if let Some(ctx) = &ctx {
-                advance(model.load_layer(i)?.as_ref(), &mut acts, ctx, opts.act_dtype, &format!("output of decoder layer {i}"))?;
+                advance(
+                    model.load_layer(i)?.as_ref(),
+                    &mut acts,
+                    ctx,
+                    opts.act_dtype,
+                    &format!("output of decoder layer {i}"),
+                )?;
             }
             continue;
         }
@@ -521,11 +558,21 @@ pub fn prune_model(
             {
                 if opts.layer_inputs != LayerInputs::Pruned {
                     let d = model.load_layer(i)?;
-                    let t = if opts.layer_inputs == LayerInputs::Dense { &mut acts } else { targets.as_mut().expect("corrected") };
+                    let t = if opts.layer_inputs == LayerInputs::Dense {
+                        &mut acts
+                    } else {
+                        targets.as_mut().expect("corrected")
+                    };
                     advance(d.as_ref(), t, ctx, opts.act_dtype, &format!("output of decoder layer {i}"))?;
                 }
                 if opts.layer_inputs != LayerInputs::Dense {
-                    advance(work.as_ref(), &mut acts, ctx, opts.act_dtype, &format!("output of pruned decoder layer {i}"))?;
+                    advance(
+                        work.as_ref(),
+                        &mut acts,
+                        ctx,
+                        opts.act_dtype,
+                        &format!("output of pruned decoder layer {i}"),
+                    )?;
                 }
             }
             reports.push(report);
@@ -539,15 +586,28 @@ pub fn prune_model(
             && i < last
         {
             let tokens: usize = acts.iter().map(|t| t.dims()[0] * t.dims()[1]).sum();
-            report.gflop += tokens as f64 * prefix_flops(work.as_ref(), ctx.seqlen).last().copied().unwrap_or(0.0) / 1e9;
+            report.gflop +=
+                tokens as f64 * prefix_flops(work.as_ref(), ctx.seqlen).last().copied().unwrap_or(0.0) / 1e9;
             match opts.layer_inputs {
-                LayerInputs::Pruned => advance(work.as_ref(), &mut acts, ctx, opts.act_dtype, &format!("output of pruned decoder layer {i}"))?,
+                LayerInputs::Pruned => advance(
+                    work.as_ref(),
+                    &mut acts,
+                    ctx,
+                    opts.act_dtype,
+                    &format!("output of pruned decoder layer {i}"),
+                )?,
                 LayerInputs::Corrected => {
                     let d = dense.as_deref().expect("dense copy loaded in corrected mode");
                     let t = targets.as_mut().expect("targets kept in corrected mode");
                     advance(d, t, ctx, opts.act_dtype, &format!("output of decoder layer {i}"))?;
                     report.gflop += tokens as f64 * prefix_flops(d, ctx.seqlen).last().copied().unwrap_or(0.0) / 1e9;
-                    advance(work.as_ref(), &mut acts, ctx, opts.act_dtype, &format!("output of pruned decoder layer {i}"))?
+                    advance(
+                        work.as_ref(),
+                        &mut acts,
+                        ctx,
+                        opts.act_dtype,
+                        &format!("output of pruned decoder layer {i}"),
+                    )?
                 }
                 LayerInputs::Dense => {
                     let d = dense.as_deref().expect("dense copy loaded in dense mode");
@@ -559,10 +619,20 @@ pub fn prune_model(
         report.seconds += report.forward_seconds;
         log::info!(
             "layer {i}: {:.1} s (statistics {:.1} s, pruning {:.1} s), output error {:?}",
-            report.seconds, report.stats_seconds, report.prune_seconds, report.output_rel_error
+            report.seconds,
+            report.stats_seconds,
+            report.prune_seconds,
+            report.output_rel_error
         );
         for o in &report.operators {
-            log::debug!("layer {i} {}: sparsity {:.4}, error {:?} (mask only {:?}), {:.2} s", o.name, o.sparsity, o.rel_error, o.rel_error_mask_only, o.seconds);
+            log::debug!(
+                "layer {i} {}: sparsity {:.4}, error {:?} (mask only {:?}), {:.2} s",
+                o.name,
+                o.sparsity,
+                o.rel_error,
+                o.rel_error_mask_only,
+                o.seconds
+            );
         }
         sink(i, work.as_ref(), &report)?;
         reports.push(report);
@@ -601,7 +671,8 @@ fn prune_parallel(
                 loop {
                     let job = job_rx.lock().expect("job queue").recv();
                     let Ok((i, inputs)) = job else { break };
-                    let r = prune_layer(model, i, Some(&inputs), None, Some(ctx), method, opts).map(|(w, _, rep)| (i, w, rep));
+                    let r = prune_layer(model, i, Some(&inputs), None, Some(ctx), method, opts)
+                        .map(|(w, _, rep)| (i, w, rep));
                     if res_tx.send(r).is_err() {
                         break;
                     }

@@ -14,8 +14,8 @@ use anyhow::{Context, Result, anyhow};
 use faer::linalg::solvers::DenseSolveCore;
 use faer::{Accum, Mat, Side};
 
-use super::{Method, OpStats, Pruned};
 use super::mask::{self, Pattern};
+use super::{Method, OpStats, Pruned};
 use crate::linalg::par;
 
 pub struct SparseGpt {
@@ -192,7 +192,8 @@ mod tests {
             match pattern {
                 Pattern::Unstructured(s) if i % blocksize == 0 => {
                     let c = blocksize.min(cols - i);
-                    let sc = Mat::from_fn(rows, c, |r, k| (w[(r, i + k)] * w[(r, i + k)] / (d[i + k] * d[i + k])) as f32);
+                    let sc =
+                        Mat::from_fn(rows, c, |r, k| (w[(r, i + k)] * w[(r, i + k)] / (d[i + k] * d[i + k])) as f32);
                     let m = mask::mask_per_matrix(&sc, s);
                     for r in 0..rows {
                         for k in 0..c {
@@ -201,7 +202,8 @@ mod tests {
                     }
                 }
                 Pattern::NM { n, m } if i % m == 0 => {
-                    let sc = Mat::from_fn(rows, m, |r, k| (w[(r, i + k)] * w[(r, i + k)] / (d[i + k] * d[i + k])) as f32);
+                    let sc =
+                        Mat::from_fn(rows, m, |r, k| (w[(r, i + k)] * w[(r, i + k)] / (d[i + k] * d[i + k])) as f32);
                     let mm = mask::mask_nm(&sc, n, m);
                     for r in 0..rows {
                         for k in 0..m {

@@ -139,7 +139,9 @@ impl OpStats {
             let Some(m) = m else { continue };
             // A non-finite input value makes its feature's sum of squares non-finite; name the first such.
             if let Some(f) = (0..m.nrows().min(m.ncols())).find(|&f| !m[(f, f)].is_finite()) {
-                anyhow::bail!("{what}: NaN or Inf in the calibration activations (input feature {f}; statistics of {label})");
+                anyhow::bail!(
+                    "{what}: NaN or Inf in the calibration activations (input feature {f}; statistics of {label})"
+                );
             }
             if (0..m.ncols()).any(|j| (0..m.nrows()).any(|i| !m[(i, j)].is_finite())) {
                 anyhow::bail!("{what}: the calibration activations overflow f32 in the statistics of {label}");

@@ -4,8 +4,8 @@
 use anyhow::{Result, anyhow};
 use faer::Mat;
 
-use super::{Method, OpStats, Pruned};
 use super::mask::{self, Pattern};
+use super::{Method, OpStats, Pruned};
 
 pub struct Wanda;
 

@@ -52,7 +52,11 @@ pub fn bin() -> PathBuf {
 /// Run the binary; returns (success, stdout, stderr).
 pub fn run(args: &[&str]) -> (bool, String, String) {
     let out = std::process::Command::new(bin()).args(args).output().expect("run fistaprune");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Copy the files of `src` (not recursive) into `dst`, created.
@@ -103,6 +107,7 @@ pub fn file_sha256(path: &Path) -> String {
 
 /// The digest recorded in tests/reference/digests.json for run `tag` on this CPU class.
 pub fn recorded_digest(tag: &str) -> Option<String> {
-    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root().join("tests/reference/digests.json")).ok()?).ok()?;
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("tests/reference/digests.json")).ok()?).ok()?;
     j["digests"][cpu_class()][tag].as_str().map(str::to_string)
 }
