@@ -11,7 +11,7 @@ use std::time::Instant;
 use faer::{Accum, Mat};
 use fistaprune::linalg::par;
 use fistaprune::prune::Pattern;
-use fistaprune::prune::fista::{FistaOptions, Problem, fista, lambda_max, solve};
+use fistaprune::prune::fista::{Options as FistaOptions, Problem, fista, lambda_max, solve};
 
 fn rand_mat(m: usize, n: usize, seed: u64) -> Mat<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

@@ -25,6 +25,16 @@ pub const VERSION_KEY: &str = "fistaprune_version";
 /// The reports one of which marks an output folder as fistaprune's.
 const FOLDER_REPORTS: [&str; 2] = ["report.json", "compare.json"];
 
+/// `--force`, declared once for every verb that writes.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct Force {
+    /// Replace an earlier output of fistaprune, or an empty folder or file (nothing else is ever replaced), and
+    /// clear what an interrupted run left aside.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub force: bool,
+}
+
 /// The paths a run reads and the outputs it has claimed, resolved.
 #[derive(Default)]
 pub struct RunPaths {
@@ -458,12 +468,8 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Bytes free to an unprivileged writer on the filesystem holding `dir` (`FISTAPRUNE_TEST_FREE_BYTES`
-/// overrides it, for tests).
+/// Bytes free to an unprivileged writer on the filesystem holding `dir`.
 pub fn free_bytes(dir: &Path) -> Result<u64> {
-    if let Some(v) = std::env::var_os("FISTAPRUNE_TEST_FREE_BYTES") {
-        return v.to_string_lossy().parse().context("FISTAPRUNE_TEST_FREE_BYTES");
-    }
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
@@ -473,8 +479,9 @@ pub fn free_bytes(dir: &Path) -> Result<u64> {
     Ok(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
-/// Refuse to start when the filesystem of `dest` has less than `need` bytes free.
-pub fn check_free_space(dest: &Path, need: u64) -> Result<()> {
+/// Refuse to start when the filesystem of `dest` has less than `need` bytes free (or `assume_free`, when
+/// given, instead of what the filesystem says).
+pub fn check_free_space(dest: &Path, need: u64, assume_free: Option<u64>) -> Result<()> {
     let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let mut probe = parent.to_path_buf();
     // The nearest existing ancestor (the output's parent may not exist yet).
@@ -487,7 +494,10 @@ pub fn check_free_space(dest: &Path, need: u64) -> Result<()> {
             }
         }
     }
-    let free = free_bytes(&probe)?;
+    let free = match assume_free {
+        Some(f) => f,
+        None => free_bytes(&probe)?,
+    };
     let gb = |b: u64| b as f64 / 1e9;
     ensure!(
         free >= need,

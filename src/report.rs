@@ -1,24 +1,106 @@
-//! Reports: the per-layer reconstruction-error plot and Markdown tables.
+//! Reports: the typed `report.json` of a pruned checkpoint, which every reader uses, and what is drawn from it
+//! (`report.md`, the per-layer plots, Markdown tables).
 
 use std::path::Path;
 
-use anyhow::{Result, anyhow};
+use anyhow::{Context, Result, anyhow};
 use plotters::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::data::calibration::CalibrationInfo;
+use crate::model::export::OutDType;
+use crate::prune::PruneOptions;
+use crate::prune::layer::{LayerReport, OperatorReport};
+
+/// `report.json` of a pruned checkpoint (or of a part written with `--layers`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PruneReport {
+    /// Marks the folder as fistaprune's ([`crate::output::VERSION_KEY`]).
+    pub fistaprune_version: String,
+    pub command: Vec<String>,
+    pub model: String,
+    pub architecture: String,
+    pub method: String,
+    /// The pattern as people write it (`50%`, `2:4`).
+    pub pattern: String,
+    pub target_sparsity: f64,
+    pub dtype: OutDType,
+    /// The decoder layers pruned (inclusive).
+    pub layer_range: (usize, usize),
+    pub options: PruneOptions,
+    /// Intra-layer error correction, as resolved from the options and the method.
+    pub error_correction: bool,
+    /// Layers an interrupted run had pruned, reloaded by `--resume`.
+    pub resumed_layers: usize,
+    pub allocation: Option<Allocation>,
+    pub calibration: Option<CalibrationInfo>,
+    pub jobs: usize,
+    pub layers: Vec<LayerReport>,
+    /// Measured over the pruned operators (see [`PruneReport::totals`]).
+    pub sparsity: f64,
+    pub pruned_parameters: u64,
+    pub prune_seconds: f64,
+    pub prune_gflop: f64,
+    pub prune_gflop_per_second: Option<f64>,
+    pub eval: Option<EvalInfo>,
+    pub perplexity_before: Option<f64>,
+    pub perplexity_after: Option<f64>,
+    /// The whole run, evaluation included.
+    pub seconds: f64,
+    /// `merge`: the parts joined.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged_from: Option<Vec<String>>,
+}
+
+/// A non-uniform allocation of the sparsity over the layers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Allocation {
+    pub method: String,
+    pub lambda: f64,
+    pub m: f64,
+    pub layer_sparsity: Vec<f64>,
+    pub outlier_ratios: Vec<f64>,
+}
+
+/// What `--eval` measured perplexity on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalInfo {
+    pub dataset: String,
+    pub seqlen: usize,
+    pub windows: usize,
+}
+
+impl PruneReport {
+    /// Read `dir/report.json`.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join("report.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("{}: cannot read (not an output of fistaprune prune?)", path.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a prune report of this fistaprune version", path.display()))
+    }
+
+    /// The totals of `layers`: measured sparsity, pruned parameters, counted GFLOP and their rate.
+    pub fn totals(&mut self) {
+        let size = |o: &OperatorReport| (o.shape[0] * o.shape[1]) as f64;
+        let ops = self.layers.iter().flat_map(|l| &l.operators);
+        let (zeros, total) = ops.fold((0f64, 0f64), |(z, t), o| (z + o.sparsity * size(o), t + size(o)));
+        self.sparsity = if total > 0.0 { zeros / total } else { 0.0 };
+        self.pruned_parameters = total as u64;
+        self.prune_gflop = self.layers.iter().map(|l| l.gflop).sum();
+        self.prune_gflop_per_second = (self.prune_seconds > 0.0).then(|| self.prune_gflop / self.prune_seconds);
+    }
+
+    /// Each layer's output error (`output_rel_error`).
+    pub fn layer_errors(&self) -> Vec<(usize, f64)> {
+        self.layers.iter().filter_map(|l| Some((l.layer, l.output_rel_error?))).collect()
+    }
+}
 
 /// One line of a per-layer plot: a label and a value per layer.
 pub struct Series {
     pub label: String,
     pub values: Vec<(usize, f64)>,
-}
-
-/// Each layer's output error (`output_rel_error`) from a `report.json`.
-pub fn layer_errors(report: &serde_json::Value) -> Vec<(usize, f64)> {
-    report["layers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|l| Some((l["layer"].as_u64()? as usize, l["output_rel_error"].as_f64()?)))
-        .collect()
 }
 
 /// An SVG line plot (log-scale y) of per-layer values, one line per series.
@@ -78,68 +160,43 @@ pub fn markdown_table(header: &[&str], rows: &[Vec<String>]) -> String {
     s
 }
 
-/// Per layer of a prune `report.json`: (layer, sparsity, output error, mean operator error, seconds).
-pub fn layer_rows(report: &serde_json::Value) -> Vec<(usize, f64, Option<f64>, Option<f64>, f64)> {
-    report["layers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|l| {
-            let ops = l["operators"].as_array()?;
-            let (mut zeros, mut total, mut errs) = (0f64, 0f64, Vec::new());
-            for o in ops {
-                let n = o["shape"][0].as_f64()? * o["shape"][1].as_f64()?;
-                zeros += o["sparsity"].as_f64()? * n;
-                total += n;
-                errs.extend(o["rel_error"].as_f64());
-            }
-            let mean = (!errs.is_empty()).then(|| errs.iter().sum::<f64>() / errs.len() as f64);
-            Some((
-                l["layer"].as_u64()? as usize,
-                zeros / total.max(1.0),
-                l["output_rel_error"].as_f64(),
-                mean,
-                l["seconds"].as_f64()?,
-            ))
-        })
-        .collect()
-}
-
 /// `report.md` and `layers.svg` beside a prune `report.json`: what was run, the outcome, and each layer.
-pub fn write_prune_summary(dir: &Path, report: &serde_json::Value) -> Result<()> {
-    let f = |v: &serde_json::Value, p: usize| v.as_f64().map_or("–".to_string(), |x| format!("{x:.p$}"));
-    let rows = layer_rows(report);
+pub fn write_prune_summary(dir: &Path, r: &PruneReport) -> Result<()> {
+    let f = |v: Option<f64>, p: usize| v.map_or("–".to_string(), |x| format!("{x:.p$}"));
+    let c = r.calibration.as_ref();
     let mut md = format!(
-        "# fistaprune: {} {} of {}\n\n| | |\n|---|---|\n| method | {} |\n| pattern | {} |\n| sparsity (measured) | {} |\n\
-         | perplexity before → after | {} → {} |\n| prune time | {} s |\n| total time | {} s |\n| calibration | {} × {} from {} (sha256 {}) |\n| command | `{}` |\n\n",
-        report["method"].as_str().unwrap_or("?"),
-        report["pattern"].as_str().unwrap_or("?"),
-        report["model"].as_str().unwrap_or("?"),
-        report["method"].as_str().unwrap_or("?"),
-        report["pattern"].as_str().unwrap_or("?"),
-        f(&report["sparsity"], 4),
-        f(&report["perplexity_before"], 3),
-        f(&report["perplexity_after"], 3),
-        f(&report["prune_seconds"], 1),
-        f(&report["seconds"], 1),
-        report["calibration"]["nsamples"],
-        report["calibration"]["seqlen"],
-        report["calibration"]["source"].as_str().unwrap_or("–"),
-        report["calibration"]["sha256"].as_str().map(|s| &s[..s.len().min(12)]).unwrap_or("–"),
-        report["command"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(" "))
-            .unwrap_or_default(),
+        "# fistaprune: {} {} of {}\n\n| | |\n|---|---|\n| method | {} |\n| pattern | {} |\n| sparsity (measured) | {:.4} |\n\
+         | perplexity before → after | {} → {} |\n| prune time | {:.1} s |\n| total time | {:.1} s |\n| calibration | {} × {} from {} (sha256 {}) |\n| command | `{}` |\n\n",
+        r.method,
+        r.pattern,
+        r.model,
+        r.method,
+        r.pattern,
+        r.sparsity,
+        f(r.perplexity_before, 3),
+        f(r.perplexity_after, 3),
+        r.prune_seconds,
+        r.seconds,
+        c.map_or("–".into(), |c| c.nsamples.to_string()),
+        c.map_or("–".into(), |c| c.seqlen.to_string()),
+        c.map_or("–", |c| c.source.as_str()),
+        c.map_or("–", |c| &c.sha256[..c.sha256.len().min(12)]),
+        r.command.join(" "),
     );
-    let table: Vec<Vec<String>> = rows
+    let mean_error = |l: &LayerReport| {
+        let errs: Vec<f64> = l.operators.iter().filter_map(|o| o.rel_error).collect();
+        (!errs.is_empty()).then(|| errs.iter().sum::<f64>() / errs.len() as f64)
+    };
+    let table: Vec<Vec<String>> = r
+        .layers
         .iter()
-        .map(|(l, s, o, m, t)| {
+        .map(|l| {
             vec![
-                l.to_string(),
-                format!("{s:.4}"),
-                o.map_or("–".into(), |x| format!("{x:.3e}")),
-                m.map_or("–".into(), |x| format!("{x:.3e}")),
-                format!("{t:.1}"),
+                l.layer.to_string(),
+                format!("{:.4}", l.sparsity()),
+                l.output_rel_error.map_or("–".into(), |x| format!("{x:.3e}")),
+                mean_error(l).map_or("–".into(), |x| format!("{x:.3e}")),
+                format!("{:.1}", l.seconds),
             ]
         })
         .collect();
@@ -147,14 +204,13 @@ pub fn write_prune_summary(dir: &Path, report: &serde_json::Value) -> Result<()>
     md.push_str("\nOutput error: `‖f'(x) − f(x)‖² / ‖f(x) − x‖²` of the pruned layer on calibration inputs; operator error: `‖W'X* − WX‖² / ‖WX‖²`. Plot: `layers.svg`.\n");
     crate::output::write_atomic(&dir.join("report.md"), md.as_bytes())?;
     let series = [
-        Series { label: "layer output error".into(), values: rows.iter().filter_map(|r| Some((r.0, r.2?))).collect() },
-        Series { label: "mean operator error".into(), values: rows.iter().filter_map(|r| Some((r.0, r.3?))).collect() },
-        Series { label: "sparsity".into(), values: rows.iter().map(|r| (r.0, r.1)).collect() },
+        Series { label: "layer output error".into(), values: r.layer_errors() },
+        Series {
+            label: "mean operator error".into(),
+            values: r.layers.iter().filter_map(|l| Some((l.layer, mean_error(l)?))).collect(),
+        },
+        Series { label: "sparsity".into(), values: r.layers.iter().map(|l| (l.layer, l.sparsity())).collect() },
     ];
-    let title = format!(
-        "{} {}: per-layer error and sparsity",
-        report["method"].as_str().unwrap_or("?"),
-        report["pattern"].as_str().unwrap_or("?")
-    );
+    let title = format!("{} {}: per-layer error and sparsity", r.method, r.pattern);
     plot_layers(&dir.join("layers.svg"), &title, "relative error / sparsity", &series)
 }

@@ -135,3 +135,11 @@ pub fn progress_bar(len: u64, prefix: &str, mode: Progress) -> ProgressBar {
     });
     ProgressBar { bar, json }
 }
+
+/// A whole number of at least 1 (`--batch`, `--jobs`).
+pub fn positive(s: &str) -> Result<usize> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => bail!("{s:?}: expected a whole number of at least 1"),
+    }
+}

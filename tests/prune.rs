@@ -470,7 +470,7 @@ fn fista_is_never_worse_than_its_warm_start_and_reports_its_search() {
             &out,
             &["--method", "fista", "--sparsity", "0.5", "--warm-start", warm, "--refit-iters", "10"],
         );
-        assert_eq!(r["options"]["warm_start"], warm);
+        assert_eq!(r["options"]["methods"]["fista"]["warm_start"], warm);
         for l in r["layers"].as_array().unwrap() {
             for o in l["operators"].as_array().unwrap() {
                 let det = &o["details"];
@@ -580,8 +580,8 @@ fn corrected_layer_inputs_carry_two_streams_and_imply_error_correction() {
     let flags = ["--method", "fista", "--pattern", "2:4", "--refit-iters", "5"];
     let c = prune(m.to_str().unwrap(), &d.join("c"), &[&flags[..], &["--layer-inputs", "corrected"]].concat());
     let p = prune(m.to_str().unwrap(), &d.join("p"), &[&flags[..], &["--layer-inputs", "pruned"]].concat());
-    assert_eq!(c["options"]["layer_inputs"], "corrected");
-    assert_eq!(c["options"]["error_correction"], true);
+    assert_eq!(c["options"]["walk"]["layer_inputs"], "corrected");
+    assert_eq!(c["error_correction"], true);
     // Layer 0 sees the embeddings in both walks: the same problems (up to summation order).
     for (oc, op) in
         c["layers"][0]["operators"].as_array().unwrap().iter().zip(p["layers"][0]["operators"].as_array().unwrap())
@@ -682,39 +682,28 @@ fn resume_after_a_kill_gives_the_same_checkpoint_in_every_walk() {
         ),
     ];
     for (tag, flags) in walks {
-        let go = |out: &str, extra: &[&str], exit_after: Option<&str>| {
+        let args = |out: &str, extra: &[&str]| -> Vec<String> {
             let o = d.join(format!("{tag}-{out}"));
-            let mut args = vec![
-                "prune",
-                "--model",
-                m.to_str().unwrap(),
-                "--calib",
-                &c4,
-                "--nsamples",
-                "8",
-                "--seqlen",
-                "32",
-                "--quiet",
-                "--threads",
-                "1",
-            ];
-            let os = o.to_str().unwrap().to_string();
-            args.extend_from_slice(&["--out", &os]);
-            args.extend_from_slice(flags);
-            args.extend_from_slice(extra);
-            let mut cmd = std::process::Command::new(bin());
-            cmd.args(&args);
-            if let Some(l) = exit_after {
-                cmd.env("FISTAPRUNE_TEST_EXIT_AFTER_LAYER", l);
-            }
-            let r = cmd.output().unwrap();
-            (r.status.success(), String::from_utf8_lossy(&r.stderr).into_owned(), o)
+            let mut a = vec!["prune", "--model", m.to_str().unwrap(), "--calib", &c4, "--nsamples", "8"];
+            a.extend_from_slice(&["--seqlen", "32", "--quiet", "--threads", "1", "--out", o.to_str().unwrap()]);
+            a.extend_from_slice(flags);
+            a.extend_from_slice(extra);
+            a.into_iter().map(String::from).collect()
         };
-        let (ok, err, whole) = go("whole", &[], None);
+        let go = |out: &str, extra: &[&str]| {
+            let r = std::process::Command::new(bin()).args(args(out, extra)).output().unwrap();
+            (r.status.success(), String::from_utf8_lossy(&r.stderr).into_owned(), d.join(format!("{tag}-{out}")))
+        };
+        let (ok, err, whole) = go("whole", &[]);
         assert!(ok, "{tag}: {err}");
-        let (ok, _, cut) = go("cut", &[], Some("0"));
-        assert!(!ok && !cut.exists(), "{tag}: the interrupted run should leave no output");
-        let (ok, err, _) = go("cut", &["--resume"], None);
+        // Killed for real once layer 0 has landed (again, if a run outpaced the kill and finished).
+        let cut = d.join(format!("{tag}-cut"));
+        let killed = (0..10).any(|_| {
+            let _ = std::fs::remove_dir_all(&cut);
+            kill_after_layer(&args("cut", &[]).iter().map(String::as_str).collect::<Vec<_>>(), 0)
+        });
+        assert!(killed && !cut.exists(), "{tag}: the interrupted run should leave no output");
+        let (ok, err, _) = go("cut", &["--resume"]);
         assert!(ok, "{tag}: {err}");
         let r: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(cut.join("report.json")).unwrap()).unwrap();
@@ -726,11 +715,11 @@ fn resume_after_a_kill_gives_the_same_checkpoint_in_every_walk() {
             "{tag}: the resumed checkpoint differs"
         );
         // --resume with nothing to resume is a plain run.
-        let (ok, err, _) = go("fresh", &["--resume"], None);
+        let (ok, err, _) = go("fresh", &["--resume"]);
         assert!(ok, "{tag}: {err}");
         // A finished output is never overwritten without --force, and is left as it was.
         let before = read_dir_bytes(&whole);
-        let (ok, err, _) = go("whole", &[], None);
+        let (ok, err, _) = go("whole", &[]);
         assert!(!ok && err.contains("already exists") && err.contains("--force"), "{tag}: {err}");
         assert!(read_dir_bytes(&whole) == before, "{tag}: a refused run changed the existing output");
     }
@@ -742,6 +731,16 @@ fn resume_after_a_kill_gives_the_same_checkpoint_in_every_walk() {
         .filter(|n| n.starts_with('.'))
         .collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// `prune` options as the command line reads them.
+fn parse_prune(args: &[&str]) -> fistaprune::commands::prune::Prune {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        prune: fistaprune::commands::prune::Prune,
+    }
+    <Cli as clap::Parser>::try_parse_from(std::iter::once("prune").chain(args.iter().copied())).unwrap().prune
 }
 
 /// Every file of `dir` (not recursive) with its bytes, by name.
@@ -840,32 +839,25 @@ fn too_little_disk_is_refused_before_any_work() {
     let d = tmpdir("p-disk");
     let out = d.join("sub/out");
     let c4 = c4();
-    let r = std::process::Command::new(bin())
-        .args([
-            "prune",
-            "--model",
-            fixture("llama").to_str().unwrap(),
-            "--method",
-            "sparsegpt",
-            "--sparsity",
-            "0.5",
-            "--calib",
-            &c4,
-            "--nsamples",
-            "4",
-            "--seqlen",
-            "16",
-            "--out",
-            out.to_str().unwrap(),
-        ])
-        .env("FISTAPRUNE_TEST_FREE_BYTES", "1000")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&r.stderr);
-    assert!(
-        !r.status.success() && err.contains("not enough disk space for the output") && err.contains("GB needed"),
-        "{err}"
-    );
+    let mut job = parse_prune(&[
+        "--model",
+        fixture("llama").to_str().unwrap(),
+        "--method",
+        "sparsegpt",
+        "--sparsity",
+        "0.5",
+        "--calib",
+        &c4,
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "16",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    job.args.assume_free_bytes = Some(1000);
+    let err = format!("{:#}", fistaprune::commands::prune::prune(&job).unwrap_err());
+    assert!(err.contains("not enough disk space for the output") && err.contains("GB needed"), "{err}");
     assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0, "nothing written");
 }
 
@@ -939,9 +931,9 @@ fn json_mode_reports_stages_layers_and_the_result_for_machines() {
         "--method",
         "wanda",
         "--sparsity",
-        "2",
+        "0.5",
         "--calib",
-        &c4(),
+        "/nonexistent/calib.jsonl",
         "--out",
         d.join("x").to_str().unwrap(),
         "--json",
@@ -949,5 +941,12 @@ fn json_mode_reports_stages_layers_and_the_result_for_machines() {
     assert!(!ok);
     let last: serde_json::Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
     assert_eq!(last["event"], "error");
-    assert!(last["message"].as_str().unwrap().contains("--sparsity 2"), "{last}");
+    assert!(last["message"].as_str().unwrap().contains("/nonexistent/calib.jsonl"), "{last}");
+    // A usage error is clap's, before any run (exit status 2).
+    let r = std::process::Command::new(bin())
+        .args(["prune", "--model", m.to_str().unwrap(), "--method", "wanda", "--sparsity", "2", "--out", "x", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("--sparsity 2 is outside (0, 1)"));
 }

@@ -26,7 +26,14 @@ fn tokenization_matches_the_original_tokenizer_rules() {
     for (rel, want) in r["tokens"].as_object().unwrap() {
         let out = tmpdir("smol-tok").join("ids.json");
         let fmt: fistaprune::data::dataset::TextFormat = serde_json::from_value(want["format"].clone()).unwrap();
-        let n = commands::tokenize(&model, &shared(rel), Some(fmt), &out, false).unwrap();
+        let n = commands::tokenize(&commands::Tokenize {
+            model: model.clone(),
+            dataset: shared(rel),
+            format: Some(fmt),
+            out: out.clone(),
+            force: Default::default(),
+        })
+        .unwrap();
         let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
         let bytes: Vec<u8> =
             j["ids"].as_array().unwrap().iter().flat_map(|v| (v.as_u64().unwrap() as u32).to_le_bytes()).collect();
@@ -41,21 +48,11 @@ fn wikitext_perplexity_matches_transformers() {
     let r = reference();
     let want = r["wikitext2_seqlen512"]["first_10_windows"].as_f64().unwrap();
     let res = commands::eval(&commands::EvalArgs {
-        model: smollm2(),
-        dataset: Some(shared("wikitext-2-raw/wiki.test.raw")),
-        format: None,
-        seqlen: 512,
         max_windows: Some(10),
         batch: 2,
         // Stream the layers: the other code path of the evaluation.
-        layer_memory_bytes: 0,
-        tasks: Vec::new(),
-        tasks_dir: Default::default(),
-        limit: None,
-        json: None,
-        force: false,
-        quiet: true,
-        progress: Default::default(),
+        layer_memory_mb: 0,
+        ..commands::EvalArgs::perplexity(&smollm2(), &shared("wikitext-2-raw/wiki.test.raw"))
     })
     .unwrap()
     .perplexity
@@ -89,20 +86,11 @@ fn slice_run(r: &serde_json::Value, tag: &str, flags: &[&str]) -> (f64, serde_js
         assert_eq!(rep["calibration"]["sha256"], cal["sha256"], "{tag}: not the slice's calibration ids");
     }
     let res = commands::eval(&commands::EvalArgs {
-        model: out.clone(),
-        dataset: Some(shared("wikitext-2-raw/wiki.test.raw")),
-        format: None,
         seqlen: ev["seqlen"].as_u64().unwrap() as usize,
         max_windows: Some(ev["windows"].as_u64().unwrap() as usize),
         batch: 2,
-        layer_memory_bytes: 1 << 30,
-        tasks: Vec::new(),
-        tasks_dir: Default::default(),
-        limit: None,
-        json: None,
-        force: false,
-        quiet: true,
-        progress: Default::default(),
+        layer_memory_mb: 1 << 10,
+        ..commands::EvalArgs::perplexity(&out, &shared("wikitext-2-raw/wiki.test.raw"))
     })
     .unwrap()
     .perplexity
@@ -212,15 +200,12 @@ fn killed_prune_resumes_to_the_same_bytes() {
         1 + (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as usize) % 24;
     let aside = d.join(".killed.partial");
     let marker = aside.join(format!("layers/layer-{k:05}.safetensors"));
-    let mut child = std::process::Command::new(bin()).args(args("killed", &[])).spawn().unwrap();
-    let t0 = std::time::Instant::now();
-    while !marker.exists() {
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before layer {k} was written");
-        assert!(t0.elapsed().as_secs() < 600, "layer {k} never came");
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    // Killed for real when layer k's event appears on --progress json.
+    assert!(
+        kill_after_layer(&args("killed", &[]).iter().map(String::as_str).collect::<Vec<_>>(), k),
+        "the run ended first"
+    );
+    assert!(marker.exists(), "layer {k} was reported before it landed");
     assert!(!d.join("killed").exists(), "a killed run left an output");
     assert!(aside.exists());
 
@@ -228,7 +213,7 @@ fn killed_prune_resumes_to_the_same_bytes() {
     let (ok, _, err) = go(&args("killed", &[]));
     assert!(!ok && err.contains("--resume continues it"), "{err}");
     let (ok, _, err) = go(&args("killed", &["--resume", "--sparsity", "0.6"]));
-    assert!(!ok && err.contains("differs (pattern: \"50%\" → \"60%\")"), "{err}");
+    assert!(!ok && err.contains("differs (options.target.sparsity: 0.5 → 0.6)"), "{err}");
     assert!(marker.exists(), "a refused run removed the interrupted one's layers");
 
     let (ok, _, err) = go(&args("killed", &["--resume"]));

@@ -1,7 +1,9 @@
-//! The command-line verbs, as library functions (`main.rs` only parses arguments).
+//! The command-line verbs, as library functions: each verb's options are declared here, once, as a struct the
+//! command line reads (`main.rs` only dispatches), and its function does the work.
 
 pub mod compare;
 pub mod prune;
+pub mod resume;
 
 use std::path::{Path, PathBuf};
 
@@ -12,35 +14,82 @@ use serde_json::json;
 use crate::data::dataset::{self, TextFormat};
 use crate::eval::perplexity::{PplOptions, PplResult, perplexity};
 use crate::eval::zeroshot;
-use crate::model::export::{OutDType, write_hf_contents};
+use crate::model::export::{WriteOptions, write_hf_contents};
 use crate::model::{Checkpoint, Format, forward_logits};
-use crate::output::{AtomicDir, Claim, Kind, RunPaths};
+use crate::output::{AtomicDir, Claim, Force, Kind, RunPaths};
 use crate::util::Progress;
 
 /// `fistaprune eval`: perplexity on a dataset, zero-shot tasks, or both.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct EvalArgs {
+    /// Hugging Face model folder, .gguf file or Hub id (org/name).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub model: PathBuf,
-    /// Text for perplexity.
+    /// Dataset file (.raw/.txt, .jsonl, .json.gz) for perplexity.
+    #[cfg_attr(feature = "cli", arg(long, required_unless_present = "tasks"))]
     pub dataset: Option<PathBuf>,
+    /// How to read the dataset (default: guessed from the file name).
+    #[cfg_attr(feature = "cli", arg(long, value_enum))]
     pub format: Option<TextFormat>,
+    /// Tokens per window.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 512))]
     pub seqlen: usize,
+    /// Evaluate only the first K windows.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub max_windows: Option<usize>,
+    /// Windows per forward batch.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 1))]
     pub batch: usize,
-    /// See [`PplOptions::layer_budget_bytes`].
-    pub layer_memory_bytes: usize,
-    /// Zero-shot tasks.
+    /// Keep materialised (f32) decoder layers up to this many MB; past it, each batch re-reads every layer from
+    /// the memory map, so that only one layer is in working memory.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 4096))]
+    pub layer_memory_mb: usize,
+    /// Zero-shot tasks, scored as lm-evaluation-harness does (acc, acc_norm): boolq, rte, hellaswag, winogrande,
+    /// arc_easy, arc_challenge, openbookqa.
+    #[cfg_attr(feature = "cli", arg(long, value_delimiter = ','))]
     pub tasks: Vec<String>,
-    /// Folder holding the task files (`boolq/dev.jsonl`, ...; see [`zeroshot::task_file`]), or `hub`.
+    /// Folder of the task files (`boolq/dev.jsonl`, `winogrande/dev.jsonl`, `arc_easy/test.json`,
+    /// `openbookqa/test.jsonl`, ...), or `hub`: the datasets lm-evaluation-harness reads (Parquet splits of
+    /// aps/super_glue, allenai/ai2_arc, ...) from the Hugging Face cache, downloaded into it when online.
+    #[cfg_attr(feature = "cli", arg(long, default_value = "../shared/data/zeroshot"))]
     pub tasks_dir: PathBuf,
-    /// Score only the first K examples of each task.
+    /// Zero-shot: score only the first K examples of each task.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub limit: Option<usize>,
-    /// The results as JSON; with both a dataset and tasks, the tasks go beside it (`NAME.tasks.json`).
+    /// Also write the result as JSON here (with both a dataset and tasks, the tasks go beside it, in
+    /// NAME.tasks.json).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub json: Option<PathBuf>,
-    /// Replace an earlier `--json` output.
-    pub force: bool,
-    /// No summary lines on stdout.
+    #[cfg_attr(feature = "cli", command(flatten))]
+    pub force: Force,
+    /// No progress bar or summary line.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub quiet: bool,
+    #[cfg_attr(feature = "cli", arg(skip))]
     pub progress: Progress,
+}
+
+impl EvalArgs {
+    /// The defaults, for the perplexity of `model` on `dataset`.
+    pub fn perplexity(model: &Path, dataset: &Path) -> Self {
+        Self {
+            model: model.to_path_buf(),
+            dataset: Some(dataset.to_path_buf()),
+            format: None,
+            seqlen: 512,
+            max_windows: None,
+            batch: 1,
+            layer_memory_mb: 4096,
+            tasks: Vec::new(),
+            tasks_dir: PathBuf::from("../shared/data/zeroshot"),
+            limit: None,
+            json: None,
+            force: Force::default(),
+            quiet: true,
+            progress: Progress::Hidden,
+        }
+    }
 }
 
 /// What `eval` measured.
@@ -53,7 +102,7 @@ pub struct EvalResult {
 /// the perplexity are measured.
 pub fn eval(a: &EvalArgs) -> Result<EvalResult> {
     ensure!(a.dataset.is_some() || !a.tasks.is_empty(), "eval: give --dataset, --tasks, or both");
-    let local_tasks = !(a.tasks_dir == Path::new("hub") && !a.tasks_dir.is_dir());
+    let local_tasks = a.tasks_dir != Path::new("hub") || a.tasks_dir.is_dir();
     let mut paths = RunPaths::new()
         .model(&a.model)?
         .input("--dataset", a.dataset.as_deref())?
@@ -64,8 +113,8 @@ pub fn eval(a: &EvalArgs) -> Result<EvalResult> {
         (Some(j), true, true) => (Some(j.clone()), None),
         (Some(j), false, _) => (None, Some(j.clone())),
     };
-    let ppl_claim = ppl_json.map(|j| paths.claim("--json", &j, Kind::File, a.force)).transpose()?;
-    let tasks_claim = tasks_json.map(|j| paths.claim("--json", &j, Kind::File, a.force)).transpose()?;
+    let ppl_claim = ppl_json.map(|j| paths.claim("--json", &j, Kind::File, a.force.force)).transpose()?;
+    let tasks_claim = tasks_json.map(|j| paths.claim("--json", &j, Kind::File, a.force.force)).transpose()?;
     let tasks = if a.tasks.is_empty() { Vec::new() } else { zeroshot_tasks(a, local_tasks, tasks_claim.as_ref())? };
     let perplexity = match &a.dataset {
         Some(d) => Some(perplexity_of(a, d, ppl_claim.as_ref())?),
@@ -136,15 +185,38 @@ pub fn dataset_windows(
     Ok((format, windows))
 }
 
-/// Token ids of a dataset as the evaluation sees them (before windowing), for cross-checks with other tools.
-pub fn tokenize(model: &Path, dataset: &Path, format: Option<TextFormat>, out: &Path, force: bool) -> Result<usize> {
-    let out =
-        RunPaths::new().model(model)?.input("--dataset", Some(dataset))?.claim("--out", out, Kind::File, force)?;
-    let ck = Checkpoint::open(model)?;
-    let format = format.unwrap_or_else(|| dataset::detect_format(dataset));
-    let text = dataset::eval_text(dataset, format)?;
+/// `fistaprune tokenize`: the token ids of a dataset as `eval` reads it (before windowing), as JSON, for
+/// cross-checks with other tools.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct Tokenize {
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub model: PathBuf,
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub dataset: PathBuf,
+    #[cfg_attr(feature = "cli", arg(long, value_enum))]
+    pub format: Option<TextFormat>,
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub out: PathBuf,
+    #[cfg_attr(feature = "cli", command(flatten))]
+    pub force: Force,
+}
+
+/// The number of token ids written.
+pub fn tokenize(t: &Tokenize) -> Result<usize> {
+    let out = RunPaths::new().model(&t.model)?.input("--dataset", Some(&t.dataset))?.claim(
+        "--out",
+        &t.out,
+        Kind::File,
+        t.force.force,
+    )?;
+    let ck = Checkpoint::open(&t.model)?;
+    let format = t.format.unwrap_or_else(|| dataset::detect_format(&t.dataset));
+    let text = dataset::eval_text(&t.dataset, format)?;
     let ids = ck.tokenizer()?.encode(&text, true)?;
-    out.write_json(&json!({"model": model.display().to_string(), "dataset": dataset.display().to_string(), "format": format, "ids": ids}))?;
+    out.write_json(&json!({
+        "model": t.model.display().to_string(), "dataset": t.dataset.display().to_string(), "format": format, "ids": ids,
+    }))?;
     Ok(ids.len())
 }
 
@@ -153,7 +225,7 @@ fn perplexity_of(a: &EvalArgs, dataset: &Path, json: Option<&Claim>) -> Result<P
     let ck = Checkpoint::open(&a.model)?;
     let (format, windows) = dataset_windows(&ck, dataset, a.format, a.seqlen, a.max_windows)?;
     let model = ck.model()?;
-    let opts = PplOptions { batch: a.batch, layer_budget_bytes: a.layer_memory_bytes, progress: a.progress };
+    let opts = PplOptions { batch: a.batch, layer_budget_bytes: a.layer_memory_mb << 20, progress: a.progress };
     let r = perplexity(model.as_ref(), &windows, &opts)?;
     if !a.quiet {
         println!(
@@ -177,28 +249,25 @@ fn perplexity_of(a: &EvalArgs, dataset: &Path, json: Option<&Claim>) -> Result<P
     Ok(r)
 }
 
-/// Names and shapes of every tensor a checkpoint of this configuration holds (what `convert` writes).
-pub fn tensor_specs(ck: &Checkpoint) -> Vec<(String, Vec<usize>)> {
-    ck.expected_tensors()
-        .into_iter()
-        .filter(|(name, _, required)| *required || ck.weights.contains(name))
-        // A tied head is not stored (transformers re-ties it on load).
-        .filter(|(name, _, _)| !(name == "lm_head.weight" && is_tied(ck)))
-        .map(|(n, s, _)| (n, s))
-        .collect()
+/// `fistaprune convert`: a checkpoint (e.g. a GGUF file) as a Hugging Face folder.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct Convert {
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub model: PathBuf,
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub out: PathBuf,
+    #[cfg_attr(feature = "cli", command(flatten))]
+    pub write: WriteOptions,
+    #[cfg_attr(feature = "cli", command(flatten))]
+    pub force: Force,
 }
 
-fn is_tied(ck: &Checkpoint) -> bool {
-    match &ck.config {
-        crate::model::ModelConfig::Llama(c) => c.tie_word_embeddings,
-        crate::model::ModelConfig::Opt(c) => c.tie_word_embeddings,
-    }
-}
-
-pub fn convert(model: &Path, out: &Path, dtype: OutDType, max_shard_bytes: usize, force: bool) -> Result<()> {
-    let claim = RunPaths::new().model(model)?.claim("--out", out, Kind::Folder, force)?;
-    let ck = Checkpoint::open(model)?;
-    let specs = tensor_specs(&ck);
+pub fn convert(c: &Convert) -> Result<()> {
+    let claim = RunPaths::new().model(&c.model)?.claim("--out", &c.out, Kind::Folder, c.force.force)?;
+    let ck = Checkpoint::open(&c.model)?;
+    let specs = ck.tensor_specs();
+    let dtype = c.write.dtype_for(&ck);
     let dir = AtomicDir::new(claim)?;
     let mut load = |name: &str| ck.weights.load(name);
     write_hf_contents(
@@ -207,36 +276,66 @@ pub fn convert(model: &Path, out: &Path, dtype: OutDType, max_shard_bytes: usize
         ck.tokenizer.as_ref(),
         &specs,
         dtype,
-        max_shard_bytes,
+        c.write.max_shard_bytes(),
         &mut load,
     )
-    .with_context(|| format!("writing {}", out.display()))?;
+    .with_context(|| format!("writing {}", c.out.display()))?;
     dir.write_report(&json!({
-        "command": std::env::args().collect::<Vec<_>>(), "model": model.display().to_string(),
-        "dtype": dtype.torch_name(), "tensors": specs.len(),
+        "command": std::env::args().collect::<Vec<_>>(), "model": c.model.display().to_string(),
+        "dtype": dtype, "tensors": specs.len(),
     }))?;
     dir.commit()
 }
 
-/// What `inspect` prints: architecture, configuration and every tensor.
+/// `fistaprune inspect`: architecture, shapes, dtypes and parameter counts of a checkpoint.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct Inspect {
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub model: PathBuf,
+    /// Print JSON instead of a table.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub json: bool,
+}
+
+/// Print what [`inspect`] finds, as a table or as JSON.
+pub fn print_inspect(i: &Inspect) -> Result<()> {
+    let info = inspect(&i.model)?;
+    if i.json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+        return Ok(());
+    }
+    println!("{}  ({}, {})", info["path"].as_str().unwrap_or(""), info["format"], info["architecture"]);
+    println!("parameters: {}", info["parameters"]);
+    println!("  in decoder layers: {}", info["decoder_layer_parameters"]);
+    println!("  prunable linear weights: {}", info["prunable_linear_parameters"]);
+    println!("config: {}", info["config"]);
+    if let Some(t) = info["tokenizer"].as_object() {
+        println!("tokenizer: vocab {} bos {} eos {}", t["vocab_size"], t["bos_id"], t["eos_id"]);
+    }
+    for t in info["tensors"].as_array().into_iter().flatten() {
+        println!("{:<60} {:<8} {}", t["name"].as_str().unwrap_or(""), t["dtype"].as_str().unwrap_or(""), t["shape"]);
+    }
+    Ok(())
+}
+
+/// Architecture, configuration and every tensor of a checkpoint.
 pub fn inspect(model: &Path) -> Result<serde_json::Value> {
     let ck = Checkpoint::open(model)?;
     let mut tensors = Vec::new();
     let mut total = 0usize;
     let mut in_layers = 0usize;
-    let mut linear_params = 0usize;
     for name in ck.weights.names() {
         let m = ck.weights.meta(&name).expect("listed");
         let n: usize = m.shape.iter().product();
         total += n;
-        if name.contains(".layers.") {
+        if crate::model::layer_of(&name).is_some() {
             in_layers += n;
-            if name.ends_with("proj.weight") || name.ends_with("fc1.weight") || name.ends_with("fc2.weight") {
-                linear_params += n;
-            }
         }
         tensors.push(json!({"name": name, "shape": m.shape, "dtype": m.dtype}));
     }
+    let linear_params: usize =
+        ck.tensor_specs().iter().filter(|t| t.linear).map(|t| t.shape.iter().product::<usize>()).sum();
     let tok =
         ck.tokenizer.as_ref().map(|t| json!({"vocab_size": t.vocab_size(), "bos_id": t.bos_id, "eos_id": t.eos_id}));
     Ok(json!({
@@ -250,6 +349,18 @@ pub fn inspect(model: &Path) -> Result<serde_json::Value> {
         "tokenizer": tok,
         "tensors": tensors,
     }))
+}
+
+/// `fistaprune generate`: greedy continuation of a prompt.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct Generate {
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub model: PathBuf,
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub prompt: String,
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 24))]
+    pub max_new_tokens: usize,
 }
 
 /// Greedy continuation of `prompt` (no KV cache: for checks, not for serving).

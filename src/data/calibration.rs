@@ -10,7 +10,7 @@
 //! The RNG is ChaCha8 seeded with `--seed`; a sample set can be saved and reloaded, so that two runs (or a
 //! Python reference) share exactly the same token ids.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use rand::{RngExt, SeedableRng};
@@ -22,7 +22,8 @@ use sha2::{Digest, Sha256};
 use super::dataset::{self, TextFormat};
 use super::tokenizer::Tokenizer;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum CalibMode {
     Auto,
@@ -30,11 +31,19 @@ pub enum CalibMode {
     Stream,
 }
 
-/// A calibration set and where it came from.
+/// A calibration set: its token ids and where they came from.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Calibration {
     /// Marks a saved calibration file (format version).
     pub fistaprune_calibration: u32,
+    #[serde(flatten)]
+    pub info: CalibrationInfo,
+    pub ids: Vec<Vec<u32>>,
+}
+
+/// Where a calibration set came from, without its ids (what reports carry).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CalibrationInfo {
     pub source: String,
     pub nsamples: usize,
     pub seqlen: usize,
@@ -46,22 +55,39 @@ pub struct Calibration {
     pub long_documents: usize,
     /// sha256 of the ids as little-endian u32, sample after sample.
     pub sha256: String,
-    pub ids: Vec<Vec<u32>>,
 }
 
 /// The peers' calibration: 128 samples of 2,048 tokens.
 pub const DEFAULT_NSAMPLES: usize = 128;
 pub const DEFAULT_SEQLEN: usize = 2048;
 
-pub struct CalibSpec<'a> {
-    pub source: &'a Path,
-    pub format: Option<TextFormat>,
-    /// None: a saved file's count, else [`DEFAULT_NSAMPLES`].
+/// Where the calibration samples come from and how they are drawn.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct CalibOptions {
+    /// Calibration text (C4 .jsonl/.json.gz, WikiText, any text) or a file saved with --save-calib.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub calib: Option<PathBuf>,
+    #[cfg_attr(feature = "cli", arg(long, value_enum))]
+    pub calib_format: Option<TextFormat>,
+    /// documents: random long document, random window (the peers' C4 recipe); stream: documents joined
+    /// with EOS, random windows; auto: documents when enough are long enough.
+    #[cfg_attr(feature = "cli", arg(long, value_enum, default_value = "auto"))]
+    pub calib_mode: CalibMode,
+    /// Calibration samples [default: 128, or the count a saved --calib file holds].
+    #[cfg_attr(feature = "cli", arg(long))]
     pub nsamples: Option<usize>,
-    /// None: a saved file's length, else [`DEFAULT_SEQLEN`].
+    /// Tokens per calibration sample [default: 2048, or the length a saved --calib file holds].
+    #[cfg_attr(feature = "cli", arg(long))]
     pub seqlen: Option<usize>,
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 0))]
     pub seed: u64,
-    pub mode: CalibMode,
+}
+
+impl Default for CalibOptions {
+    fn default() -> Self {
+        Self { calib: None, calib_format: None, calib_mode: CalibMode::Auto, nsamples: None, seqlen: None, seed: 0 }
+    }
 }
 
 /// sha256 of the ids as little-endian u32.
@@ -96,31 +122,33 @@ fn documents(path: &Path, format: TextFormat) -> Result<Vec<String>> {
 }
 
 impl Calibration {
-    /// Draw a calibration set, or load a saved one when `spec.source` is a saved calibration file (its
-    /// sample count and length must then agree with `spec` where it sets them).
-    pub fn build(tok: &Tokenizer, spec: &CalibSpec) -> Result<Self> {
-        if let Some(saved) = Self::try_load(spec.source)? {
+    /// Draw a calibration set, or load a saved one when `--calib` is a saved calibration file (its sample
+    /// count and length must then agree with `spec` where it sets them).
+    pub fn build(tok: &Tokenizer, spec: &CalibOptions) -> Result<Self> {
+        let source = spec.calib.as_deref().ok_or_else(|| anyhow!("--calib is required"))?;
+        if let Some(saved) = Self::try_load(source)? {
             ensure!(
-                spec.nsamples.is_none_or(|n| n == saved.nsamples) && spec.seqlen.is_none_or(|n| n == saved.seqlen),
+                spec.nsamples.is_none_or(|n| n == saved.info.nsamples)
+                    && spec.seqlen.is_none_or(|n| n == saved.info.seqlen),
                 "{}: holds {} x {} samples, but --nsamples {} --seqlen {} were asked",
-                spec.source.display(),
-                saved.nsamples,
-                saved.seqlen,
-                spec.nsamples.unwrap_or(saved.nsamples),
-                spec.seqlen.unwrap_or(saved.seqlen)
+                source.display(),
+                saved.info.nsamples,
+                saved.info.seqlen,
+                spec.nsamples.unwrap_or(saved.info.nsamples),
+                spec.seqlen.unwrap_or(saved.info.seqlen)
             );
             return Ok(saved);
         }
         let (nsamples, seqlen) = (spec.nsamples.unwrap_or(DEFAULT_NSAMPLES), spec.seqlen.unwrap_or(DEFAULT_SEQLEN));
         ensure!(nsamples > 0, "--nsamples must be at least 1");
         ensure!(seqlen >= 2, "--seqlen must be at least 2");
-        let format = spec.format.unwrap_or_else(|| dataset::detect_format(spec.source));
-        let docs = documents(spec.source, format)?;
-        ensure!(!docs.is_empty(), "{}: no documents", spec.source.display());
+        let format = spec.calib_format.unwrap_or_else(|| dataset::detect_format(source));
+        let docs = documents(source, format)?;
+        ensure!(!docs.is_empty(), "{}: no documents", source.display());
         // Each document as the peers tokenize it (with the tokenizer's own BOS, if any).
         let toks: Vec<Vec<u32>> = docs.par_iter().map(|d| tok.encode(d, true)).collect::<Result<_>>()?;
         let long = toks.iter().filter(|t| t.len() > seqlen).count();
-        let mode = match spec.mode {
+        let mode = match spec.calib_mode {
             CalibMode::Auto if long >= nsamples && docs.len() > 1 => CalibMode::Documents,
             CalibMode::Auto => CalibMode::Stream,
             m => m,
@@ -132,7 +160,7 @@ impl Calibration {
                 ensure!(
                     long > 0,
                     "{}: no document is longer than --seqlen {} tokens (use --calib-mode stream)",
-                    spec.source.display(),
+                    source.display(),
                     seqlen
                 );
                 for _ in 0..nsamples {
@@ -159,7 +187,7 @@ impl Calibration {
                 if stream.len() <= seqlen {
                     bail!(
                         "{}: {} tokens in all, not enough for one calibration window of {}",
-                        spec.source.display(),
+                        source.display(),
                         stream.len(),
                         seqlen
                     );
@@ -170,9 +198,8 @@ impl Calibration {
                 }
             }
         }
-        Ok(Self {
-            fistaprune_calibration: 1,
-            source: spec.source.display().to_string(),
+        let info = CalibrationInfo {
+            source: source.display().to_string(),
             nsamples,
             seqlen,
             seed: spec.seed,
@@ -180,8 +207,8 @@ impl Calibration {
             documents: docs.len(),
             long_documents: long,
             sha256: fingerprint(&ids),
-            ids,
-        })
+        };
+        Ok(Self { fistaprune_calibration: 1, info, ids })
     }
 
     /// A saved calibration file, or `None` if `path` is something else.
@@ -204,14 +231,14 @@ impl Calibration {
         let c: Calibration =
             serde_json::from_str(&text).with_context(|| format!("{}: not a valid calibration file", path.display()))?;
         ensure!(
-            c.ids.len() == c.nsamples && c.ids.iter().all(|s| s.len() == c.seqlen),
+            c.ids.len() == c.info.nsamples && c.ids.iter().all(|s| s.len() == c.info.seqlen),
             "{}: the ids are not {} x {}",
             path.display(),
-            c.nsamples,
-            c.seqlen
+            c.info.nsamples,
+            c.info.seqlen
         );
         ensure!(
-            fingerprint(&c.ids) == c.sha256,
+            fingerprint(&c.ids) == c.info.sha256,
             "{}: the ids do not match their sha256 (edited or corrupted)",
             path.display()
         );
@@ -250,14 +277,14 @@ mod tests {
         p
     }
 
-    fn spec(p: &Path, nsamples: usize, seqlen: usize, mode: CalibMode) -> CalibSpec<'_> {
-        CalibSpec {
-            source: p,
-            format: Some(TextFormat::C4),
+    fn spec(p: &Path, nsamples: usize, seqlen: usize, mode: CalibMode) -> CalibOptions {
+        CalibOptions {
+            calib: Some(p.to_path_buf()),
+            calib_format: Some(TextFormat::C4),
             nsamples: Some(nsamples),
             seqlen: Some(seqlen),
             seed: 0,
-            mode,
+            calib_mode: mode,
         }
     }
 
@@ -267,8 +294,8 @@ mod tests {
         let long = "The quick brown fox jumps over the lazy dog near the river bank. ".repeat(8);
         let p = corpus("docs.jsonl", &["short one", &long, "another short", &long.to_uppercase()]);
         let c = Calibration::build(&tok, &spec(&p, 6, 20, CalibMode::Documents)).unwrap();
-        assert_eq!(c.mode, CalibMode::Documents);
-        assert_eq!(c.long_documents, 2);
+        assert_eq!(c.info.mode, CalibMode::Documents);
+        assert_eq!(c.info.long_documents, 2);
         let docs = [tok.encode(&long, true).unwrap(), tok.encode(&long.to_uppercase(), true).unwrap()];
         for s in &c.ids {
             assert_eq!(s.len(), 20);
@@ -276,7 +303,7 @@ mod tests {
         }
         // Auto: 2 long documents < 6 samples, so it streams.
         let a = Calibration::build(&tok, &spec(&p, 6, 20, CalibMode::Auto)).unwrap();
-        assert_eq!(a.mode, CalibMode::Stream);
+        assert_eq!(a.info.mode, CalibMode::Stream);
     }
 
     #[test]

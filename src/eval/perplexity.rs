@@ -42,7 +42,7 @@ pub struct PplResult {
     pub seqlen: usize,
     pub seconds: f64,
     pub tokens_per_second: f64,
-    /// Forward FLOPs counted from the configuration ([`crate::model::ModelConfig::flops_per_token`]) per second.
+    /// Forward FLOPs counted from the configuration ([`crate::model::Config::flops_per_token`]) per second.
     pub gflop_per_second: f64,
 }
 

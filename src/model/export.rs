@@ -13,12 +13,55 @@ use candle_core::{DType, Tensor};
 use serde_json::json;
 
 use crate::data::tokenizer::Tokenizer;
+use crate::model::{Checkpoint, Format, TensorSpec, layer_of};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum OutDType {
     F32,
     F16,
     Bf16,
+}
+
+/// How a checkpoint is written.
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct WriteOptions {
+    /// Output weight type (default: the input's decoder weights'; f32 for GGUF).
+    #[cfg_attr(feature = "cli", arg(long, value_enum))]
+    pub dtype: Option<OutDType>,
+    /// Largest safetensors shard, in GB.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 5.0))]
+    pub max_shard_gb: f64,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        Self { dtype: None, max_shard_gb: 5.0 }
+    }
+}
+
+impl WriteOptions {
+    pub fn max_shard_bytes(&self) -> usize {
+        (self.max_shard_gb * 1e9) as usize
+    }
+
+    /// `--dtype`, else the stored type of `ck`'s decoder layers (f32 for GGUF, whose weights are quantised).
+    pub fn dtype_for(&self, ck: &Checkpoint) -> OutDType {
+        self.dtype.unwrap_or_else(|| {
+            if ck.format == Format::Gguf {
+                return OutDType::F32;
+            }
+            let names = ck.weights.names();
+            let dt = names.iter().find(|n| layer_of(n).is_some()).and_then(|n| ck.weights.meta(n)).map(|m| m.dtype);
+            match dt.as_deref() {
+                Some("BF16") => OutDType::Bf16,
+                Some("F16") => OutDType::F16,
+                _ => OutDType::F32,
+            }
+        })
+    }
 }
 
 impl OutDType {
@@ -56,14 +99,14 @@ fn tensor_bytes(t: &Tensor, dtype: OutDType) -> Result<Vec<u8>> {
 /// Write one safetensors file holding `specs`, producing each tensor with `load`.
 pub fn write_safetensors(
     path: &Path,
-    specs: &[(String, Vec<usize>)],
+    specs: &[TensorSpec],
     dtype: OutDType,
     load: &mut dyn FnMut(&str) -> Result<Tensor>,
 ) -> Result<()> {
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), json!({"format": "pt"}));
     let mut offset = 0usize;
-    for (name, shape) in specs {
+    for TensorSpec { name, shape, .. } in specs {
         let n = shape.iter().product::<usize>() * dtype.size();
         header.insert(
             name.clone(),
@@ -80,7 +123,7 @@ pub fn write_safetensors(
     let mut w = BufWriter::with_capacity(1 << 22, f);
     w.write_all(&(hbytes.len() as u64).to_le_bytes())?;
     w.write_all(&hbytes)?;
-    for (name, shape) in specs {
+    for TensorSpec { name, shape, .. } in specs {
         let t = load(name)?;
         if t.dims() != shape.as_slice() {
             bail!("tensor {name}: produced shape {:?}, expected {:?}", t.dims(), shape);
@@ -96,21 +139,21 @@ pub fn write_safetensors(
 /// `max_shard_bytes` with an index.
 pub fn write_weights(
     dir: &Path,
-    specs: &[(String, Vec<usize>)],
+    specs: &[TensorSpec],
     dtype: OutDType,
     max_shard_bytes: usize,
     load: &mut dyn FnMut(&str) -> Result<Tensor>,
 ) -> Result<()> {
-    let mut shards: Vec<Vec<(String, Vec<usize>)>> = vec![Vec::new()];
+    let mut shards: Vec<Vec<TensorSpec>> = vec![Vec::new()];
     let mut size = 0usize;
     let mut total = 0usize;
-    for (name, shape) in specs {
-        let n = shape.iter().product::<usize>() * dtype.size();
+    for t in specs {
+        let n = t.shape.iter().product::<usize>() * dtype.size();
         if size > 0 && size + n > max_shard_bytes {
             shards.push(Vec::new());
             size = 0;
         }
-        shards.last_mut().unwrap().push((name.clone(), shape.clone()));
+        shards.last_mut().unwrap().push(t.clone());
         size += n;
         total += n;
     }
@@ -122,8 +165,8 @@ pub fn write_weights(
     for (i, shard) in shards.iter().enumerate() {
         let file = format!("model-{:05}-of-{k:05}.safetensors", i + 1);
         write_safetensors(&dir.join(&file), shard, dtype, load)?;
-        for (name, _) in shard {
-            weight_map.insert(name.clone(), json!(file));
+        for t in shard {
+            weight_map.insert(t.name.clone(), json!(file));
         }
     }
     let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
@@ -151,7 +194,7 @@ pub fn write_hf_contents(
     dir: &Path,
     config: &serde_json::Value,
     tokenizer: Option<&Tokenizer>,
-    specs: &[(String, Vec<usize>)],
+    specs: &[TensorSpec],
     dtype: OutDType,
     max_shard_bytes: usize,
     load: &mut dyn FnMut(&str) -> Result<Tensor>,

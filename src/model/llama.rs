@@ -1,15 +1,508 @@
-//! The LLaMA family (LLaMA 1/2/3, Mistral, SmolLM2, Qwen2): RMSNorm, rotary attention with grouped
-//! key/value heads, SwiGLU MLP. Matches Hugging Face `modeling_llama.py` / `modeling_qwen2.py`.
+//! The LLaMA family (LLaMA 1/2/3, Mistral, SmolLM2, Qwen2): RMSNorm, rotary attention with grouped key/value
+//! heads, SwiGLU MLP. Matches Hugging Face `modeling_llama.py` / `modeling_qwen2.py`.
+//!
+//! Everything about the architecture is here: its `config.json` ([`ConfigJson`], as serde reads it) and GGUF
+//! metadata, resolved into [`LlamaConfig`]; one table of its tensors' names (Hugging Face and GGUF, from
+//! which loading, writing and the GGUF mapping all read); the model and its decoder layer.
 
 use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use candle_core::{Device, Tensor};
+use serde::Deserialize;
+use serde_json::{Value as Json, json};
 
-use super::config::LlamaConfig;
-use super::{CausalLm, DecoderLayer, Hook, LayerContext, Linear, ModelConfig, Weights};
+use super::gguf::GgufFile;
+use super::{
+    Architecture, CausalLm, Config, DecoderLayer, Hook, LayerContext, Linear, ModelConfig, TensorSpec, Weights,
+};
 
-const LINEARS: &[&str] = &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+pub const ARCHITECTURE: Architecture = Architecture {
+    model_types: &["llama", "mistral", "qwen2", "smollm", "smollm2"],
+    gguf_architectures: &["llama", "qwen2"],
+    from_hf: |j| Ok(Arc::new(ConfigJson::deserialize(j)?.resolve()?)),
+    from_gguf: Some(|g| Ok(Arc::new(LlamaConfig::from_gguf(g)?))),
+};
+
+/// A linear operator of the decoder layer: its name, its module under `model.layers.{i}.`, its name under
+/// GGUF's `blk.{i}.`, its `(out, in)` shape and whether it has a bias.
+struct Operator {
+    name: &'static str,
+    module: &'static str,
+    gguf: &'static str,
+    shape: fn(&LlamaConfig) -> [usize; 2],
+    bias: fn(&LlamaConfig) -> bool,
+}
+
+/// The layer's operators in data-flow order: the one table of their names.
+const OPERATORS: [Operator; 7] = [
+    Operator {
+        name: "q_proj",
+        module: "self_attn.q_proj",
+        gguf: "attn_q",
+        shape: |c| [c.q_width(), c.hidden_size],
+        bias: |c| c.qkv_bias,
+    },
+    Operator {
+        name: "k_proj",
+        module: "self_attn.k_proj",
+        gguf: "attn_k",
+        shape: |c| [c.kv_width(), c.hidden_size],
+        bias: |c| c.qkv_bias,
+    },
+    Operator {
+        name: "v_proj",
+        module: "self_attn.v_proj",
+        gguf: "attn_v",
+        shape: |c| [c.kv_width(), c.hidden_size],
+        bias: |c| c.qkv_bias,
+    },
+    Operator {
+        name: "o_proj",
+        module: "self_attn.o_proj",
+        gguf: "attn_output",
+        shape: |c| [c.hidden_size, c.q_width()],
+        bias: |c| c.o_bias,
+    },
+    Operator {
+        name: "gate_proj",
+        module: "mlp.gate_proj",
+        gguf: "ffn_gate",
+        shape: |c| [c.intermediate_size, c.hidden_size],
+        bias: |c| c.mlp_bias,
+    },
+    Operator {
+        name: "up_proj",
+        module: "mlp.up_proj",
+        gguf: "ffn_up",
+        shape: |c| [c.intermediate_size, c.hidden_size],
+        bias: |c| c.mlp_bias,
+    },
+    Operator {
+        name: "down_proj",
+        module: "mlp.down_proj",
+        gguf: "ffn_down",
+        shape: |c| [c.hidden_size, c.intermediate_size],
+        bias: |c| c.mlp_bias,
+    },
+];
+
+/// [`OPERATORS`]' names, for [`DecoderLayer::linear_names`].
+const OPERATOR_NAMES: [&str; 7] = {
+    let mut names = [""; 7];
+    let mut k = 0;
+    while k < names.len() {
+        names[k] = OPERATORS[k].name;
+        k += 1;
+    }
+    names
+};
+
+/// The operators grouped by the input they share, in data-flow order.
+const INPUT_GROUPS: [&[&str]; 4] =
+    [&["q_proj", "k_proj", "v_proj"], &["o_proj"], &["gate_proj", "up_proj"], &["down_proj"]];
+
+/// The layer's two RMSNorms (their module, their GGUF name): before attention, before the MLP.
+const NORMS: [(&str, &str); 2] = [("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm")];
+
+/// The tensors outside the layers (Hugging Face name, GGUF name): embeddings, final norm, head.
+const EMBED: (&str, &str) = ("model.embed_tokens.weight", "token_embd.weight");
+const FINAL_NORM: (&str, &str) = ("model.norm.weight", "output_norm.weight");
+const HEAD: (&str, &str) = ("lm_head.weight", "output.weight");
+
+fn layer_prefix(i: usize) -> String {
+    format!("model.layers.{i}")
+}
+
+/// How RoPE frequencies are rescaled for long context (Hugging Face `rope_type`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// `inv_freq / factor`.
+    Linear { factor: f64 },
+    /// LLaMA 3.1's piecewise rescaling.
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+}
+
+/// `config.json` of the family as Hugging Face writes it (the fields read; the rest is ignored).
+#[derive(Debug, Deserialize)]
+pub struct ConfigJson {
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    pub rms_norm_eps: Option<f64>,
+    pub rope_theta: Option<f64>,
+    /// transformers < 5.
+    pub rope_scaling: Option<RopeJson>,
+    /// transformers ≥ 5: the scaling and `rope_theta` together.
+    pub rope_parameters: Option<RopeJson>,
+    pub max_position_embeddings: Option<usize>,
+    pub tie_word_embeddings: Option<bool>,
+    /// Biases on q, k, v and o (Qwen2 has them on q, k, v whatever this says).
+    pub attention_bias: Option<bool>,
+    pub mlp_bias: Option<bool>,
+    pub bos_token_id: Option<TokenIds>,
+    pub eos_token_id: Option<TokenIds>,
+    pub hidden_act: Option<String>,
+}
+
+/// `rope_scaling` / `rope_parameters`.
+#[derive(Debug, Deserialize)]
+pub struct RopeJson {
+    pub rope_type: Option<String>,
+    #[serde(rename = "type")]
+    pub type_: Option<String>,
+    pub rope_theta: Option<f64>,
+    pub factor: Option<f64>,
+    pub low_freq_factor: Option<f64>,
+    pub high_freq_factor: Option<f64>,
+    pub original_max_position_embeddings: Option<f64>,
+}
+
+/// A token id, or several (some configs list several EOS ids: the first is the one used).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    fn first(&self) -> Option<u32> {
+        match self {
+            Self::One(t) => Some(*t),
+            Self::Many(v) => v.first().copied(),
+        }
+    }
+}
+
+impl ConfigJson {
+    fn resolve(self) -> Result<LlamaConfig> {
+        if let Some(act) = &self.hidden_act {
+            ensure!(act == "silu", "hidden_act \"{act}\" is not supported for {} (silu is)", self.model_type);
+        }
+        let heads = self.num_attention_heads;
+        let params = self.rope_parameters.as_ref();
+        let rope_theta = params.and_then(|p| p.rope_theta).or(self.rope_theta).unwrap_or(10000.0);
+        let rope_scaling = match params.or(self.rope_scaling.as_ref()) {
+            Some(s) => s.scaling()?,
+            None => None,
+        };
+        let attention_bias = self.attention_bias.unwrap_or(false);
+        let is_qwen = self.model_type == "qwen2";
+        let cfg = LlamaConfig {
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: heads,
+            num_key_value_heads: self.num_key_value_heads.unwrap_or(heads),
+            head_dim: self.head_dim.unwrap_or(self.hidden_size / heads.max(1)),
+            rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: self.max_position_embeddings.unwrap_or(4096),
+            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
+            qkv_bias: is_qwen || attention_bias,
+            o_bias: attention_bias && !is_qwen,
+            mlp_bias: self.mlp_bias.unwrap_or(false),
+            bos_token_id: self.bos_token_id.as_ref().and_then(TokenIds::first),
+            eos_token_id: self.eos_token_id.as_ref().and_then(TokenIds::first),
+            model_type: self.model_type,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+impl RopeJson {
+    fn scaling(&self) -> Result<Option<RopeScaling>> {
+        let f = |v: Option<f64>, k: &str| v.ok_or_else(|| anyhow!("rope scaling: missing \"{k}\""));
+        Ok(match self.rope_type.as_deref().or(self.type_.as_deref()).unwrap_or("default") {
+            "default" => None,
+            "linear" => Some(RopeScaling::Linear { factor: f(self.factor, "factor")? }),
+            "llama3" => Some(RopeScaling::Llama3 {
+                factor: f(self.factor, "factor")?,
+                low_freq_factor: f(self.low_freq_factor, "low_freq_factor")?,
+                high_freq_factor: f(self.high_freq_factor, "high_freq_factor")?,
+                original_max_position_embeddings: f(
+                    self.original_max_position_embeddings,
+                    "original_max_position_embeddings",
+                )?,
+            }),
+            other => bail!("rope scaling type \"{other}\" is not supported (default, linear, llama3 are)"),
+        })
+    }
+}
+
+/// The family's configuration, resolved (defaults filled in, Qwen2's biases made explicit).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    /// `llama`, `mistral`, `qwen2`, ... as given.
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: Option<RopeScaling>,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// Biases on q, k and v (Qwen2; LLaMA's `attention_bias` also puts one on o).
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+}
+
+impl LlamaConfig {
+    /// Read the configuration of a GGUF file (`llama` and `qwen2` architectures).
+    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+        let arch = g.get_str("general.architecture")?.to_string();
+        let k = |s: &str| format!("{arch}.{s}");
+        let hidden = g.get_u64(&k("embedding_length"))? as usize;
+        let heads = g.get_u64(&k("attention.head_count"))? as usize;
+        let kv = g.get_u64(&k("attention.head_count_kv")).map(|v| v as usize).unwrap_or(heads);
+        ensure!(heads > 0, "{}: attention.head_count is 0", g.path.display());
+        let head_dim = g
+            .get_u64(&k("attention.key_length"))
+            .or_else(|_| g.get_u64(&k("rope.dimension_count")))
+            .map(|v| v as usize)
+            .unwrap_or(hidden / heads);
+        let embd = g.tensors.get(EMBED.1).ok_or_else(|| anyhow!("{}: no {} tensor", g.path.display(), EMBED.1))?;
+        let rope_scaling = match g.get(&k("rope.scaling.type")).and_then(|v| v.as_str()) {
+            None | Some("none") => None,
+            Some("linear") => Some(RopeScaling::Linear { factor: g.get_f64(&k("rope.scaling.factor"))? }),
+            Some(other) => bail!("{}: rope scaling \"{other}\" is not supported", g.path.display()),
+        };
+        ensure!(
+            !g.tensors.contains_key("rope_freqs.weight"),
+            "{}: rope_freqs.weight (LLaMA-3.1 frequency factors) is not supported yet; use the Hugging Face checkpoint",
+            g.path.display()
+        );
+        let has = |t: &str| g.tensors.contains_key(&format!("blk.0.{t}"));
+        let cfg = Self {
+            vocab_size: embd.shape[0],
+            hidden_size: hidden,
+            intermediate_size: g.get_u64(&k("feed_forward_length"))? as usize,
+            num_hidden_layers: g.get_u64(&k("block_count"))? as usize,
+            num_attention_heads: heads,
+            num_key_value_heads: kv,
+            head_dim,
+            rms_norm_eps: g.get_f64(&k("attention.layer_norm_rms_epsilon"))?,
+            rope_theta: g.get_f64(&k("rope.freq_base")).unwrap_or(10000.0),
+            rope_scaling,
+            max_position_embeddings: g.get_u64(&k("context_length")).map(|v| v as usize).unwrap_or(4096),
+            tie_word_embeddings: !g.tensors.contains_key(HEAD.1),
+            qkv_bias: has("attn_q.bias") || arch == "qwen2",
+            o_bias: has("attn_output.bias"),
+            mlp_bias: has("ffn_down.bias"),
+            bos_token_id: g.get_u64("tokenizer.ggml.bos_token_id").ok().map(|v| v as u32),
+            eos_token_id: g.get_u64("tokenizer.ggml.eos_token_id").ok().map(|v| v as u32),
+            model_type: arch,
+        };
+        cfg.validate().with_context(|| format!("{}: inconsistent metadata", g.path.display()))?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<()> {
+        ensure!(self.num_attention_heads > 0, "num_attention_heads is 0");
+        ensure!(
+            self.num_key_value_heads > 0 && self.num_attention_heads.is_multiple_of(self.num_key_value_heads),
+            "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+            self.num_attention_heads,
+            self.num_key_value_heads
+        );
+        ensure!(self.head_dim.is_multiple_of(2) && self.head_dim > 0, "head_dim {} must be even", self.head_dim);
+        Ok(())
+    }
+
+    fn q_width(&self) -> usize {
+        self.num_attention_heads * self.head_dim
+    }
+
+    fn kv_width(&self) -> usize {
+        self.num_key_value_heads * self.head_dim
+    }
+
+    /// RoPE inverse frequencies, as Hugging Face computes them (including the rescalings we support).
+    pub fn inv_freq(&self) -> Vec<f32> {
+        let d = self.head_dim;
+        let base: Vec<f64> = (0..d / 2).map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / d as f64)).collect();
+        let scaled: Vec<f64> = match &self.rope_scaling {
+            None => base,
+            Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / factor).collect(),
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
+                let old = *original_max_position_embeddings;
+                let low_wavelen = old / low_freq_factor;
+                let high_wavelen = old / high_freq_factor;
+                base.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen > low_wavelen {
+                            f / factor
+                        } else if wavelen < high_wavelen {
+                            f
+                        } else {
+                            let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        };
+        scaled.into_iter().map(|f| f as f32).collect()
+    }
+}
+
+impl Config for LlamaConfig {
+    fn model_type(&self) -> &str {
+        &self.model_type
+    }
+
+    fn num_layers(&self) -> usize {
+        self.num_hidden_layers
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    fn eos_token_id(&self) -> Option<u32> {
+        self.eos_token_id
+    }
+
+    fn max_positions(&self) -> usize {
+        self.max_position_embeddings
+    }
+
+    fn flops_per_token(&self, seqlen: usize) -> f64 {
+        let linear: usize = OPERATORS.iter().map(|o| (o.shape)(self).iter().product::<usize>()).sum();
+        let head = self.vocab_size * self.hidden_size;
+        let keys = (seqlen as f64 + 1.0) / 2.0;
+        let layers = self.num_hidden_layers as f64;
+        2.0 * (layers * linear as f64 + head as f64) + layers * 2.0 * 2.0 * keys * self.q_width() as f64
+    }
+
+    fn tensors(&self, _weights: &Weights) -> Vec<TensorSpec> {
+        let (h, v) = (self.hidden_size, self.vocab_size);
+        let mut out = vec![TensorSpec::new(EMBED.0, vec![v, h], true), TensorSpec::new(FINAL_NORM.0, vec![h], true)];
+        // A tied head is not stored (transformers re-ties it on load), even where a checkpoint carries one.
+        if !self.tie_word_embeddings {
+            out.push(TensorSpec::new(HEAD.0, vec![v, h], true));
+        }
+        for l in 0..self.num_hidden_layers {
+            let p = layer_prefix(l);
+            for (norm, _) in NORMS {
+                out.push(TensorSpec::new(&format!("{p}.{norm}.weight"), vec![h], true));
+            }
+            // Attention's weights then its biases, then the MLP's: the order checkpoints have always been
+            // written in, so that their bytes do not move.
+            for block in [&OPERATORS[..4], &OPERATORS[4..]] {
+                for o in block {
+                    let [rows, cols] = (o.shape)(self);
+                    let name = format!("{p}.{}.weight", o.module);
+                    out.push(TensorSpec { linear: true, ..TensorSpec::new(&name, vec![rows, cols], true) });
+                }
+                for o in block {
+                    let rows = (o.shape)(self)[0];
+                    out.push(TensorSpec::new(&format!("{p}.{}.bias", o.module), vec![rows], (o.bias)(self)));
+                }
+            }
+        }
+        out
+    }
+
+    fn hf_name_of_gguf(&self, name: &str) -> Option<(String, Option<usize>)> {
+        for (hf, g) in [EMBED, FINAL_NORM, HEAD] {
+            if name == g {
+                return Some((hf.to_string(), None));
+            }
+        }
+        let (i, rest) = name.strip_prefix("blk.")?.split_once('.')?;
+        let (module, suffix) = rest.rsplit_once('.')?;
+        let p = layer_prefix(i.parse().ok()?);
+        if let Some((norm, _)) = NORMS.iter().find(|(_, g)| *g == module) {
+            return Some((format!("{p}.{norm}.{suffix}"), None));
+        }
+        let o = OPERATORS.iter().find(|o| o.gguf == module)?;
+        // llama.cpp permutes Q/K rows for its `llama` architecture only (qwen2 keeps the NeoX / HF layout).
+        let heads = match o.name {
+            "q_proj" => Some(self.num_attention_heads),
+            "k_proj" => Some(self.num_key_value_heads),
+            _ => None,
+        };
+        Some((format!("{p}.{}.{suffix}", o.module), heads.filter(|_| self.model_type == "llama")))
+    }
+
+    fn to_hf_json(&self) -> Json {
+        let rope_parameters = match &self.rope_scaling {
+            None => json!({"rope_type": "default", "rope_theta": self.rope_theta}),
+            Some(RopeScaling::Linear { factor }) => {
+                json!({"rope_type": "linear", "factor": factor, "rope_theta": self.rope_theta})
+            }
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
+                json!({
+                    "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                    "high_freq_factor": high_freq_factor,
+                    "original_max_position_embeddings": original_max_position_embeddings,
+                    "rope_theta": self.rope_theta
+                })
+            }
+        };
+        let model_type = if self.model_type == "qwen2" { "qwen2" } else { "llama" };
+        let arch = if model_type == "qwen2" { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" };
+        let mut j = json!({
+            "architectures": [arch],
+            "model_type": model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": rope_parameters,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "torch_dtype": "float32",
+            "dtype": "float32",
+        });
+        if model_type == "llama" {
+            j["attention_bias"] = json!(self.qkv_bias);
+            j["mlp_bias"] = json!(self.mlp_bias);
+        }
+        j
+    }
+
+    fn build(&self, weights: Arc<Weights>) -> Result<Box<dyn CausalLm>> {
+        Ok(Box::new(Llama::new(self.clone(), weights)?))
+    }
+}
 
 pub struct Llama {
     model_cfg: ModelConfig,
@@ -24,59 +517,20 @@ pub struct Llama {
 pub struct LlamaLayer {
     idx: usize,
     cfg: LlamaConfig,
-    input_norm: Tensor,
-    post_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
-}
-
-/// (name, shape, required) of every tensor.
-pub fn expected_tensors(c: &LlamaConfig) -> Vec<(String, Vec<usize>, bool)> {
-    let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
-    let q = c.num_attention_heads * c.head_dim;
-    let kv = c.num_key_value_heads * c.head_dim;
-    let mut out = vec![
-        ("model.embed_tokens.weight".to_string(), vec![v, h], true),
-        ("model.norm.weight".to_string(), vec![h], true),
-        ("lm_head.weight".to_string(), vec![v, h], !c.tie_word_embeddings),
-    ];
-    for l in 0..c.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        let mut add = |n: &str, s: Vec<usize>, req: bool| out.push((format!("{p}.{n}"), s, req));
-        add("input_layernorm.weight", vec![h], true);
-        add("post_attention_layernorm.weight", vec![h], true);
-        add("self_attn.q_proj.weight", vec![q, h], true);
-        add("self_attn.k_proj.weight", vec![kv, h], true);
-        add("self_attn.v_proj.weight", vec![kv, h], true);
-        add("self_attn.o_proj.weight", vec![h, q], true);
-        add("self_attn.q_proj.bias", vec![q], c.qkv_bias);
-        add("self_attn.k_proj.bias", vec![kv], c.qkv_bias);
-        add("self_attn.v_proj.bias", vec![kv], c.qkv_bias);
-        add("self_attn.o_proj.bias", vec![h], c.o_bias);
-        add("mlp.gate_proj.weight", vec![i, h], true);
-        add("mlp.up_proj.weight", vec![i, h], true);
-        add("mlp.down_proj.weight", vec![h, i], true);
-        add("mlp.gate_proj.bias", vec![i], c.mlp_bias);
-        add("mlp.up_proj.bias", vec![i], c.mlp_bias);
-        add("mlp.down_proj.bias", vec![h], c.mlp_bias);
-    }
-    out
+    /// As [`NORMS`].
+    norms: [Tensor; 2],
+    /// As [`OPERATORS`].
+    ops: [Linear; 7],
 }
 
 impl Llama {
     pub fn new(cfg: LlamaConfig, weights: Arc<Weights>) -> Result<Self> {
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
-        let embed = weights.load_shaped("model.embed_tokens.weight", &[v, h])?;
-        let norm = weights.load_shaped("model.norm.weight", &[h])?;
+        let embed = weights.load_shaped(EMBED.0, &[v, h])?;
+        let norm = weights.load_shaped(FINAL_NORM.0, &[h])?;
         // A checkpoint may carry an lm_head even when tied; the tie decides, as in transformers.
-        let lm_head =
-            if cfg.tie_word_embeddings { None } else { Some(weights.load_shaped("lm_head.weight", &[v, h])?) };
-        Ok(Self { model_cfg: ModelConfig::Llama(cfg.clone()), cfg, weights, embed, norm, lm_head })
+        let lm_head = if cfg.tie_word_embeddings { None } else { Some(weights.load_shaped(HEAD.0, &[v, h])?) };
+        Ok(Self { model_cfg: Arc::new(cfg.clone()), cfg, weights, embed, norm, lm_head })
     }
 }
 
@@ -116,31 +570,26 @@ impl CausalLm for Llama {
     }
 
     fn load_layer(&self, i: usize) -> Result<Box<dyn DecoderLayer>> {
-        let c = &self.cfg;
-        let w = &self.weights;
-        let p = format!("model.layers.{i}");
-        let (h, inter) = (c.hidden_size, c.intermediate_size);
-        let q = c.num_attention_heads * c.head_dim;
-        let kv = c.num_key_value_heads * c.head_dim;
-        let lin = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-            let weight = w.load_shaped(&format!("{p}.{name}.weight"), &[out, inp])?;
-            let bias = if bias { Some(w.load_shaped(&format!("{p}.{name}.bias"), &[out])?) } else { None };
+        let (c, w, p) = (&self.cfg, &self.weights, layer_prefix(i));
+        let norm = |(name, _): (&str, &str)| w.load_shaped(&format!("{p}.{name}.weight"), &[c.hidden_size]);
+        let op = |o: &Operator| -> Result<Linear> {
+            let [rows, cols] = (o.shape)(c);
+            let weight = w.load_shaped(&format!("{p}.{}.weight", o.module), &[rows, cols])?;
+            let bias =
+                if (o.bias)(c) { Some(w.load_shaped(&format!("{p}.{}.bias", o.module), &[rows])?) } else { None };
             Ok(Linear::new(weight, bias))
         };
-        let layer = LlamaLayer {
-            idx: i,
-            cfg: c.clone(),
-            input_norm: w.load_shaped(&format!("{p}.input_layernorm.weight"), &[h])?,
-            post_norm: w.load_shaped(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-            q: lin("self_attn.q_proj", q, h, c.qkv_bias)?,
-            k: lin("self_attn.k_proj", kv, h, c.qkv_bias)?,
-            v: lin("self_attn.v_proj", kv, h, c.qkv_bias)?,
-            o: lin("self_attn.o_proj", h, q, c.o_bias)?,
-            gate: lin("mlp.gate_proj", inter, h, c.mlp_bias)?,
-            up: lin("mlp.up_proj", inter, h, c.mlp_bias)?,
-            down: lin("mlp.down_proj", h, inter, c.mlp_bias)?,
-        };
-        Ok(Box::new(layer))
+        let norms = [norm(NORMS[0])?, norm(NORMS[1])?];
+        let ops = [
+            op(&OPERATORS[0])?,
+            op(&OPERATORS[1])?,
+            op(&OPERATORS[2])?,
+            op(&OPERATORS[3])?,
+            op(&OPERATORS[4])?,
+            op(&OPERATORS[5])?,
+            op(&OPERATORS[6])?,
+        ];
+        Ok(Box::new(LlamaLayer { idx: i, cfg: c.clone(), norms, ops }))
     }
 
     fn final_hidden(&self, hidden: &Tensor) -> Result<Tensor> {
@@ -152,32 +601,33 @@ impl CausalLm for Llama {
     }
 
     fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut v = vec![
-            ("model.embed_tokens.weight".to_string(), self.embed.clone()),
-            ("model.norm.weight".to_string(), self.norm.clone()),
-        ];
+        let mut v = vec![(EMBED.0.to_string(), self.embed.clone()), (FINAL_NORM.0.to_string(), self.norm.clone())];
         if let Some(h) = &self.lm_head {
-            v.push(("lm_head.weight".to_string(), h.clone()));
+            v.push((HEAD.0.to_string(), h.clone()));
         }
         v
     }
 }
 
 impl LlamaLayer {
+    fn op(&self, name: &str) -> &Linear {
+        &self.ops[OPERATOR_NAMES.iter().position(|n| *n == name).expect("one of OPERATORS")]
+    }
+
     fn attention(&self, x: &Tensor, ctx: &LayerContext, hook: &mut Option<Hook>) -> Result<Tensor> {
         let c = &self.cfg;
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         if let Some(f) = hook.as_mut() {
-            for n in ["q_proj", "k_proj", "v_proj"] {
+            for n in INPUT_GROUPS[0] {
                 f(n, x)?;
             }
         }
         let heads =
             |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?) };
-        let q = heads(self.q.forward(x)?, nh)?;
-        let k = heads(self.k.forward(x)?, nkv)?;
-        let v = heads(self.v.forward(x)?, nkv)?;
+        let q = heads(self.op("q_proj").forward(x)?, nh)?;
+        let k = heads(self.op("k_proj").forward(x)?, nkv)?;
+        let v = heads(self.op("v_proj").forward(x)?, nkv)?;
         let (cos, sin) = (ctx.cos.as_ref().expect("rope tables"), ctx.sin.as_ref().expect("rope tables"));
         let (cos, sin) = (cos.narrow(0, 0, t)?, sin.narrow(0, 0, t)?);
         let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
@@ -186,20 +636,21 @@ impl LlamaLayer {
         if let Some(f) = hook.as_mut() {
             f("o_proj", &attn)?;
         }
-        self.o.forward(&attn)
+        self.op("o_proj").forward(&attn)
     }
 
     /// The layer up to its last projection: (residual stream after attention, input of down_proj).
     fn until_down(&self, x: &Tensor, ctx: &LayerContext, hook: &mut Option<Hook>) -> Result<(Tensor, Tensor)> {
         let eps = self.cfg.rms_norm_eps as f32;
-        let h = candle_nn::ops::rms_norm(x, &self.input_norm, eps)?;
+        let h = candle_nn::ops::rms_norm(x, &self.norms[0], eps)?;
         let x = (x + self.attention(&h, ctx, hook)?)?;
-        let h = candle_nn::ops::rms_norm(&x, &self.post_norm, eps)?;
+        let h = candle_nn::ops::rms_norm(&x, &self.norms[1], eps)?;
         if let Some(f) = hook.as_mut() {
-            f("gate_proj", &h)?;
-            f("up_proj", &h)?;
+            for n in INPUT_GROUPS[2] {
+                f(n, &h)?;
+            }
         }
-        let act = (self.gate.forward(&h)?.silu()? * self.up.forward(&h)?)?;
+        let act = (self.op("gate_proj").forward(&h)?.silu()? * self.op("up_proj").forward(&h)?)?;
         if let Some(f) = hook.as_mut() {
             f("down_proj", &act)?;
         }
@@ -210,7 +661,7 @@ impl LlamaLayer {
 impl DecoderLayer for LlamaLayer {
     fn forward(&self, x: &Tensor, ctx: &LayerContext, mut hook: Option<Hook>) -> Result<Tensor> {
         let (x, act) = self.until_down(x, ctx, &mut hook)?;
-        Ok((x + self.down.forward(&act)?)?)
+        Ok((x + self.op("down_proj").forward(&act)?)?)
     }
 
     fn capture(&self, x: &Tensor, ctx: &LayerContext, hook: Hook) -> Result<()> {
@@ -218,64 +669,39 @@ impl DecoderLayer for LlamaLayer {
     }
 
     fn next_group_input(&self, gi: usize, x: &Tensor, prev: &Tensor) -> Result<Option<Tensor>> {
+        let eps = self.cfg.rms_norm_eps as f32;
         Ok(match gi {
             // gate/up read the post-attention norm of the residual; down reads the SwiGLU activation.
-            2 => Some(candle_nn::ops::rms_norm(
-                &(x + self.o.forward(prev)?)?,
-                &self.post_norm,
-                self.cfg.rms_norm_eps as f32,
-            )?),
-            3 => Some((self.gate.forward(prev)?.silu()? * self.up.forward(prev)?)?),
+            2 => Some(candle_nn::ops::rms_norm(&(x + self.op("o_proj").forward(prev)?)?, &self.norms[1], eps)?),
+            3 => Some((self.op("gate_proj").forward(prev)?.silu()? * self.op("up_proj").forward(prev)?)?),
             _ => None,
         })
     }
 
     fn linear_names(&self) -> &'static [&'static str] {
-        LINEARS
+        &OPERATOR_NAMES
     }
 
     fn input_groups(&self) -> &'static [&'static [&'static str]] {
-        &[&["q_proj", "k_proj", "v_proj"], &["o_proj"], &["gate_proj", "up_proj"], &["down_proj"]]
+        &INPUT_GROUPS
     }
 
     fn linear(&self, name: &str) -> Option<&Linear> {
-        Some(match name {
-            "q_proj" => &self.q,
-            "k_proj" => &self.k,
-            "v_proj" => &self.v,
-            "o_proj" => &self.o,
-            "gate_proj" => &self.gate,
-            "up_proj" => &self.up,
-            "down_proj" => &self.down,
-            _ => return None,
-        })
+        OPERATOR_NAMES.iter().position(|n| *n == name).map(|k| &self.ops[k])
     }
 
     fn linear_mut(&mut self, name: &str) -> Option<&mut Linear> {
-        Some(match name {
-            "q_proj" => &mut self.q,
-            "k_proj" => &mut self.k,
-            "v_proj" => &mut self.v,
-            "o_proj" => &mut self.o,
-            "gate_proj" => &mut self.gate,
-            "up_proj" => &mut self.up,
-            "down_proj" => &mut self.down,
-            _ => return None,
-        })
+        OPERATOR_NAMES.iter().position(|n| *n == name).map(|k| &mut self.ops[k])
     }
 
     fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        let p = format!("model.layers.{}", self.idx);
-        let mut v = vec![
-            (format!("{p}.input_layernorm.weight"), self.input_norm.clone()),
-            (format!("{p}.post_attention_layernorm.weight"), self.post_norm.clone()),
-        ];
-        for name in LINEARS {
-            let module = if ["gate_proj", "up_proj", "down_proj"].contains(name) { "mlp" } else { "self_attn" };
-            let l = self.linear(name).expect("known linear");
-            v.push((format!("{p}.{module}.{name}.weight"), l.weight.clone()));
+        let p = layer_prefix(self.idx);
+        let mut v: Vec<(String, Tensor)> =
+            NORMS.iter().zip(&self.norms).map(|((n, _), t)| (format!("{p}.{n}.weight"), t.clone())).collect();
+        for (o, l) in OPERATORS.iter().zip(&self.ops) {
+            v.push((format!("{p}.{}.weight", o.module), l.weight.clone()));
             if let Some(b) = &l.bias {
-                v.push((format!("{p}.{module}.{name}.bias"), b.clone()));
+                v.push((format!("{p}.{}.bias", o.module), b.clone()));
             }
         }
         v

@@ -2,11 +2,13 @@
 //!
 //! A [`Checkpoint`] is a configuration, a tokenizer and a [`Weights`] store that hands out tensors by their
 //! Hugging Face names, converted to f32 one at a time from a memory map (safetensors or GGUF). An
-//! architecture ([`llama`], [`opt`]) builds a [`CausalLm`] from it: embeddings and head are materialised once,
-//! decoder layers only when [`CausalLm::load_layer`] is called, so a pruner can hold one layer at a time.
-//! Each [`DecoderLayer`] names its linear operators and reports their inputs to an optional hook.
+//! architecture is one file ([`llama`], [`opt`]) holding everything about it: its configuration (a
+//! [`Config`]: `config.json` as serde reads it, GGUF metadata), one table of its tensor names, and the
+//! [`CausalLm`] it builds: embeddings and head are materialised once, decoder layers only when
+//! [`CausalLm::load_layer`] is called, so a pruner can hold one layer at a time. Each [`DecoderLayer`] names its
+//! linear operators and reports their inputs to an optional hook. Nothing outside this module knows which
+//! architecture it runs; adding one is its file and a line in [`ARCHITECTURES`].
 
-pub mod config;
 pub mod export;
 pub mod gguf;
 pub mod hub;
@@ -21,8 +23,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use candle_core::Tensor;
+use serde_json::Value as Json;
 
-pub use config::{LlamaConfig, ModelConfig, OptConfig};
 pub use linear::Linear;
 
 use crate::data::tokenizer::Tokenizer;
@@ -50,43 +52,91 @@ pub struct TensorMeta {
     pub dtype: String,
 }
 
+/// Every architecture: how to read its `config.json` (by `model_type`) and its GGUF metadata (by
+/// `general.architecture`).
+pub const ARCHITECTURES: &[Architecture] = &[llama::ARCHITECTURE, opt::ARCHITECTURE];
+
+/// An architecture in the registry.
+pub struct Architecture {
+    /// The `model_type` values of `config.json` it reads.
+    pub model_types: &'static [&'static str],
+    /// The `general.architecture` values of GGUF files it reads.
+    pub gguf_architectures: &'static [&'static str],
+    pub from_hf: fn(&Json) -> Result<ModelConfig>,
+    pub from_gguf: Option<fn(&GgufFile) -> Result<ModelConfig>>,
+}
+
+/// A configuration, shared by the checkpoint and the model built from it.
+pub type ModelConfig = Arc<dyn Config>;
+
+/// What the rest of the program knows of an architecture, from its configuration.
+pub trait Config: std::fmt::Debug + Send + Sync {
+    /// `llama`, `qwen2`, `opt`, ... as the checkpoint names it.
+    fn model_type(&self) -> &str;
+    fn num_layers(&self) -> usize;
+    fn vocab_size(&self) -> usize;
+    fn eos_token_id(&self) -> Option<u32>;
+    fn max_positions(&self) -> usize;
+    /// Multiply-add FLOPs (2 per MAC) of one token's forward pass in a causal window of `seqlen`: every
+    /// linear operator, the LM head, and attention (QKᵀ and PV over the (seqlen + 1) / 2 keys a query sees).
+    fn flops_per_token(&self, seqlen: usize) -> f64;
+    /// Every tensor the architecture reads, under its Hugging Face name, in the order checkpoints are written
+    /// (`weights`: the names a checkpoint uses where an architecture has variants).
+    fn tensors(&self, weights: &Weights) -> Vec<TensorSpec>;
+    /// The Hugging Face name of GGUF tensor `name`, and the rotary heads whose rows llama.cpp permuted.
+    fn hf_name_of_gguf(&self, name: &str) -> Option<(String, Option<usize>)>;
+    /// A `config.json` that Hugging Face `transformers` loads.
+    fn to_hf_json(&self) -> Json;
+    /// The model (embeddings and head in f32 now, layers on demand).
+    fn build(&self, weights: Arc<Weights>) -> Result<Box<dyn CausalLm>>;
+}
+
+/// One tensor an architecture reads.
+#[derive(Debug, Clone)]
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// Absent tensors that are not required are not read (a bias the configuration does not ask for).
+    pub required: bool,
+    /// The weight of a linear operator of a decoder layer: what pruning prunes.
+    pub linear: bool,
+}
+
+impl TensorSpec {
+    pub fn new(name: &str, shape: Vec<usize>, required: bool) -> Self {
+        Self { name: name.to_string(), shape, required, linear: false }
+    }
+}
+
+/// Parse a Hugging Face `config.json`.
+pub fn config_from_hf_json(j: &Json) -> Result<ModelConfig> {
+    let model_type = j.get("model_type").and_then(|v| v.as_str()).ok_or_else(|| anyhow!("missing \"model_type\""))?;
+    let known = || ARCHITECTURES.iter().flat_map(|a| a.model_types.iter().copied()).collect::<Vec<_>>().join(", ");
+    let arch = ARCHITECTURES
+        .iter()
+        .find(|a| a.model_types.contains(&model_type))
+        .ok_or_else(|| anyhow!("unsupported architecture \"{model_type}\" (supported: {})", known()))?;
+    (arch.from_hf)(j)
+}
+
+/// Read the configuration of a GGUF file.
+pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
+    let name = g.get_str("general.architecture")?;
+    let readers = || ARCHITECTURES.iter().filter(|a| a.from_gguf.is_some());
+    let known = readers().flat_map(|a| a.gguf_architectures.iter().copied()).collect::<Vec<_>>().join(", ");
+    let from = readers().find(|a| a.gguf_architectures.contains(&name)).and_then(|a| a.from_gguf).ok_or_else(|| {
+        anyhow!("{}: unsupported GGUF architecture \"{name}\" (supported: {known})", g.path.display())
+    })?;
+    from(g)
+}
+
 impl GgufWeights {
-    fn new(file: GgufFile, cfg: &ModelConfig) -> Result<Self> {
-        let ModelConfig::Llama(c) = cfg else { bail!("GGUF: only LLaMA-family architectures are supported") };
-        // llama.cpp permutes Q/K only for its `llama` architecture; qwen2 uses the NeoX (HF) layout.
-        let permuted = c.model_type == "llama";
+    fn new(file: GgufFile, cfg: &dyn Config) -> Result<Self> {
         let mut map = BTreeMap::new();
         for g in &file.order {
-            let (hf, heads) = match g.as_str() {
-                "token_embd.weight" => ("model.embed_tokens.weight".to_string(), None),
-                "output_norm.weight" => ("model.norm.weight".to_string(), None),
-                "output.weight" => ("lm_head.weight".to_string(), None),
-                _ => {
-                    let Some(rest) = g.strip_prefix("blk.") else {
-                        bail!("{}: unexpected tensor {g}", file.path.display())
-                    };
-                    let (idx, tail) = rest
-                        .split_once('.')
-                        .ok_or_else(|| anyhow!("{}: unexpected tensor {g}", file.path.display()))?;
-                    let i: usize = idx.parse().with_context(|| format!("{}: tensor {g}", file.path.display()))?;
-                    let (module, suffix) = tail
-                        .rsplit_once('.')
-                        .ok_or_else(|| anyhow!("{}: unexpected tensor {g}", file.path.display()))?;
-                    let (hf_mod, heads) = match module {
-                        "attn_norm" => ("input_layernorm", None),
-                        "ffn_norm" => ("post_attention_layernorm", None),
-                        "attn_q" => ("self_attn.q_proj", permuted.then_some(c.num_attention_heads)),
-                        "attn_k" => ("self_attn.k_proj", permuted.then_some(c.num_key_value_heads)),
-                        "attn_v" => ("self_attn.v_proj", None),
-                        "attn_output" => ("self_attn.o_proj", None),
-                        "ffn_gate" => ("mlp.gate_proj", None),
-                        "ffn_up" => ("mlp.up_proj", None),
-                        "ffn_down" => ("mlp.down_proj", None),
-                        _ => bail!("{}: tensor {g} is not part of a supported llama layer", file.path.display()),
-                    };
-                    (format!("model.layers.{i}.{hf_mod}.{suffix}"), heads)
-                }
-            };
+            let (hf, heads) = cfg.hf_name_of_gguf(g).ok_or_else(|| {
+                anyhow!("{}: tensor {g} is not part of a supported {} model", file.path.display(), cfg.model_type())
+            })?;
             map.insert(hf, (g.clone(), heads));
         }
         Ok(Self { file, map })
@@ -147,11 +197,6 @@ impl Weights {
         ensure!(t.dims() == shape, "tensor {name} has shape {:?} but the configuration implies {:?}", t.dims(), shape);
         Ok(t)
     }
-
-    /// Load `name` if present, checking its shape.
-    pub fn load_opt(&self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
-        if self.contains(name) { self.load_shaped(name, shape).map(Some) } else { Ok(None) }
-    }
 }
 
 /// Where a checkpoint was read from.
@@ -188,7 +233,7 @@ impl Checkpoint {
             std::fs::read_to_string(&cfg_path).with_context(|| format!("{}: cannot read", cfg_path.display()))?;
         let json: serde_json::Value =
             serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
-        let config = ModelConfig::from_hf_json(&json).with_context(|| format!("{}", cfg_path.display()))?;
+        let config = config_from_hf_json(&json).with_context(|| format!("{}", cfg_path.display()))?;
         let weights = Weights::Safetensors(SafetensorsStore::open_dir(dir)?);
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = if tok_path.exists() { Some(Tokenizer::from_file(&tok_path)?) } else { None };
@@ -199,9 +244,9 @@ impl Checkpoint {
 
     fn open_gguf(path: &Path) -> Result<Self> {
         let file = GgufFile::open(path)?;
-        let config = ModelConfig::from_gguf(&file)?;
+        let config = config_from_gguf(&file)?;
         let tokenizer = Some(Tokenizer::from_gguf(&file)?);
-        let weights = Weights::Gguf(GgufWeights::new(file, &config)?);
+        let weights = Weights::Gguf(GgufWeights::new(file, config.as_ref())?);
         let ck = Self { path: path.to_path_buf(), format: Format::Gguf, config, tokenizer, weights: Arc::new(weights) };
         ck.check_shapes().with_context(|| format!("{}: metadata disagrees with the tensors", path.display()))?;
         Ok(ck)
@@ -209,21 +254,25 @@ impl Checkpoint {
 
     /// Every tensor the architecture needs exists with the shape the configuration implies.
     pub fn check_shapes(&self) -> Result<()> {
-        for (name, shape, required) in self.expected_tensors() {
-            match self.weights.meta(&name) {
-                Some(m) => ensure!(m.shape == shape, "tensor {name} has shape {:?}, expected {:?}", m.shape, shape),
-                None => ensure!(!required, "tensor {name} is missing"),
+        for t in self.config.tensors(&self.weights) {
+            match self.weights.meta(&t.name) {
+                Some(m) => {
+                    ensure!(m.shape == t.shape, "tensor {} has shape {:?}, expected {:?}", t.name, m.shape, t.shape)
+                }
+                None => ensure!(!t.required, "tensor {} is missing", t.name),
             }
         }
         Ok(())
     }
 
-    /// (name, shape, required) of every tensor the architecture reads.
-    pub fn expected_tensors(&self) -> Vec<(String, Vec<usize>, bool)> {
-        match &self.config {
-            ModelConfig::Llama(c) => llama::expected_tensors(c),
-            ModelConfig::Opt(c) => opt::expected_tensors(c, &self.weights),
-        }
+    /// Every tensor this checkpoint holds that the architecture reads: what `convert` writes, and `prune` with
+    /// its layers pruned.
+    pub fn tensor_specs(&self) -> Vec<TensorSpec> {
+        self.config
+            .tensors(&self.weights)
+            .into_iter()
+            .filter(|t| t.required || self.weights.contains(&t.name))
+            .collect()
     }
 
     /// The tokenizer, or an error saying where it was looked for.
@@ -235,14 +284,12 @@ impl Checkpoint {
 
     /// Build the model (embeddings and head in f32 now, layers on demand).
     pub fn model(&self) -> Result<Box<dyn CausalLm>> {
-        Ok(match &self.config {
-            ModelConfig::Llama(c) => Box::new(llama::Llama::new(c.clone(), self.weights.clone())?),
-            ModelConfig::Opt(c) => Box::new(opt::Opt::new(c.clone(), self.weights.clone())?),
-        })
+        self.config.build(self.weights.clone())
     }
 }
 
 /// What a decoder layer needs besides its input, for one sequence length (attention is always causal).
+#[derive(Clone)]
 pub struct LayerContext {
     pub seqlen: usize,
     /// `(seqlen, head_dim/2)` RoPE tables (LLaMA family only).
@@ -294,6 +341,12 @@ pub trait CausalLm: Send + Sync {
     }
     /// Non-layer tensors (embeddings, norms, head) under their Hugging Face names.
     fn named_tensors(&self) -> Vec<(String, Tensor)>;
+}
+
+/// The decoder layer a tensor belongs to (`...layers.{i}.…`).
+pub fn layer_of(name: &str) -> Option<usize> {
+    let rest = &name[name.find("layers.")? + "layers.".len()..];
+    rest.split('.').next()?.parse().ok()
 }
 
 /// Run a whole model on token ids and return logits: the simple path, every layer loaded in turn.

@@ -7,19 +7,33 @@
 //! their mean is `1 − s`. Every layer has the same parameter count in the architectures here, so the model's
 //! sparsity stays `s`.
 
-use anyhow::{Result, ensure};
+use anyhow::Result;
 use candle_core::{D, DType, Tensor};
 
-use super::pipeline::{advance, embed_calibration};
+use super::pipeline::for_each_dense_layer;
 use crate::linalg::tensor_to_mat;
 use crate::model::CausalLm;
 use crate::util::{Progress, progress_bar};
 
 /// OWL's knobs; the authors' defaults are λ = 0.08 and m = 5.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
-pub struct Owl {
-    pub lambda: f64,
-    pub m: f64,
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct OwlOptions {
+    /// Unstructured only: spread the sparsity over the layers by their outlier ratios (OWL), mean unchanged.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub owl: bool,
+    /// OWL: half the spread of the per-layer sparsities (λ).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = OwlOptions::default().owl_lambda))]
+    pub owl_lambda: f64,
+    /// OWL: a score is an outlier above this many times its layer's mean score (M).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = OwlOptions::default().owl_m))]
+    pub owl_m: f64,
+}
+
+impl Default for OwlOptions {
+    fn default() -> Self {
+        Self { owl: false, owl_lambda: 0.08, owl_m: 5.0 }
+    }
 }
 
 /// Per-layer sparsities from outlier ratios: mean `s`, spread `2λ` (uniform when all ratios are equal).
@@ -51,18 +65,13 @@ pub fn layer_outlier_ratios(
     m: f64,
     progress: Progress,
 ) -> Result<Vec<f64>> {
-    let seqlen = calib.first().map(|s| s.len()).unwrap_or(0);
-    ensure!(seqlen > 0, "OWL needs calibration samples");
-    let ctx = model.context(seqlen)?;
-    let mut acts = embed_calibration(model, calib, batch, act_dtype)?;
     let pb = progress_bar(model.num_layers() as u64, "outliers", progress);
     let mut ratios = Vec::with_capacity(model.num_layers());
-    for i in 0..model.num_layers() {
-        let layer = model.load_layer(i)?;
+    for_each_dense_layer(model, calib, batch, act_dtype, &mut |i, layer, inputs| {
         let groups = layer.input_groups();
         // Σ x_j² per input column of each group.
         let mut sq: Vec<Option<Tensor>> = vec![None; groups.len()];
-        for x in &acts {
+        for x in inputs.acts {
             let x = x.to_dtype(DType::F32)?;
             let mut hook = |name: &str, inp: &Tensor| -> Result<()> {
                 if let Some(g) = groups.iter().position(|g| g[0] == name) {
@@ -75,7 +84,7 @@ pub fn layer_outlier_ratios(
                 }
                 Ok(())
             };
-            layer.capture(&x, &ctx, &mut hook)?;
+            layer.capture(&x, inputs.ctx, &mut hook)?;
         }
         let mut scores = Vec::new();
         for (g, names) in groups.iter().enumerate() {
@@ -91,11 +100,9 @@ pub fn layer_outlier_ratios(
             }
         }
         ratios.push(outlier_ratio(&scores, m));
-        if i + 1 < model.num_layers() {
-            advance(layer.as_ref(), &mut acts, &ctx, act_dtype, &format!("output of decoder layer {i}"))?;
-        }
         pb.inc(1);
-    }
+        Ok(())
+    })?;
     pb.finish_and_clear();
     Ok(ratios)
 }

@@ -21,59 +21,60 @@
 //! λ is scale-free: `λ = α · L · rms(W)`, so that the soft threshold `λ / L` is `α` times a typical weight;
 //! `α` is searched in log space inside `alpha_bracket`.
 
-use anyhow::{Context, Result, anyhow, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use faer::{Accum, Mat, MatRef};
+use serde::{Deserialize, Serialize};
 
 use super::mask::{self, Pattern};
-use super::{Method, OpStats, Pruned};
+use super::{Method, MethodOptions, Observes, OpStats, Pruned, Registered, needs_stats};
 use crate::linalg::par;
+
+pub const METHOD: Registered = Registered { name: "fista", build };
+
+/// FISTAPruner from its warm start, another registered method (with FISTA's counting, for magnitude) or
+/// the dense weights.
+fn build(o: &MethodOptions) -> Result<Box<dyn Method>> {
+    let f = &o.fista;
+    let warm: Box<dyn Method> = match f.warm_start.as_str() {
+        "dense" => Box::new(Dense),
+        "fista" => bail!("--warm-start fista: FISTAPruner cannot start from itself"),
+        name => {
+            let mut warm_opts = o.clone();
+            warm_opts.magnitude.per_row = f.threshold != Threshold::PerMatrix;
+            super::build(name, &warm_opts).context("--warm-start")?
+        }
+    };
+    Ok(Box::new(FistaPruner { warm, opts: f.clone() }))
+}
 
 /// FISTAPruner as a method: a warm start from another method, then [`solve`].
 pub struct FistaPruner {
     pub warm: Box<dyn Method>,
-    pub opts: FistaOptions,
+    pub opts: Options,
 }
 
 /// The dense weights as a warm start (FISTA then starts from `H(W)`, magnitude on the pattern).
 pub struct Dense;
 
 impl Method for Dense {
-    fn name(&self) -> &'static str {
-        "dense"
-    }
-
-    fn needs_gram(&self) -> bool {
-        false
+    fn observes(&self) -> Observes {
+        Observes::Nothing
     }
 
     fn prune(&self, w: &Mat<f32>, _stats: Option<&OpStats>, _pattern: Pattern) -> Result<Pruned> {
-        Ok(w.clone().into())
+        Ok(Pruned::per_row(w.clone()))
     }
 }
 
 impl Method for FistaPruner {
-    fn name(&self) -> &'static str {
-        "fista"
-    }
-
-    /// Warm start, power iteration, every FISTA iteration and error evaluation, and the re-fit: each a GEMM
-    /// with `G*` (2 m n² FLOPs).
-    fn flops(&self, rows: usize, cols: usize) -> f64 {
-        let o = &self.opts;
-        let gemm = 2.0 * rows as f64 * (cols * cols) as f64;
-        let iters = o.rounds * (o.iters + 2) + o.refit_iters + 3;
-        self.warm.flops(rows, cols) + iters as f64 * gemm + o.power_iters as f64 * 2.0 * (cols * cols) as f64
-    }
-
-    fn rounding_units(&self, rows: usize, cols: usize, pattern: Pattern) -> usize {
-        let own = if self.opts.per_row { rows } else { 1 };
-        // With the warm start's row budgets the count is the warm start's (or per row, when it had none).
-        if self.opts.warm_rows { own.max(rows).max(self.warm.rounding_units(rows, cols, pattern)) } else { own }
+    fn observes(&self) -> Observes {
+        Observes::Cross
     }
 
     fn prune(&self, w: &Mat<f32>, stats: Option<&OpStats>, pattern: Pattern) -> Result<Pruned> {
-        let st = stats.ok_or_else(|| anyhow!("fista needs input statistics"))?;
-        let w0 = self.warm.prune(w, Some(st), pattern).with_context(|| format!("warm start ({})", self.warm.name()))?.w;
+        let st = needs_stats(stats, "fista")?;
+        let warm = self.warm.prune(w, Some(st), pattern).context("warm start")?;
+        let w0 = warm.w;
         let c = st.target(w);
         let mut p = st.problem(w, &c);
         let damped;
@@ -87,7 +88,7 @@ impl Method for FistaPruner {
             damped = g;
             p.g = &damped;
         }
-        let (out, report) = if self.opts.normalize {
+        let (out, report) = if self.opts.basis == Basis::Normalized {
             // Solve for V = W' S with S = diag(√G*ⱼⱼ): the Gram of the scaled inputs has a unit diagonal (a far
             // better conditioned problem for 20 steps of 1/L), the L1 term becomes Σ |w'ᵢⱼ| ‖x*ⱼ‖ and the hard
             // threshold ranks |w'ᵢⱼ| ‖x*ⱼ‖, Wanda's score, instead of |w'ᵢⱼ|.
@@ -103,59 +104,120 @@ impl Method for FistaPruner {
         } else {
             solve(&p, &w0, pattern, &self.opts)?
         };
-        Ok(Pruned { w: out, details: Some(serde_json::to_value(report)?) })
+        let (rows, cols) = w.shape();
+        let o = &self.opts;
+        // Power iteration, every FISTA iteration and error evaluation, and the re-fit: each a GEMM with `G*`.
+        let gemm = 2.0 * rows as f64 * (cols * cols) as f64;
+        let iters = o.rounds * (o.iters + 2) + o.refit_iters + 3;
+        let flops = warm.flops + iters as f64 * gemm + o.power_iters as f64 * 2.0 * (cols * cols) as f64;
+        let own = if o.threshold == Threshold::PerMatrix { 1 } else { rows };
+        // With the warm start's row budgets the count is the warm start's (or per row, when it had none).
+        let rounding_units = if o.threshold == Threshold::WarmRows { rows.max(warm.rounding_units) } else { own };
+        Ok(Pruned { w: out, rounding_units, flops, details: Some(serde_json::to_value(report)?) })
     }
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct FistaOptions {
-    /// FISTA iterations per λ (K).
-    pub iters: usize,
-    /// Early stop when ‖W_k − W_{k−1}‖ / ‖W_k‖ falls below this.
-    pub tol: f64,
-    /// λ bisection rounds (T).
-    pub rounds: usize,
-    /// Target ratio of rounding error to total error (ξ).
-    pub xi: f64,
-    /// Initial λ scale α.
-    pub alpha0: f64,
-    pub alpha_bracket: (f64, f64),
-    /// Unstructured threshold per output row (else per matrix).
-    pub per_row: bool,
-    /// Unstructured: keep the warm start's number of zeros in each row (overrides `per_row` when the warm
-    /// start is on the pattern). On by default (beyond the paper, which counts per row): SparseGPT's uneven
-    /// rows forced to an even count lose most of their quality (docs/BENCHMARKS.md).
-    pub warm_rows: bool,
-    /// Masked conjugate-gradient steps on the final support (0: no re-fit).
-    pub refit_iters: usize,
-    /// Hard-threshold to the pattern inside every iteration (iterative hard thresholding with momentum).
-    pub projected: bool,
-    /// Power iterations for `L`.
-    pub power_iters: usize,
-    /// Ridge added to `G*` as a fraction of its mean diagonal (SparseGPT's `percdamp`): the solver minimises
-    /// `‖W'X* − WX‖² + δ‖W'‖²` besides the `λ‖W'‖₁`, which keeps the fit off the directions the calibration
-    /// data barely excites.
-    pub damp: f64,
-    /// Solve in the basis of unit-norm input channels (Jacobi scaling of `G*`): see [`FistaPruner::prune`].
-    pub normalize: bool,
+/// `--warm-start` values: the registry's methods, or the dense weights.
+#[cfg(feature = "cli")]
+fn warm_starts() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(std::iter::once("dense").chain(super::METHODS.iter().map(|m| m.name)))
 }
 
-impl Default for FistaOptions {
+/// How the final hard threshold counts an unstructured target's zeros.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[serde(rename_all = "kebab-case")]
+pub enum Threshold {
+    /// Per output row (the paper).
+    PerRow,
+    /// Per matrix.
+    PerMatrix,
+    /// Each row keeps as many zeros as the warm start has in it (per row when it has none).
+    WarmRows,
+}
+
+/// The basis FISTA solves in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum Basis {
+    /// The weights as they are (the paper).
+    Raw,
+    /// Unit-norm input channels (Jacobi-scaled `G*`).
+    Normalized,
+}
+
+/// FISTAPruner's knobs (METHOD.md §4) and the extensions beyond the paper.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct Options {
+    /// FISTAPruner's starting point: a registered method or `dense` (SparseGPT's start measured better than
+    /// Wanda's, which the paper used for the LLaMA family: docs/BENCHMARKS.md).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = Options::default().warm_start, value_parser = warm_starts()))]
+    pub warm_start: String,
+    /// FISTA: iterations per λ (K).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = Options::default().iters))]
+    pub iters: usize,
+    /// FISTA: stop when the iterate moves less than this (relative).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = Options::default().tol))]
+    pub tol: f64,
+    /// FISTA: λ bisection rounds (T).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = Options::default().rounds))]
+    pub rounds: usize,
+    /// FISTA: target share of the rounding error in the total error (ξ).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = Options::default().xi))]
+    pub xi: f64,
+    /// FISTA: initial λ, as a multiple of L · rms(W) (the soft threshold in units of a typical weight).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = Options::default().alpha))]
+    pub alpha: f64,
+    /// FISTA: the bracket λ is searched in (log space), with --alpha-max.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = Options::default().alpha_min))]
+    pub alpha_min: f64,
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = Options::default().alpha_max))]
+    pub alpha_max: f64,
+    /// FISTA: unstructured hard threshold per row with the warm start's count of zeros in each row (the
+    /// default: SparseGPT spreads its zeros unevenly over the rows, and that is worth 15 % perplexity at
+    /// 50 %), per output row (the paper), or per matrix. N:M patterns are per group whatever this says.
+    #[cfg_attr(feature = "cli", arg(long, value_enum, default_value = "warm-rows"))]
+    pub threshold: Threshold,
+    /// FISTA: masked conjugate-gradient re-fit steps on the final support (0: off, as in the paper).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = Options::default().refit_iters))]
+    pub refit_iters: usize,
+    /// FISTA: keep the pattern inside the iterations (hard threshold every step).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub projected: bool,
+    /// Power iterations for `L` (not a flag).
+    #[cfg_attr(feature = "cli", arg(skip = Options::default().power_iters))]
+    pub power_iters: usize,
+    /// FISTA: ridge on G*, as a fraction of its mean diagonal (as SparseGPT's --percdamp): the solver minimises
+    /// `‖W'X* − WX‖² + δ‖W'‖²` besides the `λ‖W'‖₁`, which keeps the fit off the directions the calibration
+    /// data barely excites.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = Options::default().damp))]
+    pub damp: f64,
+    /// FISTA: solve for the weights as they are (the paper) or in the basis of unit-norm input channels
+    /// (Jacobi-scaled G*: better conditioned, and the L1 term and the hard threshold weigh each weight by its
+    /// input's norm, as Wanda's score does).
+    #[cfg_attr(feature = "cli", arg(long, value_enum, default_value = "raw"))]
+    pub basis: Basis,
+}
+
+impl Default for Options {
     fn default() -> Self {
         Self {
+            warm_start: "sparsegpt".into(),
             iters: 20,
             tol: 1e-4,
             rounds: 3,
             xi: 0.3,
-            alpha0: 0.1,
-            alpha_bracket: (1e-3, 1.0),
-            per_row: true,
-            warm_rows: true,
+            alpha: 0.1,
+            alpha_min: 1e-3,
+            alpha_max: 1.0,
+            threshold: Threshold::WarmRows,
             refit_iters: 20,
             projected: false,
             power_iters: 30,
             damp: 0.0,
-            normalize: false,
+            basis: Basis::Raw,
         }
     }
 }
@@ -231,20 +293,20 @@ pub fn lambda_max(g: MatRef<f32>, iters: usize) -> f64 {
 
 /// The hard threshold `H`: keep the largest `|w|` under the pattern.
 pub fn hard_threshold(w: &Mat<f32>, pattern: Pattern, per_row: bool) -> Mat<f32> {
-    Threshold { pattern, per_row, budgets: None }.apply(w).0
+    HardThreshold { pattern, per_row, budgets: None }.apply(w).0
 }
 
 /// What the hard threshold keeps: the pattern, counted per row or per matrix, or (unstructured) per row
 /// with each row's own count of zeros.
 #[derive(Debug, Clone)]
-pub struct Threshold {
+pub struct HardThreshold {
     pub pattern: Pattern,
     pub per_row: bool,
     /// Zeros per row (their sum meets the unstructured target): overrides `per_row`.
     pub budgets: Option<Vec<usize>>,
 }
 
-impl Threshold {
+impl HardThreshold {
     /// The row budgets of `w0` when it is on the unstructured `pattern` (its zeros per row, as long as their
     /// sum reaches the target less one per row); else the plain per-row or per-matrix count.
     pub fn from_warm(w0: &Mat<f32>, pattern: Pattern, per_row: bool) -> Self {
@@ -295,7 +357,7 @@ pub fn fista(
     l: f64,
     iters: usize,
     tol: f64,
-    project: Option<&Threshold>,
+    project: Option<&HardThreshold>,
 ) -> (Mat<f32>, usize) {
     let (m, n) = w0.shape();
     let tau = (lambda / l) as f32;
@@ -409,7 +471,7 @@ pub fn refit(p: &Problem, w: &Mat<f32>, pruned: &mask::Mask, iters: usize) -> Ma
 
 /// FISTAPruner for one operator: from the warm start `w0` (already on the pattern, or dense), a result on the
 /// exact pattern.
-pub fn solve(p: &Problem, w0: &Mat<f32>, pattern: Pattern, o: &FistaOptions) -> Result<(Mat<f32>, SolveReport)> {
+pub fn solve(p: &Problem, w0: &Mat<f32>, pattern: Pattern, o: &Options) -> Result<(Mat<f32>, SolveReport)> {
     let (m, n) = p.w.shape();
     ensure!(w0.shape() == (m, n) && p.g.shape() == (n, n) && p.c.shape() == (m, n), "fista: shapes disagree");
     let base = p.k.max(f64::MIN_POSITIVE);
@@ -420,16 +482,17 @@ pub fn solve(p: &Problem, w0: &Mat<f32>, pattern: Pattern, o: &FistaOptions) -> 
     // The warm start on the pattern is the first candidate.
     // Unstructured targets keep the warm start's zeros per row (SparseGPT spreads them unevenly over the rows,
     // and forcing its result to an even count costs it most of its quality) unless told to count per row.
-    let h = if o.warm_rows {
-        Threshold::from_warm(w0, pattern, o.per_row)
+    let per_row = o.threshold != Threshold::PerMatrix;
+    let h = if o.threshold == Threshold::WarmRows {
+        HardThreshold::from_warm(w0, pattern, per_row)
     } else {
-        Threshold { pattern, per_row: o.per_row, budgets: None }
+        HardThreshold { pattern, per_row, budgets: None }
     };
     let (mut best, mut best_mask) = h.apply(w0);
     let mut best_err = p.error(&best);
     report.warm_error = best_err / base;
-    let (mut lo, mut hi) = o.alpha_bracket;
-    let mut alpha = o.alpha0.clamp(lo, hi);
+    let (mut lo, mut hi) = (o.alpha_min, o.alpha_max);
+    let mut alpha = o.alpha.clamp(lo, hi);
     let project = o.projected.then_some(&h);
     for _ in 0..o.rounds {
         let lambda = alpha * l * rms;
@@ -590,7 +653,7 @@ mod tests {
             let (w, g, c, k) = problem(6, 16, 100, 3);
             let p = Problem { w: &w, g: &g, c: &c, k };
             let warm = hard_threshold(&w, pattern, true);
-            let o = FistaOptions { rounds: 4, refit_iters: 20, ..Default::default() };
+            let o = Options { rounds: 4, refit_iters: 20, ..Default::default() };
             let (out, rep) = solve(&p, &warm, pattern, &o).unwrap();
             assert!(rep.error <= rep.warm_error + 1e-12, "{pattern:?}: {} > warm {}", rep.error, rep.warm_error);
             mask::verify(&out, pattern, 6).unwrap();
@@ -618,9 +681,14 @@ mod tests {
         let pattern = Pattern::NM { n: 2, m: 4 };
         let method = |normalize, rounds| FistaPruner {
             warm: Box::new(Dense),
-            opts: FistaOptions { normalize, rounds, refit_iters: 10, ..Default::default() },
+            opts: Options {
+                basis: if normalize { Basis::Normalized } else { Basis::Raw },
+                rounds,
+                refit_iters: 10,
+                ..Default::default()
+            },
         };
-        let st = crate::prune::OpStats { gram: g.clone(), cross: None, dense: None, tokens: 100 };
+        let st = crate::prune::OpStats { gram: g.clone(), cross: None, dense: None };
         let a = method(true, 0).prune(&w, Some(&st), pattern).unwrap().w;
         mask::verify(&a, pattern, 6).unwrap();
         for i in 0..6 {
@@ -644,7 +712,7 @@ mod tests {
     fn refit_never_leaves_the_support_and_lowers_the_error() {
         let (w, g, c, k) = problem(5, 12, 90, 4);
         let p = Problem { w: &w, g: &g, c: &c, k };
-        let (h, hm) = Threshold { pattern: Pattern::Unstructured(0.5), per_row: true, budgets: None }.apply(&w);
+        let (h, hm) = HardThreshold { pattern: Pattern::Unstructured(0.5), per_row: true, budgets: None }.apply(&w);
         let r = refit(&p, &h, &hm, 30);
         for j in 0..12 {
             for i in 0..5 {
@@ -677,18 +745,19 @@ mod tests {
         let mut w0 = w.clone();
         mask::apply(&mut w0, &mask::mask_row_budgets(&scores, &budgets));
         let pattern = Pattern::Unstructured(0.5);
-        let h = Threshold::from_warm(&w0, pattern, true);
+        let h = HardThreshold::from_warm(&w0, pattern, true);
         assert_eq!(h.budgets.as_deref(), Some(&budgets[..]));
-        let (out, rep) = solve(&p, &w0, pattern, &FistaOptions::default()).unwrap();
+        let (out, rep) = solve(&p, &w0, pattern, &Options::default()).unwrap();
         for (i, &b) in budgets.iter().enumerate() {
             assert_eq!((0..16).filter(|&j| out[(i, j)] == 0.0).count(), b, "row {i}");
         }
         assert!(rep.error <= rep.warm_error, "{} > {}", rep.error, rep.warm_error);
         // Without its own budgets (dense, or N:M) the threshold counts as usual.
-        assert!(Threshold::from_warm(&w, pattern, true).budgets.is_none());
-        assert!(Threshold::from_warm(&w0, Pattern::NM { n: 2, m: 4 }, true).budgets.is_none());
+        assert!(HardThreshold::from_warm(&w, pattern, true).budgets.is_none());
+        assert!(HardThreshold::from_warm(&w0, Pattern::NM { n: 2, m: 4 }, true).budgets.is_none());
         // And the paper's per-row threshold forces 8 per row.
-        let (even, _) = solve(&p, &w0, pattern, &FistaOptions { warm_rows: false, ..Default::default() }).unwrap();
+        let (even, _) =
+            solve(&p, &w0, pattern, &Options { threshold: Threshold::PerRow, ..Default::default() }).unwrap();
         assert!((0..6).all(|i| (0..16).filter(|&j| even[(i, j)] == 0.0).count() == 8));
     }
 }

@@ -3,9 +3,24 @@
 
 use anyhow::Result;
 use faer::Mat;
+use serde::{Deserialize, Serialize};
 
 use super::mask::{self, Pattern};
-use super::{Method, OpStats, Pruned};
+use super::{Method, MethodOptions, Observes, OpStats, Pruned, Registered};
+
+pub const METHOD: Registered = Registered { name: "magnitude", build };
+
+fn build(o: &MethodOptions) -> Result<Box<dyn Method>> {
+    Ok(Box::new(Magnitude { per_row: o.magnitude.per_row }))
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct Options {
+    /// Magnitude: one threshold per output row instead of per matrix.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub per_row: bool,
+}
 
 pub struct Magnitude {
     /// One threshold per output row instead of one per matrix.
@@ -13,22 +28,14 @@ pub struct Magnitude {
 }
 
 impl Method for Magnitude {
-    fn name(&self) -> &'static str {
-        "magnitude"
-    }
-
-    fn needs_gram(&self) -> bool {
-        false
-    }
-
-    fn rounding_units(&self, rows: usize, _cols: usize, _pattern: Pattern) -> usize {
-        if self.per_row { rows } else { 1 }
+    fn observes(&self) -> Observes {
+        Observes::Nothing
     }
 
     fn prune(&self, w: &Mat<f32>, _stats: Option<&OpStats>, pattern: Pattern) -> Result<Pruned> {
         let scores = Mat::from_fn(w.nrows(), w.ncols(), |i, j| w[(i, j)].abs());
         let mut out = w.clone();
         mask::apply(&mut out, &mask::select(&scores, pattern, self.per_row));
-        Ok(out.into())
+        Ok(Pruned { rounding_units: if self.per_row { w.nrows() } else { 1 }, ..Pruned::per_row(out) })
     }
 }

@@ -10,7 +10,8 @@ use std::str::FromStr;
 use anyhow::{Result, anyhow, bail, ensure};
 use faer::Mat;
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Pattern {
     /// This fraction of the weights is zero.
     Unstructured(f64),
@@ -40,6 +41,49 @@ impl Pattern {
         ensure!(s > 0.0 && s < 1.0 && s.is_finite(), "--sparsity {s} is outside (0, 1)");
         Ok(Pattern::Unstructured(s))
     }
+}
+
+/// What to prune to: `--sparsity s` or `--pattern N:M`, exactly one of them.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+#[cfg_attr(feature = "cli", group(required = true, multiple = false))]
+pub struct Target {
+    /// Unstructured: this fraction of each operator's weights becomes zero.
+    #[cfg_attr(feature = "cli", arg(long, value_parser = parse_sparsity))]
+    pub sparsity: Option<f64>,
+    /// Semi-structured N:M (N zeros in every M consecutive inputs), e.g. 2:4.
+    #[cfg_attr(feature = "cli", arg(long, value_parser = parse_nm))]
+    pub pattern: Option<Pattern>,
+}
+
+impl Target {
+    pub fn pattern(&self) -> Result<Pattern> {
+        match (self.sparsity, self.pattern) {
+            (Some(s), None) => Pattern::unstructured(s),
+            (None, Some(p)) => Ok(p),
+            _ => bail!("give exactly one of --sparsity and --pattern"),
+        }
+    }
+}
+
+impl From<Pattern> for Target {
+    fn from(p: Pattern) -> Self {
+        match p {
+            Pattern::Unstructured(s) => Self { sparsity: Some(s), pattern: None },
+            Pattern::NM { .. } => Self { sparsity: None, pattern: Some(p) },
+        }
+    }
+}
+
+#[cfg(feature = "cli")]
+fn parse_sparsity(s: &str) -> Result<f64> {
+    let v: f64 = s.trim().parse().map_err(|_| anyhow!("{s:?} is not a number"))?;
+    Pattern::unstructured(v).map(|_| v)
+}
+
+#[cfg(feature = "cli")]
+fn parse_nm(s: &str) -> Result<Pattern> {
+    s.parse()
 }
 
 impl FromStr for Pattern {

@@ -14,20 +14,43 @@ use anyhow::{Context, Result, anyhow};
 use faer::linalg::solvers::DenseSolveCore;
 use faer::{Accum, Mat, Side};
 
+use serde::{Deserialize, Serialize};
+
 use super::mask::{self, Pattern};
-use super::{Method, OpStats, Pruned};
+use super::{Method, MethodOptions, Observes, OpStats, Pruned, Registered, needs_stats};
 use crate::linalg::par;
 
-pub struct SparseGpt {
+pub const METHOD: Registered = Registered { name: "sparsegpt", build };
+
+fn build(o: &MethodOptions) -> Result<Box<dyn Method>> {
+    anyhow::ensure!(
+        o.sparsegpt.percdamp >= 0.0 && o.sparsegpt.percdamp.is_finite(),
+        "--percdamp {} must be ≥ 0",
+        o.sparsegpt.percdamp
+    );
+    Ok(Box::new(SparseGpt(o.sparsegpt.clone())))
+}
+
+/// SparseGPT's knobs, as the authors' script names them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct Options {
+    /// SparseGPT: diagonal damping, as a fraction of the mean diagonal of the Hessian.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = Options::default().percdamp))]
     pub percdamp: f64,
+    /// SparseGPT: columns per lazy-update block.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = Options::default().blocksize))]
     pub blocksize: usize,
 }
 
-impl Default for SparseGpt {
+impl Default for Options {
     fn default() -> Self {
         Self { percdamp: 0.01, blocksize: 128 }
     }
 }
+
+#[derive(Default)]
+pub struct SparseGpt(pub Options);
 
 /// `H = G + damping` with dead inputs handled; returns H (f64) and zeroes the dead columns of `w`.
 pub fn damped_hessian(g: &Mat<f32>, w: &mut Mat<f32>, percdamp: f64) -> Mat<f64> {
@@ -63,32 +86,31 @@ impl SparseGpt {
     /// Prune `w` given the Gram matrix of its inputs.
     pub fn prune_gram(&self, w: &Mat<f32>, g: &Mat<f32>, pattern: Pattern) -> Result<Mat<f32>> {
         let mut w = w.clone();
-        let h = damped_hessian(g, &mut w, self.percdamp);
+        let h = damped_hessian(g, &mut w, self.0.percdamp);
         let u = inverse_cholesky_upper(&h).context("sparsegpt")?;
-        sweep(&mut w, &u, pattern, self.blocksize.max(1));
+        sweep(&mut w, &u, pattern, self.0.blocksize.max(1));
         Ok(w)
     }
 }
 
 impl Method for SparseGpt {
-    fn name(&self) -> &'static str {
-        "sparsegpt"
-    }
-
-    /// Two Cholesky factorisations and an inverse (4/3 n³), the lazy block updates (m n²) and the in-block
-    /// rank-1 updates (m n B).
-    fn flops(&self, rows: usize, cols: usize) -> f64 {
-        let (m, n, b) = (rows as f64, cols as f64, self.blocksize as f64);
-        4.0 / 3.0 * n * n * n + m * n * n + m * n * b
-    }
-
-    fn rounding_units(&self, _rows: usize, cols: usize, _pattern: Pattern) -> usize {
-        cols.div_ceil(self.blocksize.max(1))
+    fn observes(&self) -> Observes {
+        Observes::Gram
     }
 
     fn prune(&self, w: &Mat<f32>, stats: Option<&OpStats>, pattern: Pattern) -> Result<Pruned> {
-        let g = &stats.ok_or_else(|| anyhow!("sparsegpt needs input statistics"))?.gram;
-        Ok(self.prune_gram(w, g, pattern)?.into())
+        let g = &needs_stats(stats, "sparsegpt")?.gram;
+        let (rows, cols) = w.shape();
+        let (m, n, b) = (rows as f64, cols as f64, self.0.blocksize as f64);
+        Ok(Pruned {
+            w: self.prune_gram(w, g, pattern)?,
+            // The zero count is rounded per block of columns.
+            rounding_units: cols.div_ceil(self.0.blocksize.max(1)),
+            // Two Cholesky factorisations and an inverse (4/3 n³), the lazy block updates (m n²) and the
+            // in-block rank-1 updates (m n B).
+            flops: 4.0 / 3.0 * n * n * n + m * n * n + m * n * b,
+            details: None,
+        })
     }
 }
 
@@ -249,7 +271,7 @@ mod tests {
             (Pattern::NM { n: 4, m: 8 }, 16),
         ] {
             let (w, g) = problem(6, 40, 3);
-            let got = SparseGpt { percdamp: 0.01, blocksize }.prune_gram(&w, &g, pattern).unwrap();
+            let got = SparseGpt(Options { percdamp: 0.01, blocksize }).prune_gram(&w, &g, pattern).unwrap();
             let want = obs_reference(&w, &g, pattern, blocksize, 0.01);
             let e = max_rel(&got, &want);
             assert!(e < 1e-4, "{pattern:?} block {blocksize}: max rel diff {e}");

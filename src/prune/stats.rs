@@ -114,10 +114,14 @@ pub struct OpStats {
     pub gram: Mat<f32>,
     pub cross: Option<Mat<f32>>,
     pub dense: Option<Mat<f32>>,
-    pub tokens: usize,
 }
 
 impl OpStats {
+    /// Each input feature's norm `‖X*_j‖`, from the Gram diagonal.
+    pub fn norms(&self) -> Vec<f32> {
+        (0..self.gram.ncols()).map(|j| self.gram[(j, j)].max(0.0).sqrt()).collect()
+    }
+
     pub fn cross(&self) -> &Mat<f32> {
         self.cross.as_ref().unwrap_or(&self.gram)
     }

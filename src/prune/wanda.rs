@@ -1,26 +1,31 @@
 //! Wanda (Sun et al. 2023): score `|W_ij| · ‖X_j‖₂`, drop the lowest scores of each output row (N:M: the
 //! lowest n of every m consecutive inputs); no weight update. `‖X_j‖²` is the Gram diagonal.
 
-use anyhow::{Result, anyhow};
+use anyhow::Result;
 use faer::Mat;
 
 use super::mask::{self, Pattern};
-use super::{Method, OpStats, Pruned};
+use super::{Method, MethodOptions, Observes, OpStats, Pruned, Registered, needs_stats};
+
+pub const METHOD: Registered = Registered { name: "wanda", build };
+
+fn build(_: &MethodOptions) -> Result<Box<dyn Method>> {
+    Ok(Box::new(Wanda))
+}
 
 pub struct Wanda;
 
 impl Method for Wanda {
-    fn name(&self) -> &'static str {
-        "wanda"
+    fn observes(&self) -> Observes {
+        Observes::Norms
     }
 
     fn prune(&self, w: &Mat<f32>, stats: Option<&OpStats>, pattern: Pattern) -> Result<Pruned> {
-        let g = &stats.ok_or_else(|| anyhow!("wanda needs input statistics"))?.gram;
-        let norms: Vec<f32> = (0..w.ncols()).map(|j| g[(j, j)].max(0.0).sqrt()).collect();
+        let norms = needs_stats(stats, "wanda")?.norms();
         let scores = Mat::from_fn(w.nrows(), w.ncols(), |i, j| w[(i, j)].abs() * norms[j]);
         let mut out = w.clone();
         mask::apply(&mut out, &mask::select(&scores, pattern, true));
-        Ok(out.into())
+        Ok(Pruned::per_row(out))
     }
 }
 
@@ -34,7 +39,7 @@ mod tests {
         // scores = [2, 2, 1.5, 2]: 50 % per row drops inputs 2 (1.5) and 0 (2, first of the ties).
         let w = Mat::from_fn(1, 4, |_, j| [1.0, -2.0, 3.0, 0.5][j]);
         let g = Mat::from_fn(4, 4, |i, j| if i == j { [4.0, 1.0, 0.25, 16.0][i] } else { 0.3 });
-        let st = OpStats { gram: g, cross: None, dense: None, tokens: 1 };
+        let st = OpStats { gram: g, cross: None, dense: None };
         let out = Wanda.prune(&w, Some(&st), Pattern::Unstructured(0.5)).unwrap().w;
         assert_eq!((0..4).map(|j| out[(0, j)]).collect::<Vec<_>>(), vec![0.0, -2.0, 0.0, 0.5]);
         // 2:4 keeps the same two here.

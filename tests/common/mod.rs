@@ -111,3 +111,30 @@ pub fn recorded_digest(tag: &str) -> Option<String> {
         serde_json::from_str(&std::fs::read_to_string(root().join("tests/reference/digests.json")).ok()?).ok()?;
     j["digests"][cpu_class()][tag].as_str().map(str::to_string)
 }
+
+/// Runs the binary with `args` and `--progress json`, and kills it (SIGKILL) as soon as the `layer` event of
+/// decoder layer `k` appears on its stderr: a real kill, at a known point, with no hook in the binary. Returns
+/// whether it was killed; false when the run ended first (it could finish its last layers before the kill
+/// landed), so that a caller can try again.
+pub fn kill_after_layer(args: &[&str], k: usize) -> bool {
+    use std::io::BufRead;
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = std::process::Command::new(bin())
+        .args(args)
+        .args(["--progress", "json"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run fistaprune");
+    let lines = std::io::BufReader::new(child.stderr.take().expect("piped")).lines();
+    for line in lines {
+        let v: serde_json::Value = serde_json::from_str(&line.expect("stderr")).unwrap_or_default();
+        if v["event"] == "layer" && v["layer"] == k {
+            child.kill().expect("kill");
+            break;
+        }
+    }
+    let status = child.wait().expect("wait");
+    assert!(status.signal() == Some(9) || status.success(), "the run failed before layer {k}: {status}");
+    status.signal() == Some(9)
+}

@@ -1,0 +1,483 @@
+//! One decoder layer's pruning: the statistics passes over its calibration inputs (one pass, or group by
+//! group with intra-layer error correction), each operator pruned by the method, and the layer's report, with
+//! its time and FLOPs counted in one place ([`Ledger`], [`Cost`]).
+//!
+//! With **intra-layer error correction** (FISTAPruner) the operator groups are pruned in data-flow order, each
+//! against the inputs the partially pruned layer gives it (`X*`), with the dense layer's output as the target
+//! (`X`, from the dense layer on the same inputs, or on the dense model's activations in the corrected walk).
+//! Without it (SparseGPT's and Wanda's code) every operator sees the dense layer's inputs: one statistics pass.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+use candle_core::{DType, Tensor};
+use faer::Mat;
+use serde::{Deserialize, Serialize};
+
+use super::Method;
+use super::mask::{self, Pattern};
+use super::pipeline::PipelineOptions;
+use super::stats::{Cross, Gram, OpStats, outlier_token_scales};
+use crate::linalg::{mat_to_tensor, tensor_to_mat};
+use crate::model::{CausalLm, DecoderLayer, LayerContext};
+use crate::util::check_finite;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OperatorReport {
+    pub layer: usize,
+    pub name: String,
+    /// (out, in)
+    pub shape: [usize; 2],
+    /// Measured fraction of exact zeros.
+    pub sparsity: f64,
+    /// `‖W' X* − W X‖² / ‖W X‖²` on the calibration inputs: the operator's output error against the dense
+    /// layer's (with error correction, `X*` are the inputs the partially pruned layer gives it).
+    pub rel_error: Option<f64>,
+    /// The same error for the dense weight under the final mask, without the method's weight update.
+    pub rel_error_mask_only: Option<f64>,
+    pub seconds: f64,
+    /// Floating-point operations the method counted for itself.
+    #[serde(default)]
+    pub gflop: f64,
+    /// Method-specific details (FISTAPruner: λ rounds, warm-start error).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LayerReport {
+    pub layer: usize,
+    pub seconds: f64,
+    /// Statistics passes.
+    pub stats_seconds: f64,
+    pub prune_seconds: f64,
+    /// Forward pass producing the next layer's inputs.
+    pub forward_seconds: f64,
+    /// Floating-point operations counted for this layer (statistics passes, Gram matrices, the method, forward).
+    pub gflop: f64,
+    /// `‖f'(x) − f(x)‖² / ‖f(x) − x‖²`: how much of the dense layer's update `f(x) − x` the pruned layer `f'`
+    /// misses, on (up to [`OUTPUT_ERROR_SAMPLES`]) calibration inputs of this layer. The same measure for
+    /// every method, unlike the operators' errors.
+    pub output_rel_error: Option<f64>,
+    pub operators: Vec<OperatorReport>,
+}
+
+impl LayerReport {
+    /// Measured fraction of zeros over the layer's pruned operators.
+    pub fn sparsity(&self) -> f64 {
+        let size = |o: &OperatorReport| (o.shape[0] * o.shape[1]) as f64;
+        let zeros: f64 = self.operators.iter().map(|o| o.sparsity * size(o)).sum();
+        zeros / self.operators.iter().map(size).sum::<f64>().max(1.0)
+    }
+}
+
+impl LayerReport {
+    /// Time `f`, which returns the FLOPs it spent, as the forward pass that makes the next layer's inputs.
+    pub fn forward(&mut self, f: impl FnOnce() -> Result<f64>) -> Result<()> {
+        let t = Instant::now();
+        let flops = f()?;
+        let s = t.elapsed().as_secs_f64();
+        self.forward_seconds += s;
+        self.seconds += s;
+        self.gflop += flops / 1e9;
+        Ok(())
+    }
+}
+
+/// Where a layer's time and FLOPs went, phase by phase.
+struct Ledger {
+    start: Instant,
+    stats_seconds: f64,
+    prune_seconds: f64,
+    flops: f64,
+}
+
+impl Ledger {
+    fn new() -> Self {
+        Self { start: Instant::now(), stats_seconds: 0.0, prune_seconds: 0.0, flops: 0.0 }
+    }
+
+    /// A statistics pass; `f` returns its result and the FLOPs it spent.
+    fn stats<T>(&mut self, f: impl FnOnce() -> Result<(T, f64)>) -> Result<T> {
+        let t = Instant::now();
+        let (out, flops) = f()?;
+        self.stats_seconds += t.elapsed().as_secs_f64();
+        self.flops += flops;
+        Ok(out)
+    }
+
+    /// Pruning operators; the method counts its own FLOPs in their reports.
+    fn prune(&mut self, f: impl FnOnce() -> Result<Vec<OperatorReport>>) -> Result<Vec<OperatorReport>> {
+        let t = Instant::now();
+        let ops = f()?;
+        self.prune_seconds += t.elapsed().as_secs_f64();
+        self.flops += ops.iter().map(|o| o.gflop * 1e9).sum::<f64>();
+        Ok(ops)
+    }
+
+    fn report(self, layer: usize, output_rel_error: Option<f64>, operators: Vec<OperatorReport>) -> LayerReport {
+        LayerReport {
+            layer,
+            seconds: self.start.elapsed().as_secs_f64(),
+            stats_seconds: self.stats_seconds,
+            prune_seconds: self.prune_seconds,
+            forward_seconds: 0.0,
+            gflop: self.flops / 1e9,
+            output_rel_error,
+            operators,
+        }
+    }
+}
+
+/// Multiply-add FLOPs (2 per MAC) of one layer per calibration token: the one place they are derived.
+pub struct Cost {
+    /// Entry `g`: what a forward pass spends before group `g`'s input is ready; the last entry is the whole
+    /// layer (linear operators, and attention's QKᵀ and PV over the (seqlen + 1) / 2 keys a query sees).
+    prefix: Vec<f64>,
+    /// Each group's input width `n` (its Gram matrix costs `n²` per token).
+    widths: Vec<f64>,
+}
+
+impl Cost {
+    pub fn of(layer: &dyn DecoderLayer, seqlen: usize) -> Self {
+        let lin = |n: &str| layer.linear(n).map(|l| 2.0 * (l.out_features() * l.in_features()) as f64).unwrap_or(0.0);
+        let groups = layer.input_groups();
+        // The query width is q_proj's output.
+        let width = layer.linear(groups[0][0]).map(|l| l.out_features()).unwrap_or(0) as f64;
+        let attn = 2.0 * 2.0 * (seqlen.max(1) as f64 + 1.0) / 2.0 * width;
+        let mut prefix = Vec::with_capacity(groups.len() + 1);
+        let mut acc = 0.0;
+        for (gi, g) in groups.iter().enumerate() {
+            prefix.push(acc);
+            acc += g.iter().map(|n| lin(n)).sum::<f64>();
+            if gi == 0 {
+                acc += attn;
+            }
+        }
+        prefix.push(acc);
+        let widths = groups.iter().map(|g| layer.linear(g[0]).map(|l| l.in_features()).unwrap_or(0) as f64).collect();
+        Self { prefix, widths }
+    }
+
+    /// The whole layer's forward pass.
+    pub fn forward(&self) -> f64 {
+        *self.prefix.last().expect("at least one entry")
+    }
+}
+
+/// Calibration samples the layer output error is measured on.
+pub const OUTPUT_ERROR_SAMPLES: usize = 16;
+
+/// See [`LayerReport::output_rel_error`].
+fn layer_output_error(
+    dense: &dyn DecoderLayer,
+    work: &dyn DecoderLayer,
+    acts: &[Tensor],
+    ctx: &LayerContext,
+) -> Result<f64> {
+    let (mut num, mut den, mut seen) = (0f64, 0f64, 0usize);
+    for x in acts {
+        if seen >= OUTPUT_ERROR_SAMPLES {
+            break;
+        }
+        let x = x.to_dtype(DType::F32)?;
+        let yd = dense.forward(&x, ctx, None)?;
+        let yp = work.forward(&x, ctx, None)?;
+        num += (&yp - &yd)?.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        den += (&yd - &x)?.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        seen += x.dims()[0];
+    }
+    Ok(num / den.max(f64::MIN_POSITIVE))
+}
+
+/// An error a capture hook raises to stop the forward pass once it has what it needs.
+#[derive(Debug)]
+struct StopCapture;
+
+impl std::fmt::Display for StopCapture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("capture stopped")
+    }
+}
+
+impl std::error::Error for StopCapture {}
+
+/// The input `layer` gives operator group `leader` on `x` (the pass stops there).
+fn capture_input(layer: &dyn DecoderLayer, x: &Tensor, ctx: &LayerContext, leader: &str) -> Result<Tensor> {
+    let mut got = None;
+    let mut hook = |name: &str, inp: &Tensor| -> Result<()> {
+        if name == leader {
+            got = Some(inp.clone());
+            return Err(StopCapture.into());
+        }
+        Ok(())
+    };
+    match layer.capture(x, ctx, &mut hook) {
+        Err(e) if e.is::<StopCapture>() => {}
+        Err(e) => return Err(e),
+        Ok(()) => {}
+    }
+    got.ok_or_else(|| anyhow!("the layer never reported an input for {leader}"))
+}
+
+/// Statistics of every group from one pass of the dense layer (no error correction: `X* = X`).
+fn collect_dense(
+    layer: &dyn DecoderLayer,
+    acts: &[Tensor],
+    ctx: &LayerContext,
+    cap: Option<f64>,
+) -> Result<Vec<OpStats>> {
+    let groups = layer.input_groups();
+    let mut grams: Vec<Option<Gram>> = (0..groups.len()).map(|_| None).collect();
+    for x in acts {
+        let x = x.to_dtype(DType::F32)?;
+        let mut hook = |name: &str, inp: &Tensor| -> Result<()> {
+            if let Some(gi) = groups.iter().position(|g| g[0] == name) {
+                let n = inp.dim(candle_core::D::Minus1)?;
+                let gram = grams[gi].get_or_insert_with(|| Gram::new(n));
+                match cap {
+                    Some(k) => gram.add(&inp.broadcast_mul(&outlier_token_scales(inp, k)?)?)?,
+                    None => gram.add(inp)?,
+                }
+            }
+            Ok(())
+        };
+        layer.capture(&x, ctx, &mut hook)?;
+    }
+    grams
+        .into_iter()
+        .zip(groups.iter())
+        .map(|(g, names)| {
+            let g = g.ok_or_else(|| anyhow!("no statistics were collected for {}", names[0]))?;
+            let st = OpStats { gram: g.finish(), cross: None, dense: None };
+            st.check_finite(&format!("input of {}", names.join(", ")))?;
+            Ok(st)
+        })
+        .collect()
+}
+
+/// Each calibration batch's input of the previous operator group: (partially pruned layer, dense layer; `None`
+/// where the two were the same), from which the layer may step to the next group's input.
+type GroupInputs = Vec<(Tensor, Option<Tensor>)>;
+
+/// The statistics passes of error correction, group by group: `X*` from the partially pruned layer `work` on
+/// `acts`, `X` from the dense layer `dense` on `targets` (the dense model's activations) or else on the same
+/// `acts`.
+struct Correction<'a> {
+    dense: &'a dyn DecoderLayer,
+    acts: &'a [Tensor],
+    targets: Option<&'a [Tensor]>,
+    ctx: &'a LayerContext,
+    cap: Option<f64>,
+    /// The previous group's inputs (empty before the first group): the next group steps from them instead of
+    /// rerunning the layer up to there.
+    prev: GroupInputs,
+}
+
+impl Correction<'_> {
+    /// Statistics of group `gi` with `work` as pruned so far, and whether the inputs were stepped to from the
+    /// previous group's; `keep` stores this group's inputs (in that type) for the next one.
+    fn group(&mut self, work: &dyn DecoderLayer, gi: usize, keep: Option<DType>) -> Result<(OpStats, bool)> {
+        let (dense, ctx, cap, targets) = (self.dense, self.ctx, self.cap, self.targets);
+        let leader = dense.input_groups()[gi][0];
+        let mut gram: Option<Gram> = None;
+        let mut cross: Option<Cross> = None;
+        let mut dgram: Option<Gram> = None;
+        let mut next = GroupInputs::new();
+        let stepped = std::cell::Cell::new(false);
+        // The input of this group for layer `l` on `x`, stepping from the previous group's when it can.
+        let input = |l: &dyn DecoderLayer, x: &Tensor, p: Option<&Tensor>| -> Result<Tensor> {
+            if let Some(p) = p
+                && let Some(t) = l.next_group_input(gi, x, &p.to_dtype(DType::F32)?)?
+            {
+                stepped.set(true);
+                return Ok(t);
+            }
+            capture_input(l, x, ctx, leader)
+        };
+        for (b, x) in self.acts.iter().enumerate() {
+            let x = x.to_dtype(DType::F32)?;
+            let p = self.prev.get(b);
+            let xs = input(work, &x, p.map(|p| &p.0))?;
+            let n = xs.dim(candle_core::D::Minus1)?;
+            // Before any operator is pruned the two inputs are the same, unless the targets come from elsewhere.
+            let xd = if gi > 0 || targets.is_some() {
+                let xt = match targets {
+                    Some(t) => t[b].to_dtype(DType::F32)?,
+                    None => x.clone(),
+                };
+                Some(input(dense, &xt, p.map(|p| p.1.as_ref().unwrap_or(&p.0)))?)
+            } else {
+                None
+            };
+            // One scale per token for X and X* alike (from the dense input), so the three sums stay one objective.
+            let scale = cap.map(|k| outlier_token_scales(xd.as_ref().unwrap_or(&xs), k)).transpose()?;
+            let scaled = |t: &Tensor| -> Result<Tensor> {
+                Ok(match &scale {
+                    Some(s) => t.broadcast_mul(s)?,
+                    None => t.clone(),
+                })
+            };
+            let xs_w = scaled(&xs)?;
+            gram.get_or_insert_with(|| Gram::new(n)).add(&xs_w)?;
+            if let Some(xd) = &xd {
+                let xd_w = scaled(xd)?;
+                cross.get_or_insert_with(|| Cross::new(n)).add(&xd_w, &xs_w)?;
+                dgram.get_or_insert_with(|| Gram::new(n)).add(&xd_w)?;
+            }
+            if let Some(dt) = keep {
+                next.push((xs.to_dtype(dt)?, xd.map(|t| t.to_dtype(dt)).transpose()?));
+            }
+        }
+        self.prev = next;
+        let g = gram.ok_or_else(|| anyhow!("no calibration batches"))?;
+        let st = OpStats { gram: g.finish(), cross: cross.map(|c| c.c), dense: dgram.map(Gram::finish) };
+        st.check_finite(&format!("input of {}", dense.input_groups()[gi].join(", ")))?;
+        Ok((st, stepped.get()))
+    }
+}
+
+/// A layer's calibration inputs: `X*` (what it gets) and, in the corrected walk, the dense model's
+/// activations for the targets.
+#[derive(Clone, Copy)]
+pub struct Inputs<'a> {
+    pub acts: &'a [Tensor],
+    pub targets: Option<&'a [Tensor]>,
+    pub ctx: &'a LayerContext,
+}
+
+impl Inputs<'_> {
+    fn tokens(&self) -> f64 {
+        self.acts.iter().map(|t| t.dims()[0] * t.dims()[1]).sum::<usize>() as f64
+    }
+}
+
+/// A layer pruned: its weights, the dense copy when one was loaded, and its report.
+pub struct PrunedLayer {
+    pub work: Box<dyn DecoderLayer>,
+    pub dense: Option<Box<dyn DecoderLayer>>,
+    pub report: LayerReport,
+}
+
+/// Prune decoder layer `i` of `model` on its calibration inputs (none for a method that observes nothing).
+pub fn prune_layer(
+    model: &dyn CausalLm,
+    i: usize,
+    inputs: Option<Inputs>,
+    method: &dyn Method,
+    opts: &PipelineOptions,
+) -> Result<PrunedLayer> {
+    let (pattern, cap, act_dtype) = (opts.pattern_for(i), opts.walk.token_cap, opts.walk.act_dtype.dtype());
+    let mut ledger = Ledger::new();
+    let mut work = model.load_layer(i)?;
+    // A NaN or Inf in a weight would only surface later as unusable statistics: name it here.
+    for (name, t) in work.named_tensors() {
+        check_finite(&t, &format!("decoder layer {i}: weight {name}"))?;
+    }
+    let Some(inp) = inputs else {
+        let names = work.input_groups().iter().flat_map(|g| g.iter());
+        let ops =
+            ledger.prune(|| names.map(|n| prune_operator(work.as_mut(), i, n, None, method, pattern)).collect())?;
+        return Ok(PrunedLayer { work, dense: None, report: ledger.report(i, None, ops) });
+    };
+    // A dense copy: the target with error correction, the output error's reference, the next inputs in the
+    // dense and corrected walks.
+    let dense = model.load_layer(i)?;
+    let groups = work.input_groups();
+    let cost = Cost::of(work.as_ref(), inp.ctx.seqlen);
+    let tokens = inp.tokens();
+    let mut operators = Vec::new();
+    if opts.error_correction || inp.targets.is_some() {
+        let mut corr = Correction {
+            dense: dense.as_ref(),
+            acts: inp.acts,
+            targets: inp.targets,
+            ctx: inp.ctx,
+            cap,
+            prev: Vec::new(),
+        };
+        for (gi, group) in groups.iter().enumerate() {
+            let keep = (gi + 1 < groups.len()).then_some(act_dtype);
+            let st = ledger
+                .stats(|| {
+                    let (st, stepped) = corr.group(work.as_ref(), gi, keep)?;
+                    // The layer up to this group's input (from the previous group's when stepping), once for the
+                    // pruned layer and once for the dense one; G*, XX*ᵀ and XXᵀ.
+                    let n2 = cost.widths[gi].powi(2);
+                    let reach = if stepped { cost.prefix[gi] - cost.prefix[gi - 1] } else { cost.prefix[gi] };
+                    let per_token =
+                        if gi == 0 && inp.targets.is_none() { cost.prefix[0] + n2 } else { 2.0 * reach + 4.0 * n2 };
+                    Ok((st, tokens * per_token))
+                })
+                .with_context(|| format!("decoder layer {i}"))?;
+            operators.extend(ledger.prune(|| {
+                group.iter().map(|n| prune_operator(work.as_mut(), i, n, Some(&st), method, pattern)).collect()
+            })?);
+        }
+    } else {
+        let stats = ledger
+            .stats(|| {
+                let stats = collect_dense(dense.as_ref(), inp.acts, inp.ctx, cap)?;
+                let grams: f64 = cost.widths.iter().map(|n| n * n).sum();
+                Ok((stats, tokens * (cost.prefix[groups.len() - 1] + grams)))
+            })
+            .with_context(|| format!("decoder layer {i}"))?;
+        operators = ledger.prune(|| {
+            let mut ops = Vec::new();
+            for (group, st) in groups.iter().zip(&stats) {
+                for n in group.iter() {
+                    ops.push(prune_operator(work.as_mut(), i, n, Some(st), method, pattern)?);
+                }
+            }
+            Ok(ops)
+        })?;
+    }
+    let output_rel_error = layer_output_error(dense.as_ref(), work.as_ref(), inp.acts, inp.ctx)?;
+    Ok(PrunedLayer { work, dense: Some(dense), report: ledger.report(i, Some(output_rel_error), operators) })
+}
+
+/// Prune one operator of `layer` given its input statistics (if the method uses them); returns its report.
+pub fn prune_operator(
+    layer: &mut dyn DecoderLayer,
+    layer_idx: usize,
+    name: &str,
+    stats: Option<&OpStats>,
+    method: &dyn Method,
+    pattern: Pattern,
+) -> Result<OperatorReport> {
+    let t0 = Instant::now();
+    let lin = layer.linear(name).ok_or_else(|| anyhow!("layer {layer_idx}: no operator {name}"))?;
+    let w = tensor_to_mat(&lin.weight)?;
+    let (rows, cols) = w.shape();
+    pattern.check_cols(cols, &format!("layer {layer_idx} {name}"))?;
+    let pruned = method.prune(&w, stats, pattern).with_context(|| format!("layer {layer_idx} {name}"))?;
+    let pw = &pruned.w;
+    if let Some((i, j)) = (0..cols).flat_map(|j| (0..rows).map(move |i| (i, j))).find(|&(i, j)| !pw[(i, j)].is_finite())
+    {
+        bail!("layer {layer_idx} {name}: the method produced a non-finite weight at ({i}, {j})");
+    }
+    let sparsity = mask::verify(pw, pattern, pruned.rounding_units)
+        .with_context(|| format!("layer {layer_idx} {name}: the pruned weight misses the pattern {pattern}"))?;
+    let (rel_error, rel_error_mask_only) = match stats {
+        Some(st) => {
+            let c = st.target(&w);
+            let p = st.problem(&w, &c);
+            let base = p.k.max(f64::MIN_POSITIVE);
+            let masked = Mat::from_fn(rows, cols, |i, j| if pw[(i, j)] == 0.0 { 0.0 } else { w[(i, j)] });
+            (Some(p.error(pw) / base), Some(p.error(&masked) / base))
+        }
+        None => (None, None),
+    };
+    layer.linear_mut(name).expect("checked above").weight = mat_to_tensor(pw)?;
+    Ok(OperatorReport {
+        layer: layer_idx,
+        name: name.to_string(),
+        shape: [rows, cols],
+        sparsity,
+        rel_error,
+        rel_error_mask_only,
+        seconds: t0.elapsed().as_secs_f64(),
+        gflop: pruned.flops / 1e9,
+        details: pruned.details,
+    })
+}
