@@ -60,8 +60,9 @@ pub fn compare(c: &Compare) -> Result<Comparison> {
     } else {
         None
     };
-    let (windows, dense) = dense_eval(base, &ck)?;
-    let dense = dense.map(|r| r.perplexity);
+    let evaluated = dense_eval(base, &ck)?;
+    let windows = evaluated.as_ref().map(|d| &d.windows);
+    let dense = evaluated.as_ref().map(|d| d.before.perplexity);
     let ppl_opts = PplOptions { progress: base.progress, ..Default::default() };
     let mut rows = Vec::new();
     let mut results = Vec::new();
@@ -80,7 +81,7 @@ pub fn compare(c: &Compare) -> Result<Comparison> {
             },
         };
         let report = prune(&job).with_context(|| format!("--method {name}"))?;
-        let ppl = match &windows {
+        let ppl = match windows {
             Some(w) => Some(perplexity(Checkpoint::open(&method_dir)?.model()?.as_ref(), w, &ppl_opts)?.perplexity),
             None => None,
         };
@@ -103,7 +104,7 @@ pub fn compare(c: &Compare) -> Result<Comparison> {
     let pattern = base.options.target.pattern()?;
     let title = format!("{} at {pattern}", base.model.display());
     let mut markdown = format!("{title}\n\n");
-    if let (Some(d), Some(w)) = (dense, &windows) {
+    if let (Some(d), Some(w)) = (dense, windows) {
         markdown.push_str(&format!(
             "dense perplexity {d:.3} ({} windows x {} tokens)\n\n",
             w.len(),

@@ -135,7 +135,7 @@ pub fn prune(job: &Prune) -> Result<PruneReport> {
     let method = prune::build(&job.method, &a.options.methods)?;
     let plan = Plan::new(&ck, method.as_ref(), job, &out)?;
     let calib = calibrate(a, &ck, method.observes(), save_calib.as_ref())?;
-    let (eval_windows, before) = dense_eval(a, &ck)?;
+    let dense = dense_eval(a, &ck)?;
     let model = ck.model()?;
     let ids: &[Vec<u32>] = calib.as_ref().map(|c| c.ids.as_slice()).unwrap_or(&[]);
     let allocation = allocate(a, model.as_ref(), ids, plan.pipeline.pattern)?;
@@ -219,16 +219,17 @@ pub fn prune(job: &Prune) -> Result<PruneReport> {
     }
 
     assemble(&ck, &aside.dir.tmp, &[aside.layers()], plan.dtype, a.write.max_shard_bytes())?;
-    if let Some(w) = &eval_windows {
+    if let Some(d) = &dense {
         let pruned = Checkpoint::open(&aside.dir.tmp)?;
         let ppl_opts = PplOptions { progress: a.progress, ..Default::default() };
-        let after = perplexity(pruned.model()?.as_ref(), w, &ppl_opts).context("evaluating the pruned model")?;
+        let after =
+            perplexity(pruned.model()?.as_ref(), &d.windows, &ppl_opts).context("evaluating the pruned model")?;
         report.eval = Some(EvalInfo {
             dataset: a.eval.eval.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
             seqlen: a.eval.eval_seqlen,
-            windows: w.len(),
+            windows: d.windows.len(),
         });
-        report.perplexity_before = before.as_ref().map(|r| r.perplexity);
+        report.perplexity_before = Some(d.before.perplexity);
         report.perplexity_after = Some(after.perplexity);
     }
     report.seconds = t_start.elapsed().as_secs_f64();
@@ -385,13 +386,19 @@ pub fn load_calibration(a: &PruneArgs, ck: &Checkpoint) -> Result<Calibration> {
     Ok(c)
 }
 
-/// With `--eval`: the evaluation windows and the dense model's perplexity on them.
-pub fn dense_eval(a: &PruneArgs, ck: &Checkpoint) -> Result<(Option<Vec<Vec<u32>>>, Option<PplResult>)> {
-    let Some(p) = &a.eval.eval else { return Ok((None, None)) };
+/// The evaluation windows of `--eval` and the dense model's perplexity on them.
+pub struct DenseEval {
+    pub windows: Vec<Vec<u32>>,
+    pub before: PplResult,
+}
+
+/// With `--eval`: the dense model evaluated.
+pub fn dense_eval(a: &PruneArgs, ck: &Checkpoint) -> Result<Option<DenseEval>> {
+    let Some(p) = &a.eval.eval else { return Ok(None) };
     let windows = dataset_windows(ck, p, a.eval.eval_format, a.eval.eval_seqlen, a.eval.eval_max_windows)?.1;
     let ppl_opts = PplOptions { progress: a.progress, ..Default::default() };
     let before = perplexity(ck.model()?.as_ref(), &windows, &ppl_opts).context("evaluating the dense model")?;
-    Ok((Some(windows), Some(before)))
+    Ok(Some(DenseEval { windows, before }))
 }
 
 /// Write the Hugging Face checkpoint into `dir`: pruned layers from the `layer-*.safetensors` files found in
