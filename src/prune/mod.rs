@@ -22,8 +22,15 @@ use serde::{Deserialize, Serialize};
 pub use mask::{Pattern, Target};
 pub use stats::OpStats;
 
-/// Every method, by name: the registry `--method`, `compare --methods` and FISTA's `--warm-start` read.
-pub const METHODS: &[Registered] = &[magnitude::METHOD, wanda::METHOD, sparsegpt::METHOD, fista::METHOD];
+/// Every method, by name: the registry `--method`, `compare --methods` and FISTA's `--warm-start` read. One
+/// line a method.
+#[rustfmt::skip]
+pub const METHODS: &[Registered] = &[
+    magnitude::METHOD,
+    wanda::METHOD,
+    sparsegpt::METHOD,
+    fista::METHOD,
+];
 
 /// A method in the registry: its name and how to build it from the options.
 pub struct Registered {
