@@ -11,6 +11,7 @@ pub mod layer;
 pub mod magnitude;
 pub mod mask;
 pub mod pipeline;
+pub mod random;
 pub mod sparsegpt;
 pub mod stats;
 pub mod wanda;
@@ -30,6 +31,7 @@ pub const METHODS: &[Registered] = &[
     wanda::METHOD,
     sparsegpt::METHOD,
     fista::METHOD,
+    random::METHOD,
 ];
 
 /// A method in the registry: its name and how to build it from the options.
