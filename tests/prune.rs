@@ -573,6 +573,37 @@ fn compare_writes_one_table_and_plot_for_all_methods_on_one_calibration() {
     assert!(std::fs::read_to_string(out.join("compare.md")).unwrap().contains("| sparsegpt |"));
 }
 
+/// The toy method that proves the registry (src/prune/random.rs, one line in METHODS): runs without calibration,
+/// meets its pattern, is reproducible, and keeps less of the weights' mass than magnitude, which keeps the most.
+#[test]
+fn random_masks_need_no_calibration_and_keep_less_than_magnitude() {
+    let d = tmpdir("p-random");
+    let m = fixture("llama");
+    let go = |out: &str, method: &str| {
+        let o = d.join(out);
+        let a = ["prune", "--model", m.to_str().unwrap(), "--method", method, "--pattern", "2:4", "--quiet", "--out"];
+        let (ok, _, err) = run(&[&a[..], &[o.to_str().unwrap()]].concat());
+        assert!(ok, "{method}: {err}");
+        (
+            serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(o.join("report.json")).unwrap())
+                .unwrap(),
+            o,
+        )
+    };
+    let (r, a) = go("a", "random");
+    assert_eq!(r["sparsity"], 0.5);
+    assert!(r["calibration"].is_null());
+    let (_, b) = go("b", "random");
+    assert!(std::fs::read(a.join("model.safetensors")).unwrap() == std::fs::read(b.join("model.safetensors")).unwrap());
+    let (_, mag) = go("m", "magnitude");
+    let mass = |dir: &Path| -> Vec<f64> {
+        operators(dir).iter().map(|(_, w)| w.iter().flatten().map(|x| x.abs() as f64).sum()).collect()
+    };
+    for (r, m) in mass(&a).iter().zip(mass(&mag)) {
+        assert!(*r < m, "random keeps {r}, magnitude {m}");
+    }
+}
+
 #[test]
 fn corrected_layer_inputs_carry_two_streams_and_imply_error_correction() {
     let d = tmpdir("p-corrected");
