@@ -1,6 +1,6 @@
 //! One decoder layer's pruning: the statistics passes over its calibration inputs (one pass, or group by
 //! group with intra-layer error correction), each operator pruned by the method, and the layer's report, with
-//! its time and FLOPs counted in one place ([`Ledger`], [`Cost`]).
+//! its time and FLOPs counted in one place (`Ledger`, [`Cost`]).
 //!
 //! With **intra-layer error correction** (FISTAPruner) the operator groups are pruned in data-flow order, each
 //! against the inputs the partially pruned layer gives it (`X*`), with the dense layer's output as the target

@@ -1,8 +1,8 @@
 //! The layer walk every layer-wise method shares (METHOD.md §2 and §4.5–4.6).
 //!
 //! 1. Embed the calibration samples once: the inputs of decoder layer 0.
-//! 2. For each decoder layer: prune it on its inputs ([`layer::prune_layer`]), then step the inputs past it to
-//!    the next layer's ([`Streams`]).
+//! 2. For each decoder layer: prune it on its inputs ([`super::layer::prune_layer`]), then step the inputs past
+//!    it to the next layer's ([`Streams`]).
 //!
 //! Where each layer's inputs come from is the walk's one choice, behind one seam ([`Streams`]): `pruned`
 //! (SparseGPT / Wanda: the next layer gets the pruned layer's outputs), `dense` (FISTAPruner's paper: every
