@@ -12,6 +12,8 @@ Also:
   dequantised by gguf-py;
 - `eval_reference.json`: perplexity of the llama fixture on the first windows of WikiText-2, tokenized by
   transformers from tokenizer.json.
+`--only qwen3,mistral,gemma3` writes just those fixtures (the architectures added after the first set),
+leaving the others as they are.
 Deterministic (fixed seeds). Run it again only when a fixture must change; commit what it writes.
 """
 import argparse, json, math, os, shutil, sys
@@ -26,8 +28,10 @@ from fistaprune_ref_text import eval_text  # noqa: E402
 import gguf  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, processors, trainers  # noqa: E402
-from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, OPTConfig,  # noqa: E402
-                          OPTForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig,  # noqa: E402
+                          LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, OPTConfig,
+                          OPTForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIKI = os.path.join(ROOT, "..", "shared", "data", "wikitext-2-raw", "wiki.test.raw")
@@ -228,20 +232,47 @@ def write_spm_gguf(out):
               open(os.path.join(out, "spm_reference.json"), "w"), indent=1)
 
 
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+
+
+def write_later_architectures(out, tok, ids, only):
+    """Qwen3 (RMSNorm on q and k, head_dim apart from hidden/heads), Mistral (sliding window shorter than the
+    sequence) and Gemma 3 (sandwich norms, q/k norms, sliding and global layers with their own RoPE, a
+    query_pre_attn_scalar apart from head_dim, a sliding window shorter than the sequence)."""
+    if "qwen3" in only:
+        c = Qwen3Config(**COMMON, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+        save_hf(randomize(Qwen3ForCausalLM(c), 15), tok, os.path.join(out, "qwen3"), ids)
+    if "mistral" in only:
+        c = MistralConfig(**COMMON, num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                          sliding_window=8, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+        save_hf(randomize(MistralForCausalLM(c), 16), tok, os.path.join(out, "mistral"), ids)
+    if "gemma3" in only:
+        c = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=12,
+                             layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                             sliding_window=8, max_position_embeddings=128, rope_theta=1e6,
+                             rope_local_base_freq=1e4, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        save_hf(randomize(Gemma3ForCausalLM(c), 17), tok, os.path.join(out, "gemma3"), ids)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(ROOT, "tests", "fixtures"))
+    ap.add_argument("--only", help="comma-separated: qwen3, mistral, gemma3")
     a = ap.parse_args()
     torch.manual_seed(0)
-    if os.path.exists(a.out):
-        shutil.rmtree(a.out)
-    os.makedirs(a.out)
     tok = make_tokenizer()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, VOCAB, (2, 24), generator=g)
-
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+    if a.only:
+        write_later_architectures(a.out, tok, ids, a.only.split(","))
+        return
+    if os.path.exists(a.out):
+        shutil.rmtree(a.out)
+    os.makedirs(a.out)
+    common = COMMON
     # LLaMA with GQA, untied head, LLaMA-3 rope scaling; f32, one file.
     c = LlamaConfig(**common, num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=False,
                     rope_parameters={"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0,
@@ -268,6 +299,7 @@ def main():
     # OPT-350M's layout: post-LN, 16-wide embeddings with project_in/out.
     opt350 = randomize(OPTForCausalLM(OPTConfig(**oc, word_embed_proj_dim=16, do_layer_norm_before=False)), 14)
     save_hf(opt350, tok, os.path.join(a.out, "opt350m_layout"), ids)
+    write_later_architectures(a.out, tok, ids, ["qwen3", "mistral", "gemma3"])
 
     # GGUF written the llama.cpp way; reference from transformers' GGUF loader.
     gdir = os.path.join(a.out, "llama_gguf")

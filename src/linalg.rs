@@ -68,10 +68,10 @@ unsafe impl Sync for SharedMut {}
 /// Causal self-attention with grouped K/V heads.
 ///
 /// `q`: `(b, nh, t, d)`, `k`, `v`: `(b, nkv, t, d)`, all contiguous f32; query head `h` reads K/V head
-/// `h / (nh / nkv)`. Returns `(b, t, nh·d)`, ready for the output projection. Queries go in blocks of
+/// `h / (nh / nkv)`. With a sliding `window`, a query at position `p` sees only keys `j` with `p − j < window`. Returns `(b, t, nh·d)`, ready for the output projection. Queries go in blocks of
 /// [`ATTN_BLOCK`] so that keys past the block's last position are never touched (the causal upper
 /// triangle costs nothing but the diagonal blocks), and the softmax uses [`softmax_row`].
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, window: Option<usize>) -> Result<Tensor> {
     use rayon::prelude::*;
     let (b, nh, t, d) = q.dims4()?;
     let (b2, nkv, t2, d2) = k.dims4()?;
@@ -97,20 +97,28 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Resul
                     let s = blk * ATTN_BLOCK;
                     let e = (s + ATTN_BLOCK).min(t);
                     let rows = e - s;
+                    // Keys k0..e: the block's first query sees back to k0 (a sliding window drops what lies
+                    // before: a query at p sees keys j with p − j < window).
+                    let k0 = window.map_or(0, |w| (s + 1).saturating_sub(w));
+                    let nk = e - k0;
                     let qoff = ((bi * nh + h) * t + s) * d;
-                    let kvoff = (bi * nkv + kvh) * t * d;
+                    let kvoff = ((bi * nkv + kvh) * t + k0) * d;
                     let qm = MatRef::from_row_major_slice(&qs[qoff..qoff + rows * d], rows, d);
-                    let km = MatRef::from_row_major_slice(&ks[kvoff..kvoff + e * d], e, d);
-                    let vm = MatRef::from_row_major_slice(&vs[kvoff..kvoff + e * d], e, d);
-                    let mut scores = vec![0f32; rows * e];
-                    let sm = MatMut::from_row_major_slice_mut(&mut scores, rows, e);
+                    let km = MatRef::from_row_major_slice(&ks[kvoff..kvoff + nk * d], nk, d);
+                    let vm = MatRef::from_row_major_slice(&vs[kvoff..kvoff + nk * d], nk, d);
+                    let mut scores = vec![0f32; rows * nk];
+                    let sm = MatMut::from_row_major_slice_mut(&mut scores, rows, nk);
                     faer::linalg::matmul::matmul(sm, Accum::Replace, qm, km.transpose(), scale, Par::Seq);
-                    for (i, row) in scores.chunks_exact_mut(e).enumerate() {
-                        let valid = s + i + 1;
-                        softmax_row(&mut row[..valid]);
+                    for (i, row) in scores.chunks_exact_mut(nk).enumerate() {
+                        let p = s + i;
+                        // Columns are keys k0.., the query sees keys lo..=p.
+                        let lo = window.map_or(0, |w| (p + 1).saturating_sub(w)) - k0;
+                        let valid = p + 1 - k0;
+                        row[..lo].fill(0.0);
+                        softmax_row(&mut row[lo..valid]);
                         row[valid..].fill(0.0);
                     }
-                    let pm = MatRef::from_row_major_slice(&scores, rows, e);
+                    let pm = MatRef::from_row_major_slice(&scores, rows, nk);
                     let o = optr;
                     // SAFETY: rows s..e of head h of batch bi: disjoint across tasks, inside `out`.
                     let om = unsafe {
@@ -276,6 +284,7 @@ mod tests {
         }
     }
 
+    /// Against a direct f64 evaluation, with and without a sliding window (which cuts across query blocks).
     #[test]
     fn causal_attention_matches_naive() {
         let (b, nh, nkv, t, d) = (2, 4, 2, 150, 8);
@@ -286,29 +295,34 @@ mod tests {
         let k = Tensor::from_vec(mk(b * nkv * t * d, 7), (b, nkv, t, d), &Device::Cpu).unwrap();
         let v = Tensor::from_vec(mk(b * nkv * t * d, 13), (b, nkv, t, d), &Device::Cpu).unwrap();
         let scale = 0.35f32;
-        let got = causal_attention(&q, &k, &v, scale).unwrap().to_vec3::<f32>().unwrap();
         let q4: Vec<Vec<Vec<Vec<f32>>>> = (0..b).map(|i| q.get(i).unwrap().to_vec3().unwrap()).collect();
         let k4: Vec<Vec<Vec<Vec<f32>>>> = (0..b).map(|i| k.get(i).unwrap().to_vec3().unwrap()).collect();
         let v4: Vec<Vec<Vec<Vec<f32>>>> = (0..b).map(|i| v.get(i).unwrap().to_vec3().unwrap()).collect();
-        let mut worst = 0f64;
-        for bi in 0..b {
-            for h in 0..nh {
-                let kh = h / (nh / nkv);
-                for i in 0..t {
-                    let s: Vec<f64> = (0..=i)
-                        .map(|j| {
-                            (0..d).map(|c| q4[bi][h][i][c] as f64 * k4[bi][kh][j][c] as f64).sum::<f64>() * scale as f64
-                        })
-                        .collect();
-                    let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
-                    for c in 0..d {
-                        let want: f64 = (0..=i).map(|j| (s[j] - m).exp() / z * v4[bi][kh][j][c] as f64).sum();
-                        worst = worst.max((got[bi][i][h * d + c] as f64 - want).abs());
+        for window in [None, Some(1), Some(37), Some(64), Some(100), Some(1000)] {
+            let got = causal_attention(&q, &k, &v, scale, window).unwrap().to_vec3::<f32>().unwrap();
+            let mut worst = 0f64;
+            for bi in 0..b {
+                for h in 0..nh {
+                    let kh = h / (nh / nkv);
+                    for i in 0..t {
+                        // Keys j ≤ i with i − j < window.
+                        let lo = window.map_or(0, |w| (i + 1).saturating_sub(w));
+                        let s: Vec<f64> = (lo..=i)
+                            .map(|j| {
+                                let dot: f64 = (0..d).map(|c| q4[bi][h][i][c] as f64 * k4[bi][kh][j][c] as f64).sum();
+                                dot * scale as f64
+                            })
+                            .collect();
+                        let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                        let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                        for c in 0..d {
+                            let want: f64 = (lo..=i).map(|j| (s[j - lo] - m).exp() / z * v4[bi][kh][j][c] as f64).sum();
+                            worst = worst.max((got[bi][i][h * d + c] as f64 - want).abs());
+                        }
                     }
                 }
             }
+            assert!(worst < 1e-5, "window {window:?}: worst abs error {worst}");
         }
-        assert!(worst < 1e-5, "worst abs error {worst}");
     }
 }

@@ -122,6 +122,12 @@ fn main() -> ExitCode {
     // Logs on stderr, off unless RUST_LOG asks (e.g. RUST_LOG=fistaprune=debug).
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("off")).format_timestamp_millis().init();
     fistaprune::util::tune_allocator();
+    // `fistaprune inspect | head` ends quietly when the reader goes, as other command-line tools do.
+    #[cfg(unix)]
+    // SAFETY: restoring the default action of one signal, before any other thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let json = cli.command.json(cli.progress);
     match run(cli) {

@@ -38,6 +38,24 @@ fn qwen2_bias_mqa_f16_matches_transformers() {
 }
 
 #[test]
+fn qwen3_qk_norm_matches_transformers() {
+    check_logits(&fixture("qwen3"), &fixture("qwen3"));
+}
+
+/// A sliding window of 8 over 24 tokens: keys beyond it must be masked.
+#[test]
+fn mistral_sliding_window_matches_transformers() {
+    check_logits(&fixture("mistral"), &fixture("mistral"));
+}
+
+/// Sandwich norms, q/k norms, two sliding layers (window 8 over 24 tokens, their own RoPE base) and a global one,
+/// query_pre_attn_scalar apart from head_dim, scaled embeddings, tied head.
+#[test]
+fn gemma3_sliding_and_global_layers_match_transformers() {
+    check_logits(&fixture("gemma3"), &fixture("gemma3"));
+}
+
+#[test]
 fn opt_pre_ln_matches_transformers() {
     check_logits(&fixture("opt"), &fixture("opt"));
 }
@@ -109,7 +127,7 @@ fn gguf_sentencepiece_tokenizer_matches_sentencepiece() {
 #[test]
 fn stepping_between_operator_groups_equals_capture() {
     use candle_core::{Device, Tensor};
-    for name in ["llama", "qwen2_f16", "opt", "opt350m_layout"] {
+    for name in ["llama", "qwen2_f16", "qwen3", "mistral", "gemma3", "opt", "opt350m_layout"] {
         let ck = fistaprune::model::Checkpoint::open(&fixture(name)).unwrap();
         let m = ck.model().unwrap();
         let ctx = m.context(12).unwrap();

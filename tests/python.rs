@@ -104,6 +104,9 @@ fn pruned_checkpoints_reload_in_transformers_with_same_perplexity_and_sparsity()
         ("llama", "sparsegpt", "--sparsity"),
         ("opt", "wanda", "--pattern"),
         ("llama_bf16_sharded", "sparsegpt", "--pattern"),
+        ("qwen3", "wanda", "--sparsity"),
+        ("mistral", "sparsegpt", "--sparsity"),
+        ("gemma3", "fista", "--pattern"),
     ] {
         let out = d.join(format!("{model}-{method}"));
         let value = if target == "--sparsity" { "0.6" } else { "2:4" };

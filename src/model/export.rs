@@ -84,16 +84,24 @@ impl OutDType {
     }
 }
 
-/// Little-endian bytes of `t` in `dtype`.
-fn tensor_bytes(t: &Tensor, dtype: OutDType) -> Result<Vec<u8>> {
-    let t = t.flatten_all()?;
-    Ok(match dtype {
-        OutDType::F32 => t.to_dtype(DType::F32)?.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        OutDType::F16 => t.to_dtype(DType::F16)?.to_vec1::<half::f16>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        OutDType::Bf16 => {
-            t.to_dtype(DType::BF16)?.to_vec1::<half::bf16>()?.iter().flat_map(|x| x.to_le_bytes()).collect()
+/// Write `t` as little-endian `dtype`, converting a block at a time (no whole copy of a large tensor: the
+/// embeddings of a 262k vocabulary are 671 MB in f32).
+fn write_tensor(w: &mut impl Write, t: &Tensor, dtype: OutDType) -> Result<()> {
+    const BLOCK: usize = 1 << 16;
+    let t = t.to_dtype(DType::F32)?.flatten_all()?;
+    let mut buf = Vec::with_capacity(BLOCK * 4);
+    crate::linalg::with_f32(&t, |xs| -> Result<()> {
+        for block in xs.chunks(BLOCK) {
+            buf.clear();
+            match dtype {
+                OutDType::F32 => buf.extend(block.iter().flat_map(|x| x.to_le_bytes())),
+                OutDType::F16 => buf.extend(block.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes())),
+                OutDType::Bf16 => buf.extend(block.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())),
+            }
+            w.write_all(&buf)?;
         }
-    })
+        Ok(())
+    })?
 }
 
 /// Write one safetensors file holding `specs`, producing each tensor with `load`.
@@ -128,7 +136,7 @@ pub fn write_safetensors(
         if t.dims() != shape.as_slice() {
             bail!("tensor {name}: produced shape {:?}, expected {:?}", t.dims(), shape);
         }
-        w.write_all(&tensor_bytes(&t, dtype)?).with_context(|| format!("{}: write failed", path.display()))?;
+        write_tensor(&mut w, &t, dtype).with_context(|| format!("{}: write failed", path.display()))?;
     }
     let f = w.into_inner().map_err(|e| e.into_error()).with_context(|| format!("{}: write failed", path.display()))?;
     f.sync_all()?;

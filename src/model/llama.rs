@@ -1,5 +1,7 @@
-//! The LLaMA family (LLaMA 1/2/3, Mistral, SmolLM2, Qwen2): RMSNorm, rotary attention with grouped key/value
-//! heads, SwiGLU MLP. Matches Hugging Face `modeling_llama.py` / `modeling_qwen2.py`.
+//! The LLaMA family (LLaMA 1/2/3, Mistral, SmolLM2, Qwen2, Qwen3): RMSNorm, rotary attention with grouped
+//! key/value heads, SwiGLU MLP; Qwen2's q/k/v biases, Qwen3's RMSNorm on each query and key head, Mistral's
+//! sliding-window attention. Matches Hugging Face `modeling_llama.py`, `modeling_mistral.py`,
+//! `modeling_qwen2.py` and `modeling_qwen3.py`.
 //!
 //! Everything about the architecture is here: its `config.json` ([`ConfigJson`], as serde reads it) and GGUF
 //! metadata, resolved into [`LlamaConfig`]; one table of its tensors' names (Hugging Face and GGUF, from
@@ -8,18 +10,19 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::{Value as Json, json};
 
 use super::gguf::GgufFile;
 use super::{
-    Architecture, CausalLm, Config, DecoderLayer, Hook, LayerContext, Linear, ModelConfig, TensorSpec, Weights,
+    Architecture, CausalLm, Config, DecoderLayer, FromGguf, Hook, LayerContext, Linear, ModelConfig, Rope, TensorSpec,
+    TokenIds, Weights, rope_inv_freq,
 };
 
 pub const ARCHITECTURE: Architecture = Architecture {
-    model_types: &["llama", "mistral", "qwen2", "smollm", "smollm2"],
-    gguf_architectures: &["llama", "qwen2"],
+    model_types: &["llama", "mistral", "qwen2", "qwen3", "smollm", "smollm2"],
+    gguf_architectures: &["llama", "qwen2", "qwen3"],
     from_hf: |j| Ok(Arc::new(ConfigJson::deserialize(j)?.resolve()?)),
     from_gguf: Some(|g| Ok(Arc::new(LlamaConfig::from_gguf(g)?))),
 };
@@ -105,6 +108,9 @@ const INPUT_GROUPS: [&[&str]; 4] =
 /// The layer's two RMSNorms (their module, their GGUF name): before attention, before the MLP.
 const NORMS: [(&str, &str); 2] = [("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm")];
 
+/// Qwen3's RMSNorms on each query and key head (their module, their GGUF name), `head_dim` wide.
+const QK_NORMS: [(&str, &str); 2] = [("self_attn.q_norm", "attn_q_norm"), ("self_attn.k_norm", "attn_k_norm")];
+
 /// The tensors outside the layers (Hugging Face name, GGUF name): embeddings, final norm, head.
 const EMBED: (&str, &str) = ("model.embed_tokens.weight", "token_embd.weight");
 const FINAL_NORM: (&str, &str) = ("model.norm.weight", "output_norm.weight");
@@ -148,6 +154,11 @@ pub struct ConfigJson {
     pub bos_token_id: Option<TokenIds>,
     pub eos_token_id: Option<TokenIds>,
     pub hidden_act: Option<String>,
+    /// Mistral (all layers), Qwen (where `layer_types` or `use_sliding_window` says).
+    pub sliding_window: Option<usize>,
+    pub use_sliding_window: Option<bool>,
+    /// `sliding_attention` / `full_attention` per layer (transformers ≥ 5).
+    pub layer_types: Option<Vec<String>>,
 }
 
 /// `rope_scaling` / `rope_parameters`.
@@ -161,23 +172,6 @@ pub struct RopeJson {
     pub low_freq_factor: Option<f64>,
     pub high_freq_factor: Option<f64>,
     pub original_max_position_embeddings: Option<f64>,
-}
-
-/// A token id, or several (some configs list several EOS ids: the first is the one used).
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum TokenIds {
-    One(u32),
-    Many(Vec<u32>),
-}
-
-impl TokenIds {
-    fn first(&self) -> Option<u32> {
-        match self {
-            Self::One(t) => Some(*t),
-            Self::Many(v) => v.first().copied(),
-        }
-    }
 }
 
 impl ConfigJson {
@@ -194,6 +188,15 @@ impl ConfigJson {
         };
         let attention_bias = self.attention_bias.unwrap_or(false);
         let is_qwen = self.model_type == "qwen2";
+        let n = self.num_hidden_layers;
+        let sliding: Vec<bool> = match (&self.layer_types, self.sliding_window) {
+            (_, None) => vec![false; n],
+            (Some(types), Some(_)) => {
+                ensure!(types.len() == n, "layer_types has {} entries for {n} layers", types.len());
+                types.iter().map(|t| t == "sliding_attention").collect()
+            }
+            (None, Some(_)) => vec![self.use_sliding_window.unwrap_or(true); n],
+        };
         let cfg = LlamaConfig {
             vocab_size: self.vocab_size,
             hidden_size: self.hidden_size,
@@ -210,6 +213,9 @@ impl ConfigJson {
             qkv_bias: is_qwen || attention_bias,
             o_bias: attention_bias && !is_qwen,
             mlp_bias: self.mlp_bias.unwrap_or(false),
+            qk_norm: self.model_type == "qwen3",
+            sliding_window: self.sliding_window.filter(|_| sliding.iter().any(|&s| s)),
+            sliding,
             bos_token_id: self.bos_token_id.as_ref().and_then(TokenIds::first),
             eos_token_id: self.eos_token_id.as_ref().and_then(TokenIds::first),
             model_type: self.model_type,
@@ -260,6 +266,12 @@ pub struct LlamaConfig {
     pub qkv_bias: bool,
     pub o_bias: bool,
     pub mlp_bias: bool,
+    /// RMSNorm on each query and key head before RoPE (Qwen3).
+    pub qk_norm: bool,
+    /// A sliding layer's query sees this many keys, itself included (Mistral, Qwen's sliding layers).
+    pub sliding_window: Option<usize>,
+    /// Per layer: sliding (true) or full attention.
+    pub sliding: Vec<bool>,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
 }
@@ -290,11 +302,12 @@ impl LlamaConfig {
             g.path.display()
         );
         let has = |t: &str| g.tensors.contains_key(&format!("blk.0.{t}"));
+        let layers = g.get_u64(&k("block_count"))? as usize;
         let cfg = Self {
             vocab_size: embd.shape[0],
             hidden_size: hidden,
             intermediate_size: g.get_u64(&k("feed_forward_length"))? as usize,
-            num_hidden_layers: g.get_u64(&k("block_count"))? as usize,
+            num_hidden_layers: layers,
             num_attention_heads: heads,
             num_key_value_heads: kv,
             head_dim,
@@ -306,6 +319,10 @@ impl LlamaConfig {
             qkv_bias: has("attn_q.bias") || arch == "qwen2",
             o_bias: has("attn_output.bias"),
             mlp_bias: has("ffn_down.bias"),
+            qk_norm: has("attn_q_norm.weight"),
+            // llama.cpp's llama, qwen2 and qwen3 graphs attend to the whole context.
+            sliding_window: None,
+            sliding: vec![false; layers],
             bos_token_id: g.get_u64("tokenizer.ggml.bos_token_id").ok().map(|v| v as u32),
             eos_token_id: g.get_u64("tokenizer.ggml.eos_token_id").ok().map(|v| v as u32),
             model_type: arch,
@@ -336,8 +353,7 @@ impl LlamaConfig {
 
     /// RoPE inverse frequencies, as Hugging Face computes them (including the rescalings we support).
     pub fn inv_freq(&self) -> Vec<f32> {
-        let d = self.head_dim;
-        let base: Vec<f64> = (0..d / 2).map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / d as f64)).collect();
+        let base = rope_inv_freq(self.rope_theta, self.head_dim);
         let scaled: Vec<f64> = match &self.rope_scaling {
             None => base,
             Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / factor).collect(),
@@ -410,6 +426,11 @@ impl Config for LlamaConfig {
             for (norm, _) in NORMS {
                 out.push(TensorSpec::new(&format!("{p}.{norm}.weight"), vec![h], true));
             }
+            if self.qk_norm {
+                for (norm, _) in QK_NORMS {
+                    out.push(TensorSpec::new(&format!("{p}.{norm}.weight"), vec![self.head_dim], true));
+                }
+            }
             // Attention's weights then its biases, then the MLP's: the order checkpoints have always been
             // written in, so that their bytes do not move.
             for block in [&OPERATORS[..4], &OPERATORS[4..]] {
@@ -427,17 +448,17 @@ impl Config for LlamaConfig {
         out
     }
 
-    fn hf_name_of_gguf(&self, name: &str) -> Option<(String, Option<usize>)> {
+    fn hf_name_of_gguf(&self, name: &str) -> Option<(String, FromGguf)> {
         for (hf, g) in [EMBED, FINAL_NORM, HEAD] {
             if name == g {
-                return Some((hf.to_string(), None));
+                return Some((hf.to_string(), FromGguf::AsIs));
             }
         }
         let (i, rest) = name.strip_prefix("blk.")?.split_once('.')?;
         let (module, suffix) = rest.rsplit_once('.')?;
         let p = layer_prefix(i.parse().ok()?);
-        if let Some((norm, _)) = NORMS.iter().find(|(_, g)| *g == module) {
-            return Some((format!("{p}.{norm}.{suffix}"), None));
+        if let Some((norm, _)) = NORMS.iter().chain(&QK_NORMS).find(|(_, g)| *g == module) {
+            return Some((format!("{p}.{norm}.{suffix}"), FromGguf::AsIs));
         }
         let o = OPERATORS.iter().find(|o| o.gguf == module)?;
         // llama.cpp permutes Q/K rows for its `llama` architecture only (qwen2 keeps the NeoX / HF layout).
@@ -446,7 +467,11 @@ impl Config for LlamaConfig {
             "k_proj" => Some(self.num_key_value_heads),
             _ => None,
         };
-        Some((format!("{p}.{}.{suffix}", o.module), heads.filter(|_| self.model_type == "llama")))
+        let how = match heads {
+            Some(h) if self.model_type == "llama" => FromGguf::UnpermuteRows(h),
+            _ => FromGguf::AsIs,
+        };
+        Some((format!("{p}.{}.{suffix}", o.module), how))
     }
 
     fn to_hf_json(&self) -> Json {
@@ -469,8 +494,12 @@ impl Config for LlamaConfig {
                 })
             }
         };
-        let model_type = if self.model_type == "qwen2" { "qwen2" } else { "llama" };
-        let arch = if model_type == "qwen2" { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" };
+        let (model_type, arch) = match self.model_type.as_str() {
+            "qwen2" => ("qwen2", "Qwen2ForCausalLM"),
+            "qwen3" => ("qwen3", "Qwen3ForCausalLM"),
+            "mistral" => ("mistral", "MistralForCausalLM"),
+            _ => ("llama", "LlamaForCausalLM"),
+        };
         let mut j = json!({
             "architectures": [arch],
             "model_type": model_type,
@@ -496,6 +525,13 @@ impl Config for LlamaConfig {
             j["attention_bias"] = json!(self.qkv_bias);
             j["mlp_bias"] = json!(self.mlp_bias);
         }
+        if let Some(w) = self.sliding_window {
+            let types: Vec<&str> =
+                self.sliding.iter().map(|&s| if s { "sliding_attention" } else { "full_attention" }).collect();
+            j["sliding_window"] = json!(w);
+            j["use_sliding_window"] = json!(true);
+            j["layer_types"] = json!(types);
+        }
         j
     }
 
@@ -519,6 +555,8 @@ pub struct LlamaLayer {
     cfg: LlamaConfig,
     /// As [`NORMS`].
     norms: [Tensor; 2],
+    /// As [`QK_NORMS`] (Qwen3).
+    qk_norms: Option<[Tensor; 2]>,
     /// As [`OPERATORS`].
     ops: [Linear; 7],
 }
@@ -550,23 +588,7 @@ impl CausalLm for Llama {
     }
 
     fn context(&self, seqlen: usize) -> Result<LayerContext> {
-        // As transformers: angles = position × inv_freq in f32, then cos/sin.
-        let inv = self.cfg.inv_freq();
-        let half = inv.len();
-        let mut cos = Vec::with_capacity(seqlen * half);
-        let mut sin = Vec::with_capacity(seqlen * half);
-        for p in 0..seqlen {
-            for &f in &inv {
-                let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
-        }
-        Ok(LayerContext {
-            seqlen,
-            cos: Some(Tensor::from_vec(cos, (seqlen, half), &Device::Cpu)?),
-            sin: Some(Tensor::from_vec(sin, (seqlen, half), &Device::Cpu)?),
-        })
+        Ok(LayerContext { seqlen, rope: vec![Rope::new(&self.cfg.inv_freq(), seqlen)?] })
     }
 
     fn load_layer(&self, i: usize) -> Result<Box<dyn DecoderLayer>> {
@@ -580,6 +602,8 @@ impl CausalLm for Llama {
             Ok(Linear::new(weight, bias))
         };
         let norms = [norm(NORMS[0])?, norm(NORMS[1])?];
+        let qk = |(name, _): (&str, &str)| w.load_shaped(&format!("{p}.{name}.weight"), &[c.head_dim]);
+        let qk_norms = if c.qk_norm { Some([qk(QK_NORMS[0])?, qk(QK_NORMS[1])?]) } else { None };
         let ops = [
             op(&OPERATORS[0])?,
             op(&OPERATORS[1])?,
@@ -589,7 +613,7 @@ impl CausalLm for Llama {
             op(&OPERATORS[5])?,
             op(&OPERATORS[6])?,
         ];
-        Ok(Box::new(LlamaLayer { idx: i, cfg: c.clone(), norms, ops }))
+        Ok(Box::new(LlamaLayer { idx: i, cfg: c.clone(), norms, qk_norms, ops }))
     }
 
     fn final_hidden(&self, hidden: &Tensor) -> Result<Tensor> {
@@ -623,16 +647,20 @@ impl LlamaLayer {
                 f(n, x)?;
             }
         }
-        let heads =
-            |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?) };
-        let q = heads(self.op("q_proj").forward(x)?, nh)?;
-        let k = heads(self.op("k_proj").forward(x)?, nkv)?;
-        let v = heads(self.op("v_proj").forward(x)?, nkv)?;
-        let (cos, sin) = (ctx.cos.as_ref().expect("rope tables"), ctx.sin.as_ref().expect("rope tables"));
-        let (cos, sin) = (cos.narrow(0, 0, t)?, sin.narrow(0, 0, t)?);
-        let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
-        let attn = crate::linalg::causal_attention(&q, &k, &v, 1.0 / (hd as f32).sqrt())?;
+        // Heads, each normed first where the model has per-head norms (Qwen3: 0 for q, 1 for k).
+        let heads = |y: Tensor, n: usize, norm: Option<usize>| -> Result<Tensor> {
+            let mut y = y.reshape((b, t, n, hd))?;
+            if let (Some(k), Some(norms)) = (norm, &self.qk_norms) {
+                y = candle_nn::ops::rms_norm(&y, &norms[k], c.rms_norm_eps as f32)?;
+            }
+            Ok(y.transpose(1, 2)?.contiguous()?)
+        };
+        let q = heads(self.op("q_proj").forward(x)?, nh, Some(0))?;
+        let k = heads(self.op("k_proj").forward(x)?, nkv, Some(1))?;
+        let v = heads(self.op("v_proj").forward(x)?, nkv, None)?;
+        let (q, k) = (ctx.rope[0].apply(&q)?, ctx.rope[0].apply(&k)?);
+        let window = c.sliding_window.filter(|_| c.sliding[self.idx]);
+        let attn = crate::linalg::causal_attention(&q, &k, &v, 1.0 / (hd as f32).sqrt(), window)?;
         if let Some(f) = hook.as_mut() {
             f("o_proj", &attn)?;
         }
@@ -698,6 +726,9 @@ impl DecoderLayer for LlamaLayer {
         let p = layer_prefix(self.idx);
         let mut v: Vec<(String, Tensor)> =
             NORMS.iter().zip(&self.norms).map(|((n, _), t)| (format!("{p}.{n}.weight"), t.clone())).collect();
+        for ((n, _), t) in QK_NORMS.iter().zip(self.qk_norms.iter().flatten()) {
+            v.push((format!("{p}.{n}.weight"), t.clone()));
+        }
         for (o, l) in OPERATORS.iter().zip(&self.ops) {
             v.push((format!("{p}.{}.weight", o.module), l.weight.clone()));
             if let Some(b) = &l.bias {

@@ -10,6 +10,7 @@
 //! architecture it runs; adding one is its file and a line in [`ARCHITECTURES`].
 
 pub mod export;
+pub mod gemma3;
 pub mod gguf;
 pub mod hub;
 pub mod linear;
@@ -40,8 +41,8 @@ pub enum Weights {
 /// A GGUF file seen through Hugging Face tensor names.
 pub struct GgufWeights {
     pub file: GgufFile,
-    /// HF name → (GGUF name, number of rotary heads to un-permute, if Q/K of a `llama` GGUF)
-    map: BTreeMap<String, (String, Option<usize>)>,
+    /// HF name → (GGUF name, how its data becomes the Hugging Face tensor)
+    map: BTreeMap<String, (String, FromGguf)>,
 }
 
 /// Shape and stored type of one tensor.
@@ -54,7 +55,12 @@ pub struct TensorMeta {
 
 /// Every architecture: how to read its `config.json` (by `model_type`) and its GGUF metadata (by
 /// `general.architecture`).
-pub const ARCHITECTURES: &[Architecture] = &[llama::ARCHITECTURE, opt::ARCHITECTURE];
+#[rustfmt::skip]
+pub const ARCHITECTURES: &[Architecture] = &[
+    llama::ARCHITECTURE,
+    opt::ARCHITECTURE,
+    gemma3::ARCHITECTURE,
+];
 
 /// An architecture in the registry.
 pub struct Architecture {
@@ -83,12 +89,39 @@ pub trait Config: std::fmt::Debug + Send + Sync {
     /// Every tensor the architecture reads, under its Hugging Face name, in the order checkpoints are written
     /// (`weights`: the names a checkpoint uses where an architecture has variants).
     fn tensors(&self, weights: &Weights) -> Vec<TensorSpec>;
-    /// The Hugging Face name of GGUF tensor `name`, and the rotary heads whose rows llama.cpp permuted.
-    fn hf_name_of_gguf(&self, name: &str) -> Option<(String, Option<usize>)>;
+    /// The Hugging Face name of GGUF tensor `name`, and how its data becomes the Hugging Face tensor.
+    fn hf_name_of_gguf(&self, name: &str) -> Option<(String, FromGguf)>;
     /// A `config.json` that Hugging Face `transformers` loads.
     fn to_hf_json(&self) -> Json;
     /// The model (embeddings and head in f32 now, layers on demand).
     fn build(&self, weights: Arc<Weights>) -> Result<Box<dyn CausalLm>>;
+}
+
+/// A token id in `config.json`, or several (some configs list several EOS ids: the first is the one used).
+#[derive(Debug, serde::Deserialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    pub fn first(&self) -> Option<u32> {
+        match self {
+            Self::One(t) => Some(*t),
+            Self::Many(v) => v.first().copied(),
+        }
+    }
+}
+
+/// How a GGUF tensor's data becomes its Hugging Face counterpart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FromGguf {
+    AsIs,
+    /// llama.cpp's rotary permutation of Q/K rows (its `llama` architecture), over this many heads.
+    UnpermuteRows(usize),
+    /// llama.cpp stores Gemma's RMSNorm weights as `1 + w`; Hugging Face stores `w`.
+    MinusOne,
 }
 
 /// One tensor an architecture reads.
@@ -134,10 +167,10 @@ impl GgufWeights {
     fn new(file: GgufFile, cfg: &dyn Config) -> Result<Self> {
         let mut map = BTreeMap::new();
         for g in &file.order {
-            let (hf, heads) = cfg.hf_name_of_gguf(g).ok_or_else(|| {
+            let (hf, how) = cfg.hf_name_of_gguf(g).ok_or_else(|| {
                 anyhow!("{}: tensor {g} is not part of a supported {} model", file.path.display(), cfg.model_type())
             })?;
-            map.insert(hf, (g.clone(), heads));
+            map.insert(hf, (g.clone(), how));
         }
         Ok(Self { file, map })
     }
@@ -180,12 +213,13 @@ impl Weights {
         match self {
             Weights::Safetensors(s) => s.load_f32(name),
             Weights::Gguf(g) => {
-                let (gname, heads) =
+                let (gname, how) =
                     g.map.get(name).ok_or_else(|| anyhow!("{}: no tensor for {name}", g.file.path.display()))?;
                 let t = g.file.dequantize(gname)?;
-                match heads {
-                    Some(h) => gguf::unpermute_rows(&t, *h),
-                    None => Ok(t),
+                match how {
+                    FromGguf::AsIs => Ok(t),
+                    FromGguf::UnpermuteRows(h) => gguf::unpermute_rows(&t, *h),
+                    FromGguf::MinusOne => Ok((t - 1.0)?),
                 }
             }
         }
@@ -292,9 +326,45 @@ impl Checkpoint {
 #[derive(Clone)]
 pub struct LayerContext {
     pub seqlen: usize,
-    /// `(seqlen, head_dim/2)` RoPE tables (LLaMA family only).
-    pub cos: Option<Tensor>,
-    pub sin: Option<Tensor>,
+    /// RoPE tables, one per kind of layer the architecture has (none for OPT; Gemma 3: global, local).
+    pub rope: Vec<Rope>,
+}
+
+/// RoPE tables for one sequence length: `(seqlen, head_dim/2)` cosines and sines of position × inverse
+/// frequency (angles in f32, as transformers computes them), rotating the two halves of each head (the
+/// Hugging Face layout).
+#[derive(Clone)]
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    pub fn new(inv_freq: &[f32], seqlen: usize) -> Result<Self> {
+        let half = inv_freq.len();
+        let mut cos = Vec::with_capacity(seqlen * half);
+        let mut sin = Vec::with_capacity(seqlen * half);
+        for p in 0..seqlen {
+            for &f in inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let dev = &candle_core::Device::Cpu;
+        Ok(Self { cos: Tensor::from_vec(cos, (seqlen, half), dev)?, sin: Tensor::from_vec(sin, (seqlen, half), dev)? })
+    }
+
+    /// Rotate `x` `(batch, heads, t, head_dim)`, positions `0..t`.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let t = x.dim(2)?;
+        Ok(candle_nn::rotary_emb::rope(x, &self.cos.narrow(0, 0, t)?, &self.sin.narrow(0, 0, t)?)?)
+    }
+}
+
+/// RoPE inverse frequencies `θ^(−2i/d)`, `i < d/2`, before any rescaling.
+pub fn rope_inv_freq(theta: f64, head_dim: usize) -> Vec<f64> {
+    (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64)).collect()
 }
 
 /// Called with (operator name, operator input) as a layer runs; the input is `(batch, seq, in_features)`.

@@ -205,7 +205,7 @@ impl Config for OptConfig {
         out
     }
 
-    fn hf_name_of_gguf(&self, _name: &str) -> Option<(String, Option<usize>)> {
+    fn hf_name_of_gguf(&self, _name: &str) -> Option<(String, super::FromGguf)> {
         None
     }
 
@@ -358,7 +358,7 @@ impl CausalLm for Opt {
     }
 
     fn context(&self, seqlen: usize) -> Result<LayerContext> {
-        Ok(LayerContext { seqlen, cos: None, sin: None })
+        Ok(LayerContext { seqlen, rope: Vec::new() })
     }
 
     fn load_layer(&self, i: usize) -> Result<Box<dyn DecoderLayer>> {
@@ -442,7 +442,7 @@ impl OptLayer {
         let q = heads(self.op("q_proj").forward(x)?)?;
         let k = heads(self.op("k_proj").forward(x)?)?;
         let v = heads(self.op("v_proj").forward(x)?)?;
-        let attn = crate::linalg::causal_attention(&q, &k, &v, 1.0 / (hd as f32).sqrt())?;
+        let attn = crate::linalg::causal_attention(&q, &k, &v, 1.0 / (hd as f32).sqrt(), None)?;
         if let Some(f) = hook.as_mut() {
             f("out_proj", &attn)?;
         }

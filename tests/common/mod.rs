@@ -21,10 +21,17 @@ pub fn shared(rel: &str) -> PathBuf {
 
 /// The demo model, fetched by `scripts/fetch-assets.sh`. Tests that need it fail (not skip) without it.
 pub fn smollm2() -> PathBuf {
-    let p = std::env::var_os("FISTAPRUNE_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("assets"))
-        .join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    asset("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// Gemma-3-270M (base), Q4_K_M GGUF, fetched by `scripts/fetch-assets.sh`.
+pub fn gemma3() -> PathBuf {
+    asset("gemma-3-270m-q4_k_m.gguf")
+}
+
+fn asset(name: &str) -> PathBuf {
+    let p =
+        std::env::var_os("FISTAPRUNE_ASSETS").map(PathBuf::from).unwrap_or_else(|| root().join("assets")).join(name);
     assert!(p.exists(), "{} is missing: run scripts/fetch-assets.sh first", p.display());
     p
 }

@@ -1,0 +1,70 @@
+//! Gemma-3-270M (Q4_K_M GGUF; fetched by scripts/fetch-assets.sh) against references computed with Python
+//! (tests/reference/gemma3.json; how: its "how" field): token ids against SentencePiece, perplexity against
+//! transformers at a context inside the sliding window (512) and beyond it (2048), greedy continuation.
+
+mod common;
+
+use common::*;
+use fistaprune::commands;
+use sha2::{Digest, Sha256};
+
+fn reference() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(root().join("tests/reference/gemma3.json")).unwrap()).unwrap()
+}
+
+/// Every token of WikiText-2, PTB and the C4 sample as SentencePiece gives them with the special pieces
+/// matched first (Hugging Face's way; plain SentencePiece differs only on runs of spaces and PTB's `<unk>`).
+#[test]
+fn tokenization_matches_sentencepiece() {
+    let r = reference();
+    let d = tmpdir("gemma-tok");
+    for (rel, want) in r["tokens"].as_object().unwrap() {
+        let out = d.join(format!("{}.json", want["format"].as_str().unwrap()));
+        let n = commands::tokenize(&commands::Tokenize {
+            model: gemma3(),
+            dataset: shared(rel),
+            format: Some(serde_json::from_value(want["format"].clone()).unwrap()),
+            out: out.clone(),
+            force: Default::default(),
+        })
+        .unwrap();
+        let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        let bytes: Vec<u8> =
+            j["ids"].as_array().unwrap().iter().flat_map(|v| (v.as_u64().unwrap() as u32).to_le_bytes()).collect();
+        let sha: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(n as u64, want["count"].as_u64().unwrap(), "{rel}: token count");
+        assert_eq!(sha, want["sha256_u32le"].as_str().unwrap(), "{rel}: ids differ from SentencePiece");
+    }
+}
+
+fn wikitext_perplexity(seqlen: usize, windows: usize) -> f64 {
+    commands::eval(&commands::EvalArgs {
+        seqlen,
+        max_windows: Some(windows),
+        ..commands::EvalArgs::perplexity(&gemma3(), &shared("wikitext-2-raw/wiki.test.raw"))
+    })
+    .unwrap()
+    .perplexity
+    .unwrap()
+    .perplexity
+}
+
+/// Within 0.05 % of transformers, inside the sliding window and beyond it.
+#[test]
+fn wikitext_perplexity_matches_transformers() {
+    let r = reference();
+    for (seqlen, windows, key) in [(512, 10, "seqlen512_first_10_windows"), (2048, 4, "seqlen2048_first_4_windows")] {
+        let want = r["wikitext2"][key].as_f64().unwrap();
+        let ours = wikitext_perplexity(seqlen, windows);
+        eprintln!("seqlen {seqlen}: ours {ours} transformers {want}");
+        assert!((ours / want - 1.0).abs() < 5e-4, "seqlen {seqlen}: perplexity {ours} vs transformers {want}");
+    }
+}
+
+#[test]
+fn greedy_continuation_matches_transformers() {
+    let r = reference();
+    let prompt = r["greedy"]["prompt"].as_str().unwrap();
+    let text = commands::generate(&gemma3(), prompt, 12).unwrap();
+    assert_eq!(text, r["greedy"]["continuation"].as_str().unwrap());
+}
