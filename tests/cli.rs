@@ -226,6 +226,36 @@ fn config_that_disagrees_with_weights_is_refused() {
     assert_clean_failure(&eval_args(d.to_str().unwrap(), w.to_str().unwrap()), &["disagrees", "mlp.gate_proj.weight"]);
 }
 
+/// A model without decoder layers is refused by name before any work, not walked into an underflow.
+#[test]
+fn a_model_with_no_layers_is_refused() {
+    let d = tmpdir("nolayers").join("m");
+    copy_dir(&fixture("llama"), &d);
+    let p = d.join("config.json");
+    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    c["num_hidden_layers"] = serde_json::json!(0);
+    std::fs::write(&p, c.to_string()).unwrap();
+    let out = d.with_file_name("out");
+    let c4 = shared("c4/c4-train.00000-of-01024.first1000.jsonl");
+    assert_clean_failure(
+        &[
+            "prune",
+            "--model",
+            d.to_str().unwrap(),
+            "--method",
+            "wanda",
+            "--sparsity",
+            "0.5",
+            "--calib",
+            c4.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &["the model has no decoder layers"],
+    );
+    assert!(!out.exists());
+}
+
 #[test]
 fn unsupported_architecture_is_refused() {
     let d = tmpdir("arch").join("m");

@@ -187,13 +187,11 @@ fn killed_prune_resumes_to_the_same_bytes() {
     let (ok, _, err) = go(&args("whole", &[]));
     assert!(ok, "{err}");
     // The same run as tests/digests.rs's `sparsegpt-50`: its recorded bytes (a refactor changes none).
-    let sha = file_sha256(&d.join("whole/model.safetensors"));
-    assert_eq!(
-        Some(sha),
-        recorded_digest("sparsegpt-50"),
-        "SparseGPT 50 % moved from its recorded bytes ({})",
-        cpu_class()
-    );
+    // (Recorded per CPU class; on a class with none, tests/digests.rs says so.)
+    if let Some(want) = recorded_digest("sparsegpt-50") {
+        let sha = file_sha256(&d.join("whole/model.safetensors"));
+        assert_eq!(sha, want, "SparseGPT 50 % moved from its recorded bytes ({})", cpu_class());
+    }
 
     // A layer from 1 to 24 (of 30), drawn from the clock.
     let k =

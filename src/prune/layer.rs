@@ -89,12 +89,13 @@ struct Ledger {
     start: Instant,
     stats_seconds: f64,
     prune_seconds: f64,
+    forward_seconds: f64,
     flops: f64,
 }
 
 impl Ledger {
     fn new() -> Self {
-        Self { start: Instant::now(), stats_seconds: 0.0, prune_seconds: 0.0, flops: 0.0 }
+        Self { start: Instant::now(), stats_seconds: 0.0, prune_seconds: 0.0, forward_seconds: 0.0, flops: 0.0 }
     }
 
     /// A statistics pass; `f` returns its result and the FLOPs it spent.
@@ -102,6 +103,15 @@ impl Ledger {
         let t = Instant::now();
         let (out, flops) = f()?;
         self.stats_seconds += t.elapsed().as_secs_f64();
+        self.flops += flops;
+        Ok(out)
+    }
+
+    /// Forward passes of the layer (its output error); `f` returns its result and the FLOPs it spent.
+    fn forward<T>(&mut self, f: impl FnOnce() -> Result<(T, f64)>) -> Result<T> {
+        let t = Instant::now();
+        let (out, flops) = f()?;
+        self.forward_seconds += t.elapsed().as_secs_f64();
         self.flops += flops;
         Ok(out)
     }
@@ -121,7 +131,7 @@ impl Ledger {
             seconds: self.start.elapsed().as_secs_f64(),
             stats_seconds: self.stats_seconds,
             prune_seconds: self.prune_seconds,
-            forward_seconds: 0.0,
+            forward_seconds: self.forward_seconds,
             gflop: self.flops / 1e9,
             output_rel_error,
             operators,
@@ -168,14 +178,23 @@ impl Cost {
 /// Calibration samples the layer output error is measured on.
 pub const OUTPUT_ERROR_SAMPLES: usize = 16;
 
-/// See [`LayerReport::output_rel_error`].
+/// The layer's outputs on the first calibration batches (up to [`OUTPUT_ERROR_SAMPLES`] samples), dense and
+/// pruned, in f32: computed for [`LayerReport::output_rel_error`], then reused by the walk, which would
+/// otherwise compute one of them again to make the next layer's inputs.
+pub struct Outputs {
+    pub dense: Vec<Tensor>,
+    pub pruned: Vec<Tensor>,
+}
+
+/// See [`LayerReport::output_rel_error`]; also the outputs it ran and their FLOPs.
 fn layer_output_error(
     dense: &dyn DecoderLayer,
     work: &dyn DecoderLayer,
     acts: &[Tensor],
     ctx: &LayerContext,
-) -> Result<f64> {
+) -> Result<(f64, Outputs, f64)> {
     let (mut num, mut den, mut seen) = (0f64, 0f64, 0usize);
+    let mut out = Outputs { dense: Vec::new(), pruned: Vec::new() };
     for x in acts {
         if seen >= OUTPUT_ERROR_SAMPLES {
             break;
@@ -186,8 +205,12 @@ fn layer_output_error(
         num += (&yp - &yd)?.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         den += (&yd - &x)?.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         seen += x.dims()[0];
+        out.dense.push(yd);
+        out.pruned.push(yp);
     }
-    Ok(num / den.max(f64::MIN_POSITIVE))
+    let tokens: usize = out.dense.iter().map(|y| y.dims()[0] * y.dims()[1]).sum();
+    let flops = 2.0 * tokens as f64 * Cost::of(work, ctx.seqlen).forward();
+    Ok((num / den.max(f64::MIN_POSITIVE), out, flops))
 }
 
 /// An error a capture hook raises to stop the forward pass once it has what it needs.
@@ -352,10 +375,12 @@ impl Inputs<'_> {
     }
 }
 
-/// A layer pruned: its weights, the dense copy when one was loaded, and its report.
+/// A layer pruned: its weights, the dense copy when one was loaded, its outputs on the first calibration
+/// batches, and its report.
 pub struct PrunedLayer {
     pub work: Box<dyn DecoderLayer>,
     pub dense: Option<Box<dyn DecoderLayer>>,
+    pub outputs: Option<Outputs>,
     pub report: LayerReport,
 }
 
@@ -378,7 +403,7 @@ pub fn prune_layer(
         let names = work.input_groups().iter().flat_map(|g| g.iter());
         let ops =
             ledger.prune(|| names.map(|n| prune_operator(work.as_mut(), i, n, None, method, pattern)).collect())?;
-        return Ok(PrunedLayer { work, dense: None, report: ledger.report(i, None, ops) });
+        return Ok(PrunedLayer { work, dense: None, outputs: None, report: ledger.report(i, None, ops) });
     };
     // A dense copy: the target with error correction, the output error's reference, the next inputs in the
     // dense and corrected walks.
@@ -432,8 +457,16 @@ pub fn prune_layer(
             Ok(ops)
         })?;
     }
-    let output_rel_error = layer_output_error(dense.as_ref(), work.as_ref(), inp.acts, inp.ctx)?;
-    Ok(PrunedLayer { work, dense: Some(dense), report: ledger.report(i, Some(output_rel_error), operators) })
+    let (error, outputs) = ledger.forward(|| {
+        let (error, outputs, flops) = layer_output_error(dense.as_ref(), work.as_ref(), inp.acts, inp.ctx)?;
+        Ok(((error, outputs), flops))
+    })?;
+    Ok(PrunedLayer {
+        work,
+        dense: Some(dense),
+        outputs: Some(outputs),
+        report: ledger.report(i, Some(error), operators),
+    })
 }
 
 /// Prune one operator of `layer` given its input statistics (if the method uses them); returns its report.

@@ -17,7 +17,7 @@ use anyhow::{Result, anyhow, ensure};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::layer::{Cost, Inputs, LayerReport, prune_layer};
+use super::layer::{Cost, Inputs, LayerReport, Outputs, prune_layer};
 use super::mask::Pattern;
 use super::{Method, Observes};
 use crate::model::{CausalLm, DecoderLayer, LayerContext};
@@ -218,7 +218,7 @@ pub fn prune_model(
             if i < first {
                 // Dense inputs of the layers before the range.
                 if let Some(s) = &mut streams {
-                    s.advance(model, i, None, None)?;
+                    s.advance(model, i, None, None, None)?;
                 }
                 continue;
             }
@@ -227,18 +227,19 @@ pub fn prune_model(
                 walk.done(report);
                 // Only its outputs are needed (none in the parallel walk: its streams are dense).
                 if let Some(s) = streams.as_mut().filter(|_| next) {
-                    s.advance(model, i, Some(work.as_ref()), None)?;
+                    s.advance(model, i, Some(work.as_ref()), None, None)?;
                 }
             } else if let (Some(w), Some(s)) = (&mut workers, &mut streams) {
                 w.submit(i, s.acts.clone())?;
                 if next {
-                    s.advance(model, i, None, None)?;
+                    s.advance(model, i, None, None, None)?;
                 }
             } else {
                 let inputs = streams.as_ref().map(|s| s.inputs());
                 let mut p = prune_layer(model, i, inputs, method, opts)?;
                 if let Some(s) = streams.as_mut().filter(|_| next) {
-                    p.report.forward(|| s.advance(model, i, Some(p.work.as_ref()), p.dense.as_deref()))?;
+                    let (work, dense, known) = (p.work.as_ref(), p.dense.as_deref(), p.outputs.as_ref());
+                    p.report.forward(|| s.advance(model, i, Some(work), dense, known))?;
                 }
                 walk.pruned(i, p.work.as_ref(), p.report)?;
             }
@@ -335,13 +336,15 @@ impl Streams {
     }
 
     /// Step past layer `i`: through `pruned` for the pruned stream, through the dense layer (`dense`, else
-    /// loaded from `model`) for the dense one. Returns the FLOPs spent.
+    /// loaded from `model`) for the dense one; `known` holds both layers' outputs on the first batches of the
+    /// current inputs, which are taken instead of computed again. Returns the FLOPs spent.
     pub fn advance(
         &mut self,
         model: &dyn CausalLm,
         i: usize,
         pruned: Option<&dyn DecoderLayer>,
         dense: Option<&dyn DecoderLayer>,
+        known: Option<&Outputs>,
     ) -> Result<f64> {
         // The dense layer, loaded unless given, where the mode runs the dense stream.
         let loaded = match (self.mode, dense) {
@@ -353,33 +356,44 @@ impl Streams {
         let (ctx, dt) = (&self.ctx, self.act_dtype);
         let dense_out = format!("output of decoder layer {i}");
         let pruned_out = format!("output of pruned decoder layer {i}");
+        let (known_dense, known_pruned) = known.map_or((&[][..], &[][..]), |k| (&k.dense[..], &k.pruned[..]));
         let mut flops = 0.0;
         match self.mode {
-            LayerInputs::Pruned => flops += forward(pruned_layer()?, &mut self.acts, ctx, dt, &pruned_out)?,
-            LayerInputs::Dense => flops += forward(dense_layer()?, &mut self.acts, ctx, dt, &dense_out)?,
+            LayerInputs::Pruned => {
+                flops += forward(pruned_layer()?, &mut self.acts, known_pruned, ctx, dt, &pruned_out)?;
+            }
+            LayerInputs::Dense => flops += forward(dense_layer()?, &mut self.acts, known_dense, ctx, dt, &dense_out)?,
             LayerInputs::Corrected => {
+                // The targets are another stream: nothing known of them.
                 let targets = self.targets.as_mut().expect("kept in the corrected walk");
-                flops += forward(dense_layer()?, targets, ctx, dt, &dense_out)?;
-                flops += forward(pruned_layer()?, &mut self.acts, ctx, dt, &pruned_out)?;
+                flops += forward(dense_layer()?, targets, &[], ctx, dt, &dense_out)?;
+                flops += forward(pruned_layer()?, &mut self.acts, known_pruned, ctx, dt, &pruned_out)?;
             }
         }
         Ok(flops)
     }
 }
 
-/// Replace each batch of `acts` by `layer`'s output on it; returns the FLOPs spent.
+/// Replace each batch of `acts` by `layer`'s output on it (`known[b]` where given, in f32); returns the FLOPs
+/// spent.
 fn forward(
     layer: &dyn DecoderLayer,
     acts: &mut [Tensor],
+    known: &[Tensor],
     ctx: &LayerContext,
     act_dtype: DType,
     what: &str,
 ) -> Result<f64> {
     let mut tokens = 0;
-    for x in acts.iter_mut() {
-        let y = layer.forward(&x.to_dtype(DType::F32)?, ctx, None)?;
+    for (b, x) in acts.iter_mut().enumerate() {
+        let y = match known.get(b) {
+            Some(y) => y.clone(),
+            None => {
+                tokens += x.dims()[0] * x.dims()[1];
+                layer.forward(&x.to_dtype(DType::F32)?, ctx, None)?
+            }
+        };
         check_finite(&y, what)?;
-        tokens += y.dims()[0] * y.dims()[1];
         *x = y.to_dtype(act_dtype)?;
     }
     Ok(tokens as f64 * Cost::of(layer, ctx.seqlen).forward())
@@ -398,7 +412,7 @@ pub fn for_each_dense_layer(
         let layer = model.load_layer(i)?;
         f(i, layer.as_ref(), streams.inputs())?;
         if i + 1 < model.num_layers() {
-            streams.advance(model, i, None, Some(layer.as_ref()))?;
+            streams.advance(model, i, None, Some(layer.as_ref()), None)?;
         }
     }
     Ok(())
