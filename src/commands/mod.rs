@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::data::dataset::{self, TextFormat};
 use crate::eval::perplexity::{PplOptions, PplResult, perplexity};
 use crate::eval::zeroshot;
-use crate::model::export::{WriteOptions, write_hf_contents};
+use crate::model::export::{WriteOptions, write_checkpoint};
 use crate::model::{Checkpoint, Format, forward_logits};
 use crate::output::{AtomicDir, Claim, Force, Kind, RunPaths};
 use crate::util::Progress;
@@ -264,22 +264,15 @@ pub struct Convert {
 }
 
 pub fn convert(c: &Convert) -> Result<()> {
+    c.write.check()?;
     let claim = RunPaths::new().model(&c.model)?.claim("--out", &c.out, Kind::Folder, c.force.force)?;
     let ck = Checkpoint::open(&c.model)?;
     let specs = ck.tensor_specs();
     let dtype = c.write.dtype_for(&ck);
     let dir = AtomicDir::new(claim)?;
     let mut load = |name: &str| ck.weights.load(name);
-    write_hf_contents(
-        &dir.tmp,
-        &ck.config.to_hf_json(),
-        ck.tokenizer.as_ref(),
-        &specs,
-        dtype,
-        c.write.max_shard_bytes(),
-        &mut load,
-    )
-    .with_context(|| format!("writing {}", c.out.display()))?;
+    write_checkpoint(&dir.tmp, &ck, &specs, dtype, &c.write, &mut load)
+        .with_context(|| format!("writing {}", c.out.display()))?;
     dir.write_report(&json!({
         "command": std::env::args().collect::<Vec<_>>(), "model": c.model.display().to_string(),
         "dtype": dtype, "tensors": specs.len(),

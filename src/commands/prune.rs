@@ -16,7 +16,7 @@ use super::resume::{self, Aside, Fingerprint};
 use crate::data::calibration::{CalibOptions, Calibration};
 use crate::data::dataset::TextFormat;
 use crate::eval::perplexity::{PplOptions, PplResult, perplexity};
-use crate::model::export::{OutDType, WriteOptions, write_hf_contents};
+use crate::model::export::{OutDType, WriteOptions, write_checkpoint};
 use crate::model::safetensors::SafetensorsStore;
 use crate::model::{Checkpoint, layer_of};
 use crate::output::{AtomicDir, Claim, Force, Kind, RunPaths, check_free_space};
@@ -218,7 +218,7 @@ pub fn prune(job: &Prune) -> Result<PruneReport> {
         return Ok(report);
     }
 
-    assemble(&ck, &aside.dir.tmp, &[aside.layers()], plan.dtype, a.write.max_shard_bytes())?;
+    assemble(&ck, &aside.dir.tmp, &[aside.layers()], plan.dtype, &a.write)?;
     if let Some(d) = &dense {
         let pruned = Checkpoint::open(&aside.dir.tmp)?;
         let ppl_opts = PplOptions { progress: a.progress, ..Default::default() };
@@ -276,13 +276,14 @@ impl Plan {
             pattern.check_cols(l0.linear(name).expect("listed").in_features(), name)?;
         }
         // Room for the output, plus every layer in f32 aside until it is assembled (an estimate, 5 % to spare).
+        a.write.check()?;
         let dtype = a.write.dtype_for(ck);
         let specs = ck.tensor_specs();
         let elems = |layer_only: bool| {
             let of_layers = specs.iter().filter(|t| !layer_only || layer_of(&t.name).is_some());
             of_layers.map(|t| t.shape.iter().product::<usize>() as u64).sum::<u64>()
         };
-        let need = elems(false) * dtype.size() as u64 + elems(true) * 4;
+        let need = (elems(false) as f64 * dtype.bytes_per_weight()) as u64 + elems(true) * 4;
         check_free_space(&out.path, need + need / 20, a.assume_free_bytes)?;
         let pipeline = PipelineOptions {
             walk: walk.clone(),
@@ -401,15 +402,9 @@ pub fn dense_eval(a: &PruneArgs, ck: &Checkpoint) -> Result<Option<DenseEval>> {
     Ok(Some(DenseEval { windows, before }))
 }
 
-/// Write the Hugging Face checkpoint into `dir`: pruned layers from the `layer-*.safetensors` files found in
-/// `layer_dirs`, every other tensor from the input.
-fn assemble(
-    ck: &Checkpoint,
-    dir: &Path,
-    layer_dirs: &[PathBuf],
-    dtype: OutDType,
-    max_shard_bytes: usize,
-) -> Result<()> {
+/// Write the checkpoint into `dir`: pruned layers from the `layer-*.safetensors` files found in `layer_dirs`,
+/// every other tensor from the input.
+fn assemble(ck: &Checkpoint, dir: &Path, layer_dirs: &[PathBuf], dtype: OutDType, write: &WriteOptions) -> Result<()> {
     let find = |i: usize| layer_dirs.iter().map(|d| resume::layer_file(d, i)).find(|p| p.exists());
     for i in 0..ck.config.num_layers() {
         ensure!(find(i).is_some(), "no pruned weights for decoder layer {i}");
@@ -427,7 +422,7 @@ fn assemble(
             None => ck.weights.load(name),
         }
     };
-    write_hf_contents(dir, &ck.config.to_hf_json(), ck.tokenizer.as_ref(), &specs, dtype, max_shard_bytes, &mut load)
+    write_checkpoint(dir, ck, &specs, dtype, write, &mut load)
 }
 
 /// `fistaprune merge`: join the parts written by `prune --layers A-B` into one checkpoint.
@@ -489,9 +484,10 @@ pub fn merge(m: &Merge) -> Result<PruneReport> {
         );
     }
     let dtype = m.write.dtype.unwrap_or(reports[0].dtype);
+    m.write.check()?;
     let dir = AtomicDir::new(out)?;
     let layer_dirs: Vec<PathBuf> = m.parts.iter().map(|p| p.join("layers")).collect();
-    assemble(&ck, &dir.tmp, &layer_dirs, dtype, m.write.max_shard_bytes())?;
+    assemble(&ck, &dir.tmp, &layer_dirs, dtype, &m.write)?;
     let mut layers: Vec<_> = reports.iter().flat_map(|r| r.layers.clone()).collect();
     layers.sort_by_key(|l| l.layer);
     let mut report = reports[0].clone();

@@ -1,5 +1,5 @@
-//! Writing Hugging Face model directories: `config.json`, `tokenizer.json` and safetensors (sharded past a
-//! size limit, with `model.safetensors.index.json`).
+//! Writing checkpoints: Hugging Face model directories (`config.json`, `tokenizer.json` and safetensors,
+//! sharded past a size limit, with `model.safetensors.index.json`), or one GGUF file ([`super::export_gguf`]).
 //!
 //! Tensors are streamed: the header is computed from the shapes first, then each tensor is produced, converted
 //! and written one at a time, so a model larger than memory can be written. The caller assembles the
@@ -18,19 +18,44 @@ use crate::model::{Checkpoint, Format, TensorSpec, layer_of};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 #[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[allow(non_camel_case_types)] // ggml's names
 pub enum OutDType {
     F32,
     F16,
     Bf16,
+    /// GGUF only: 8-bit blocks of 32 with an f16 scale (pruned zeros stay exactly zero).
+    #[serde(rename = "q8_0")]
+    #[cfg_attr(feature = "cli", value(name = "q8_0"))]
+    Q8_0,
+    /// GGUF only: 4-bit blocks of 32 with an f16 scale (pruned zeros stay exactly zero).
+    #[serde(rename = "q4_0")]
+    #[cfg_attr(feature = "cli", value(name = "q4_0"))]
+    Q4_0,
+}
+
+/// The format a checkpoint is written in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+pub enum OutFormat {
+    /// A Hugging Face folder: config.json, tokenizer, safetensors.
+    #[default]
+    Hf,
+    /// One GGUF file, `model.gguf` in the output folder, that llama.cpp loads.
+    Gguf,
 }
 
 /// How a checkpoint is written.
 #[derive(Debug, Clone, PartialEq)]
 #[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct WriteOptions {
-    /// Output weight type (default: the input's decoder weights'; f32 for GGUF).
+    /// Output weight type (default: the input's decoder weights'; f32 for GGUF input). q8_0 and q4_0 are for
+    /// GGUF output.
     #[cfg_attr(feature = "cli", arg(long, value_enum))]
     pub dtype: Option<OutDType>,
+    /// Output format: a Hugging Face folder, or `model.gguf` (llama.cpp) in the output folder.
+    #[cfg_attr(feature = "cli", arg(long, value_enum, default_value_t = OutFormat::Hf))]
+    pub out_format: OutFormat,
     /// Largest safetensors shard, in GB.
     #[cfg_attr(feature = "cli", arg(long, default_value_t = 5.0))]
     pub max_shard_gb: f64,
@@ -38,13 +63,23 @@ pub struct WriteOptions {
 
 impl Default for WriteOptions {
     fn default() -> Self {
-        Self { dtype: None, max_shard_gb: 5.0 }
+        Self { dtype: None, out_format: OutFormat::Hf, max_shard_gb: 5.0 }
     }
 }
 
 impl WriteOptions {
     pub fn max_shard_bytes(&self) -> usize {
         (self.max_shard_gb * 1e9) as usize
+    }
+
+    /// Refuse a combination that cannot be written, before any work.
+    pub fn check(&self) -> Result<()> {
+        if let Some(d @ (OutDType::Q8_0 | OutDType::Q4_0)) = self.dtype
+            && self.out_format != OutFormat::Gguf
+        {
+            bail!("--dtype {} is a GGUF type: add --out-format gguf", d.name());
+        }
+        Ok(())
     }
 
     /// `--dtype`, else the stored type of `ck`'s decoder layers (f32 for GGUF, whose weights are quantised).
@@ -65,14 +100,36 @@ impl WriteOptions {
 }
 
 impl OutDType {
-    pub fn size(self) -> usize {
-        if self == OutDType::F32 { 4 } else { 2 }
+    /// Bytes per weight, for the free-space check (blocks of 32 with a 2-byte scale for the GGUF types).
+    pub fn bytes_per_weight(self) -> f64 {
+        match self {
+            OutDType::F32 => 4.0,
+            OutDType::F16 | OutDType::Bf16 => 2.0,
+            OutDType::Q8_0 => 34.0 / 32.0,
+            OutDType::Q4_0 => 18.0 / 32.0,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            OutDType::F32 => "f32",
+            OutDType::F16 => "f16",
+            OutDType::Bf16 => "bf16",
+            OutDType::Q8_0 => "q8_0",
+            OutDType::Q4_0 => "q4_0",
+        }
+    }
+    fn size(self) -> usize {
+        match self {
+            OutDType::F32 => 4,
+            _ => 2,
+        }
     }
     fn st_name(self) -> &'static str {
         match self {
             OutDType::F32 => "F32",
             OutDType::F16 => "F16",
             OutDType::Bf16 => "BF16",
+            OutDType::Q8_0 | OutDType::Q4_0 => unreachable!("refused by WriteOptions::check"),
         }
     }
     pub fn torch_name(self) -> &'static str {
@@ -80,6 +137,7 @@ impl OutDType {
             OutDType::F32 => "float32",
             OutDType::F16 => "float16",
             OutDType::Bf16 => "bfloat16",
+            OutDType::Q8_0 | OutDType::Q4_0 => unreachable!("refused by WriteOptions::check"),
         }
     }
 }
@@ -97,6 +155,7 @@ fn write_tensor(w: &mut impl Write, t: &Tensor, dtype: OutDType) -> Result<()> {
                 OutDType::F32 => buf.extend(block.iter().flat_map(|x| x.to_le_bytes())),
                 OutDType::F16 => buf.extend(block.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes())),
                 OutDType::Bf16 => buf.extend(block.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())),
+                OutDType::Q8_0 | OutDType::Q4_0 => bail!("{} is a GGUF type", dtype.name()),
             }
             w.write_all(&buf)?;
         }
@@ -195,6 +254,33 @@ pub fn write_tokenizer(dir: &Path, tok: &Tokenizer) -> Result<()> {
     });
     std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&cfg)?)?;
     Ok(())
+}
+
+/// `ck`'s model with the tensors `specs` (each produced by `load`), written into the existing directory `dir`
+/// in the format `format`.
+pub fn write_checkpoint(
+    dir: &Path,
+    ck: &Checkpoint,
+    specs: &[TensorSpec],
+    dtype: OutDType,
+    write: &WriteOptions,
+    load: &mut dyn FnMut(&str) -> Result<Tensor>,
+) -> Result<()> {
+    write.check()?;
+    match write.out_format {
+        OutFormat::Hf => write_hf_contents(
+            dir,
+            &ck.config.to_hf_json(),
+            ck.tokenizer.as_ref(),
+            specs,
+            dtype,
+            write.max_shard_bytes(),
+            load,
+        ),
+        OutFormat::Gguf => {
+            super::export_gguf::write_gguf(&dir.join(super::export_gguf::FILE_NAME), ck, specs, dtype, load)
+        }
+    }
 }
 
 /// The files of a Hugging Face model directory, written into the existing directory `dir`.

@@ -408,6 +408,17 @@ pub fn unpermute_rows(t: &Tensor, n_heads: usize) -> Result<Tensor> {
     Ok(t.reshape(dims)?)
 }
 
+/// llama.cpp's rotary permutation of Q/K rows, as its converter applies it to a Hugging Face weight (the inverse
+/// of [`unpermute_rows`]): for GGUF output.
+pub fn permute_rows(t: &Tensor, n_heads: usize) -> Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let rows = dims[0];
+    ensure!(rows.is_multiple_of(2 * n_heads), "cannot permute {rows} rows into {n_heads} rotary heads");
+    let rest: usize = dims[1..].iter().product();
+    let t = t.reshape((n_heads, 2, rows / n_heads / 2, rest))?.transpose(1, 2)?.contiguous()?;
+    Ok(t.reshape(dims)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -431,8 +442,12 @@ mod tests {
         for heads in [1, 2, 3, 6] {
             let back = unpermute_rows(&permute(&t, heads), heads).unwrap();
             assert_eq!(back.to_vec2::<f32>().unwrap(), t.to_vec2::<f32>().unwrap(), "heads {heads}");
+            // Ours, for GGUF output, is the converter's.
+            let ours = permute_rows(&t, heads).unwrap().to_vec2::<f32>().unwrap();
+            assert_eq!(ours, permute(&t, heads).to_vec2::<f32>().unwrap(), "heads {heads}");
         }
         assert!(unpermute_rows(&t, 5).is_err());
+        assert!(permute_rows(&t, 5).is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! architecture it runs; adding one is its file and a line in [`ARCHITECTURES`].
 
 pub mod export;
+pub mod export_gguf;
 pub mod gemma3;
 pub mod gguf;
 pub mod hub;
@@ -257,6 +258,11 @@ impl Checkpoint {
         let path = resolved.as_path();
         if !path.exists() {
             bail!("{}: no such file or directory", path.display());
+        }
+        // An output folder of `--out-format gguf` holds its model.gguf beside report.json.
+        let gguf_in_dir = path.join(export_gguf::FILE_NAME);
+        if path.is_dir() && !path.join("config.json").exists() && gguf_in_dir.is_file() {
+            return Self::open_gguf(&gguf_in_dir);
         }
         if path.is_dir() { Self::open_hf_dir(path) } else { Self::open_gguf(path) }
     }
