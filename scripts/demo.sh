@@ -3,7 +3,8 @@
 # (128 x 512 calibration tokens from the C4 sample, seed 0) and print its WikiText-2 perplexity (seqlen 512)
 # before and after. About 8 minutes on two cores. Knobs: DEMO_MODEL (smollm2, or gemma3: Gemma-3-270M,
 # Q4_K_M GGUF), DEMO_METHOD (sparsegpt, wanda, magnitude, fista, random), DEMO_SPARSITY (0.5) or DEMO_PATTERN
-# (2:4), DEMO_NSAMPLES (128), DEMO_WINDOWS (40; 0 = the whole test set).
+# (2:4), DEMO_NSAMPLES (128), DEMO_WINDOWS (40; 0 = the whole test set). Without ../shared/data beside the
+# checkout, the texts come by name from the Hugging Face Hub (`c4`, `wikitext2`; the full C4 shard then).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -19,9 +20,13 @@ case "${DEMO_MODEL:-smollm2}" in
   gemma3) model=assets/gemma-3-270m-q4_k_m.gguf ;;
   *) echo "error: DEMO_MODEL=$DEMO_MODEL: smollm2 or gemma3" >&2; exit 1 ;;
 esac
+calib=../shared/data/c4/c4-train.00000-of-01024.first1000.jsonl
+wiki=../shared/data/wikitext-2-raw/wiki.test.raw
+[ -f "$calib" ] || calib=c4
+[ -f "$wiki" ] || wiki=wikitext2
 ./target/release/fistaprune prune --model "$model" \
   --method "${DEMO_METHOD:-sparsegpt}" "${target[@]}" \
-  --calib ../shared/data/c4/c4-train.00000-of-01024.first1000.jsonl --nsamples "${DEMO_NSAMPLES:-128}" --seqlen 512 \
+  --calib "$calib" --nsamples "${DEMO_NSAMPLES:-128}" --seqlen 512 \
   --out target/demo-pruned --force \
-  --eval ../shared/data/wikitext-2-raw/wiki.test.raw --eval-seqlen 512 "${evalw[@]}"
+  --eval "$wiki" --eval-seqlen 512 "${evalw[@]}"
 echo "pruned checkpoint and report.json: target/demo-pruned"

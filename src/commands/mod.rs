@@ -26,7 +26,8 @@ pub struct EvalArgs {
     /// Hugging Face model folder, .gguf file or Hub id (org/name).
     #[cfg_attr(feature = "cli", arg(long))]
     pub model: PathBuf,
-    /// Dataset file (.raw/.txt, .jsonl, .json.gz) for perplexity.
+    /// Dataset for perplexity: a file (.raw/.txt, .jsonl, .json.gz, .parquet) or a name the peers use
+    /// (wikitext2, c4, ptb: fetched through the Hugging Face cache).
     #[cfg_attr(feature = "cli", arg(long, required_unless_present = "tasks"))]
     pub dataset: Option<PathBuf>,
     /// How to read the dataset (default: guessed from the file name).
@@ -131,7 +132,8 @@ fn zeroshot_tasks(a: &EvalArgs, local: bool, json: Option<&Claim>) -> Result<Vec
             .iter()
             .map(|t| {
                 let (repo, file) = zeroshot::hub_task_file(t)?;
-                crate::model::hub::dataset_file(repo, file).with_context(|| format!("--tasks {t}"))
+                crate::model::hub::dataset_file(repo, "main", file, "pass --tasks-dir FOLDER")
+                    .with_context(|| format!("--tasks {t}"))
             })
             .collect::<Result<_>>()?
     } else {
@@ -176,13 +178,12 @@ pub fn dataset_windows(
     seqlen: usize,
     max_windows: Option<usize>,
 ) -> Result<(TextFormat, Vec<Vec<u32>>)> {
-    let format = format.unwrap_or_else(|| dataset::detect_format(path));
-    let text = dataset::eval_text(path, format)?;
-    let ids = ck.tokenizer()?.encode(&text, true)?;
+    let source = dataset::Source::locate(path, format, dataset::Role::Evaluation)?;
+    let ids = ck.tokenizer()?.encode(&source.text()?, true)?;
     let max_pos = ck.config.max_positions();
     ensure!(seqlen <= max_pos, "--seqlen {seqlen} is above the model's context of {max_pos} positions");
-    let windows = dataset::windows(&ids, seqlen, max_windows, &path.display().to_string())?;
-    Ok((format, windows))
+    let windows = dataset::windows(&ids, seqlen, max_windows, &source.shown())?;
+    Ok((source.format, windows))
 }
 
 /// `fistaprune tokenize`: the token ids of a dataset as `eval` reads it (before windowing), as JSON, for
@@ -211,11 +212,10 @@ pub fn tokenize(t: &Tokenize) -> Result<usize> {
         t.force.force,
     )?;
     let ck = Checkpoint::open(&t.model)?;
-    let format = t.format.unwrap_or_else(|| dataset::detect_format(&t.dataset));
-    let text = dataset::eval_text(&t.dataset, format)?;
-    let ids = ck.tokenizer()?.encode(&text, true)?;
+    let source = dataset::Source::locate(&t.dataset, t.format, dataset::Role::Evaluation)?;
+    let ids = ck.tokenizer()?.encode(&source.text()?, true)?;
     out.write_json(&json!({
-        "model": t.model.display().to_string(), "dataset": t.dataset.display().to_string(), "format": format, "ids": ids,
+        "model": t.model.display().to_string(), "dataset": t.dataset.display().to_string(), "format": source.format, "ids": ids,
     }))?;
     Ok(ids.len())
 }

@@ -65,7 +65,8 @@ pub const DEFAULT_SEQLEN: usize = 2048;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct CalibOptions {
-    /// Calibration text (C4 .jsonl/.json.gz, WikiText, any text) or a file saved with --save-calib.
+    /// Calibration text (C4 .jsonl/.json.gz, WikiText, any text, .parquet), a file saved with --save-calib, or a
+    /// name the peers use (c4, wikitext2, ptb: their train split, through the Hugging Face cache).
     #[cfg_attr(feature = "cli", arg(long))]
     pub calib: Option<PathBuf>,
     #[cfg_attr(feature = "cli", arg(long, value_enum))]
@@ -101,26 +102,6 @@ pub fn fingerprint(ids: &[Vec<u32>]) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The documents of a calibration source: C4 records, or the whole evaluation string as one document.
-fn documents(path: &Path, format: TextFormat) -> Result<Vec<String>> {
-    Ok(match format {
-        TextFormat::C4 => {
-            let raw = dataset::read_text_file(path)?;
-            let recs = dataset::json_records(path, &raw)?;
-            recs.iter()
-                .enumerate()
-                .map(|(i, r)| {
-                    r.get("text")
-                        .and_then(|v| v.as_str())
-                        .map(String::from)
-                        .ok_or_else(|| anyhow!("{}: record {} has no string field text", path.display(), i + 1))
-                })
-                .collect::<Result<_>>()?
-        }
-        _ => vec![dataset::eval_text(path, format)?],
-    })
-}
-
 impl Calibration {
     /// Draw a calibration set, or load a saved one when `--calib` is a saved calibration file (its sample
     /// count and length must then agree with `spec` where it sets them).
@@ -142,9 +123,9 @@ impl Calibration {
         let (nsamples, seqlen) = (spec.nsamples.unwrap_or(DEFAULT_NSAMPLES), spec.seqlen.unwrap_or(DEFAULT_SEQLEN));
         ensure!(nsamples > 0, "--nsamples must be at least 1");
         ensure!(seqlen >= 2, "--seqlen must be at least 2");
-        let format = spec.calib_format.unwrap_or_else(|| dataset::detect_format(source));
-        let docs = documents(source, format)?;
-        ensure!(!docs.is_empty(), "{}: no documents", source.display());
+        let text = dataset::Source::locate(source, spec.calib_format, dataset::Role::Calibration)?;
+        let docs = text.documents()?;
+        ensure!(!docs.is_empty(), "{}: no documents", text.path.display());
         // Each document as the peers tokenize it (with the tokenizer's own BOS, if any).
         let toks: Vec<Vec<u32>> = docs.par_iter().map(|d| tok.encode(d, true)).collect::<Result<_>>()?;
         let long = toks.iter().filter(|t| t.len() > seqlen).count();

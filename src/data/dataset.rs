@@ -6,11 +6,14 @@
 //! - PTB: the stripped lines (or `sentence` fields) joined with `" "`.
 //! - Any other UTF-8 file: its contents as they are.
 //!
+//! Besides files, `--dataset` and `--calib` take the names the peers' scripts use (`wikitext2`, `c4`, `ptb`):
+//! the same hub files their loaders read, through the Hugging Face cache ([`Source::locate`]).
+//!
 //! The string is tokenized once and cut into non-overlapping windows of `seqlen` tokens; the partial window
 //! at the end is dropped.
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use serde_json::Value as Json;
@@ -83,47 +86,146 @@ pub fn detect_format(path: &Path) -> TextFormat {
     }
 }
 
-/// The single string the peers tokenize for perplexity on `path`.
+/// The single string the peers tokenize for perplexity on the file `path`.
 pub fn eval_text(path: &Path, format: TextFormat) -> Result<String> {
-    let raw = read_text_file(path)?;
-    let text = match format {
-        TextFormat::Wikitext => {
-            let rows: Vec<String> = if is_json_name(path) {
-                json_records(path, &raw)?
-                    .iter()
-                    .enumerate()
-                    .map(|(i, r)| field(path, i, r, &["text"]).map(String::from))
-                    .collect::<Result<_>>()?
-            } else {
-                raw.lines().map(|l| if l.trim().is_empty() { String::new() } else { format!("{l}\n") }).collect()
-            };
-            rows.join("\n\n")
-        }
-        TextFormat::C4 => {
-            let recs = json_records(path, &raw)?;
-            let docs: Vec<&str> =
-                recs.iter().enumerate().map(|(i, r)| field(path, i, r, &["text"])).collect::<Result<_>>()?;
-            docs.join(" ")
-        }
-        TextFormat::Ptb => {
-            if is_json_name(path) {
-                let recs = json_records(path, &raw)?;
-                let s: Vec<&str> = recs
-                    .iter()
-                    .enumerate()
-                    .map(|(i, r)| field(path, i, r, &["sentence", "text"]).map(str::trim))
-                    .collect::<Result<_>>()?;
-                s.join(" ")
-            } else {
-                raw.lines().map(str::trim).collect::<Vec<_>>().join(" ")
-            }
-        }
-        TextFormat::Text => raw,
-    };
-    if text.trim().is_empty() {
-        bail!("{}: no text (empty file or no records)", path.display());
+    Source { path: path.to_path_buf(), format, max_docs: None, name: None }.text()
+}
+
+/// What a text is read for: the named datasets use their train split for calibration and their test (or
+/// validation) split for evaluation, as the peers' loaders do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Calibration,
+    Evaluation,
+}
+
+/// A dataset the peers' scripts load by name from the Hugging Face Hub (SparseGPT's and Wanda's `datautils`),
+/// and the file of it we read.
+struct Named {
+    name: &'static str,
+    role: Role,
+    repo: &'static str,
+    revision: &'static str,
+    file: &'static str,
+    format: TextFormat,
+    /// SparseGPT evaluates C4 on the first 1,100 validation documents only.
+    max_docs: Option<usize>,
+}
+
+#[rustfmt::skip]
+const NAMED: &[Named] = &[
+    Named { name: "wikitext2", role: Role::Evaluation, repo: "Salesforce/wikitext", revision: "main", file: "wikitext-2-raw-v1/test-00000-of-00001.parquet", format: TextFormat::Wikitext, max_docs: None },
+    Named { name: "wikitext2", role: Role::Calibration, repo: "Salesforce/wikitext", revision: "main", file: "wikitext-2-raw-v1/train-00000-of-00001.parquet", format: TextFormat::Wikitext, max_docs: None },
+    Named { name: "c4", role: Role::Evaluation, repo: "allenai/c4", revision: "main", file: "en/c4-validation.00000-of-00008.json.gz", format: TextFormat::C4, max_docs: Some(1100) },
+    Named { name: "c4", role: Role::Calibration, repo: "allenai/c4", revision: "main", file: "en/c4-train.00000-of-01024.json.gz", format: TextFormat::C4, max_docs: None },
+    Named { name: "ptb", role: Role::Evaluation, repo: "ptb-text-only/ptb_text_only", revision: "refs/convert/parquet", file: "penn_treebank/test/0000.parquet", format: TextFormat::Ptb, max_docs: None },
+    Named { name: "ptb", role: Role::Calibration, repo: "ptb-text-only/ptb_text_only", revision: "refs/convert/parquet", file: "penn_treebank/train/0000.parquet", format: TextFormat::Ptb, max_docs: None },
+];
+
+/// The dataset names `--dataset` and `--calib` take besides files.
+pub fn dataset_names() -> Vec<&'static str> {
+    let mut v: Vec<_> = NAMED.iter().map(|n| n.name).collect();
+    v.dedup();
+    v
+}
+
+/// A text to read: a file, in a format, perhaps only its first documents.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub path: PathBuf,
+    pub format: TextFormat,
+    pub max_docs: Option<usize>,
+    /// The dataset name it was given by, if any.
+    pub name: Option<&'static str>,
+}
+
+impl Source {
+    /// `given` as the user wrote it (`--dataset`, `--calib`): an existing file, else a dataset named the way the
+    /// peers' scripts name it (`wikitext2`, `c4`, `ptb`), from the Hugging Face cache (downloaded into it when
+    /// online). `format` overrides the one guessed from the file name.
+    pub fn locate(given: &Path, format: Option<TextFormat>, role: Role) -> Result<Self> {
+        let text = given.to_string_lossy();
+        let named = NAMED.iter().find(|n| n.name == text && n.role == role);
+        let Some(n) = named.filter(|_| !given.exists()) else {
+            let format = format.unwrap_or_else(|| detect_format(given));
+            return Ok(Self { path: given.to_path_buf(), format, max_docs: None, name: None });
+        };
+        let instead = "pass the file's path instead of its name";
+        let path = crate::model::hub::dataset_file(n.repo, n.revision, n.file, instead)
+            .with_context(|| format!("dataset {}", n.name))?;
+        Ok(Self { path, format: format.unwrap_or(n.format), max_docs: n.max_docs, name: Some(n.name) })
     }
-    Ok(text)
+
+    /// How messages and reports name it: the dataset name, else the path.
+    pub fn shown(&self) -> String {
+        self.name.map_or_else(|| self.path.display().to_string(), String::from)
+    }
+
+    /// The records of a Parquet or JSON file (the first `max_docs`); `None` for plain text.
+    fn records(&self) -> Result<Option<Vec<Json>>> {
+        let path = &self.path;
+        let mut recs = if path.extension().is_some_and(|e| e == "parquet") {
+            parquet_records(path)?
+        } else if is_json_name(path) || self.format == TextFormat::C4 {
+            json_records(path, &read_text_file(path)?)?
+        } else {
+            return Ok(None);
+        };
+        if let Some(n) = self.max_docs {
+            recs.truncate(n);
+        }
+        Ok(Some(recs))
+    }
+
+    /// The documents' strings in field `names` (the first present).
+    fn fields(&self, recs: &[Json], names: &[&str]) -> Result<Vec<String>> {
+        recs.iter().enumerate().map(|(i, r)| field(&self.path, i, r, names).map(String::from)).collect()
+    }
+
+    /// The single string the peers tokenize for perplexity.
+    pub fn text(&self) -> Result<String> {
+        let path = &self.path;
+        let text = match (self.format, self.records()?) {
+            (TextFormat::Wikitext, Some(recs)) => self.fields(&recs, &["text"])?.join("\n\n"),
+            (TextFormat::Wikitext, None) => {
+                let raw = read_text_file(path)?;
+                let rows: Vec<String> =
+                    raw.lines().map(|l| if l.trim().is_empty() { String::new() } else { format!("{l}\n") }).collect();
+                rows.join("\n\n")
+            }
+            (TextFormat::C4, recs) => self.fields(&recs.unwrap_or_default(), &["text"])?.join(" "),
+            (TextFormat::Ptb, Some(recs)) => {
+                self.fields(&recs, &["sentence", "text"])?.iter().map(|s| s.trim()).collect::<Vec<_>>().join(" ")
+            }
+            (TextFormat::Ptb, None) => read_text_file(path)?.lines().map(str::trim).collect::<Vec<_>>().join(" "),
+            (TextFormat::Text, _) => read_text_file(path)?,
+        };
+        if text.trim().is_empty() {
+            bail!("{}: no text (empty file or no records)", path.display());
+        }
+        Ok(text)
+    }
+
+    /// The documents of a calibration source: C4 records, or the whole evaluation string as one document.
+    pub fn documents(&self) -> Result<Vec<String>> {
+        match self.format {
+            TextFormat::C4 => self.fields(&self.records()?.unwrap_or_default(), &["text"]),
+            _ => Ok(vec![self.text()?]),
+        }
+    }
+}
+
+/// Rows of a Parquet file (the hub's format for most datasets), each as a JSON object of its columns.
+pub fn parquet_records(path: &Path) -> Result<Vec<Json>> {
+    use parquet::file::reader::SerializedFileReader;
+    let f = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let reader =
+        SerializedFileReader::new(f).with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
+    reader
+        .into_iter()
+        .map(|r| r.map(|row| row.to_json_value()))
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{}: cannot read its rows", path.display()))
 }
 
 /// Cut `ids` into non-overlapping windows of `seqlen`, at most `max_windows` of them.
@@ -162,6 +264,9 @@ mod tests {
         assert_eq!(eval_text(&p, TextFormat::Ptb).unwrap(), "a b c d");
         let c = tmp("c4.jsonl", "{\"text\":\"one\",\"url\":\"u\"}\n{\"text\":\"two\\/2\"}\n");
         assert_eq!(eval_text(&c, TextFormat::C4).unwrap(), "one two/2");
+        // The named C4 evaluation reads only the first documents (SparseGPT's 1,100).
+        let first = Source { path: c.clone(), format: TextFormat::C4, max_docs: Some(1), name: Some("c4") };
+        assert_eq!(first.text().unwrap(), "one");
         let bad = tmp("bad.jsonl", "{\"text\":\"one\"}\n{\"txt\":\"two\"}\n");
         let e = eval_text(&bad, TextFormat::C4).unwrap_err().to_string();
         assert!(e.contains("bad.jsonl") && e.contains("record 2"), "{e}");

@@ -93,17 +93,9 @@ pub fn hub_task_file(task: &str) -> Result<(&'static str, &'static str)> {
     })
 }
 
-/// Rows of a Parquet file (the hub's format for these datasets), each as a JSON object of its columns.
+/// Rows of a Parquet file (the hub's format for these datasets).
 fn read_parquet(path: &Path) -> Result<Vec<Value>> {
-    use parquet::file::reader::SerializedFileReader;
-    let f = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    let reader =
-        SerializedFileReader::new(f).with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
-    let rows = reader
-        .into_iter()
-        .map(|r| r.map(|row| row.to_json_value()))
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("{}: cannot read its rows", path.display()))?;
+    let rows = crate::data::dataset::parquet_records(path)?;
     ensure!(!rows.is_empty(), "{}: no examples", path.display());
     Ok(rows)
 }

@@ -93,21 +93,23 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
     })
 }
 
-/// A file of the hub dataset `repo` (e.g. a task's Parquet split): from the cache, else downloaded into it.
-pub fn dataset_file(repo: &str, file: &str) -> Result<PathBuf> {
+/// A file of the hub dataset `repo` at `revision` (e.g. a task's Parquet split): from the cache, else
+/// downloaded into it. `instead` says what the user can pass instead when neither works.
+pub fn dataset_file(repo: &str, revision: &str, file: &str, instead: &str) -> Result<PathBuf> {
     let cache = cache();
-    if let Some(p) = cache.repo(Repo::new(repo.to_string(), RepoType::Dataset)).get(file) {
+    let r = Repo::with_revision(repo.to_string(), RepoType::Dataset, revision.to_string());
+    if let Some(p) = cache.repo(r.clone()).get(file) {
         return Ok(p);
     }
     let where_ = cache.path().display().to_string();
     if offline() {
         bail!(
-            "dataset {repo}, file {file}: not in the Hugging Face cache ({where_}) and HF_HUB_OFFLINE is set: download it on a machine that is online (or unset HF_HUB_OFFLINE), or pass --tasks-dir FOLDER"
+            "dataset {repo}, file {file}: not in the Hugging Face cache ({where_}) and HF_HUB_OFFLINE is set: download it on a machine that is online (or unset HF_HUB_OFFLINE), or {instead}"
         );
     }
     let api = hf_hub::api::sync::ApiBuilder::from_cache(cache).with_progress(true).build()?;
-    api.dataset(repo.to_string()).get(file).with_context(|| {
-        format!("dataset {repo}, file {file}: not in the Hugging Face cache ({where_}) and the download failed (offline?): fetch it where the hub is reachable into that cache, or pass --tasks-dir FOLDER")
+    api.repo(r).get(file).with_context(|| {
+        format!("dataset {repo}, file {file}: not in the Hugging Face cache ({where_}) and the download failed (offline?): fetch it where the hub is reachable into that cache, or {instead}")
     })
 }
 
