@@ -46,7 +46,8 @@ fn gguf_to_gguf_keeps_every_tensor_and_key() {
             (x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), y.flatten_all().unwrap().to_vec1::<f32>().unwrap());
         assert_eq!(x, y, "{name}: not the input's layout");
     }
-    let keys = |g: &GgufFile| g.metadata.keys().filter(|k| *k != "general.file_type").cloned().collect::<Vec<_>>();
+    let storage = ["general.file_type", "general.quantization_version"];
+    let keys = |g: &GgufFile| g.metadata.keys().filter(|k| !storage.contains(&k.as_str())).cloned().collect::<Vec<_>>();
     assert_eq!(keys(&ga), keys(&gb));
     for k in keys(&ga) {
         assert_eq!(ga.metadata[&k], gb.metadata[&k], "{k}");
@@ -100,19 +101,48 @@ fn pruned_zeros_stay_zero_in_every_gguf_type() {
 }
 
 #[test]
+fn a_hugging_face_folder_becomes_gguf_with_its_tokenizer() {
+    let d = tmpdir("gguf-out-from-hf");
+    // Qwen2 (biases on q, k, v; f16): the LLaMA fixture's LLaMA-3.1 RoPE would need llama.cpp's rope_freqs.
+    let src = fixture("qwen2_f16");
+    let out = d.join("gguf");
+    let args = ["convert", "--model", src.to_str().unwrap(), "--out", out.to_str().unwrap(), "--out-format", "gguf"];
+    let (ok, _, err) = run(&args);
+    assert!(ok, "{err}");
+    let (a, b) = (Checkpoint::open(&src).unwrap(), Checkpoint::open(&out).unwrap());
+    // The weights bit for bit (Q/K permuted for llama.cpp and back), the configuration as llama.cpp keeps it.
+    for name in a.weights.names() {
+        let (x, y) = (values(&a, &name), values(&b, &name));
+        assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()), "{name} changed");
+    }
+    assert_eq!(a.config.num_layers(), b.config.num_layers());
+    assert_eq!(a.config.eos_token_id(), b.config.eos_token_id());
+    // The tokenizer rebuilt from the GGUF's metadata (llama.cpp's pre-tokenizer name found for it) gives the
+    // tokenizer.json's ids.
+    let text = std::fs::read_to_string(shared("wikitext-2-raw/wiki.test.raw")).unwrap();
+    let text = &text[..20_000];
+    let ids = |ck: &Checkpoint| ck.tokenizer.as_ref().unwrap().encode(text, true).unwrap();
+    assert_eq!(ids(&a), ids(&b));
+    let g = GgufFile::open(&out.join("model.gguf")).unwrap();
+    assert_eq!(g.get_str("general.architecture").unwrap(), "qwen2");
+    assert_eq!(g.get_str("tokenizer.ggml.model").unwrap(), "gpt2");
+}
+
+#[test]
 fn gguf_output_refuses_what_it_cannot_write() {
     let d = tmpdir("gguf-out-refused");
     let out = d.join("out");
     // A GGUF block type in a safetensors folder.
     let src = fixture("llama_gguf/tiny.gguf");
-    let (ok, _, err) =
-        run(&["convert", "--model", src.to_str().unwrap(), "--out", out.to_str().unwrap(), "--dtype", "q8_0"]);
+    let args = ["convert", "--model", src.to_str().unwrap(), "--out", out.to_str().unwrap(), "--dtype", "q8_0"];
+    let (ok, _, err) = run(&args);
     assert!(!ok && err.contains("--dtype q8_0 is a GGUF type: add --out-format gguf"), "{err}");
     assert!(!out.exists());
-    // A Hugging Face folder (its tokenizer would have to be rebuilt for llama.cpp): not yet.
-    let hf = fixture("llama");
-    let args = ["convert", "--model", hf.to_str().unwrap(), "--out", out.to_str().unwrap(), "--out-format", "gguf"];
+    // An architecture whose Hugging Face folder we cannot write as GGUF: refused, nothing left behind.
+    let opt = fixture("opt");
+    let args = ["convert", "--model", opt.to_str().unwrap(), "--out", out.to_str().unwrap(), "--out-format", "gguf"];
     let (ok, _, err) = run(&args);
-    assert!(!ok && err.contains("a Hugging Face folder cannot be written as GGUF yet"), "{err}");
+    assert!(!ok && err.contains("a Hugging Face opt folder cannot be written as GGUF yet"), "{err}");
     assert!(!out.exists(), "a refused run left an output");
+    assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0, "a refused run left something in {}", d.display());
 }

@@ -7,7 +7,9 @@
 `ids.json` comes from `fistaprune tokenize`. transformers dequantises the GGUF itself (gguf-py) and un-permutes
 Q/K; the windows and the loss follow SparseGPT's recipe (non-overlapping windows, mean NLL over all predicted
 tokens). Also reports how transformers' own GGUF tokenizer differs from our ids (it ignores
-`tokenizer.ggml.pre`), and times the forward passes (tokens/s) for the speed comparison.
+`tokenizer.ggml.pre`), and times the forward passes (tokens/s) for the speed comparison. `--sparsity` counts
+the exact zeros of the decoder's linear weights as transformers loaded them (for pruned `--out-format gguf`
+files).
 """
 import argparse, json, math, os, time
 
@@ -25,6 +27,7 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--json")
     ap.add_argument("--compare-tokenizer", action="store_true")
+    ap.add_argument("--sparsity", action="store_true", help="also report the share of exact zeros in the decoder's linear weights")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     d, f = os.path.split(os.path.abspath(a.gguf))
@@ -40,6 +43,9 @@ def main():
         out["ids_differing_at_same_position"] = sum(1 for x, y in zip(ids, theirs) if x != y)
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
     model.eval()
+    if a.sparsity:
+        ws = [p for n, p in model.named_parameters() if ".layers." in n and n.endswith("proj.weight")]
+        out["decoder_linear_sparsity"] = sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
     n = len(ids) // a.seqlen
     if a.max_windows:
         n = min(n, a.max_windows)

@@ -1,13 +1,28 @@
 #!/usr/bin/env bash
-# Create .venv-llama with llama-cpp-python (which builds llama.cpp from source: about 15 minutes on two cores)
-# for scripts/reference/llama_cpp_ppl.py and scripts/reference/gguf_out_check.sh. Idempotent; not part of CI.
+# Create .venv-llama with llama-cpp-python 0.3.36 (which builds llama.cpp from source: about 40 minutes on two
+# busy cores) and unpack the llama.cpp it vendors (its convert_hf_to_gguf.py and gguf-py) into
+# .venv-llama/llama.cpp, for scripts/reference/gguf_out_check.sh. Idempotent; not part of CI.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 venv="$root/.venv-llama"
-if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "import llama_cpp, numpy" 2>/dev/null; then
-  echo "$venv (ready)"
-  exit 0
+version=0.3.36
+if ! { [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "import llama_cpp, numpy" 2>/dev/null; }; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet "llama-cpp-python==$version" numpy
 fi
-python3 -m venv "$venv"
-"$venv/bin/pip" install --quiet llama-cpp-python==0.3.36 numpy
+if [ ! -f "$venv/llama.cpp/convert_hf_to_gguf.py" ]; then
+  # The same source release, from PyPI: only its vendored llama.cpp.
+  "$venv/bin/python" - "$venv" "$version" <<'PY'
+import io, json, sys, tarfile, urllib.request
+venv, version = sys.argv[1:]
+meta = json.load(urllib.request.urlopen(f"https://pypi.org/pypi/llama-cpp-python/{version}/json"))
+url = next(u["url"] for u in meta["urls"] if u["packagetype"] == "sdist")
+tar = tarfile.open(fileobj=io.BytesIO(urllib.request.urlopen(url).read()))
+prefix = f"llama_cpp_python-{version}/vendor/"
+members = [m for m in tar.getmembers() if m.name.startswith(prefix + "llama.cpp/")]
+for m in members:
+    m.name = m.name[len(prefix):]
+tar.extractall(venv, members=members)
+PY
+fi
 "$venv/bin/python" -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__)"

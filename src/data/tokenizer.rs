@@ -26,7 +26,7 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
-use crate::model::gguf::GgufFile;
+use crate::model::gguf::{GgufFile, Value};
 
 /// A tokenizer and the special ids we need.
 pub struct Tokenizer {
@@ -214,6 +214,86 @@ impl Tokenizer {
 
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+
+    /// The `tokenizer.*` metadata llama.cpp reads, for GGUF output from a `tokenizer.json`: byte-level BPE
+    /// vocabularies (GPT-2, SmolLM, LLaMA 3, Qwen 2) only, as llama.cpp's converter writes them. The
+    /// pre-tokenizer's llama.cpp name is found by behaviour: the one of [`gpt2_pre_tokenizer`]'s that splits a
+    /// probe text exactly as this tokenizer's own pre-tokenizer does.
+    pub fn gguf_metadata(&self) -> Result<Vec<(String, Value)>> {
+        let json: serde_json::Value = serde_json::from_str(&self.to_json()?)?;
+        let model = &json["model"];
+        let byte_level = json.to_string().contains("\"ByteLevel\"");
+        if model["type"] != "BPE" || !byte_level {
+            bail!(
+                "only byte-level BPE tokenizers (GPT-2, SmolLM, LLaMA 3, Qwen) can be written to GGUF from a tokenizer.json yet; convert from the model's GGUF file instead"
+            );
+        }
+        let pre = self.llama_cpp_pre()?;
+        let n = self.inner.get_vocab_size(true);
+        let mut tokens = vec![String::new(); n];
+        let mut types = vec![1i32; n];
+        for (t, id) in self.inner.get_vocab(true) {
+            ensure!((id as usize) < n, "tokenizer: id {id} of {t:?} is past the vocabulary's {n}");
+            tokens[id as usize] = t;
+        }
+        for (id, added) in self.inner.get_added_tokens_decoder() {
+            types[id as usize] = if added.special { TOKEN_TYPE_CONTROL as i32 } else { TOKEN_TYPE_USER_DEFINED as i32 };
+        }
+        ensure!(tokens.iter().all(|t| !t.is_empty()), "tokenizer: the vocabulary has holes (ids with no token)");
+        let merges: Vec<Value> = model["merges"]
+            .as_array()
+            .ok_or_else(|| anyhow!("tokenizer.json: BPE without merges"))?
+            .iter()
+            .map(|m| match m {
+                serde_json::Value::String(s) => Ok(Value::String(s.clone())),
+                serde_json::Value::Array(p) if p.len() == 2 => Ok(Value::String(format!(
+                    "{} {}",
+                    p[0].as_str().unwrap_or_default(),
+                    p[1].as_str().unwrap_or_default()
+                ))),
+                other => bail!("tokenizer.json: a merge is {other}"),
+            })
+            .collect::<Result<_>>()?;
+        let adds_bos = self.bos_id.is_some_and(|b| self.encode("a", true).is_ok_and(|ids| ids.first() == Some(&b)));
+        let mut kv = vec![
+            ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+            ("tokenizer.ggml.pre".into(), Value::String(pre.into())),
+            ("tokenizer.ggml.tokens".into(), Value::Array(tokens.into_iter().map(Value::String).collect())),
+            ("tokenizer.ggml.token_type".into(), Value::Array(types.into_iter().map(Value::I32).collect())),
+            ("tokenizer.ggml.merges".into(), Value::Array(merges)),
+            ("tokenizer.ggml.add_bos_token".into(), Value::Bool(adds_bos)),
+        ];
+        for (key, id) in [("bos", self.bos_id), ("eos", self.eos_id)] {
+            if let Some(id) = id {
+                kv.push((format!("tokenizer.ggml.{key}_token_id"), Value::U32(id)));
+            }
+        }
+        Ok(kv)
+    }
+
+    /// llama.cpp's name for this tokenizer's pre-tokenizer: the candidate that splits a probe text the same way.
+    fn llama_cpp_pre(&self) -> Result<&'static str> {
+        use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+        const PROBE: &str = "Hello World! It's 2024-12-04, 3.14159 and 1234567 \n\n\t  tabs   and\r\nCRLF \
+            don't we'll I'M ÄÖü ΑΒΓ 漢字 🦀 ,,, --- ... x1y22z333";
+        let own = self.inner.get_pre_tokenizer().ok_or_else(|| anyhow!("tokenizer: no pre-tokenizer"))?;
+        let splits = |p: &dyn Fn(&mut PreTokenizedString) -> tokenizers::Result<()>| -> Result<Vec<String>> {
+            let mut s = PreTokenizedString::from(PROBE);
+            p(&mut s).map_err(tk_err)?;
+            Ok(s.get_splits(OffsetReferential::Original, OffsetType::Byte)
+                .into_iter()
+                .map(|(t, _, _)| t.to_string())
+                .collect())
+        };
+        let want = splits(&|s| own.pre_tokenize(s))?;
+        for name in ["gpt-2", "smollm", "llama-bpe", "qwen2"] {
+            let cand = gpt2_pre_tokenizer(name)?;
+            if splits(&|s| cand.pre_tokenize(s))? == want {
+                return Ok(name);
+            }
+        }
+        bail!("tokenizer: its pre-tokenizer is none llama.cpp knows by name here (gpt-2, smollm, llama-bpe, qwen2)")
     }
 
     /// Serialise as `tokenizer.json`.

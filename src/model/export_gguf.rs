@@ -2,8 +2,10 @@
 //! format they load, without llama.cpp's Python converter.
 //!
 //! What llama.cpp expects, and what this writer does for it:
-//! - the metadata of the input GGUF (architecture keys as llama.cpp names them, the whole tokenizer), carried
-//!   over, with `general.file_type` saying what we wrote;
+//! - from a GGUF input, its metadata (architecture keys as llama.cpp names them, the whole tokenizer) carried
+//!   over, with `general.file_type` saying what we wrote; from a Hugging Face folder, the keys llama.cpp's
+//!   converter writes, from the configuration ([`super::Config::gguf_metadata`]) and `tokenizer.json`
+//!   (byte-level BPE vocabularies: [`crate::data::tokenizer::Tokenizer::gguf_metadata`]);
 //! - llama.cpp's tensor names, each tensor turned back from the Hugging Face layout we compute in (the LLaMA
 //!   family's Q/K rows permuted for its rotary layout, Gemma's norms stored as `1 + w`): the inverse of what
 //!   the reader undoes ([`super::FromGguf`]);
@@ -20,7 +22,7 @@ use std::collections::BTreeMap;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use candle_core::Tensor;
 use candle_core::quantized::{GgmlDType, QTensor};
 
@@ -36,6 +38,9 @@ const ALIGNMENT: usize = 32;
 
 /// Keys of the input that describe how its tensors were stored, not the model: rewritten or dropped.
 const STORAGE_KEYS: &[&str] = &["general.file_type", "general.quantization_version", "general.alignment"];
+
+/// Hugging Face name → (GGUF name, how the reader turns the GGUF data into the Hugging Face tensor).
+type GgufNames = BTreeMap<String, (String, FromGguf)>;
 
 /// One tensor as written.
 struct Entry {
@@ -63,34 +68,52 @@ pub fn write_gguf(
     dtype: OutDType,
     load: &mut dyn FnMut(&str) -> Result<Tensor>,
 ) -> Result<()> {
-    let Weights::Gguf(src) = ck.weights.as_ref() else {
-        bail!(
-            "{}: GGUF output is written from a GGUF input for now (its metadata and tokenizer are carried over); \
-             a Hugging Face folder cannot be written as GGUF yet",
-            ck.path.display()
-        );
+    let (mut metadata, names) = match ck.weights.as_ref() {
+        Weights::Gguf(src) => {
+            let carried = src.file.metadata.iter().filter(|(k, _)| !STORAGE_KEYS.contains(&k.as_str()));
+            (carried.map(|(k, v)| (k.clone(), v.clone())).collect(), src.map.clone())
+        }
+        Weights::Safetensors(_) => from_hf(ck)?,
     };
-    // Hugging Face name → (GGUF name, how the reader turned it): the map inverted.
+    // Hugging Face name → (GGUF name, how the reader turns it back).
     let entries = specs
         .iter()
         .filter(|s| ck.weights.contains(&s.name))
         .map(|s| {
-            let (gguf, how) = src.map.get(&s.name).with_context(|| format!("{}: no GGUF name", s.name))?;
+            let (gguf, how) = names.get(&s.name).with_context(|| format!("{}: no GGUF name", s.name))?;
             Ok(Entry { gguf: gguf.clone(), hf: s.name.clone(), shape: s.shape.clone(), how: *how, ty: ty_of(s, dtype) })
         })
         .collect::<Result<Vec<_>>>()?;
-    let mut metadata: BTreeMap<String, Value> = src
-        .file
-        .metadata
-        .iter()
-        .filter(|(k, _)| !STORAGE_KEYS.contains(&k.as_str()))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
     metadata.insert("general.file_type".into(), Value::U32(file_type(dtype)));
-    if matches!(dtype, OutDType::Q8_0 | OutDType::Q4_0) {
-        metadata.insert("general.quantization_version".into(), Value::U32(2));
-    }
+    // As llama.cpp's converter writes it, quantised or not.
+    metadata.insert("general.quantization_version".into(), Value::U32(2));
     write_file(path, &metadata, &entries, load).with_context(|| format!("{}: write failed", path.display()))
+}
+
+/// The metadata and tensor names of a Hugging Face checkpoint as llama.cpp's converter would write them: the
+/// architecture's keys ([`super::Config::gguf_metadata`]) and the tokenizer's.
+fn from_hf(ck: &Checkpoint) -> Result<(BTreeMap<String, Value>, GgufNames)> {
+    let path = ck.path.display();
+    let cfg = ck.config.as_ref();
+    let model = cfg
+        .gguf_metadata()
+        .with_context(|| {
+            format!(
+                "{path}: a Hugging Face {} folder cannot be written as GGUF yet (LLaMA, Qwen2 and Qwen3 can, without sliding windows or LLaMA-3.1 RoPE scaling; a GGUF input can always)",
+                cfg.model_type()
+            )
+        })?;
+    let tokenizer = ck.tokenizer.as_ref().with_context(|| format!("{path}: no tokenizer.json to carry over"))?;
+    // The configuration's keys last: its special ids win over the tokenizer's.
+    let mut metadata: BTreeMap<String, Value> =
+        tokenizer.gguf_metadata().with_context(|| format!("{path}: tokenizer.json"))?.into_iter().collect();
+    metadata.extend(model);
+    metadata.insert("general.type".into(), Value::String("model".into()));
+    let name = ck.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    metadata.insert("general.name".into(), Value::String(name));
+    let names =
+        cfg.gguf_tensor_names().into_iter().filter_map(|g| cfg.hf_name_of_gguf(&g).map(|(hf, how)| (hf, (g, how))));
+    Ok((metadata, names.collect()))
 }
 
 /// The GGUF type of one tensor: one-dimensional ones in F32; quantised types where the rows are whole blocks.

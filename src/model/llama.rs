@@ -14,7 +14,7 @@ use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::{Value as Json, json};
 
-use super::gguf::GgufFile;
+use super::gguf::{GgufFile, Value};
 use super::{
     Architecture, CausalLm, Config, DecoderLayer, FromGguf, Hook, LayerContext, Linear, ModelConfig, Rope, TensorSpec,
     TokenIds, Weights, rope_inv_freq,
@@ -331,6 +331,20 @@ impl LlamaConfig {
         Ok(cfg)
     }
 
+    /// llama.cpp's architecture for this model, where its graph computes what ours does (no sliding window,
+    /// no LLaMA-3.1 frequency rescaling).
+    fn gguf_architecture(&self) -> Option<&'static str> {
+        if self.sliding.iter().any(|&s| s) || matches!(self.rope_scaling, Some(RopeScaling::Llama3 { .. })) {
+            return None;
+        }
+        match self.model_type.as_str() {
+            "llama" | "mistral" | "smollm" | "smollm2" => Some("llama"),
+            "qwen2" => Some("qwen2"),
+            "qwen3" => Some("qwen3"),
+            _ => None,
+        }
+    }
+
     fn validate(&self) -> Result<()> {
         ensure!(self.num_attention_heads > 0, "num_attention_heads is 0");
         ensure!(
@@ -468,10 +482,57 @@ impl Config for LlamaConfig {
             _ => None,
         };
         let how = match heads {
-            Some(h) if self.model_type == "llama" => FromGguf::UnpermuteRows(h),
+            Some(h) if self.gguf_architecture() == Some("llama") => FromGguf::UnpermuteRows(h),
             _ => FromGguf::AsIs,
         };
         Some((format!("{p}.{}.{suffix}", o.module), how))
+    }
+
+    fn gguf_metadata(&self) -> Option<Vec<(String, Value)>> {
+        let arch = self.gguf_architecture()?;
+        let k = |s: &str| format!("{arch}.{s}");
+        let u = |v: usize| Value::U32(v as u32);
+        let mut kv = vec![
+            ("general.architecture".into(), Value::String(arch.into())),
+            (k("block_count"), u(self.num_hidden_layers)),
+            (k("context_length"), u(self.max_position_embeddings)),
+            (k("embedding_length"), u(self.hidden_size)),
+            (k("feed_forward_length"), u(self.intermediate_size)),
+            (k("attention.head_count"), u(self.num_attention_heads)),
+            (k("attention.head_count_kv"), u(self.num_key_value_heads)),
+            (k("attention.key_length"), u(self.head_dim)),
+            (k("attention.value_length"), u(self.head_dim)),
+            (k("rope.freq_base"), Value::F32(self.rope_theta as f32)),
+            (k("attention.layer_norm_rms_epsilon"), Value::F32(self.rms_norm_eps as f32)),
+            (k("vocab_size"), u(self.vocab_size)),
+        ];
+        if arch == "llama" {
+            kv.push((k("rope.dimension_count"), u(self.head_dim)));
+        }
+        // config.json's special ids, over the tokenizer's guesses (as llama.cpp's converter reads them).
+        for (key, id) in [("bos", self.bos_token_id), ("eos", self.eos_token_id)] {
+            if let Some(id) = id {
+                kv.push((format!("tokenizer.ggml.{key}_token_id"), Value::U32(id)));
+            }
+        }
+        if let Some(RopeScaling::Linear { factor }) = self.rope_scaling {
+            kv.push((k("rope.scaling.type"), Value::String("linear".into())));
+            kv.push((k("rope.scaling.factor"), Value::F32(factor as f32)));
+        }
+        Some(kv)
+    }
+
+    fn gguf_tensor_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = [EMBED.1, FINAL_NORM.1, HEAD.1].iter().map(|s| s.to_string()).collect();
+        for i in 0..self.num_hidden_layers {
+            for (_, g) in NORMS.iter().chain(&QK_NORMS) {
+                names.push(format!("blk.{i}.{g}.weight"));
+            }
+            for o in &OPERATORS {
+                names.extend(["weight", "bias"].map(|s| format!("blk.{i}.{}.{s}", o.gguf)));
+            }
+        }
+        names
     }
 
     fn to_hf_json(&self) -> Json {

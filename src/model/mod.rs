@@ -94,6 +94,15 @@ pub trait Config: std::fmt::Debug + Send + Sync {
     fn hf_name_of_gguf(&self, name: &str) -> Option<(String, FromGguf)>;
     /// A `config.json` that Hugging Face `transformers` loads.
     fn to_hf_json(&self) -> Json;
+    /// For GGUF output from a Hugging Face folder: llama.cpp's `general.architecture` and model keys for this
+    /// configuration, or None where llama.cpp has no graph for it.
+    fn gguf_metadata(&self) -> Option<Vec<(String, gguf::Value)>> {
+        None
+    }
+    /// Every GGUF tensor name the configuration may have (mapped to Hugging Face by `hf_name_of_gguf`).
+    fn gguf_tensor_names(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// The model (embeddings and head in f32 now, layers on demand).
     fn build(&self, weights: Arc<Weights>) -> Result<Box<dyn CausalLm>>;
 }
