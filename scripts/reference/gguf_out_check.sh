@@ -9,6 +9,8 @@
 #    and the same metadata keys and values (but general.name and general.size_label).
 #
 #   scripts/reference/gguf_out_check.sh [OUTDIR] [WINDOWS]      # defaults: target/gguf-out-check 16
+#
+# A step whose result is in OUTDIR is not run again (delete OUTDIR for a fresh run).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
@@ -23,22 +25,24 @@ wiki=../shared/data/wikitext-2-raw/wiki.test.raw
 c4=../shared/data/c4/c4-train.00000-of-01024.first1000.jsonl
 for m in smollm2 gemma3; do
   case $m in smollm2) model=assets/SmolLM2-135M-Instruct.Q4_1.gguf ;; gemma3) model=assets/gemma-3-270m-q4_k_m.gguf ;; esac
-  $fp prune --model "$model" --method wanda --sparsity 0.5 --calib "$c4" --nsamples 16 --seqlen 256 \
-    --out "$out/$m-f32" --out-format gguf --force --quiet
-  $fp convert --model "$out/$m-f32" --out "$out/$m-q8_0" --out-format gguf --dtype q8_0 --force >/dev/null
-  $fp tokenize --model "$model" --dataset "$wiki" --out "$out/$m-ids.json" --force >/dev/null
+  [ -f "$out/$m-f32/model.gguf" ] || $fp prune --model "$model" --method wanda --sparsity 0.5 --calib "$c4" \
+    --nsamples 16 --seqlen 256 --out "$out/$m-f32" --out-format gguf --force --quiet
+  [ -f "$out/$m-q8_0/model.gguf" ] ||
+    $fp convert --model "$out/$m-f32" --out "$out/$m-q8_0" --out-format gguf --dtype q8_0 --force >/dev/null
+  [ -f "$out/$m-ids.json" ] || $fp tokenize --model "$model" --dataset "$wiki" --out "$out/$m-ids.json" >/dev/null
   for t in f32 q8_0; do
-    $fp eval --model "$out/$m-$t" --dataset "$wiki" --max-windows "$windows" --quiet --json "$out/$m-$t.ours.json" --force
-    .venv-llama/bin/python scripts/reference/llama_cpp_ppl.py --gguf "$out/$m-$t/model.gguf" --ids "$out/$m-ids.json" \
-      --max-windows "$windows" --json "$out/$m-$t.llama_cpp.json" >/dev/null 2>&1
+    [ -f "$out/$m-$t.ours.json" ] ||
+      $fp eval --model "$out/$m-$t" --dataset "$wiki" --max-windows "$windows" --quiet --json "$out/$m-$t.ours.json"
+    [ -f "$out/$m-$t.llama_cpp.json" ] || .venv-llama/bin/python scripts/reference/llama_cpp_ppl.py \
+      --gguf "$out/$m-$t/model.gguf" --ids "$out/$m-ids.json" --max-windows "$windows" --json "$out/$m-$t.llama_cpp.json" >/dev/null
   done
-  .venv/bin/python scripts/reference/gguf_ppl.py --gguf "$out/$m-f32/model.gguf" --ids "$out/$m-ids.json" \
-    --max-windows "$windows" --sparsity --json "$out/$m-f32.transformers.json" >/dev/null 2>&1
+  [ -f "$out/$m-f32.transformers.json" ] || .venv/bin/python scripts/reference/gguf_ppl.py --gguf "$out/$m-f32/model.gguf" \
+    --ids "$out/$m-ids.json" --max-windows "$windows" --sparsity --json "$out/$m-f32.transformers.json" >/dev/null
 done
 # The converter's output and ours from the same Hugging Face folder.
 $fp convert --model assets/SmolLM2-135M-Instruct.Q4_1.gguf --out "$out/smollm2-hf" --force >/dev/null
-(cd .venv-llama/llama.cpp && PYTHONPATH=gguf-py ../../.venv/bin/python convert_hf_to_gguf.py "$out/smollm2-hf" \
-  --outtype f32 --outfile "$out/smollm2-converter.gguf" >/dev/null 2>&1)
+(cd .venv-llama/llama.cpp && PYTHONPATH=gguf-py "$root/.venv/bin/python" convert_hf_to_gguf.py "$out/smollm2-hf" \
+  --outtype f32 --outfile "$out/smollm2-converter.gguf" 2>&1 | tail -1)
 $fp convert --model "$out/smollm2-hf" --out "$out/smollm2-from-hf" --out-format gguf --force >/dev/null
 PYTHONPATH=.venv-llama/llama.cpp/gguf-py .venv/bin/python - "$out" <<'PY'
 import json, sys

@@ -20,7 +20,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--gguf", required=True)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--gguf")
+    src.add_argument("--hf", help="a Hugging Face folder (e.g. a pruned checkpoint) instead of a GGUF file")
     ap.add_argument("--ids", required=True)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--max-windows", type=int)
@@ -30,10 +32,10 @@ def main():
     ap.add_argument("--sparsity", action="store_true", help="also report the share of exact zeros in the decoder's linear weights")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    d, f = os.path.split(os.path.abspath(a.gguf))
+    d, f = os.path.split(os.path.abspath(a.gguf)) if a.gguf else (a.hf, None)
     rec = json.load(open(a.ids))
     ids = rec["ids"]
-    out = {"gguf": a.gguf, "ids_file": a.ids, "seqlen": a.seqlen, "torch": torch.__version__}
+    out = {"gguf": a.gguf, "hf": a.hf, "ids_file": a.ids, "seqlen": a.seqlen, "torch": torch.__version__}
     if a.compare_tokenizer:
         tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
         from fistaprune_ref_text import eval_text  # noqa: E402  (same directory)
@@ -41,7 +43,8 @@ def main():
         out["transformers_tokens"] = len(theirs)
         out["our_tokens"] = len(ids)
         out["ids_differing_at_same_position"] = sum(1 for x, y in zip(ids, theirs) if x != y)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    kw = {"gguf_file": f} if f else {}
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, **kw)
     model.eval()
     if a.sparsity:
         ws = [p for n, p in model.named_parameters() if ".layers." in n and n.endswith("proj.weight")]
