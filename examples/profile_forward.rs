@@ -28,7 +28,7 @@ fn main() -> anyhow::Result<()> {
         let hs = s.elapsed().as_secs_f64();
         let s = Instant::now();
         let tg: Vec<u32> = (0..t as u32).collect();
-        let n = fistaprune::eval::perplexity::head_nll_sum(&fin, model.lm_head(), &tg)?;
+        let n = fistaprune::eval::perplexity::head_nll_sum(&fin, model.lm_head()?, &tg)?;
         let ns = s.elapsed().as_secs_f64();
         println!(
             "rep {rep}: embed {e:.3}s layers {ls:.3}s final norm {hs:.3}s head+nll {ns:.3}s ({n:.1}) total {:.3}s",

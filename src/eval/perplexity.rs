@@ -144,7 +144,7 @@ pub fn perplexity(model: &dyn CausalLm, windows: &[Vec<u32>], opts: &PplOptions)
         let fin = model.final_hidden(&h)?;
         for (w, window) in batch.iter().enumerate() {
             let x = fin.get(w)?.narrow(0, 0, seqlen - 1)?;
-            let s = head_nll_sum(&x, model.lm_head(), &window[1..])?;
+            let s = head_nll_sum(&x, model.lm_head()?, &window[1..])?;
             ensure!(s.is_finite(), "non-finite log-likelihood in window {} (logits hold NaN or Inf)", done + w);
             nll += s;
         }

@@ -394,7 +394,7 @@ pub fn score_example(
     if shared {
         let x = fin.get(0)?.narrow(0, len - 1, 1)?;
         for (_, cont) in &seqs {
-            let nll = head_nll_sum(&x, model.lm_head(), cont)?;
+            let nll = head_nll_sum(&x, model.lm_head()?, cont)?;
             ensure!(nll.is_finite(), "non-finite log-likelihood (logits hold NaN or Inf)");
             out.push(-nll);
         }
@@ -405,7 +405,7 @@ pub fn score_example(
         // Inputs s[..-1]; position p predicts s[p + 1]; the continuation is the last n targets.
         let start = s.len() - 1 - n;
         let x = fin.get(b)?.narrow(0, start, n)?;
-        let nll = head_nll_sum(&x, model.lm_head(), &s[start + 1..])?;
+        let nll = head_nll_sum(&x, model.lm_head()?, &s[start + 1..])?;
         ensure!(nll.is_finite(), "non-finite log-likelihood (logits hold NaN or Inf)");
         out.push(-nll);
     }

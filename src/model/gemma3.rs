@@ -19,7 +19,7 @@ use serde_json::{Value as Json, json};
 use super::gguf::GgufFile;
 use super::{
     Architecture, CausalLm, Config, DecoderLayer, FromGguf, Hook, LayerContext, Linear, ModelConfig, Rope, TensorSpec,
-    TokenIds, Weights, rope_inv_freq,
+    TokenIds, VocabMatrix, Weights, rope_inv_freq,
 };
 
 pub const ARCHITECTURE: Architecture = Architecture {
@@ -502,12 +502,12 @@ pub struct Gemma3 {
     model_cfg: ModelConfig,
     cfg: Gemma3Config,
     weights: Arc<Weights>,
-    embed: Tensor,
+    embed: VocabMatrix,
     /// √hidden, in f32 (transformers casts it to the embeddings' type).
     embed_scale: f64,
     norm: Norm1p,
     /// `None` when tied to the embeddings.
-    lm_head: Option<Tensor>,
+    lm_head: Option<VocabMatrix>,
 }
 
 pub struct GemmaLayer {
@@ -522,9 +522,9 @@ pub struct GemmaLayer {
 impl Gemma3 {
     pub fn new(cfg: Gemma3Config, weights: Arc<Weights>) -> Result<Self> {
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
-        let embed = weights.load_shaped(EMBED.0, &[v, h])?;
+        let embed = VocabMatrix::new(&weights, EMBED.0, [v, h])?;
         let norm = Norm1p::new(weights.load_shaped(FINAL_NORM.0, &[h])?)?;
-        let lm_head = if cfg.tie_word_embeddings { None } else { Some(weights.load_shaped(HEAD.0, &[v, h])?) };
+        let lm_head = if cfg.tie_word_embeddings { None } else { Some(VocabMatrix::new(&weights, HEAD.0, [v, h])?) };
         let embed_scale = (h as f64).sqrt() as f32 as f64;
         Ok(Self { model_cfg: Arc::new(cfg.clone()), cfg, weights, embed, embed_scale, norm, lm_head })
     }
@@ -541,7 +541,7 @@ impl CausalLm for Gemma3 {
 
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        let x = self.embed.rows(&ids.flatten_all()?)?.reshape((b, t, self.cfg.hidden_size))?;
         Ok((x * self.embed_scale)?)
     }
 
@@ -580,17 +580,10 @@ impl CausalLm for Gemma3 {
         self.norm.forward(hidden, self.cfg.rms_norm_eps)
     }
 
-    fn lm_head(&self) -> &Tensor {
-        self.lm_head.as_ref().unwrap_or(&self.embed)
-    }
-
-    fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut v =
-            vec![(EMBED.0.to_string(), self.embed.clone()), (FINAL_NORM.0.to_string(), self.norm.weight.clone())];
-        if let Some(h) = &self.lm_head {
-            v.push((HEAD.0.to_string(), h.clone()));
-        }
-        v
+    fn lm_head(&self) -> Result<&Tensor> {
+        // A model asked for its head is being run token by token: keep the embeddings too.
+        self.embed.whole()?;
+        self.lm_head.as_ref().unwrap_or(&self.embed).whole()
     }
 }
 

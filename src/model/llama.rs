@@ -17,7 +17,7 @@ use serde_json::{Value as Json, json};
 use super::gguf::{GgufFile, Value};
 use super::{
     Architecture, CausalLm, Config, DecoderLayer, FromGguf, Hook, LayerContext, Linear, ModelConfig, Rope, TensorSpec,
-    TokenIds, Weights, rope_inv_freq,
+    TokenIds, VocabMatrix, Weights, rope_inv_freq,
 };
 
 pub const ARCHITECTURE: Architecture = Architecture {
@@ -605,10 +605,10 @@ pub struct Llama {
     model_cfg: ModelConfig,
     cfg: LlamaConfig,
     weights: Arc<Weights>,
-    embed: Tensor,
+    embed: VocabMatrix,
     norm: Tensor,
     /// `None` when tied to the embeddings.
-    lm_head: Option<Tensor>,
+    lm_head: Option<VocabMatrix>,
 }
 
 pub struct LlamaLayer {
@@ -625,10 +625,10 @@ pub struct LlamaLayer {
 impl Llama {
     pub fn new(cfg: LlamaConfig, weights: Arc<Weights>) -> Result<Self> {
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
-        let embed = weights.load_shaped(EMBED.0, &[v, h])?;
+        let embed = VocabMatrix::new(&weights, EMBED.0, [v, h])?;
         let norm = weights.load_shaped(FINAL_NORM.0, &[h])?;
         // A checkpoint may carry an lm_head even when tied; the tie decides, as in transformers.
-        let lm_head = if cfg.tie_word_embeddings { None } else { Some(weights.load_shaped(HEAD.0, &[v, h])?) };
+        let lm_head = if cfg.tie_word_embeddings { None } else { Some(VocabMatrix::new(&weights, HEAD.0, [v, h])?) };
         Ok(Self { model_cfg: Arc::new(cfg.clone()), cfg, weights, embed, norm, lm_head })
     }
 }
@@ -645,7 +645,7 @@ impl CausalLm for Llama {
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let flat = ids.flatten_all()?;
-        Ok(self.embed.index_select(&flat, 0)?.reshape((b, t, self.cfg.hidden_size))?)
+        Ok(self.embed.rows(&flat)?.reshape((b, t, self.cfg.hidden_size))?)
     }
 
     fn context(&self, seqlen: usize) -> Result<LayerContext> {
@@ -681,16 +681,10 @@ impl CausalLm for Llama {
         Ok(candle_nn::ops::rms_norm(hidden, &self.norm, self.cfg.rms_norm_eps as f32)?)
     }
 
-    fn lm_head(&self) -> &Tensor {
-        self.lm_head.as_ref().unwrap_or(&self.embed)
-    }
-
-    fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut v = vec![(EMBED.0.to_string(), self.embed.clone()), (FINAL_NORM.0.to_string(), self.norm.clone())];
-        if let Some(h) = &self.lm_head {
-            v.push((HEAD.0.to_string(), h.clone()));
-        }
-        v
+    fn lm_head(&self) -> Result<&Tensor> {
+        // A model asked for its head is being run token by token: keep the embeddings too.
+        self.embed.whole()?;
+        self.lm_head.as_ref().unwrap_or(&self.embed).whole()
     }
 }
 

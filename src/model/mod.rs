@@ -418,14 +418,53 @@ pub trait CausalLm: Send + Sync {
     fn load_layer(&self, i: usize) -> Result<Box<dyn DecoderLayer>>;
     /// Final norm (and projection): `(batch, seq, hidden)` → what the LM head multiplies, `(batch, seq, e)`.
     fn final_hidden(&self, h: &Tensor) -> Result<Tensor>;
-    /// The LM head's weight `(vocab, e)` (the embeddings when tied).
-    fn lm_head(&self) -> &Tensor;
+    /// The LM head's weight `(vocab, e)` (the embeddings when tied), read on first use and kept.
+    fn lm_head(&self) -> Result<&Tensor>;
     /// Logits `(batch, seq, vocab)`.
     fn head(&self, h: &Tensor) -> Result<Tensor> {
-        Linear::new(self.lm_head().clone(), None).forward(&self.final_hidden(h)?)
+        Linear::new(self.lm_head()?.clone(), None).forward(&self.final_hidden(h)?)
     }
-    /// Non-layer tensors (embeddings, norms, head) under their Hugging Face names.
-    fn named_tensors(&self) -> Vec<(String, Tensor)>;
+}
+
+/// A `vocab × hidden` matrix (token embeddings, LM head) read from the checkpoint when first needed whole, and
+/// then kept. Until then a lookup reads it for that call alone: a pruning walk embeds its calibration samples
+/// once and so never holds the matrix (Gemma 3's is 671 MB in f32) while it prunes.
+pub struct VocabMatrix {
+    weights: Arc<Weights>,
+    name: String,
+    shape: [usize; 2],
+    whole: std::sync::OnceLock<Tensor>,
+}
+
+impl VocabMatrix {
+    /// Checks that the checkpoint has `name` with `shape`; reads nothing.
+    pub fn new(weights: &Arc<Weights>, name: &str, shape: [usize; 2]) -> Result<Self> {
+        let meta = weights.meta(name).ok_or_else(|| anyhow!("tensor {name} is missing"))?;
+        ensure!(
+            meta.shape == shape,
+            "tensor {name} has shape {:?} but the configuration implies {:?}",
+            meta.shape,
+            shape
+        );
+        Ok(Self { weights: weights.clone(), name: name.to_string(), shape, whole: Default::default() })
+    }
+
+    /// The rows `ids` (a flat u32 tensor): from the kept matrix, else read for this call alone.
+    pub fn rows(&self, ids: &Tensor) -> Result<Tensor> {
+        match self.whole.get() {
+            Some(t) => Ok(t.index_select(ids, 0)?),
+            None => Ok(self.weights.load_shaped(&self.name, &self.shape)?.index_select(ids, 0)?),
+        }
+    }
+
+    /// The whole matrix, kept from now on.
+    pub fn whole(&self) -> Result<&Tensor> {
+        if let Some(t) = self.whole.get() {
+            return Ok(t);
+        }
+        let t = self.weights.load_shaped(&self.name, &self.shape)?;
+        Ok(self.whole.get_or_init(|| t))
+    }
 }
 
 /// The decoder layer a tensor belongs to (`...layers.{i}.…`).

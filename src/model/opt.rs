@@ -13,7 +13,8 @@ use serde::Deserialize;
 use serde_json::{Value as Json, json};
 
 use super::{
-    Architecture, CausalLm, Config, DecoderLayer, Hook, LayerContext, Linear, ModelConfig, TensorSpec, Weights,
+    Architecture, CausalLm, Config, DecoderLayer, Hook, LayerContext, Linear, ModelConfig, TensorSpec, VocabMatrix,
+    Weights,
 };
 
 pub const ARCHITECTURE: Architecture = Architecture {
@@ -278,12 +279,12 @@ pub struct Opt {
     cfg: OptConfig,
     weights: Arc<Weights>,
     prefix: &'static str,
-    embed: Tensor,
+    embed: VocabMatrix,
     positions: Tensor,
     project_in: Option<Tensor>,
     project_out: Option<Tensor>,
     final_ln: Option<LayerNorm>,
-    lm_head: Option<Tensor>,
+    lm_head: Option<VocabMatrix>,
 }
 
 pub struct OptLayer {
@@ -300,7 +301,7 @@ impl Opt {
     pub fn new(cfg: OptConfig, weights: Arc<Weights>) -> Result<Self> {
         let p = prefix(&weights);
         let (h, v, e) = (cfg.hidden_size, cfg.vocab_size, cfg.embed_dim());
-        let embed = weights.load_shaped(&format!("{p}embed_tokens.weight"), &[v, e])?;
+        let embed = VocabMatrix::new(&weights, &format!("{p}embed_tokens.weight"), [v, e])?;
         let positions = weights
             .load_shaped(&format!("{p}embed_positions.weight"), &[cfg.max_position_embeddings + POS_OFFSET, h])?;
         let (project_in, project_out) = if cfg.projected() {
@@ -317,7 +318,7 @@ impl Opt {
             None
         };
         let lm_head =
-            if cfg.tie_word_embeddings { None } else { Some(weights.load_shaped("lm_head.weight", &[v, e])?) };
+            if cfg.tie_word_embeddings { None } else { Some(VocabMatrix::new(&weights, "lm_head.weight", [v, e])?) };
         Ok(Self {
             model_cfg: Arc::new(cfg.clone()),
             cfg,
@@ -349,7 +350,7 @@ impl CausalLm for Opt {
             "sequence length {t} exceeds OPT's {} positions",
             self.cfg.max_position_embeddings
         );
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.embed_dim()))?;
+        let mut x = self.embed.rows(&ids.flatten_all()?)?.reshape((b, t, self.cfg.embed_dim()))?;
         if let Some(p) = &self.project_in {
             x = Linear::new(p.clone(), None).forward(&x)?;
         }
@@ -399,27 +400,10 @@ impl CausalLm for Opt {
         Ok(x)
     }
 
-    fn lm_head(&self) -> &Tensor {
-        self.lm_head.as_ref().unwrap_or(&self.embed)
-    }
-
-    fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        let p = self.prefix;
-        let mut v = vec![
-            (format!("{p}embed_tokens.weight"), self.embed.clone()),
-            (format!("{p}embed_positions.weight"), self.positions.clone()),
-        ];
-        if let (Some(i), Some(o)) = (&self.project_in, &self.project_out) {
-            v.push((format!("{p}project_in.weight"), i.clone()));
-            v.push((format!("{p}project_out.weight"), o.clone()));
-        }
-        if let Some(ln) = &self.final_ln {
-            ln.named(&format!("{p}final_layer_norm"), self.cfg.layer_norm_elementwise_affine, &mut v);
-        }
-        if let Some(h) = &self.lm_head {
-            v.push(("lm_head.weight".to_string(), h.clone()));
-        }
-        v
+    fn lm_head(&self) -> Result<&Tensor> {
+        // A model asked for its head is being run token by token: keep the embeddings too.
+        self.embed.whole()?;
+        self.lm_head.as_ref().unwrap_or(&self.embed).whole()
     }
 }
 

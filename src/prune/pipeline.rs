@@ -318,14 +318,14 @@ impl Streams {
         act_dtype: DType,
     ) -> Result<Self> {
         let seqlen = calib.first().map(|s| s.len()).ok_or_else(|| anyhow!("no calibration samples"))?;
-        let acts: Vec<Tensor> = calib
-            .chunks(batch.max(1))
-            .map(|b| {
-                let flat: Vec<u32> = b.iter().flatten().copied().collect();
-                let t = Tensor::from_vec(flat, (b.len(), seqlen), &Device::Cpu)?;
-                Ok(model.embed(&t)?.to_dtype(act_dtype)?)
-            })
+        // One call: the embeddings are read once, and not kept while the layers are pruned.
+        let flat: Vec<u32> = calib.iter().flatten().copied().collect();
+        let all = model.embed(&Tensor::from_vec(flat, (calib.len(), seqlen), &Device::Cpu)?)?;
+        let acts: Vec<Tensor> = (0..calib.len())
+            .step_by(batch.max(1))
+            .map(|start| Ok(all.narrow(0, start, batch.max(1).min(calib.len() - start))?.to_dtype(act_dtype)?))
             .collect::<Result<_>>()?;
+        drop(all);
         let targets = (mode == LayerInputs::Corrected).then(|| acts.clone());
         Ok(Self { mode, acts, targets, ctx: model.context(seqlen)?, act_dtype })
     }
