@@ -13,11 +13,13 @@ fi
 if [ ! -f "$venv/llama.cpp/convert_hf_to_gguf.py" ]; then
   # The same source release, from PyPI: only its vendored llama.cpp.
   "$venv/bin/python" - "$venv" "$version" <<'PY'
-import io, json, sys, tarfile, urllib.request
+import hashlib, io, re, sys, tarfile, urllib.request
 venv, version = sys.argv[1:]
-meta = json.load(urllib.request.urlopen(f"https://pypi.org/pypi/llama-cpp-python/{version}/json"))
-url = next(u["url"] for u in meta["urls"] if u["packagetype"] == "sdist")
-tar = tarfile.open(fileobj=io.BytesIO(urllib.request.urlopen(url).read()))
+index = urllib.request.urlopen("https://pypi.org/simple/llama-cpp-python/").read().decode()
+url, sha = next(iter(re.findall(rf'href="([^"#]+/llama_cpp_python-{re.escape(version)}\.tar\.gz)#sha256=([0-9a-f]+)"', index)))
+data = urllib.request.urlopen(url).read()
+assert hashlib.sha256(data).hexdigest() == sha, "sdist sha256 mismatch"
+tar = tarfile.open(fileobj=io.BytesIO(data))
 prefix = f"llama_cpp_python-{version}/vendor/"
 members = [m for m in tar.getmembers() if m.name.startswith(prefix + "llama.cpp/")]
 for m in members:
