@@ -151,16 +151,22 @@ fn write_tensor(w: &mut impl Write, t: &Tensor, dtype: OutDType) -> Result<()> {
     crate::linalg::with_f32(&t, |xs| -> Result<()> {
         for block in xs.chunks(BLOCK) {
             buf.clear();
-            match dtype {
-                OutDType::F32 => buf.extend(block.iter().flat_map(|x| x.to_le_bytes())),
-                OutDType::F16 => buf.extend(block.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes())),
-                OutDType::Bf16 => buf.extend(block.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())),
-                OutDType::Q8_0 | OutDType::Q4_0 => bail!("{} is a GGUF type", dtype.name()),
-            }
+            encode_floats(&mut buf, block, dtype)?;
             w.write_all(&buf)?;
         }
         Ok(())
     })?
+}
+
+/// Append `xs` to `buf` as little-endian f32, f16 or bf16 (the block types are the GGUF writer's).
+pub(super) fn encode_floats(buf: &mut Vec<u8>, xs: &[f32], dtype: OutDType) -> Result<()> {
+    match dtype {
+        OutDType::F32 => buf.extend(xs.iter().flat_map(|x| x.to_le_bytes())),
+        OutDType::F16 => buf.extend(xs.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes())),
+        OutDType::Bf16 => buf.extend(xs.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())),
+        OutDType::Q8_0 | OutDType::Q4_0 => bail!("{} is a GGUF type", dtype.name()),
+    }
+    Ok(())
 }
 
 /// Write one safetensors file holding `specs`, producing each tensor with `load`.

@@ -26,7 +26,7 @@ use anyhow::{Context, Result, ensure};
 use candle_core::Tensor;
 use candle_core::quantized::{GgmlDType, QTensor};
 
-use super::export::OutDType;
+use super::export::{OutDType, encode_floats};
 use super::gguf::{Value, permute_rows};
 use super::{Checkpoint, FromGguf, TensorSpec, Weights};
 
@@ -212,9 +212,9 @@ fn write_data(w: &mut Counted, t: &Tensor, ty: GgmlDType) -> Result<()> {
         for block in xs.chunks(rows_per_block * cols) {
             buf.clear();
             match ty {
-                GgmlDType::F32 => buf.extend(block.iter().flat_map(|x| x.to_le_bytes())),
-                GgmlDType::F16 => buf.extend(block.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes())),
-                GgmlDType::BF16 => buf.extend(block.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())),
+                GgmlDType::F32 => encode_floats(&mut buf, block, OutDType::F32)?,
+                GgmlDType::F16 => encode_floats(&mut buf, block, OutDType::F16)?,
+                GgmlDType::BF16 => encode_floats(&mut buf, block, OutDType::Bf16)?,
                 _ => {
                     let rows = Tensor::from_slice(block, (block.len() / cols, cols), &candle_core::Device::Cpu)?;
                     buf.extend_from_slice(&QTensor::quantize(&rows, ty)?.data()?);
