@@ -6,7 +6,6 @@ mod common;
 
 use common::*;
 use fistaprune::commands;
-use sha2::{Digest, Sha256};
 
 fn reference() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(root().join("tests/reference/gemma3.json")).unwrap()).unwrap()
@@ -16,25 +15,7 @@ fn reference() -> serde_json::Value {
 /// matched first (Hugging Face's way; plain SentencePiece differs only on runs of spaces and PTB's `<unk>`).
 #[test]
 fn tokenization_matches_sentencepiece() {
-    let r = reference();
-    let d = tmpdir("gemma-tok");
-    for (rel, want) in r["tokens"].as_object().unwrap() {
-        let out = d.join(format!("{}.json", want["format"].as_str().unwrap()));
-        let n = commands::tokenize(&commands::Tokenize {
-            model: gemma3(),
-            dataset: shared(rel),
-            format: Some(serde_json::from_value(want["format"].clone()).unwrap()),
-            out: out.clone(),
-            force: Default::default(),
-        })
-        .unwrap();
-        let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
-        let bytes: Vec<u8> =
-            j["ids"].as_array().unwrap().iter().flat_map(|v| (v.as_u64().unwrap() as u32).to_le_bytes()).collect();
-        let sha: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(n as u64, want["count"].as_u64().unwrap(), "{rel}: token count");
-        assert_eq!(sha, want["sha256_u32le"].as_str().unwrap(), "{rel}: ids differ from SentencePiece");
-    }
+    check_token_ids(&gemma3(), &reference()["tokens"], "SentencePiece");
 }
 
 fn wikitext_perplexity(seqlen: usize, windows: usize) -> f64 {

@@ -149,3 +149,29 @@ pub fn kill_after_layer(args: &[&str], k: usize) -> bool {
     assert!(status.signal() == Some(9) || status.success(), "the run failed before layer {k}: {status}");
     status.signal() == Some(9)
 }
+
+/// `fistaprune tokenize` of every reference file in `tokens` (path under ../shared/data → its `format`,
+/// `count` and `sha256_u32le`, the sha256 of the ids as little-endian u32) with `model`: the same count and
+/// ids as the reference, named `against` in messages.
+#[allow(dead_code)] // not every test binary uses it
+pub fn check_token_ids(model: &Path, tokens: &serde_json::Value, against: &str) {
+    use sha2::{Digest, Sha256};
+    let d = tmpdir("token-ids");
+    for (i, (rel, want)) in tokens.as_object().unwrap().iter().enumerate() {
+        let out = d.join(format!("ids-{i}.json"));
+        let n = fistaprune::commands::tokenize(&fistaprune::commands::Tokenize {
+            model: model.to_path_buf(),
+            dataset: shared(rel),
+            format: Some(serde_json::from_value(want["format"].clone()).unwrap()),
+            out: out.clone(),
+            force: Default::default(),
+        })
+        .unwrap();
+        let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        let bytes: Vec<u8> =
+            j["ids"].as_array().unwrap().iter().flat_map(|v| (v.as_u64().unwrap() as u32).to_le_bytes()).collect();
+        let sha: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(n as u64, want["count"].as_u64().unwrap(), "{rel}: token count");
+        assert_eq!(sha, want["sha256_u32le"].as_str().unwrap(), "{rel}: ids differ from {against}");
+    }
+}
