@@ -86,11 +86,6 @@ pub fn detect_format(path: &Path) -> TextFormat {
     }
 }
 
-/// The single string the peers tokenize for perplexity on the file `path`.
-pub fn eval_text(path: &Path, format: TextFormat) -> Result<String> {
-    Source { path: path.to_path_buf(), format, max_docs: None, name: None }.text()
-}
-
 /// What a text is read for: the named datasets use their train split for calibration and their test (or
 /// validation) split for evaluation, as the peers' loaders do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -240,6 +235,11 @@ pub fn windows(ids: &[u32], seqlen: usize, max_windows: Option<usize>, what: &st
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The evaluation string of the file `path` read as `format`.
+    fn eval_text(path: &Path, format: TextFormat) -> Result<String> {
+        Source { path: path.to_path_buf(), format, max_docs: None, name: None }.text()
+    }
 
     fn tmp(name: &str, contents: &str) -> std::path::PathBuf {
         let d = std::env::temp_dir().join(format!("fistaprune-ds-{}", std::process::id()));
