@@ -1,5 +1,5 @@
 //! GEMM rate of faer and of candle on this machine, for the shapes of a SmolLM2 forward pass:
-//! `cargo run --release --example gemm`.
+//! `cargo run --release --example gemm`, or for the shapes given: `... --example gemm -- 512x640x2048 ...`.
 use candle_core::{Device, Tensor};
 use std::time::Instant;
 
@@ -14,7 +14,8 @@ fn rate(flops: f64, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
-    let shapes = [
+    let given: Vec<(usize, usize, usize)> = std::env::args().skip(1).map(|a| parse_shape(&a)).collect();
+    let smollm2 = [
         (2048usize, 2048usize, 2048usize),
         (512, 576, 576),
         (512, 576, 1536),
@@ -24,6 +25,7 @@ fn main() {
         (128, 576, 49152),
         (64, 576, 49152),
     ];
+    let shapes = if given.is_empty() { smollm2.to_vec() } else { given };
     println!("{:>18} {:>10} {:>10} {:>10} {:>10}", "r x k x n", "candle", "faer x.wT", "faer colmj", "faer x.B");
     for &(r, k, n) in &shapes {
         let flops = 2.0 * (r * k * n) as f64;
@@ -60,4 +62,10 @@ fn main() {
         });
         println!("{:>18} {c:>10.1} {f:>10.1} {g:>10.1} {h:>10.1}", format!("{r}x{k}x{n}"));
     }
+}
+
+fn parse_shape(s: &str) -> (usize, usize, usize) {
+    let d: Vec<usize> = s.split('x').map(|v| v.parse().expect("a shape is RxKxN, e.g. 512x640x2048")).collect();
+    assert_eq!(d.len(), 3, "a shape is RxKxN, e.g. 512x640x2048");
+    (d[0], d[1], d[2])
 }

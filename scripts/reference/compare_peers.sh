@@ -6,28 +6,35 @@
 #   scripts/reference/compare_peers.sh SPARSEGPT_CHECKOUT WANDA_CHECKOUT [OUTDIR] [WINDOWS=100] [NSAMPLES=128] [CALIB_SEQLEN=512]
 #
 # The two checkouts are the authors' repositories cloned on this machine (never committed here). Writes
-# OUTDIR/table.md and one JSON per run.
+# OUTDIR/table.md and one JSON per run; a run whose JSON exists is skipped.
+# MODEL=gemma3 runs Gemma-3-270M (their code through transformers 5 in .venv, see peers_prune.py) instead of
+# SmolLM2-135M (transformers 4.36 in .venv-peers); CONFIGS="wanda --sparsity 0.5;sparsegpt --pattern 2:4" picks
+# the runs (default: magnitude, Wanda and SparseGPT at 50 % and 2:4); FP=path uses that binary instead of building
+# one; THREADS=n is passed to both sides.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
 sg="$1"; wd="$2"; out="${3:-target/compare-peers}"; windows="${4:-100}"; nsamples="${5:-128}"; cseq="${6:-512}"
 mkdir -p "$out"
 scripts/fetch-assets.sh >/dev/null
-scripts/reference/peers-env.sh >/dev/null
-cargo build --release --quiet --bin fistaprune
-fp=./target/release/fistaprune
-model=assets/SmolLM2-135M-Instruct.Q4_1.gguf
+case "${MODEL:-smollm2}" in
+  smollm2) model=assets/SmolLM2-135M-Instruct.Q4_1.gguf; scripts/reference/peers-env.sh >/dev/null; py=.venv-peers/bin/python ;;
+  gemma3) model=assets/gemma-3-270m-q4_k_m.gguf; scripts/python-env.sh >/dev/null; py=.venv/bin/python ;;
+  *) echo "MODEL must be smollm2 or gemma3" >&2; exit 2 ;;
+esac
+if [ -z "${FP:-}" ]; then cargo build --release --quiet --bin fistaprune; fi
+fp="${FP:-./target/release/fistaprune}${THREADS:+ --threads $THREADS}"
 wiki=../shared/data/wikitext-2-raw/wiki.test.raw
 c4=../shared/data/c4/c4-train.00000-of-01024.first1000.jsonl
 [ -d "$out/hf" ] || $fp convert --model "$model" --out "$out/hf" >/dev/null
-$fp tokenize --model "$model" --dataset "$wiki" --out "$out/wt2_ids.json" >/dev/null
+[ -f "$out/wt2_ids.json" ] || $fp tokenize --model "$model" --dataset "$wiki" --out "$out/wt2_ids.json" >/dev/null
 calib="$out/calib_${nsamples}x${cseq}.json"
 [ -f "$calib" ] || $fp prune --model "$model" --method wanda --sparsity 0.5 --calib "$c4" --nsamples "$nsamples" \
   --seqlen "$cseq" --save-calib "$calib" --out "$out/tmp-calib" --force --quiet
 rm -rf "$out/tmp-calib"
 [ -f "$out/dense.json" ] || $fp eval --model "$model" --dataset "$wiki" --max-windows "$windows" --quiet --json "$out/dense.json"
-for cfg in "magnitude --sparsity 0.5" "wanda --sparsity 0.5" "sparsegpt --sparsity 0.5" \
-           "magnitude --pattern 2:4" "wanda --pattern 2:4" "sparsegpt --pattern 2:4"; do
+IFS=';' read -ra configs <<< "${CONFIGS:-magnitude --sparsity 0.5;wanda --sparsity 0.5;sparsegpt --sparsity 0.5;magnitude --pattern 2:4;wanda --pattern 2:4;sparsegpt --pattern 2:4}"
+for cfg in "${configs[@]}"; do
   set -- $cfg
   tag="$1-${3/:/_}"
   if [ ! -f "$out/ours-$tag.json" ]; then
@@ -36,7 +43,7 @@ for cfg in "magnitude --sparsity 0.5" "wanda --sparsity 0.5" "sparsegpt --sparsi
     $fp eval --model "$out/ours-$tag" --dataset "$wiki" --max-windows "$windows" --quiet --json "$out/ours-$tag.json"
   fi
   if [ ! -f "$out/peers-$tag.json" ]; then
-    .venv-peers/bin/python scripts/reference/peers_prune.py --method $cfg --model "$out/hf" --calib "$calib" \
+    $py scripts/reference/peers_prune.py --method $cfg --model "$out/hf" --calib "$calib" ${THREADS:+--threads $THREADS} \
       --eval-ids "$out/wt2_ids.json" --max-windows "$windows" --sparsegpt-repo "$sg" --wanda-repo "$wd" \
       --against "$out/ours-$tag" --json "$out/peers-$tag.json" > "$out/peers-$tag.log" 2>&1
   fi
@@ -51,6 +58,8 @@ rows = [f"dense: perplexity {dense['perplexity']:.3f} ({dense['windows']} window
 for m in ["magnitude", "wanda", "sparsegpt"]:
     for p in ["0.5", "2_4"]:
         tag = f"{m}-{p}"
+        if not os.path.exists(f"{d}/peers-{tag}.json"):
+            continue
         ours, theirs = json.load(open(f"{d}/ours-{tag}.json")), json.load(open(f"{d}/peers-{tag}.json"))
         rep = json.load(open(f"{d}/ours-{tag}/report.json"))
         rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", open(f"{d}/ours-{tag}.time").read()).group(1))

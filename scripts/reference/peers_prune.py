@@ -10,12 +10,18 @@ then measure WikiText-2 perplexity on fistaprune's token ids: the reference for 
 - Wanda and magnitude: `prune_wanda` / `prune_magnitude` from locuslab/wanda's `lib/prune.py`.
 
 The repositories are checkouts made on this machine (they are read and imported from where they are, never
-copied into this project). Their code targets a GPU and older transformers: run this with transformers 4.36
+copied into this project). Their code targets a GPU and older transformers: run LLaMA with transformers 4.36
 (`scripts/reference/peers-env.sh`). The only changes are to the environment, not to their code: CUDA-only
 calls become no-ops on CPU, their data loaders are replaced by our calibration ids, and the model is loaded in
 f32 (as fistaprune computes) with `seqlen` set to the calibration length.
+
+Architectures newer than their code (Gemma 3, which needs transformers >= 4.50: use `.venv`) compute the rotary
+embeddings, and Gemma 3 one attention mask per layer type, once in the model and pass them to each decoder
+layer; the authors' loops call a layer with `attention_mask` (and `position_ids`) only. For those the harness
+records what the model passes each layer on one calibration window (the same for every window of that length)
+and has the layer use it whatever their loop passes (`Replay`); their pruning code runs unchanged.
 """
-import argparse, json, math, sys, time
+import argparse, inspect, json, math, sys, time
 from types import SimpleNamespace
 
 import torch
@@ -37,6 +43,44 @@ def ppl(model, ids, seqlen, max_windows=None):
             logits = model(x).logits[0].float()
             nll += F.cross_entropy(logits[:-1], x[0, 1:], reduction="sum").double().item()
     return math.exp(nll / (n * (seqlen - 1))), n
+
+
+class Replay(torch.nn.Module):
+    """A decoder layer called with the arguments the model itself passed it (see the module's docstring)."""
+
+    def __init__(self, layer, kwargs):
+        super().__init__()
+        self.layer, self.kwargs = layer, kwargs
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.layer(hidden_states, **self.kwargs)
+
+
+def replay_layers(model, window):
+    """Wrap every decoder layer in `Replay` when the layers take model-level position embeddings; returns a
+    function that unwraps them. A no-op for the transformers the authors wrote against."""
+    layers = model.model.layers
+    if "position_embeddings" not in inspect.signature(type(layers[0]).forward).parameters:
+        return lambda: None
+    seen = {}
+
+    def record(i):
+        def hook(_, args, kwargs):
+            seen[i] = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "use_cache")}
+        return hook
+
+    hooks = [l.register_forward_pre_hook(record(i), with_kwargs=True) for i, l in enumerate(layers)]
+    with torch.no_grad():
+        model(torch.tensor(window).unsqueeze(0))
+    for h in hooks:
+        h.remove()
+    for i in range(len(layers)):
+        layers[i] = Replay(layers[i], seen[i])
+
+    def unwrap():
+        for i in range(len(layers)):
+            layers[i] = layers[i].layer
+    return unwrap
 
 
 def sparsity(model):
@@ -121,6 +165,7 @@ def main():
     loader = [(torch.tensor(s).unsqueeze(0), None) for s in ids]
     dev = torch.device("cpu")
 
+    unwrap = replay_layers(model, ids[0])
     t0 = time.time()
     if a.method == "sparsegpt":
         sys.path.insert(0, a.sparsegpt_repo)
@@ -145,6 +190,7 @@ def main():
         else:
             wp.prune_magnitude(args, model, None, dev, prune_n=prune_n, prune_m=prune_m)
     secs = time.time() - t0
+    unwrap()
     p, n = ppl(model, load_ids(a.eval_ids), a.seqlen, a.max_windows)
     out = {"method": a.method, "sparsity_target": sp, "pattern": a.pattern, "sparsity": sparsity(model),
            "prune_seconds": secs, "perplexity": p, "windows": n, "seqlen": a.seqlen,

@@ -9,7 +9,8 @@
 # Each run writes OUTDIR/TAG/ (checkpoint and report.json) and OUTDIR/TAG.json (evaluation), and is skipped
 # when its evaluation exists. Prints one line per run: tag, perplexity, sparsity, prune seconds.
 # FP=path uses that binary instead of building one; THREADS=n passes --threads n; MODEL=gemma3 prunes
-# Gemma-3-270M instead of SmolLM2-135M (or MODEL=path, any model we read).
+# Gemma-3-270M instead of SmolLM2-135M (or MODEL=path, any model we read); NO_DENSE=1 skips the dense evaluation
+# (for a second lane on the same OUTDIR while the first one runs it).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
@@ -35,7 +36,7 @@ evaluate() { # MODEL TAG: WikiText-2 to TAG.json, PTB to TAG.ptb.json
   [ -z "${PTB:-}" ] || [ -f "$out/$2.ptb.json" ] ||
     $fp eval --model "$1" --dataset "$ptb" --max-windows "$windows" --quiet --json "$out/$2.ptb.json"
 }
-evaluate "$model" dense
+[ -n "${NO_DENSE:-}" ] || evaluate "$model" dense
 for spec in "$@"; do
   tag="${spec%%|*}"; flags="${spec#*|}"
   if [ ! -f "$out/$tag/report.json" ]; then
