@@ -318,9 +318,13 @@ impl Correction<'_> {
             }
             capture_input(l, x, ctx, leader)
         };
+        // Each previous input is dropped once this group's input is stepped from it, so the two groups' inputs
+        // are never all held at once (the peak of a layer's memory).
+        let mut prev = std::mem::take(&mut self.prev).into_iter();
         for (b, x) in self.acts.iter().enumerate() {
             let x = x.to_dtype(DType::F32)?;
-            let p = self.prev.get(b);
+            let held = prev.next();
+            let p = held.as_ref();
             let xs = input(work, &x, p.map(|p| &p.0))?;
             let n = xs.dim(candle_core::D::Minus1)?;
             // Before any operator is pruned the two inputs are the same, unless the targets come from elsewhere.
