@@ -141,7 +141,13 @@ def main():
     ap.add_argument("--json")
     ap.add_argument("--against", help="fistaprune's pruned checkpoint of the same run: compare the masks, and "
                     "evaluate fistaprune's weights with this script's evaluation")
+    ap.add_argument("--factor-f64", action="store_true", help="diagnostic, not the comparison: their SparseGPT's "
+                    "Cholesky factorisations and inverse computed in f64 (as fistaprune does), cast back to f32")
     a = ap.parse_args()
+    if a.factor_f64:
+        chol, inv = torch.linalg.cholesky, torch.cholesky_inverse
+        torch.linalg.cholesky = lambda h, *args, **kw: chol(h.double(), *args, **kw).to(h.dtype)
+        torch.cholesky_inverse = lambda l, *args, **kw: inv(l.double(), *args, **kw).to(l.dtype)
     if a.threads:
         torch.set_num_threads(a.threads)
     prune_n, prune_m = 0, 0
