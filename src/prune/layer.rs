@@ -319,7 +319,7 @@ impl Correction<'_> {
             capture_input(l, x, ctx, leader)
         };
         // Each previous input is dropped once this group's input is stepped from it, so the two groups' inputs
-        // are never all held at once (the peak of a layer's memory).
+        // are never all held at once.
         let mut prev = std::mem::take(&mut self.prev).into_iter();
         for (b, x) in self.acts.iter().enumerate() {
             let x = x.to_dtype(DType::F32)?;
