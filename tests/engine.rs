@@ -160,3 +160,9 @@ fn stepping_between_operator_groups_equals_capture() {
         }
     }
 }
+
+/// Rows of a bf16, sharded safetensors embedding read alone (GGUF: tests/gemma3.rs).
+#[test]
+fn safetensors_rows_read_alone_equal_the_whole_tensor() {
+    check_rows_read_alone(&fixture("llama_bf16_sharded"), "model.embed_tokens.weight");
+}

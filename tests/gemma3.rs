@@ -49,3 +49,9 @@ fn greedy_continuation_matches_transformers() {
     let text = commands::generate(&gemma3(), prompt, 12).unwrap();
     assert_eq!(text, r["greedy"]["continuation"].as_str().unwrap());
 }
+
+/// Rows of the Q8_0 embedding (262,144 × 640, 671 MB in f32) read alone, and lookups a block at a time.
+#[test]
+fn gguf_rows_read_alone_equal_the_whole_tensor() {
+    check_rows_read_alone(&gemma3(), "model.embed_tokens.weight");
+}

@@ -270,8 +270,7 @@ pub fn convert(c: &Convert) -> Result<()> {
     let specs = ck.tensor_specs();
     let dtype = c.write.dtype_for(&ck);
     let dir = AtomicDir::new(claim)?;
-    let mut load = |name: &str| ck.weights.load(name);
-    write_checkpoint(&dir.tmp, &ck, &specs, dtype, &c.write, &mut load)
+    write_checkpoint(&dir.tmp, &ck, &specs, dtype, &c.write, &mut &*ck.weights)
         .with_context(|| format!("writing {}", c.out.display()))?;
     dir.write_report(&json!({
         "command": std::env::args().collect::<Vec<_>>(), "model": c.model.display().to_string(),

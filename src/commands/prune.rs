@@ -16,7 +16,7 @@ use super::resume::{self, Aside, Fingerprint};
 use crate::data::calibration::{CalibOptions, Calibration};
 use crate::data::dataset::TextFormat;
 use crate::eval::perplexity::{PplOptions, PplResult, perplexity};
-use crate::model::export::{OutDType, WriteOptions, write_checkpoint};
+use crate::model::export::{OutDType, WithLayers, WriteOptions, write_checkpoint};
 use crate::model::safetensors::SafetensorsStore;
 use crate::model::{Checkpoint, layer_of};
 use crate::output::{AtomicDir, Claim, Force, Kind, RunPaths, check_free_space};
@@ -411,18 +411,13 @@ fn assemble(ck: &Checkpoint, dir: &Path, layer_dirs: &[PathBuf], dtype: OutDType
     }
     let specs = ck.tensor_specs();
     let mut current: Option<(usize, SafetensorsStore)> = None;
-    let mut load = |name: &str| -> Result<Tensor> {
-        match layer_of(name) {
-            Some(i) => {
-                if current.as_ref().is_none_or(|(c, _)| *c != i) {
-                    current = Some((i, SafetensorsStore::open_files(&[find(i).expect("checked")])?));
-                }
-                current.as_ref().expect("set").1.load_f32(name)
-            }
-            None => ck.weights.load(name),
+    let layers = |i: usize, name: &str| -> Result<Tensor> {
+        if current.as_ref().is_none_or(|(c, _)| *c != i) {
+            current = Some((i, SafetensorsStore::open_files(&[find(i).expect("checked")])?));
         }
+        current.as_ref().expect("set").1.load_f32(name)
     };
-    write_checkpoint(dir, ck, &specs, dtype, write, &mut load)
+    write_checkpoint(dir, ck, &specs, dtype, write, &mut WithLayers { weights: &ck.weights, layers })
 }
 
 /// `fistaprune merge`: join the parts written by `prune --layers A-B` into one checkpoint.

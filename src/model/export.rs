@@ -6,14 +6,15 @@
 //! directory aside and renames it into place when complete ([`crate::output::AtomicDir`]).
 
 use std::io::{BufWriter, Write};
+use std::ops::Range;
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use candle_core::{DType, Tensor};
 use serde_json::json;
 
 use crate::data::tokenizer::Tokenizer;
-use crate::model::{Checkpoint, Format, TensorSpec, layer_of};
+use crate::model::{Checkpoint, Format, TensorSpec, Weights, layer_of};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -142,8 +143,98 @@ impl OutDType {
     }
 }
 
-/// Write `t` as little-endian `dtype`, converting a block at a time (no whole copy of a large tensor: the
-/// embeddings of a 262k vocabulary are 671 MB in f32).
+/// Where the writers get each tensor (f32, in the Hugging Face layout).
+pub trait TensorSource {
+    /// The whole tensor `name`.
+    fn load(&mut self, name: &str) -> Result<Tensor>;
+
+    /// Rows `rows` of the matrix `name`, read alone, where this source can (a memory-mapped input tensor);
+    /// `None` where it cannot. A writer takes a matrix above [`STREAM_ELEMENTS`] this way, a block of rows at a
+    /// time, so that it is never whole in memory (Gemma 3's embeddings are 671 MB in f32).
+    fn load_rows(&mut self, _name: &str, _rows: Range<usize>) -> Option<Result<Tensor>> {
+        None
+    }
+}
+
+impl<F: FnMut(&str) -> Result<Tensor>> TensorSource for F {
+    fn load(&mut self, name: &str) -> Result<Tensor> {
+        self(name)
+    }
+}
+
+/// An input checkpoint's own tensors (`convert`).
+impl TensorSource for &Weights {
+    fn load(&mut self, name: &str) -> Result<Tensor> {
+        Weights::load(self, name)
+    }
+
+    fn load_rows(&mut self, name: &str, rows: Range<usize>) -> Option<Result<Tensor>> {
+        Some(Weights::load_rows(self, name, rows))
+    }
+}
+
+/// An input checkpoint's tensors with its decoder layers' from `layers` (layer index, name): a pruned model.
+pub struct WithLayers<'a, F> {
+    pub weights: &'a Weights,
+    pub layers: F,
+}
+
+impl<F: FnMut(usize, &str) -> Result<Tensor>> TensorSource for WithLayers<'_, F> {
+    fn load(&mut self, name: &str) -> Result<Tensor> {
+        match layer_of(name) {
+            Some(i) => (self.layers)(i, name),
+            None => self.weights.load(name),
+        }
+    }
+
+    fn load_rows(&mut self, name: &str, rows: Range<usize>) -> Option<Result<Tensor>> {
+        layer_of(name).is_none().then(|| self.weights.load_rows(name, rows))
+    }
+}
+
+/// Matrices above this many elements are written a block of rows at a time when their source can read rows
+/// alone (16 MiB per block in f32).
+pub const STREAM_ELEMENTS: usize = 1 << 22;
+
+/// Produce tensor `name` of shape `shape` from `src` and hand it to `each`: in blocks of whole rows when it is a
+/// large matrix, `rows_alone` allows it and the source can, else whole. Every block's shape is checked.
+pub(super) fn produce(
+    src: &mut dyn TensorSource,
+    name: &str,
+    shape: &[usize],
+    rows_alone: bool,
+    mut each: impl FnMut(&Tensor) -> Result<()>,
+) -> Result<()> {
+    if let ([rows, cols], true) = (shape, rows_alone && shape.iter().product::<usize>() > STREAM_ELEMENTS) {
+        let step = (STREAM_ELEMENTS / cols.max(&1)).max(1);
+        let mut start = 0;
+        while start < *rows {
+            let end = (start + step).min(*rows);
+            let Some(block) = src.load_rows(name, start..end) else {
+                ensure!(start == 0, "tensor {name}: rows {start}..{end} cannot be read alone");
+                break;
+            };
+            let block = block?;
+            ensure!(
+                block.dims() == [end - start, *cols],
+                "tensor {name}: rows {start}..{end} produced shape {:?}",
+                block.dims()
+            );
+            each(&block)?;
+            start = end;
+        }
+        if start > 0 {
+            return Ok(());
+        }
+    }
+    let t = src.load(name)?;
+    if t.dims() != shape {
+        bail!("tensor {name}: produced shape {:?}, expected {:?}", t.dims(), shape);
+    }
+    each(&t)
+}
+
+/// Write `t` as little-endian `dtype`, converting a block at a time (no whole copy of a large tensor).
 fn write_tensor(w: &mut impl Write, t: &Tensor, dtype: OutDType) -> Result<()> {
     const BLOCK: usize = 1 << 16;
     let t = t.to_dtype(DType::F32)?.flatten_all()?;
@@ -169,13 +260,8 @@ pub(super) fn encode_floats(buf: &mut Vec<u8>, xs: &[f32], dtype: OutDType) -> R
     Ok(())
 }
 
-/// Write one safetensors file holding `specs`, producing each tensor with `load`.
-pub fn write_safetensors(
-    path: &Path,
-    specs: &[TensorSpec],
-    dtype: OutDType,
-    load: &mut dyn FnMut(&str) -> Result<Tensor>,
-) -> Result<()> {
+/// Write one safetensors file holding `specs`, producing each tensor from `src`.
+pub fn write_safetensors(path: &Path, specs: &[TensorSpec], dtype: OutDType, src: &mut dyn TensorSource) -> Result<()> {
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), json!({"format": "pt"}));
     let mut offset = 0usize;
@@ -197,11 +283,8 @@ pub fn write_safetensors(
     w.write_all(&(hbytes.len() as u64).to_le_bytes())?;
     w.write_all(&hbytes)?;
     for TensorSpec { name, shape, .. } in specs {
-        let t = load(name)?;
-        if t.dims() != shape.as_slice() {
-            bail!("tensor {name}: produced shape {:?}, expected {:?}", t.dims(), shape);
-        }
-        write_tensor(&mut w, &t, dtype).with_context(|| format!("{}: write failed", path.display()))?;
+        produce(src, name, shape, true, |t| write_tensor(&mut w, t, dtype))
+            .with_context(|| format!("{}: write failed", path.display()))?;
     }
     let f = w.into_inner().map_err(|e| e.into_error()).with_context(|| format!("{}: write failed", path.display()))?;
     f.sync_all()?;
@@ -215,7 +298,7 @@ pub fn write_weights(
     specs: &[TensorSpec],
     dtype: OutDType,
     max_shard_bytes: usize,
-    load: &mut dyn FnMut(&str) -> Result<Tensor>,
+    src: &mut dyn TensorSource,
 ) -> Result<()> {
     let mut shards: Vec<Vec<TensorSpec>> = vec![Vec::new()];
     let mut size = 0usize;
@@ -231,13 +314,13 @@ pub fn write_weights(
         total += n;
     }
     if shards.len() == 1 {
-        return write_safetensors(&dir.join("model.safetensors"), &shards[0], dtype, load);
+        return write_safetensors(&dir.join("model.safetensors"), &shards[0], dtype, src);
     }
     let k = shards.len();
     let mut weight_map = serde_json::Map::new();
     for (i, shard) in shards.iter().enumerate() {
         let file = format!("model-{:05}-of-{k:05}.safetensors", i + 1);
-        write_safetensors(&dir.join(&file), shard, dtype, load)?;
+        write_safetensors(&dir.join(&file), shard, dtype, src)?;
         for t in shard {
             weight_map.insert(t.name.clone(), json!(file));
         }
@@ -262,7 +345,7 @@ pub fn write_tokenizer(dir: &Path, tok: &Tokenizer) -> Result<()> {
     Ok(())
 }
 
-/// `ck`'s model with the tensors `specs` (each produced by `load`), written into the existing directory `dir`
+/// `ck`'s model with the tensors `specs` (each produced by `src`), written into the existing directory `dir`
 /// in the format `format`.
 pub fn write_checkpoint(
     dir: &Path,
@@ -270,7 +353,7 @@ pub fn write_checkpoint(
     specs: &[TensorSpec],
     dtype: OutDType,
     write: &WriteOptions,
-    load: &mut dyn FnMut(&str) -> Result<Tensor>,
+    src: &mut dyn TensorSource,
 ) -> Result<()> {
     write.check()?;
     match write.out_format {
@@ -281,10 +364,10 @@ pub fn write_checkpoint(
             specs,
             dtype,
             write.max_shard_bytes(),
-            load,
+            src,
         ),
         OutFormat::Gguf => {
-            super::export_gguf::write_gguf(&dir.join(super::export_gguf::FILE_NAME), ck, specs, dtype, load)
+            super::export_gguf::write_gguf(&dir.join(super::export_gguf::FILE_NAME), ck, specs, dtype, src)
         }
     }
 }
@@ -297,7 +380,7 @@ pub fn write_hf_contents(
     specs: &[TensorSpec],
     dtype: OutDType,
     max_shard_bytes: usize,
-    load: &mut dyn FnMut(&str) -> Result<Tensor>,
+    src: &mut dyn TensorSource,
 ) -> Result<()> {
     let mut config = config.clone();
     config["torch_dtype"] = json!(dtype.torch_name());
@@ -306,5 +389,5 @@ pub fn write_hf_contents(
     if let Some(t) = tokenizer {
         write_tokenizer(dir, t)?;
     }
-    write_weights(dir, specs, dtype, max_shard_bytes, load)
+    write_weights(dir, specs, dtype, max_shard_bytes, src)
 }

@@ -26,7 +26,7 @@ use anyhow::{Context, Result, ensure};
 use candle_core::Tensor;
 use candle_core::quantized::{GgmlDType, QTensor};
 
-use super::export::{OutDType, encode_floats};
+use super::export::{OutDType, TensorSource, encode_floats, produce};
 use super::gguf::{Value, permute_rows};
 use super::{Checkpoint, FromGguf, TensorSpec, Weights};
 
@@ -60,13 +60,13 @@ impl Entry {
 }
 
 /// Write `ck`'s model as one GGUF file at `path`: the tensors in `specs`, each produced under its Hugging Face
-/// name by `load`.
+/// name by `src`.
 pub fn write_gguf(
     path: &Path,
     ck: &Checkpoint,
     specs: &[TensorSpec],
     dtype: OutDType,
-    load: &mut dyn FnMut(&str) -> Result<Tensor>,
+    src: &mut dyn TensorSource,
 ) -> Result<()> {
     let (mut metadata, names) = match ck.weights.as_ref() {
         Weights::Gguf(src) => {
@@ -87,7 +87,7 @@ pub fn write_gguf(
     metadata.insert("general.file_type".into(), Value::U32(file_type(dtype)));
     // As llama.cpp's converter writes it, quantised or not.
     metadata.insert("general.quantization_version".into(), Value::U32(2));
-    write_file(path, &metadata, &entries, load).with_context(|| format!("{}: write failed", path.display()))
+    write_file(path, &metadata, &entries, src).with_context(|| format!("{}: write failed", path.display()))
 }
 
 /// The metadata and tensor names of a Hugging Face checkpoint as llama.cpp's converter would write them: the
@@ -158,7 +158,7 @@ fn write_file(
     path: &Path,
     metadata: &BTreeMap<String, Value>,
     entries: &[Entry],
-    load: &mut dyn FnMut(&str) -> Result<Tensor>,
+    src: &mut dyn TensorSource,
 ) -> Result<()> {
     let f = std::fs::File::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
     let mut w = Counted { w: BufWriter::with_capacity(1 << 22, f), n: 0 };
@@ -184,15 +184,18 @@ fn write_file(
     }
     w.pad()?;
     for e in entries {
-        let t = load(&e.hf)?;
-        ensure!(t.dims() == e.shape.as_slice(), "tensor {}: shape {:?}, expected {:?}", e.hf, t.dims(), e.shape);
-        let t = match e.how {
-            FromGguf::AsIs => t,
-            FromGguf::UnpermuteRows(heads) => permute_rows(&t, heads)?,
-            FromGguf::MinusOne => (t + 1.0)?,
-        };
         let start = w.n;
-        write_data(&mut w, &t, e.ty).with_context(|| format!("tensor {}", e.gguf))?;
+        // A rotary permutation mixes the rows of a head: those tensors are produced whole.
+        let rows_alone = !matches!(e.how, FromGguf::UnpermuteRows(_));
+        produce(src, &e.hf, &e.shape, rows_alone, |t| {
+            let t = match e.how {
+                FromGguf::AsIs => t.clone(),
+                FromGguf::UnpermuteRows(heads) => permute_rows(t, heads)?,
+                FromGguf::MinusOne => (t + 1.0)?,
+            };
+            write_data(&mut w, &t, e.ty)
+        })
+        .with_context(|| format!("tensor {}", e.gguf))?;
         debug_assert_eq!(w.n - start, e.nbytes());
         w.pad()?;
     }

@@ -373,22 +373,48 @@ impl GgufFile {
     /// Dequantise one tensor to f32 in its row-major shape.
     pub fn dequantize(&self, name: &str) -> Result<Tensor> {
         let e = self.tensors.get(name).ok_or_else(|| anyhow!("{}: no tensor named {name}", self.path.display()))?;
-        let raw = &self.mmap[e.offset..e.offset + e.nbytes];
+        self.dequantize_bytes(name, e, e.offset..e.offset + e.nbytes, e.shape.clone())
+    }
+
+    /// Rows `rows` of the 2-D tensor `name` (outermost dimension first), dequantised to f32: a block of a
+    /// 262k-row embedding without the rest of it. Every row is a whole number of quantisation blocks (GGUF
+    /// requires it), so a range of rows is a range of bytes.
+    pub fn dequantize_rows(&self, name: &str, rows: std::ops::Range<usize>) -> Result<Tensor> {
+        let e = self.tensors.get(name).ok_or_else(|| anyhow!("{}: no tensor named {name}", self.path.display()))?;
+        let (n, cols) = match e.shape[..] {
+            [n, cols] => (n, cols),
+            _ => bail!("{}: tensor {name} is not a matrix ({:?})", self.path.display(), e.shape),
+        };
+        ensure!(rows.start <= rows.end && rows.end <= n, "tensor {name}: rows {rows:?} out of 0..{n}");
+        let row_bytes = e.nbytes / n.max(1);
+        let start = e.offset + rows.start * row_bytes;
+        self.dequantize_bytes(name, e, start..start + rows.len() * row_bytes, vec![rows.len(), cols])
+    }
+
+    fn dequantize_bytes(
+        &self,
+        name: &str,
+        e: &TensorEntry,
+        bytes: std::ops::Range<usize>,
+        shape: Vec<usize>,
+    ) -> Result<Tensor> {
+        let raw = &self.mmap[bytes];
+        let nbytes = raw.len();
         let ctx = || format!("{}: tensor {name} ({})", self.path.display(), dtype_name(e.dtype));
         // candle reinterprets the bytes as blocks in place, which needs 4-byte alignment (f32 / f16 fields).
         let aligned;
         let raw = if (raw.as_ptr() as usize).is_multiple_of(4) {
             raw
         } else {
-            let mut buf = vec![0u32; e.nbytes.div_ceil(4)];
+            let mut buf = vec![0u32; nbytes.div_ceil(4)];
             // SAFETY: buf has at least nbytes bytes.
-            let dst = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u8, e.nbytes) };
+            let dst = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u8, nbytes) };
             dst.copy_from_slice(raw);
             aligned = buf;
             // SAFETY: same allocation, nbytes long.
-            unsafe { std::slice::from_raw_parts(aligned.as_ptr() as *const u8, e.nbytes) }
+            unsafe { std::slice::from_raw_parts(aligned.as_ptr() as *const u8, nbytes) }
         };
-        let q = qtensor_from_ggml(e.dtype, raw, e.shape.clone(), &Device::Cpu).with_context(ctx)?;
+        let q = qtensor_from_ggml(e.dtype, raw, shape, &Device::Cpu).with_context(ctx)?;
         q.dequantize(&Device::Cpu).with_context(ctx)
     }
 }

@@ -235,6 +235,24 @@ impl Weights {
         }
     }
 
+    /// Rows `rows` of the matrix `name` in f32, read alone (the rest of it is not touched): how a large
+    /// embedding is embedded from and written out. Only for tensors stored in the Hugging Face row order
+    /// (a rotary-permuted GGUF projection is read whole and cut).
+    pub fn load_rows(&self, name: &str, rows: std::ops::Range<usize>) -> Result<Tensor> {
+        match self {
+            Weights::Safetensors(s) => s.load_rows_f32(name, rows),
+            Weights::Gguf(g) => {
+                let (gname, how) =
+                    g.map.get(name).ok_or_else(|| anyhow!("{}: no tensor for {name}", g.file.path.display()))?;
+                match how {
+                    FromGguf::AsIs => g.file.dequantize_rows(gname, rows),
+                    FromGguf::MinusOne => Ok((g.file.dequantize_rows(gname, rows)? - 1.0)?),
+                    FromGguf::UnpermuteRows(_) => Ok(self.load(name)?.narrow(0, rows.start, rows.len())?),
+                }
+            }
+        }
+    }
+
     /// Load `name` and check its shape.
     pub fn load_shaped(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let t = self.load(name)?;
@@ -426,6 +444,9 @@ pub trait CausalLm: Send + Sync {
     }
 }
 
+/// Rows of a vocabulary matrix read at once when it is not kept whole (16 MiB in f32 at hidden 1024).
+pub const VOCAB_BLOCK_ROWS: usize = 4096;
+
 /// A `vocab × hidden` matrix (token embeddings, LM head) read from the checkpoint when first needed whole, and
 /// then kept. Until then a lookup reads it for that call alone: a pruning walk embeds its calibration samples
 /// once and so never holds the matrix (Gemma 3's is 671 MB in f32) while it prunes.
@@ -449,12 +470,35 @@ impl VocabMatrix {
         Ok(Self { weights: weights.clone(), name: name.to_string(), shape, whole: Default::default() })
     }
 
-    /// The rows `ids` (a flat u32 tensor): from the kept matrix, else read for this call alone.
+    /// The rows `ids` (a flat u32 tensor): from the kept matrix, else read for this call alone, a block of
+    /// [`VOCAB_BLOCK_ROWS`] rows at a time, so that the matrix is never whole in memory.
     pub fn rows(&self, ids: &Tensor) -> Result<Tensor> {
-        match self.whole.get() {
-            Some(t) => Ok(t.index_select(ids, 0)?),
-            None => Ok(self.weights.load_shaped(&self.name, &self.shape)?.index_select(ids, 0)?),
+        if let Some(t) = self.whole.get() {
+            return Ok(t.index_select(ids, 0)?);
         }
+        let ids = ids.to_vec1::<u32>()?;
+        let [v, h] = self.shape;
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= v) {
+            bail!("token id {bad} is outside the vocabulary of {v} ({})", self.name);
+        }
+        // Positions of the ids in each block, so that each block is read once.
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_by_key(|&p| ids[p]);
+        let mut out = vec![0f32; ids.len() * h];
+        let mut next = 0;
+        while next < order.len() {
+            let start = ids[order[next]] as usize / VOCAB_BLOCK_ROWS * VOCAB_BLOCK_ROWS;
+            let end = (start + VOCAB_BLOCK_ROWS).min(v);
+            let block = self.weights.load_rows(&self.name, start..end)?;
+            crate::linalg::with_f32(&block, |xs| {
+                while next < order.len() && (ids[order[next]] as usize) < end {
+                    let (p, r) = (order[next], ids[order[next]] as usize - start);
+                    out[p * h..(p + 1) * h].copy_from_slice(&xs[r * h..(r + 1) * h]);
+                    next += 1;
+                }
+            })?;
+        }
+        Ok(Tensor::from_vec(out, (ids.len(), h), &candle_core::Device::Cpu)?)
     }
 
     /// The whole matrix, kept from now on.

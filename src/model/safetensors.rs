@@ -111,13 +111,27 @@ impl SafetensorsStore {
 
     /// Load one tensor as f32 (F32, F16 and BF16 are stored types we accept).
     pub fn load_f32(&self, name: &str) -> Result<Tensor> {
+        let shape = self.info(name).ok_or_else(|| anyhow!("tensor {name} not found in the checkpoint"))?.shape;
+        // A 0-D tensor is read as one row.
+        let t = self.load_rows_f32(name, 0..shape.first().copied().unwrap_or(1))?;
+        Ok(t.reshape(shape)?)
+    }
+
+    /// Rows `rows` (outermost dimension) of one tensor as f32, read alone from the mapped file.
+    pub fn load_rows_f32(&self, name: &str, rows: std::ops::Range<usize>) -> Result<Tensor> {
         let si = *self.index.get(name).ok_or_else(|| anyhow!("tensor {name} not found in the checkpoint"))?;
         let s = &self.shards[si];
         let info = s.meta.info(name).expect("indexed");
-        let start = 8 + s.header_len + info.data_offsets.0;
-        let end = 8 + s.header_len + info.data_offsets.1;
+        let mut shape = if info.shape.is_empty() { vec![1] } else { info.shape.clone() };
+        let n = shape[0];
+        if rows.start > rows.end || rows.end > n {
+            bail!("{}: tensor {name}: rows {rows:?} out of 0..{n}", s.path.display());
+        }
+        let row_bytes = (info.data_offsets.1 - info.data_offsets.0) / n.max(1);
+        let start = 8 + s.header_len + info.data_offsets.0 + rows.start * row_bytes;
+        let end = start + rows.len() * row_bytes;
         let bytes = &s.mmap[start..end];
-        let shape = info.shape.clone();
+        shape[0] = rows.len();
         let dtype = match info.dtype {
             Dtype::F32 => DType::F32,
             Dtype::F16 => DType::F16,

@@ -146,16 +146,20 @@ fn sweep(w: &mut Mat<f32>, u: &Mat<f32>, pattern: Pattern, blocksize: usize) {
                     }
                 }
             }
-            // Prune column i, then spread the error over columns i+1.. of the block with row i of U.
+            // Prune column i, then spread the error over columns i+1.. of the block with row i of U: a rank-1
+            // update, one contiguous column at a time (the order of every element's updates is unchanged).
             for r in 0..rows {
                 let wv = w1[(r, i)];
                 let q = if mask1[(r, i)] { 0.0 } else { wv };
-                let e = (wv - q) / d[i];
-                err1[(r, i)] = e;
+                err1[(r, i)] = (wv - q) / d[i];
                 w1[(r, i)] = q;
-                if e != 0.0 {
-                    for c in i + 1..count {
-                        w1[(r, c)] -= e * u[(i1 + i, i1 + c)];
+            }
+            let e = err1.col_as_slice(i);
+            for c in i + 1..count {
+                let uc = u[(i1 + i, i1 + c)];
+                for (w, &e) in w1.col_as_slice_mut(c).iter_mut().zip(e) {
+                    if e != 0.0 {
+                        *w -= e * uc;
                     }
                 }
             }

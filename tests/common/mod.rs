@@ -175,3 +175,27 @@ pub fn check_token_ids(model: &Path, tokens: &serde_json::Value, against: &str) 
         assert_eq!(sha, want["sha256_u32le"].as_str().unwrap(), "{rel}: ids differ from {against}");
     }
 }
+
+/// Rows of the matrix `name` read alone (how a vocabulary matrix is looked up and written without being
+/// whole in memory) equal the same rows of the whole tensor, and a lookup through [`VocabMatrix`] equals
+/// `index_select` on the whole; an id outside the vocabulary is an error that says so.
+pub fn check_rows_read_alone(model: &Path, name: &str) {
+    use fistaprune::model::{Checkpoint, VocabMatrix};
+    let ck = Checkpoint::open(model).unwrap();
+    let whole = ck.weights.load(name).unwrap();
+    let (v, h) = whole.dims2().unwrap();
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for r in [0..1, v / 3..v / 3 + 5, v - 3..v, v..v] {
+        let got = ck.weights.load_rows(name, r.clone()).unwrap();
+        assert_eq!(got.dims(), [r.len(), h], "{name} rows {r:?}");
+        assert!(flat(&got) == flat(&whole.narrow(0, r.start, r.len()).unwrap()), "{name} rows {r:?} differ");
+    }
+    assert!(ck.weights.load_rows(name, v - 1..v + 1).is_err(), "rows past the end must be refused");
+    let mut ids: Vec<u32> = (0..2000u64).map(|k| ((k * 7919 + 13) % v as u64) as u32).collect();
+    ids.extend([0, v as u32 - 1, 0]);
+    let ids = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap();
+    let m = VocabMatrix::new(&ck.weights, name, [v, h]).unwrap();
+    assert!(flat(&m.rows(&ids).unwrap()) == flat(&whole.index_select(&ids, 0).unwrap()), "{name}: lookup differs");
+    let bad = m.rows(&Tensor::new(&[v as u32], &Device::Cpu).unwrap()).unwrap_err().to_string();
+    assert!(bad.contains("outside the vocabulary"), "{bad}");
+}
