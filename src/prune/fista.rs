@@ -108,7 +108,8 @@ impl Method for FistaPruner {
         let o = &self.opts;
         // Power iteration, every FISTA iteration and error evaluation, and the re-fit: each a GEMM with `G*`.
         let gemm = 2.0 * rows as f64 * (cols * cols) as f64;
-        let iters = o.rounds * (o.iters + 2) + o.refit_iters + 3;
+        let swaps = report.swaps.len() * (o.refit_iters + 3);
+        let iters = o.rounds * (o.iters + 2) + o.refit_iters + 3 + swaps;
         let flops = warm.flops + iters as f64 * gemm + o.power_iters as f64 * 2.0 * (cols * cols) as f64;
         let own = if o.threshold == Threshold::PerMatrix { 1 } else { rows };
         // With the warm start's row budgets the count is the warm start's (or per row, when it had none).
@@ -199,6 +200,10 @@ pub struct Options {
     /// input's norm, as Wanda's score does).
     #[cfg_attr(feature = "cli", arg(long, value_enum, default_value = "raw"))]
     pub basis: Basis,
+    /// FISTA: rounds of swaps after the re-fit (0: off): a kept weight traded for a pruned one in the same row
+    /// or N:M group where that lowers the row's re-fitted error (each round one re-fit).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = Options::default().swap_rounds))]
+    pub swap_rounds: usize,
 }
 
 impl Default for Options {
@@ -218,6 +223,7 @@ impl Default for Options {
             power_iters: 30,
             damp: 0.0,
             basis: Basis::Raw,
+            swap_rounds: 0,
         }
     }
 }
@@ -246,6 +252,9 @@ pub struct SolveReport {
     /// Whether a FISTA round beat the warm start.
     pub improved: bool,
     pub refit_error: Option<f64>,
+    /// The swap rounds after the re-fit.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub swaps: Vec<super::swap::SwapRound>,
 }
 
 impl Problem<'_> {
@@ -262,7 +271,7 @@ impl Problem<'_> {
     }
 }
 
-fn matmul(a: MatRef<f32>, b: MatRef<f32>) -> Mat<f32> {
+pub(super) fn matmul(a: MatRef<f32>, b: MatRef<f32>) -> Mat<f32> {
     let mut out = Mat::<f32>::zeros(a.nrows(), b.ncols());
     faer::linalg::matmul::matmul(out.as_mut(), Accum::Replace, a, b, 1.0f32, par());
     out
@@ -525,6 +534,13 @@ pub fn solve(p: &Problem, w0: &Mat<f32>, pattern: Pattern, o: &Options) -> Resul
             best = r;
             best_err = e;
         }
+    }
+    if o.swap_rounds > 0 {
+        ensure!(o.refit_iters > 0, "--swap-rounds re-fits every swap: it needs --refit-iters above 0");
+        let (w, _, rounds) = super::swap::refine(p, best, best_mask, pattern, o.swap_rounds, o.refit_iters);
+        best = w;
+        best_err = rounds.last().map_or(best_err, |r| r.error * base);
+        report.swaps = rounds;
     }
     report.error = best_err / base;
     Ok((best, report))

@@ -14,6 +14,7 @@ pub mod pipeline;
 pub mod random;
 pub mod sparsegpt;
 pub mod stats;
+pub mod swap;
 pub mod wanda;
 
 use anyhow::{Result, anyhow};
