@@ -11,12 +11,11 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 windows="${1:-40}"
 seqlen="${2:-512}"
-scripts/fetch-assets.sh >/dev/null
 scripts/python-env.sh >/dev/null
 cargo build --release --quiet --bin fistaprune --example gemm
 case "${MODEL:-smollm2}" in
-  smollm2) model=assets/SmolLM2-135M-Instruct.Q4_1.gguf; shapes="512x576x576 512x576x1536 512x1536x576 512x576x49152" ;;
-  gemma3) model=assets/gemma-3-270m-q4_k_m.gguf; shapes="512x640x1024 512x640x2048 512x2048x640 512x640x262144" ;;
+  smollm2) model="$(scripts/fetch-assets.sh --path smollm2)"; shapes="512x576x576 512x576x1536 512x1536x576 512x576x49152" ;;
+  gemma3) model="$(scripts/fetch-assets.sh --path gemma3)"; shapes="512x640x1024 512x640x2048 512x2048x640 512x640x262144" ;;
   *) echo "MODEL must be smollm2 or gemma3" >&2; exit 2 ;;
 esac
 data=../shared/data/wikitext-2-raw/wiki.test.raw

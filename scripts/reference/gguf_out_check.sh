@@ -16,7 +16,6 @@ root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
 out="$(realpath -m "${1:-target/gguf-out-check}")"; windows="${2:-16}"
 mkdir -p "$out"
-scripts/fetch-assets.sh >/dev/null
 scripts/python-env.sh >/dev/null
 scripts/reference/llama-cpp-env.sh >/dev/null
 cargo build --release --quiet --bin fistaprune
@@ -24,7 +23,7 @@ fp=./target/release/fistaprune
 wiki=../shared/data/wikitext-2-raw/wiki.test.raw
 c4=../shared/data/c4/c4-train.00000-of-01024.first1000.jsonl
 for m in smollm2 gemma3; do
-  case $m in smollm2) model=assets/SmolLM2-135M-Instruct.Q4_1.gguf ;; gemma3) model=assets/gemma-3-270m-q4_k_m.gguf ;; esac
+  model="$(scripts/fetch-assets.sh --path $m)"
   [ -f "$out/$m-f32/model.gguf" ] || $fp prune --model "$model" --method wanda --sparsity 0.5 --calib "$c4" \
     --nsamples 16 --seqlen 256 --out "$out/$m-f32" --out-format gguf --force --quiet
   [ -f "$out/$m-q8_0/model.gguf" ] ||
@@ -40,7 +39,7 @@ for m in smollm2 gemma3; do
     --ids "$out/$m-ids.json" --max-windows "$windows" --sparsity --json "$out/$m-f32.transformers.json" >/dev/null
 done
 # The converter's output and ours from the same Hugging Face folder.
-$fp convert --model assets/SmolLM2-135M-Instruct.Q4_1.gguf --out "$out/smollm2-hf" --force >/dev/null
+$fp convert --model "$(scripts/fetch-assets.sh --path smollm2)" --out "$out/smollm2-hf" --force >/dev/null
 (cd .venv-llama/llama.cpp && PYTHONPATH=gguf-py "$root/.venv/bin/python" convert_hf_to_gguf.py "$out/smollm2-hf" \
   --outtype f32 --outfile "$out/smollm2-converter.gguf" 2>&1 | tail -1)
 $fp convert --model "$out/smollm2-hf" --out "$out/smollm2-from-hf" --out-format gguf --force >/dev/null

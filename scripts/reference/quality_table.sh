@@ -16,14 +16,9 @@ root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
 out="$1"; windows="$2"; shift 2
 mkdir -p "$out"
-scripts/fetch-assets.sh >/dev/null
 if [ -z "${FP:-}" ]; then cargo build --release --quiet --bin fistaprune; fi
 fp="${FP:-./target/release/fistaprune}${THREADS:+ --threads $THREADS}"
-case "${MODEL:-smollm2}" in
-  smollm2) model=assets/SmolLM2-135M-Instruct.Q4_1.gguf ;;
-  gemma3) model=assets/gemma-3-270m-q4_k_m.gguf ;;
-  *) model="$MODEL" ;;
-esac
+model="$(scripts/fetch-assets.sh --path "${MODEL:-smollm2}")"
 wiki=../shared/data/wikitext-2-raw/wiki.test.raw
 ptb=../shared/data/ptb/ptb.test.txt
 c4=../shared/data/c4/c4-train.00000-of-01024.first1000.jsonl

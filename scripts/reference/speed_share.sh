@@ -11,7 +11,6 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
 o="$1"; mkdir -p "$o"
-scripts/fetch-assets.sh >/dev/null
 cargo build --release --quiet --example gemm
 if [ -z "${FP:-}" ]; then cargo build --release --quiet --bin fistaprune; fi
 declare -A bin=([new]="${FP:-./target/release/fistaprune}")
@@ -19,8 +18,8 @@ declare -A bin=([new]="${FP:-./target/release/fistaprune}")
 c4=../shared/data/c4/c4-train.00000-of-01024.first1000.jsonl
 wiki=../shared/data/wikitext-2-raw/wiki.test.raw
 ./target/release/examples/gemm 512x576x1536 512x640x2048 | tee "$o/gemm.txt"
-for m in smollm2:assets/SmolLM2-135M-Instruct.Q4_1.gguf gemma3:assets/gemma-3-270m-q4_k_m.gguf; do
-  n=${m%%:*}; p=${m#*:}
+for n in smollm2 gemma3; do
+  p="$(scripts/fetch-assets.sh --path $n)"
   ${bin[new]} eval --model "$p" --dataset "$wiki" --max-windows 8 --quiet --json "$o/eval-$n.json" --force
   for b in "${!bin[@]}"; do
     /usr/bin/time -v ${bin[$b]} prune --model "$p" --method sparsegpt --sparsity 0.5 --calib "$c4" --nsamples 32 \

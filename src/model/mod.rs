@@ -174,6 +174,11 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
 }
 
 impl GgufWeights {
+    /// The GGUF tensor behind Hugging Face name `name`, and how it maps.
+    fn entry(&self, name: &str) -> Result<&(String, FromGguf)> {
+        self.map.get(name).ok_or_else(|| anyhow!("{}: no tensor for {name}", self.file.path.display()))
+    }
+
     fn new(file: GgufFile, cfg: &dyn Config) -> Result<Self> {
         let mut map = BTreeMap::new();
         for g in &file.order {
@@ -223,8 +228,7 @@ impl Weights {
         match self {
             Weights::Safetensors(s) => s.load_f32(name),
             Weights::Gguf(g) => {
-                let (gname, how) =
-                    g.map.get(name).ok_or_else(|| anyhow!("{}: no tensor for {name}", g.file.path.display()))?;
+                let (gname, how) = g.entry(name)?;
                 let t = g.file.dequantize(gname)?;
                 match how {
                     FromGguf::AsIs => Ok(t),
@@ -242,8 +246,7 @@ impl Weights {
         match self {
             Weights::Safetensors(s) => s.load_rows_f32(name, rows),
             Weights::Gguf(g) => {
-                let (gname, how) =
-                    g.map.get(name).ok_or_else(|| anyhow!("{}: no tensor for {name}", g.file.path.display()))?;
+                let (gname, how) = g.entry(name)?;
                 match how {
                     FromGguf::AsIs => g.file.dequantize_rows(gname, rows),
                     FromGguf::MinusOne => Ok((g.file.dequantize_rows(gname, rows)? - 1.0)?),

@@ -108,9 +108,11 @@ impl Method for FistaPruner {
         let o = &self.opts;
         // Power iteration, every FISTA iteration and error evaluation, and the re-fit: each a GEMM with `G*`.
         let gemm = 2.0 * rows as f64 * (cols * cols) as f64;
-        let swaps = report.swaps.len() * (o.refit_iters + 3);
+        // Each swap round that swapped: a re-fit and three more GEMMs; its search apart (counted as it runs).
+        let swaps = report.swaps.iter().filter(|s| s.proposed > 0).count() * (o.refit_iters + 3);
+        let search: f64 = report.swaps.iter().map(|s| s.search_flops).sum();
         let iters = o.rounds * (o.iters + 2) + o.refit_iters + 3 + swaps;
-        let flops = warm.flops + iters as f64 * gemm + o.power_iters as f64 * 2.0 * (cols * cols) as f64;
+        let flops = warm.flops + iters as f64 * gemm + search + o.power_iters as f64 * 2.0 * (cols * cols) as f64;
         let own = if o.threshold == Threshold::PerMatrix { 1 } else { rows };
         // With the warm start's row budgets the count is the warm start's (or per row, when it had none).
         let rounding_units = if o.threshold == Threshold::WarmRows { rows.max(warm.rounding_units) } else { own };

@@ -1,16 +1,15 @@
 //! Mask refinement by swaps (issue 16): after FISTAPruner's re-fit, trade a kept weight for a pruned one in
 //! the same row (unstructured: the row keeps its count of zeros) or the same N:M group, wherever that lowers
-//! the re-fitted error of the row.
+//! the row's error.
 //!
-//! The rows of an operator are independent least-squares problems (`e_i = w_i G* w_iᵀ − 2 c_i w_iᵀ + k_i`), so
-//! each round proposes swaps for every row from first-order estimates, re-fits all rows on the proposed
-//! supports, and keeps the new row only where its error is lower: the result is never worse than its start.
-//! - Adding pruned weight `k` alone to a re-fitted row lowers its error by `r_k² / G*_kk`, with `r = w G* − c`
-//!   the gradient (zero on the support at the least-squares optimum): a lower bound on the gain once re-fitted.
-//! - Removing kept weight `j` alone raises it by `w_j² G*_jj` (the gradient there is zero): an upper bound on
-//!   the cost once re-fitted.
-//!
-//! A swap is proposed where the gain bound beats the cost bound: a conservative test, verified by the re-fit.
+//! The rows of an operator are independent least-squares problems (`e_i = w_i G* w_iᵀ − 2 c_i w_iᵀ + k_i`). With
+//! `r = w G* − c` (half the gradient), dropping kept `j` and giving pruned `k` its best value `t`, the rest of
+//! the row fixed, changes the error by exactly
+//! `Δ = w_j² G*_jj − 2 w_j r_j − a² / G*_kk`, `a = r_k − w_j G*_jk`, `t = −a / G*_kk`,
+//! and moves `r` by `−w_j G*_j + t G*_k` (two rows of `G*`). Each round, every row takes the best such swap
+//! (over its cheapest drops, each against every pruned weight in reach) while one lowers its error, the error
+//! known exactly all along; then all rows are re-fitted on their new supports (masked CG), which can only
+//! lower it further. A row keeps the round only where its error went down: never worse than its start.
 
 use faer::Mat;
 use serde::Serialize;
@@ -18,10 +17,12 @@ use serde::Serialize;
 use super::fista::{Problem, matmul, refit};
 use super::mask::{Mask, Pattern};
 
-/// One round: swaps proposed, rows whose error went down (kept), and the relative error after it.
+/// One round: swaps made, the search's floating-point operations (the re-fit's GEMMs apart), rows whose error
+/// went down (kept), and the relative error after it.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct SwapRound {
     pub proposed: usize,
+    pub search_flops: f64,
     pub rows_kept: usize,
     pub error: f64,
 }
@@ -38,6 +39,140 @@ fn row_errors(w: &Mat<f32>, wg: &Mat<f32>, c: &Mat<f32>) -> Vec<f64> {
     e
 }
 
+/// Drops tried per swap in an unstructured row: the cheapest ones alone, each against every pruned weight.
+const DROPS: usize = 8;
+
+/// One row's working state: weights, `r = w G* − c`, and which weights are pruned (`free`: 1 where pruned,
+/// 0 where kept, so the unstructured search over every pruned weight runs without branches).
+struct Row<'a> {
+    g: &'a Mat<f32>,
+    gd: &'a [f32],
+    inv_gd: &'a [f32],
+    w: Vec<f32>,
+    r: Vec<f32>,
+    free: Vec<f32>,
+    /// Floating-point operations spent so far.
+    flops: f64,
+}
+
+impl Row<'_> {
+    fn pruned(&self, j: usize) -> bool {
+        self.free[j] != 0.0
+    }
+
+    /// The error's rise from dropping kept `j`, the rest fixed.
+    fn drop_cost(&self, j: usize) -> f32 {
+        let wj = self.w[j];
+        wj * wj * self.gd[j] - 2.0 * wj * self.r[j]
+    }
+
+    /// The exact change of the error, and `k`'s new value, for dropping kept `j` and adding pruned `k`.
+    fn change(&self, j: usize, k: usize) -> (f32, f32) {
+        let a = self.r[k] - self.w[j] * self.g[(k, j)];
+        let (drop, add) = (self.drop_cost(j), a * a * self.inv_gd[k]);
+        (significant(drop, add), -a * self.inv_gd[k])
+    }
+
+    /// The largest gain `a_k² / G*_kk` over every pruned `k` once kept `j` is dropped (`G*` is symmetric:
+    /// column `j` is row `j`, contiguous).
+    fn best_add(&mut self, j: usize) -> f32 {
+        self.flops += 6.0 * self.r.len() as f64;
+        let wj = self.w[j];
+        let gj = self.g.col_as_slice(j);
+        let mut best = 0f32;
+        for (((&r, &g), &f), &ig) in self.r.iter().zip(gj).zip(&self.free).zip(self.inv_gd) {
+            let a = r - wj * g;
+            best = best.max(f * a * a * ig);
+        }
+        best
+    }
+
+    /// The best swap among drops `js` and the pruned weights in `ks`, if it lowers the error.
+    fn best(&mut self, js: &[usize], ks: std::ops::Range<usize>) -> Option<(usize, usize, f32)> {
+        let mut best: Option<(f32, usize, usize, f32)> = None;
+        for &j in js {
+            for k in ks.clone() {
+                if !self.pruned(k) {
+                    continue;
+                }
+                self.flops += 10.0;
+                let (d, t) = self.change(j, k);
+                if d < best.map_or(0.0, |b| b.0) {
+                    best = Some((d, j, k, t));
+                }
+            }
+        }
+        best.map(|(_, j, k, t)| (j, k, t))
+    }
+
+    fn swap(&mut self, j: usize, k: usize, t: f32) {
+        self.flops += 4.0 * self.r.len() as f64;
+        let wj = self.w[j];
+        for ((r, &gj), &gk) in self.r.iter_mut().zip(self.g.col_as_slice(j)).zip(self.g.col_as_slice(k)) {
+            *r += t * gk - wj * gj;
+        }
+        (self.w[j], self.w[k]) = (0.0, t);
+        (self.free[j], self.free[k]) = (1.0, 0.0);
+    }
+
+    /// Swaps while one lowers the error (at most `cap`); returns how many were made.
+    fn improve(&mut self, pattern: Pattern, cap: usize) -> usize {
+        let n = self.w.len();
+        let mut made = 0;
+        match pattern {
+            Pattern::NM { m: group, .. } => {
+                // Sweeps over the groups until one changes nothing.
+                for _ in 0..cap {
+                    let before = made;
+                    for g in (0..n).step_by(group) {
+                        let cols = g..(g + group).min(n);
+                        let js: Vec<usize> = cols.clone().filter(|&j| !self.pruned(j)).collect();
+                        if let Some((j, k, t)) = self.best(&js, cols) {
+                            self.swap(j, k, t);
+                            made += 1;
+                        }
+                    }
+                    if made == before {
+                        break;
+                    }
+                }
+            }
+            Pattern::Unstructured(_) => {
+                let mut drops: Vec<(f32, usize)> = Vec::with_capacity(n);
+                while made < cap {
+                    drops.clear();
+                    drops.extend((0..n).filter(|&j| !self.pruned(j)).map(|j| (self.drop_cost(j), j)));
+                    self.flops += 4.0 * drops.len() as f64;
+                    let few = DROPS.min(drops.len());
+                    if few == 0 {
+                        break;
+                    }
+                    drops.select_nth_unstable_by(few - 1, |a, b| a.0.total_cmp(&b.0));
+                    // The cheapest drop against its best add, by the gain alone; then the add itself.
+                    let (j, d) = drops[..few]
+                        .iter()
+                        .map(|&(cost, j)| (j, significant(cost, self.best_add(j))))
+                        .min_by(|a, b| a.1.total_cmp(&b.1))
+                        .expect("a drop");
+                    if d >= 0.0 {
+                        break;
+                    }
+                    let Some((j, k, t)) = self.best(&[j], 0..n) else { break };
+                    self.swap(j, k, t);
+                    made += 1;
+                }
+            }
+        }
+        made
+    }
+}
+
+/// `drop − add` where it lowers the error beyond the rounding of its own terms, else 0 (no change).
+fn significant(drop: f32, add: f32) -> f32 {
+    let delta = drop - add;
+    if delta < -1e-5 * drop.abs().max(add) { delta } else { 0.0 }
+}
+
 /// Refine `w` (re-fitted on the support `pruned` leaves, on `pattern`) by up to `rounds` rounds of swaps, each
 /// re-fitted with `refit_iters` conjugate-gradient steps. Returns the weights, their mask and each round.
 pub fn refine(
@@ -52,63 +187,43 @@ pub fn refine(
     let top = (0..n).map(|j| p.g[(j, j)]).fold(0f32, f32::max).max(f32::MIN_POSITIVE);
     let gd: Vec<f32> = (0..n).map(|j| p.g[(j, j)].max(1e-12 * top)).collect();
     let base = p.k.max(f64::MIN_POSITIVE);
+    // Swaps per row and round: unstructured, a share of the row (the re-fit between rounds moves the rest);
+    // N:M, sweeps over the groups.
+    let cap = match pattern {
+        Pattern::NM { .. } => 4,
+        Pattern::Unstructured(_) => n.div_ceil(16),
+    };
+    let inv_gd: Vec<f32> = gd.iter().map(|d| 1.0 / d).collect();
     let mut wg = matmul(w.as_ref(), p.g.as_ref());
     let mut err = row_errors(&w, &wg, p.c);
     let mut report = Vec::new();
     for _ in 0..rounds {
         let (mut cand, mut cmask) = (w.clone(), pruned.clone());
-        let mut proposed = 0;
+        let (mut proposed, mut search_flops) = (0, 0.0);
         for i in 0..m {
-            // (gain bound, position) of each pruned weight; (cost bound, position) of each kept one.
-            let gain = |k: usize| {
-                let r = wg[(i, k)] - p.c[(i, k)];
-                r * r / gd[k]
+            let mut row = Row {
+                g: p.g,
+                gd: &gd,
+                inv_gd: &inv_gd,
+                w: (0..n).map(|j| w[(i, j)]).collect(),
+                r: (0..n).map(|j| wg[(i, j)] - p.c[(i, j)]).collect(),
+                free: (0..n).map(|j| if pruned[(i, j)] { 1.0 } else { 0.0 }).collect(),
+                flops: 0.0,
             };
-            let cost = |j: usize| w[(i, j)] * w[(i, j)] * gd[j];
-            let mut swap = |add: usize, drop: usize| {
-                cand[(i, add)] = -(wg[(i, add)] - p.c[(i, add)]) / gd[add];
-                cmask[(i, add)] = false;
-                cand[(i, drop)] = 0.0;
-                cmask[(i, drop)] = true;
-                proposed += 1;
-            };
-            match pattern {
-                Pattern::NM { m: group, .. } => {
-                    for g in (0..n).step_by(group) {
-                        let cols = g..(g + group).min(n);
-                        let add = cols
-                            .clone()
-                            .filter(|&k| pruned[(i, k)])
-                            .map(|k| (gain(k), k))
-                            .max_by(|a, b| a.0.total_cmp(&b.0));
-                        let drop =
-                            cols.filter(|&j| !pruned[(i, j)]).map(|j| (cost(j), j)).min_by(|a, b| a.0.total_cmp(&b.0));
-                        if let (Some((a, k)), Some((b, j))) = (add, drop)
-                            && a > b
-                        {
-                            swap(k, j);
-                        }
-                    }
-                }
-                Pattern::Unstructured(_) => {
-                    let mut adds: Vec<(f32, usize)> =
-                        (0..n).filter(|&k| pruned[(i, k)]).map(|k| (gain(k), k)).collect();
-                    let mut drops: Vec<(f32, usize)> =
-                        (0..n).filter(|&j| !pruned[(i, j)]).map(|j| (cost(j), j)).collect();
-                    adds.sort_by(|a, b| b.0.total_cmp(&a.0));
-                    drops.sort_by(|a, b| a.0.total_cmp(&b.0));
-                    // A few swaps per row and round: the estimates hold for one swap, not for many at once.
-                    let cap = n.div_ceil(64);
-                    for (&(a, k), &(b, j)) in adds.iter().zip(&drops).take(cap) {
-                        if a <= b {
-                            break;
-                        }
-                        swap(k, j);
-                    }
+            let made = row.improve(pattern, cap);
+            search_flops += row.flops;
+            if made > 0 {
+                proposed += made;
+                for j in 0..n {
+                    cand[(i, j)] = row.w[j];
+                    cmask[(i, j)] = row.pruned(j);
                 }
             }
         }
+        let error = (err.iter().sum::<f64>() + p.k).max(0.0) / base;
         if proposed == 0 {
+            // A search that found nothing: no re-fit, the last round.
+            report.push(SwapRound { proposed, search_flops, rows_kept: 0, error });
             break;
         }
         let cand = refit(p, &cand, &cmask, refit_iters);
@@ -127,6 +242,7 @@ pub fn refine(
         }
         report.push(SwapRound {
             proposed,
+            search_flops,
             rows_kept: better.len(),
             error: (err.iter().sum::<f64>() + p.k).max(0.0) / base,
         });
@@ -167,31 +283,66 @@ mod tests {
         row_errors(w, &matmul(w.as_ref(), p.g.as_ref()), p.c)
     }
 
-    /// The two estimates the proposals rest on are exact for one weight alone at a re-fitted row: adding
-    /// pruned `k` at `−r_k / G_kk` lowers the error by `r_k² / G_kk`; removing kept `j` raises it by `w_j² G_jj`.
+    /// A swap's change is the error's exact change, from any point (not only a re-fitted one), and `swap`
+    /// leaves `r = w G* − c` exact.
     #[test]
-    fn single_swap_estimates_are_exact() {
-        let (w, g, c, k) = problem(1, 12, 7);
+    fn swap_change_is_exact() {
+        let n = 12;
+        let (w, g, c, k) = problem(1, n, 7);
         let p = Problem { w: &w, g: &g, c: &c, k };
         let pruned = mask::select(&w, Pattern::Unstructured(0.5), true);
         let mut start = w.clone();
         mask::apply(&mut start, &pruned);
-        let fit = refit(&p, &start, &pruned, 200);
-        let e0 = errors(&p, &fit)[0];
-        let r = {
-            let wg = matmul(fit.as_ref(), g.as_ref());
-            Mat::from_fn(1, 12, |_, j| wg[(0, j)] - c[(0, j)])
+        let gd: Vec<f32> = (0..n).map(|j| g[(j, j)]).collect();
+        let inv_gd: Vec<f32> = gd.iter().map(|d| 1.0 / d).collect();
+        let residual = |v: &Mat<f32>| {
+            let vg = matmul(v.as_ref(), g.as_ref());
+            (0..n).map(|j| vg[(0, j)] - c[(0, j)]).collect::<Vec<f32>>()
         };
-        let (add, drop) = ((0..12).find(|&j| pruned[(0, j)]).unwrap(), (0..12).find(|&j| !pruned[(0, j)]).unwrap());
-        let mut added = fit.clone();
-        added[(0, add)] = -r[(0, add)] / g[(add, add)];
-        let gain = (r[(0, add)] * r[(0, add)] / g[(add, add)]) as f64;
-        let mut dropped = fit.clone();
-        dropped[(0, drop)] = 0.0;
-        let cost = (fit[(0, drop)] * fit[(0, drop)] * g[(drop, drop)]) as f64;
+        let mut row = Row {
+            g: &g,
+            gd: &gd,
+            inv_gd: &inv_gd,
+            w: (0..n).map(|j| start[(0, j)]).collect(),
+            r: residual(&start),
+            free: (0..n).map(|j| if pruned[(0, j)] { 1.0 } else { 0.0 }).collect(),
+            flops: 0.0,
+        };
+        let e0 = errors(&p, &start)[0];
         let scale = e0.abs().max(k);
-        assert!((e0 - errors(&p, &added)[0] - gain).abs() < 1e-4 * scale, "gain {gain}");
-        assert!((errors(&p, &dropped)[0] - e0 - cost).abs() < 1e-4 * scale, "cost {cost}");
+        let (mut tried, mut lower) = (0, 0);
+        for j in (0..n).filter(|&j| !row.pruned(j)) {
+            for kk in (0..n).filter(|&kk| row.pruned(kk)) {
+                let (d, t) = row.change(j, kk);
+                let mut v = start.clone();
+                (v[(0, j)], v[(0, kk)]) = (0.0, t);
+                let exact = errors(&p, &v)[0] - e0;
+                if d < 0.0 {
+                    assert!((d as f64 - exact).abs() < 1e-4 * scale, "({j}, {kk}): {d} against {exact}");
+                    lower += 1;
+                } else {
+                    assert!(exact > -1e-4 * scale, "({j}, {kk}): a lower error ({exact}) reported as none");
+                }
+                tried += 1;
+            }
+        }
+        assert!(lower > 0 && lower < tried, "{lower} of {tried} swaps lower the error");
+        // The branch-free search finds each drop's best add.
+        let js: Vec<usize> = (0..n).filter(|&j| !row.pruned(j)).collect();
+        for &j in &js {
+            let exhaustive = (0..n).filter(|&kk| row.pruned(kk)).map(|kk| row.change(j, kk).0).fold(0f32, f32::min);
+            let fast = significant(row.drop_cost(j), row.best_add(j));
+            assert!(
+                (fast - exhaustive).abs() <= 1e-5 * exhaustive.abs().max(1e-3 * scale as f32),
+                "{j}: {fast} {exhaustive}"
+            );
+        }
+        let (j, kk, t) = row.best(&js, 0..n).expect("a swap that lowers the error");
+        row.swap(j, kk, t);
+        let v = Mat::from_fn(1, n, |_, l| row.w[l]);
+        for (l, (a, b)) in row.r.iter().zip(residual(&v)).enumerate() {
+            assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "r[{l}]: {a} against {b}");
+        }
     }
 
     /// From magnitude's mask re-fitted, the swaps lower the error (every row no worse, the total clearly
