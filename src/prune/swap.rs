@@ -148,7 +148,7 @@ impl Row<'_> {
                         break;
                     }
                     drops.select_nth_unstable_by(few - 1, |a, b| a.0.total_cmp(&b.0));
-                    // The cheapest drop against its best add, by the gain alone; then the add itself.
+                    // Of the cheapest drops, the one whose best add lowers the error most; then find that add.
                     let (j, d) = drops[..few]
                         .iter()
                         .map(|&(cost, j)| (j, significant(cost, self.best_add(j))))
