@@ -55,7 +55,30 @@ struct Row<'a> {
     flops: f64,
 }
 
-impl Row<'_> {
+impl<'a> Row<'a> {
+    /// Row `i` of `w` (with `wg = w G*`), its mask taken from `pruned`.
+    #[allow(clippy::too_many_arguments)]
+    fn of(
+        p: &Problem<'a>,
+        gd: &'a [f32],
+        inv_gd: &'a [f32],
+        w: &Mat<f32>,
+        wg: &Mat<f32>,
+        pruned: &Mask,
+        i: usize,
+    ) -> Self {
+        let n = w.ncols();
+        Row {
+            g: p.g,
+            gd,
+            inv_gd,
+            w: (0..n).map(|j| w[(i, j)]).collect(),
+            r: (0..n).map(|j| wg[(i, j)] - p.c[(i, j)]).collect(),
+            free: (0..n).map(|j| if pruned[(i, j)] { 1.0 } else { 0.0 }).collect(),
+            flops: 0.0,
+        }
+    }
+
     fn pruned(&self, j: usize) -> bool {
         self.free[j] != 0.0
     }
@@ -67,10 +90,10 @@ impl Row<'_> {
     }
 
     /// The exact change of the error, and `k`'s new value, for dropping kept `j` and adding pruned `k`.
-    fn change(&self, j: usize, k: usize) -> (f32, f32) {
+    /// `drop` is `j`'s [`Row::drop_cost`], the same for every `k`.
+    fn change(&self, drop: f32, j: usize, k: usize) -> (f32, f32) {
         let a = self.r[k] - self.w[j] * self.g[(k, j)];
-        let (drop, add) = (self.drop_cost(j), a * a * self.inv_gd[k]);
-        (significant(drop, add), -a * self.inv_gd[k])
+        (significant(drop, a * a * self.inv_gd[k]), -a * self.inv_gd[k])
     }
 
     /// The largest gain `a_k² / G*_kk` over every pruned `k` once kept `j` is dropped (`G*` is symmetric:
@@ -91,12 +114,13 @@ impl Row<'_> {
     fn best(&mut self, js: &[usize], ks: std::ops::Range<usize>) -> Option<(usize, usize, f32)> {
         let mut best: Option<(f32, usize, usize, f32)> = None;
         for &j in js {
+            let drop = self.drop_cost(j);
             for k in ks.clone() {
                 if !self.pruned(k) {
                     continue;
                 }
                 self.flops += 10.0;
-                let (d, t) = self.change(j, k);
+                let (d, t) = self.change(drop, j, k);
                 if d < best.map_or(0.0, |b| b.0) {
                     best = Some((d, j, k, t));
                 }
@@ -173,6 +197,15 @@ fn significant(drop: f32, add: f32) -> f32 {
     if delta < -1e-5 * drop.abs().max(add) { delta } else { 0.0 }
 }
 
+/// `G*`'s diagonal (kept off zero for inputs that never fire) and its inverse.
+fn diagonal(g: &Mat<f32>) -> (Vec<f32>, Vec<f32>) {
+    let n = g.nrows();
+    let top = (0..n).map(|j| g[(j, j)]).fold(0f32, f32::max).max(f32::MIN_POSITIVE);
+    let gd: Vec<f32> = (0..n).map(|j| g[(j, j)].max(1e-12 * top)).collect();
+    let inv = gd.iter().map(|d| 1.0 / d).collect();
+    (gd, inv)
+}
+
 /// Refine `w` (re-fitted on the support `pruned` leaves, on `pattern`) by up to `rounds` rounds of swaps, each
 /// re-fitted with `refit_iters` conjugate-gradient steps. Returns the weights, their mask and each round.
 pub fn refine(
@@ -184,8 +217,7 @@ pub fn refine(
     refit_iters: usize,
 ) -> (Mat<f32>, Mask, Vec<SwapRound>) {
     let (m, n) = w.shape();
-    let top = (0..n).map(|j| p.g[(j, j)]).fold(0f32, f32::max).max(f32::MIN_POSITIVE);
-    let gd: Vec<f32> = (0..n).map(|j| p.g[(j, j)].max(1e-12 * top)).collect();
+    let (gd, inv_gd) = diagonal(p.g);
     let base = p.k.max(f64::MIN_POSITIVE);
     // Swaps per row and round: unstructured, a share of the row (the re-fit between rounds moves the rest);
     // N:M, sweeps over the groups.
@@ -193,23 +225,15 @@ pub fn refine(
         Pattern::NM { .. } => 4,
         Pattern::Unstructured(_) => n.div_ceil(16),
     };
-    let inv_gd: Vec<f32> = gd.iter().map(|d| 1.0 / d).collect();
     let mut wg = matmul(w.as_ref(), p.g.as_ref());
     let mut err = row_errors(&w, &wg, p.c);
+    let total = |err: &[f64]| (err.iter().sum::<f64>() + p.k).max(0.0) / base;
     let mut report = Vec::new();
     for _ in 0..rounds {
         let (mut cand, mut cmask) = (w.clone(), pruned.clone());
         let (mut proposed, mut search_flops) = (0, 0.0);
         for i in 0..m {
-            let mut row = Row {
-                g: p.g,
-                gd: &gd,
-                inv_gd: &inv_gd,
-                w: (0..n).map(|j| w[(i, j)]).collect(),
-                r: (0..n).map(|j| wg[(i, j)] - p.c[(i, j)]).collect(),
-                free: (0..n).map(|j| if pruned[(i, j)] { 1.0 } else { 0.0 }).collect(),
-                flops: 0.0,
-            };
+            let mut row = Row::of(p, &gd, &inv_gd, &w, &wg, &pruned, i);
             let made = row.improve(pattern, cap);
             search_flops += row.flops;
             if made > 0 {
@@ -220,10 +244,9 @@ pub fn refine(
                 }
             }
         }
-        let error = (err.iter().sum::<f64>() + p.k).max(0.0) / base;
         if proposed == 0 {
             // A search that found nothing: no re-fit, the last round.
-            report.push(SwapRound { proposed, search_flops, rows_kept: 0, error });
+            report.push(SwapRound { proposed, search_flops, rows_kept: 0, error: total(&err) });
             break;
         }
         let cand = refit(p, &cand, &cmask, refit_iters);
@@ -240,12 +263,7 @@ pub fn refine(
         for &i in &better {
             err[i] = cerr[i];
         }
-        report.push(SwapRound {
-            proposed,
-            search_flops,
-            rows_kept: better.len(),
-            error: (err.iter().sum::<f64>() + p.k).max(0.0) / base,
-        });
+        report.push(SwapRound { proposed, search_flops, rows_kept: better.len(), error: total(&err) });
         if better.is_empty() {
             break;
         }
@@ -293,27 +311,18 @@ mod tests {
         let pruned = mask::select(&w, Pattern::Unstructured(0.5), true);
         let mut start = w.clone();
         mask::apply(&mut start, &pruned);
-        let gd: Vec<f32> = (0..n).map(|j| g[(j, j)]).collect();
-        let inv_gd: Vec<f32> = gd.iter().map(|d| 1.0 / d).collect();
+        let (gd, inv_gd) = diagonal(&g);
         let residual = |v: &Mat<f32>| {
             let vg = matmul(v.as_ref(), g.as_ref());
             (0..n).map(|j| vg[(0, j)] - c[(0, j)]).collect::<Vec<f32>>()
         };
-        let mut row = Row {
-            g: &g,
-            gd: &gd,
-            inv_gd: &inv_gd,
-            w: (0..n).map(|j| start[(0, j)]).collect(),
-            r: residual(&start),
-            free: (0..n).map(|j| if pruned[(0, j)] { 1.0 } else { 0.0 }).collect(),
-            flops: 0.0,
-        };
+        let mut row = Row::of(&p, &gd, &inv_gd, &start, &matmul(start.as_ref(), g.as_ref()), &pruned, 0);
         let e0 = errors(&p, &start)[0];
         let scale = e0.abs().max(k);
         let (mut tried, mut lower) = (0, 0);
         for j in (0..n).filter(|&j| !row.pruned(j)) {
             for kk in (0..n).filter(|&kk| row.pruned(kk)) {
-                let (d, t) = row.change(j, kk);
+                let (d, t) = row.change(row.drop_cost(j), j, kk);
                 let mut v = start.clone();
                 (v[(0, j)], v[(0, kk)]) = (0.0, t);
                 let exact = errors(&p, &v)[0] - e0;
@@ -330,7 +339,10 @@ mod tests {
         // The branch-free search finds each drop's best add.
         let js: Vec<usize> = (0..n).filter(|&j| !row.pruned(j)).collect();
         for &j in &js {
-            let exhaustive = (0..n).filter(|&kk| row.pruned(kk)).map(|kk| row.change(j, kk).0).fold(0f32, f32::min);
+            let exhaustive = (0..n)
+                .filter(|&kk| row.pruned(kk))
+                .map(|kk| row.change(row.drop_cost(j), j, kk).0)
+                .fold(0f32, f32::min);
             let fast = significant(row.drop_cost(j), row.best_add(j));
             assert!(
                 (fast - exhaustive).abs() <= 1e-5 * exhaustive.abs().max(1e-3 * scale as f32),
@@ -357,18 +369,8 @@ mod tests {
             let pruned = mask::select(&w, pattern, true);
             let mut start = w.clone();
             mask::apply(&mut start, &pruned);
-            let gd: Vec<f32> = (0..n).map(|j| g[(j, j)]).collect();
-            let inv_gd: Vec<f32> = gd.iter().map(|d| 1.0 / d).collect();
-            let wg = matmul(start.as_ref(), g.as_ref());
-            let mut row = Row {
-                g: &g,
-                gd: &gd,
-                inv_gd: &inv_gd,
-                w: (0..n).map(|j| start[(0, j)]).collect(),
-                r: (0..n).map(|j| wg[(0, j)] - c[(0, j)]).collect(),
-                free: (0..n).map(|j| if pruned[(0, j)] { 1.0 } else { 0.0 }).collect(),
-                flops: 0.0,
-            };
+            let (gd, inv_gd) = diagonal(&g);
+            let mut row = Row::of(&p, &gd, &inv_gd, &start, &matmul(start.as_ref(), g.as_ref()), &pruned, 0);
             let made = row.improve(pattern, 1000);
             let end = Mat::from_fn(1, n, |_, j| row.w[j]);
             let e = errors(&p, &end)[0];
