@@ -123,7 +123,9 @@ fn gguf_sentencepiece_tokenizer_matches_sentencepiece() {
 }
 
 /// Error correction steps from one operator group's input to the next (`next_group_input`) instead of rerunning
-/// the layer: it must give exactly what `capture` reports, for every architecture and layer-norm placement.
+/// the layer, and makes the layer's output from the residual stream and the last group's input
+/// (`output_from`): both must give exactly what `capture` and `forward` give, for every architecture and
+/// layer-norm placement.
 #[test]
 fn stepping_between_operator_groups_equals_capture() {
     use candle_core::{Device, Tensor};
@@ -145,18 +147,20 @@ fn stepping_between_operator_groups_equals_capture() {
             };
             l.capture(&x, &ctx, &mut hook).unwrap();
             assert_eq!(inputs.len(), groups.len());
-            let mut stepped = 0;
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let (mut stepped, mut residual) = (0, None);
             for gi in 1..groups.len() {
                 if let Some(t) = l.next_group_input(gi, &x, &inputs[gi - 1]).unwrap() {
-                    let (a, b) = (
-                        t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                        inputs[gi].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                    );
-                    assert!(a == b, "{name} layer {i} group {gi}: stepping differs from capture");
+                    assert!(flat(&t.input) == flat(&inputs[gi]), "{name} layer {i} group {gi}: stepping differs");
+                    residual = t.residual.or(residual);
                     stepped += 1;
                 }
             }
             assert_eq!(stepped, 2, "{name}: both FFN groups step");
+            let residual = residual.expect("a step passes the residual stream after attention");
+            let y = l.output_from(&residual, inputs.last().unwrap()).unwrap().expect("the layer makes its output");
+            let want = l.forward(&x, &ctx, None).unwrap();
+            assert!(flat(&y) == flat(&want), "{name} layer {i}: output from the held inputs differs from forward");
         }
     }
 }

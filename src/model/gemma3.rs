@@ -18,8 +18,8 @@ use serde_json::{Value as Json, json};
 
 use super::gguf::GgufFile;
 use super::{
-    Architecture, CausalLm, Config, DecoderLayer, FromGguf, Hook, LayerContext, Linear, ModelConfig, Rope, TensorSpec,
-    TokenIds, VocabMatrix, Weights, rope_inv_freq,
+    Architecture, CausalLm, Config, DecoderLayer, FromGguf, GroupStep, Hook, LayerContext, Linear, ModelConfig, Rope,
+    TensorSpec, TokenIds, VocabMatrix, Weights, rope_inv_freq,
 };
 
 pub const ARCHITECTURE: Architecture = Architecture {
@@ -643,6 +643,11 @@ impl GemmaLayer {
         Ok((self.op("gate_proj").forward(h)?.gelu()? * self.op("up_proj").forward(h)?)?)
     }
 
+    /// The layer's output from the residual stream after attention and the input of down_proj.
+    fn finish(&self, x: &Tensor, act: &Tensor) -> Result<Tensor> {
+        Ok((x + self.norm(POST_FFN_NORM, &self.op("down_proj").forward(act)?)?)?)
+    }
+
     /// The layer up to its last projection: (residual stream after attention, input of down_proj).
     fn until_down(&self, x: &Tensor, ctx: &LayerContext, hook: &mut Option<Hook>) -> Result<(Tensor, Tensor)> {
         let h = self.norm(INPUT_NORM, x)?;
@@ -664,21 +669,27 @@ impl GemmaLayer {
 impl DecoderLayer for GemmaLayer {
     fn forward(&self, x: &Tensor, ctx: &LayerContext, mut hook: Option<Hook>) -> Result<Tensor> {
         let (x, act) = self.until_down(x, ctx, &mut hook)?;
-        let m = self.norm(POST_FFN_NORM, &self.op("down_proj").forward(&act)?)?;
-        Ok((x + m)?)
+        self.finish(&x, &act)
     }
 
     fn capture(&self, x: &Tensor, ctx: &LayerContext, hook: Hook) -> Result<()> {
         self.until_down(x, ctx, &mut Some(hook)).map(|_| ())
     }
 
-    fn next_group_input(&self, gi: usize, x: &Tensor, prev: &Tensor) -> Result<Option<Tensor>> {
+    fn next_group_input(&self, gi: usize, x: &Tensor, prev: &Tensor) -> Result<Option<GroupStep>> {
         Ok(match gi {
             // gate/up read the pre-MLP norm of the residual; down reads the gated activation.
-            2 => Some(self.after_attention(x, &self.op("o_proj").forward(prev)?)?.1),
-            3 => Some(self.activation(prev)?),
+            2 => {
+                let (x, input) = self.after_attention(x, &self.op("o_proj").forward(prev)?)?;
+                Some(GroupStep { input, residual: Some(x) })
+            }
+            3 => Some(GroupStep { input: self.activation(prev)?, residual: None }),
             _ => None,
         })
+    }
+
+    fn output_from(&self, residual: &Tensor, last_input: &Tensor) -> Result<Option<Tensor>> {
+        self.finish(residual, last_input).map(Some)
     }
 
     fn linear_names(&self) -> &'static [&'static str] {

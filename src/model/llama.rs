@@ -16,8 +16,8 @@ use serde_json::{Value as Json, json};
 
 use super::gguf::{GgufFile, Value};
 use super::{
-    Architecture, CausalLm, Config, DecoderLayer, FromGguf, Hook, LayerContext, Linear, ModelConfig, Rope, TensorSpec,
-    TokenIds, VocabMatrix, Weights, rope_inv_freq,
+    Architecture, CausalLm, Config, DecoderLayer, FromGguf, GroupStep, Hook, LayerContext, Linear, ModelConfig, Rope,
+    TensorSpec, TokenIds, VocabMatrix, Weights, rope_inv_freq,
 };
 
 pub const ARCHITECTURE: Architecture = Architecture {
@@ -741,24 +741,42 @@ impl LlamaLayer {
     }
 }
 
+impl LlamaLayer {
+    /// The layer's output from the residual stream after attention and the input of down_proj.
+    fn finish(&self, x: &Tensor, act: &Tensor) -> Result<Tensor> {
+        Ok((x + self.op("down_proj").forward(act)?)?)
+    }
+}
+
 impl DecoderLayer for LlamaLayer {
     fn forward(&self, x: &Tensor, ctx: &LayerContext, mut hook: Option<Hook>) -> Result<Tensor> {
         let (x, act) = self.until_down(x, ctx, &mut hook)?;
-        Ok((x + self.op("down_proj").forward(&act)?)?)
+        self.finish(&x, &act)
     }
 
     fn capture(&self, x: &Tensor, ctx: &LayerContext, hook: Hook) -> Result<()> {
         self.until_down(x, ctx, &mut Some(hook)).map(|_| ())
     }
 
-    fn next_group_input(&self, gi: usize, x: &Tensor, prev: &Tensor) -> Result<Option<Tensor>> {
+    fn next_group_input(&self, gi: usize, x: &Tensor, prev: &Tensor) -> Result<Option<GroupStep>> {
         let eps = self.cfg.rms_norm_eps as f32;
         Ok(match gi {
             // gate/up read the post-attention norm of the residual; down reads the SwiGLU activation.
-            2 => Some(candle_nn::ops::rms_norm(&(x + self.op("o_proj").forward(prev)?)?, &self.norms[1], eps)?),
-            3 => Some((self.op("gate_proj").forward(prev)?.silu()? * self.op("up_proj").forward(prev)?)?),
+            2 => {
+                let x = (x + self.op("o_proj").forward(prev)?)?;
+                let input = candle_nn::ops::rms_norm(&x, &self.norms[1], eps)?;
+                Some(GroupStep { input, residual: Some(x) })
+            }
+            3 => Some(GroupStep {
+                input: (self.op("gate_proj").forward(prev)?.silu()? * self.op("up_proj").forward(prev)?)?,
+                residual: None,
+            }),
             _ => None,
         })
+    }
+
+    fn output_from(&self, residual: &Tensor, last_input: &Tensor) -> Result<Option<Tensor>> {
+        self.finish(residual, last_input).map(Some)
     }
 
     fn linear_names(&self) -> &'static [&'static str] {

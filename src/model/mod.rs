@@ -406,6 +406,14 @@ pub fn rope_inv_freq(theta: f64, head_dim: usize) -> Vec<f64> {
 /// Called with (operator name, operator input) as a layer runs; the input is `(batch, seq, in_features)`.
 pub type Hook<'a> = &'a mut dyn FnMut(&str, &Tensor) -> Result<()>;
 
+/// One step of error correction's walk through a layer ([`DecoderLayer::next_group_input`]).
+pub struct GroupStep {
+    /// The input of the operator group stepped to.
+    pub input: Tensor,
+    /// The residual stream after attention, where this step computed it.
+    pub residual: Option<Tensor>,
+}
+
 /// One decoder layer, materialised in f32.
 pub trait DecoderLayer: Send + Sync {
     /// `x`: `(batch, seq, hidden)` → same shape.
@@ -416,7 +424,13 @@ pub trait DecoderLayer: Send + Sync {
     /// The input of operator group `gi` from the layer input `x` and `prev`, the input of group `gi − 1`,
     /// computed as `capture` would but without rerunning what lies before `prev`; `None` where the layer
     /// cannot (then run `capture`). Error correction uses it to step from group to group.
-    fn next_group_input(&self, _gi: usize, _x: &Tensor, _prev: &Tensor) -> Result<Option<Tensor>> {
+    fn next_group_input(&self, _gi: usize, _x: &Tensor, _prev: &Tensor) -> Result<Option<GroupStep>> {
+        Ok(None)
+    }
+    /// The layer's output from the residual stream after attention (as a [`GroupStep`] gave it) and the last
+    /// group's input, computed as `forward` would; `None` where the layer cannot. Error correction holds both
+    /// at the end of its walk and so skips a last pass through the layer.
+    fn output_from(&self, _residual: &Tensor, _last_input: &Tensor) -> Result<Option<Tensor>> {
         Ok(None)
     }
     /// Names of the linear operators, in data-flow order (`q_proj`, `k_proj`, ... / `fc1`, `fc2`).

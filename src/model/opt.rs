@@ -13,8 +13,8 @@ use serde::Deserialize;
 use serde_json::{Value as Json, json};
 
 use super::{
-    Architecture, CausalLm, Config, DecoderLayer, Hook, LayerContext, Linear, ModelConfig, TensorSpec, VocabMatrix,
-    Weights,
+    Architecture, CausalLm, Config, DecoderLayer, GroupStep, Hook, LayerContext, Linear, ModelConfig, TensorSpec,
+    VocabMatrix, Weights,
 };
 
 pub const ARCHITECTURE: Architecture = Architecture {
@@ -434,6 +434,12 @@ impl OptLayer {
     }
 
     /// The layer up to its last projection: (residual stream after attention, input of fc2).
+    /// The layer's output from the residual stream after attention and the input of fc2.
+    fn finish(&self, x: &Tensor, a: &Tensor) -> Result<Tensor> {
+        let x = (x + self.op("fc2").forward(a)?)?;
+        if self.cfg.do_layer_norm_before { Ok(x) } else { self.norms[1].forward(&x) }
+    }
+
     fn until_fc2(&self, x: &Tensor, hook: &mut Option<Hook>) -> Result<(Tensor, Tensor)> {
         let pre = self.cfg.do_layer_norm_before;
         let [attn_ln, ffn_ln] = &self.norms;
@@ -457,24 +463,30 @@ impl OptLayer {
 impl DecoderLayer for OptLayer {
     fn forward(&self, x: &Tensor, _ctx: &LayerContext, mut hook: Option<Hook>) -> Result<Tensor> {
         let (x, a) = self.until_fc2(x, &mut hook)?;
-        let x = (x + self.op("fc2").forward(&a)?)?;
-        if self.cfg.do_layer_norm_before { Ok(x) } else { self.norms[1].forward(&x) }
+        self.finish(&x, &a)
     }
 
     fn capture(&self, x: &Tensor, _ctx: &LayerContext, hook: Hook) -> Result<()> {
         self.until_fc2(x, &mut Some(hook)).map(|_| ())
     }
 
-    fn next_group_input(&self, gi: usize, x: &Tensor, prev: &Tensor) -> Result<Option<Tensor>> {
+    fn next_group_input(&self, gi: usize, x: &Tensor, prev: &Tensor) -> Result<Option<GroupStep>> {
         let pre = self.cfg.do_layer_norm_before;
         Ok(match gi {
             2 => {
                 let x = (x + self.op("out_proj").forward(prev)?)?;
-                Some(if pre { self.norms[1].forward(&x)? } else { self.norms[0].forward(&x)? })
+                // Post-LN: the residual stream is itself normalised, and fc1 reads it as it is.
+                let x = if pre { x } else { self.norms[0].forward(&x)? };
+                let input = if pre { self.norms[1].forward(&x)? } else { x.clone() };
+                Some(GroupStep { input, residual: Some(x) })
             }
-            3 => Some(self.op("fc1").forward(prev)?.relu()?),
+            3 => Some(GroupStep { input: self.op("fc1").forward(prev)?.relu()?, residual: None }),
             _ => None,
         })
+    }
+
+    fn output_from(&self, residual: &Tensor, last_input: &Tensor) -> Result<Option<Tensor>> {
+        self.finish(residual, last_input).map(Some)
     }
 
     fn linear_names(&self) -> &'static [&'static str] {

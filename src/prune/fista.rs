@@ -109,7 +109,7 @@ impl Method for FistaPruner {
         // Power iteration, every FISTA iteration and error evaluation, and the re-fit: each a GEMM with `G*`.
         let gemm = 2.0 * rows as f64 * (cols * cols) as f64;
         // Each swap round that swapped: a re-fit and three more GEMMs; its search apart (counted as it runs).
-        let swaps = report.swaps.iter().filter(|s| s.proposed > 0).count() * (o.refit_iters + 3);
+        let swaps = report.swaps.iter().filter(|s| s.proposed > 0).count() * (o.swap_refit_iters + 3);
         let search: f64 = report.swaps.iter().map(|s| s.search_flops).sum();
         let iters = o.rounds * (o.iters + 2) + o.refit_iters + 3 + swaps;
         let flops = warm.flops + iters as f64 * gemm + search + o.power_iters as f64 * 2.0 * (cols * cols) as f64;
@@ -206,6 +206,10 @@ pub struct Options {
     /// or N:M group where that lowers the row's re-fitted error (each round one re-fit).
     #[cfg_attr(feature = "cli", arg(long, default_value_t = Options::default().swap_rounds))]
     pub swap_rounds: usize,
+    /// FISTA: conjugate-gradient steps of each swap round's re-fit (it starts from the re-fitted weights, with
+    /// each added weight already at its best value given the rest of its row).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = Options::default().swap_refit_iters))]
+    pub swap_refit_iters: usize,
 }
 
 impl Default for Options {
@@ -226,6 +230,7 @@ impl Default for Options {
             damp: 0.0,
             basis: Basis::Raw,
             swap_rounds: 0,
+            swap_refit_iters: 20,
         }
     }
 }
@@ -538,8 +543,8 @@ pub fn solve(p: &Problem, w0: &Mat<f32>, pattern: Pattern, o: &Options) -> Resul
         }
     }
     if o.swap_rounds > 0 {
-        ensure!(o.refit_iters > 0, "--swap-rounds re-fits every swap: it needs --refit-iters above 0");
-        let (w, _, rounds) = super::swap::refine(p, best, best_mask, pattern, o.swap_rounds, o.refit_iters);
+        ensure!(o.swap_refit_iters > 0, "--swap-rounds re-fits every swap: it needs --swap-refit-iters above 0");
+        let (w, _, rounds) = super::swap::refine(p, best, best_mask, pattern, o.swap_rounds, o.swap_refit_iters);
         best = w;
         best_err = rounds.last().map_or(best_err, |r| r.error * base);
         report.swaps = rounds;
@@ -706,7 +711,7 @@ mod tests {
                 ..Default::default()
             },
         };
-        let st = crate::prune::OpStats { gram: g.clone(), cross: None, dense: None };
+        let st = crate::prune::OpStats { gram: g.clone(), cross: None, dense: None, outputs: None };
         let a = method(true, 0).prune(&w, Some(&st), pattern).unwrap().w;
         mask::verify(&a, pattern, 6).unwrap();
         for i in 0..6 {

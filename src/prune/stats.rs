@@ -58,30 +58,42 @@ impl Gram {
     }
 }
 
-/// Running cross products `Σ x y ᵀ` of two inputs seen by the same operator (dense `x`, actual `y`).
+/// Running cross products `Σ x yᵀ` over the tokens of two streams: dense inputs `x` against the actual ones
+/// `y` of the same operator, or an operator's dense outputs against its actual inputs.
 pub struct Cross {
     pub c: Mat<f32>,
 }
 
 impl Cross {
-    pub fn new(n: usize) -> Self {
-        Self { c: Mat::zeros(n, n) }
+    /// For `x` of width `p` and `y` of width `n`.
+    pub fn new(p: usize, n: usize) -> Self {
+        Self { c: Mat::zeros(p, n) }
     }
 
-    /// Add `xᵀ y` over the rows of `x` and `y` (same shape `(..., n)`).
+    /// Add `xᵀ y` over the rows of `x` `(..., p)` and `y` `(..., n)`.
     pub fn add(&mut self, x: &Tensor, y: &Tensor) -> Result<()> {
-        let n = x.dim(D::Minus1)?;
-        ensure!(x.dims() == y.dims() && n == self.c.nrows(), "Cross: shapes {:?} / {:?}", x.dims(), y.dims());
-        let rows = x.elem_count() / n;
+        let (p, n) = (x.dim(D::Minus1)?, y.dim(D::Minus1)?);
+        let rows = x.elem_count() / p;
+        ensure!(
+            (p, n) == self.c.shape() && y.elem_count() == rows * n,
+            "Cross: shapes {:?} / {:?}",
+            x.dims(),
+            y.dims()
+        );
         with_f32(x, |xs| {
             with_f32(y, |ys| {
-                let a = MatRef::from_row_major_slice(xs, rows, n);
+                let a = MatRef::from_row_major_slice(xs, rows, p);
                 let b = MatRef::from_row_major_slice(ys, rows, n);
                 faer::linalg::matmul::matmul(self.c.as_mut(), Accum::Add, a.transpose(), b, 1.0f32, par());
             })
         })??;
         Ok(())
     }
+}
+
+/// `Σ y²` over a tensor, in f64.
+pub fn sum_squares(y: &Tensor) -> Result<f64> {
+    with_f32(y, |ys| ys.iter().map(|&v| v as f64 * v as f64).sum())
 }
 
 /// Per-token scales that tame outlier tokens in the statistics (`--token-cap κ`): a token whose input has a
@@ -109,11 +121,15 @@ pub fn outlier_token_scales(x: &Tensor, cap: f64) -> Result<Tensor> {
 
 /// What a method knows of one operator's inputs over the calibration tokens (rows = tokens):
 /// `gram = X*ᵀX*` of the inputs it actually gets; with intra-layer error correction also `cross = XᵀX*` and
-/// `dense = XᵀX` of the inputs the dense layer gives it (without, all three are the same matrix).
+/// `dense = XᵀX` of the inputs the dense layer gives it (without, all three are the same matrix), or, for an
+/// operator alone in its group and narrower than its input, its target itself (`outputs`).
 pub struct OpStats {
     pub gram: Mat<f32>,
     pub cross: Option<Mat<f32>>,
     pub dense: Option<Mat<f32>>,
+    /// `(C, K) = (YᵀX*, ‖Y‖²)` from the operator's dense outputs `Y = W X` (no bias): `2 m n` per token
+    /// against `3 n²` for `XᵀX*` and `XᵀX`.
+    pub outputs: Option<(Mat<f32>, f64)>,
 }
 
 impl OpStats {
@@ -134,10 +150,14 @@ impl OpStats {
     /// any non-finite input value makes its diagonal entry (a sum of squares) non-finite, so this catches
     /// bad activations at the operator they feed, at O(n²) cost.
     pub fn check_finite(&self, what: &str) -> Result<()> {
+        if let Some((_, k)) = &self.outputs {
+            ensure!(k.is_finite(), "{what}: NaN or Inf in the dense layer's outputs of this operator");
+        }
         let streams = [
             (Some(&self.gram), "X*, the inputs of the partially pruned layer"),
             (self.cross.as_ref(), "X·X*, dense against pruned inputs"),
             (self.dense.as_ref(), "X, the dense layer's inputs"),
+            (self.outputs.as_ref().map(|o| &o.0), "Y·X*, dense outputs against pruned inputs"),
         ];
         for (m, label) in streams {
             let Some(m) = m else { continue };
@@ -156,11 +176,19 @@ impl OpStats {
 
     /// The operator's least-squares model for weight `w`: `‖W' X* − W X‖² = tr(W'G*W'ᵀ) − 2 tr(W' Cᵀ) + K`.
     pub fn problem<'a>(&'a self, w: &'a Mat<f32>, c: &'a Mat<f32>) -> super::fista::Problem<'a> {
-        super::fista::Problem { w, g: &self.gram, c, k: quad_error(w.as_ref(), self.dense().as_ref()) }
+        let k = match &self.outputs {
+            Some((_, k)) => *k,
+            None => quad_error(w.as_ref(), self.dense().as_ref()),
+        };
+        super::fista::Problem { w, g: &self.gram, c, k }
     }
 
-    /// `C = W XᵀX*`.
+    /// `C = W XᵀX*` (`w` is the operator's dense weight, which `outputs` already holds the product of).
     pub fn target(&self, w: &Mat<f32>) -> Mat<f32> {
+        if let Some((c, _)) = &self.outputs {
+            assert_eq!(c.shape(), w.shape(), "target: the statistics are of another operator");
+            return c.clone();
+        }
         let mut c = Mat::<f32>::zeros(w.nrows(), w.ncols());
         faer::linalg::matmul::matmul(c.as_mut(), Accum::Replace, w.as_ref(), self.cross().as_ref(), 1.0f32, par());
         c
@@ -207,6 +235,36 @@ mod tests {
                 assert!((g[(a, b)] as f64 - want).abs() < 1e-4, "({a},{b}) {} vs {want}", g[(a, b)]);
             }
         }
+    }
+
+    /// The target from an operator's dense outputs (`YᵀX*`, `‖Y‖²`) is the one from its inputs (`W XᵀX*`,
+    /// `tr(W XᵀX Wᵀ)`).
+    #[test]
+    fn target_from_dense_outputs_equals_target_from_inputs() {
+        let (t, n, m) = (40, 6, 3);
+        let val = |i: usize, a: usize, b: usize| ((i * a % b) as f32 - (b / 2) as f32) / b as f32;
+        let x = Tensor::from_vec((0..t * n).map(|i| val(i, 7, 13)).collect(), (2, t / 2, n), &Device::Cpu).unwrap();
+        let xs = Tensor::from_vec((0..t * n).map(|i| val(i, 5, 11)).collect(), (2, t / 2, n), &Device::Cpu).unwrap();
+        let w = Tensor::from_vec((0..m * n).map(|i| val(i, 3, 7)).collect(), (m, n), &Device::Cpu).unwrap();
+        let wm = crate::linalg::tensor_to_mat(&w).unwrap();
+        let (mut gram, mut cross, mut dense) = (Gram::new(n), Cross::new(n, n), Gram::new(n));
+        gram.add(&xs).unwrap();
+        cross.add(&x, &xs).unwrap();
+        dense.add(&x).unwrap();
+        let g = gram.finish();
+        let inputs = OpStats { gram: g.clone(), cross: Some(cross.c), dense: Some(dense.finish()), outputs: None };
+        let y = crate::linalg::matmul_nt(&x.flatten_to(1).unwrap(), &w).unwrap();
+        let mut yc = Cross::new(m, n);
+        yc.add(&y, &xs).unwrap();
+        let outputs = OpStats { gram: g, cross: None, dense: None, outputs: Some((yc.c, sum_squares(&y).unwrap())) };
+        let (ca, cb) = (inputs.target(&wm), outputs.target(&wm));
+        for i in 0..m {
+            for j in 0..n {
+                assert!((ca[(i, j)] - cb[(i, j)]).abs() < 1e-4, "C({i},{j}) {} vs {}", ca[(i, j)], cb[(i, j)]);
+            }
+        }
+        let (ka, kb) = (inputs.problem(&wm, &ca).k, outputs.problem(&wm, &cb).k);
+        assert!(ka > 1.0 && (ka - kb).abs() < 1e-5 * ka, "K {ka} vs {kb}");
     }
 
     #[test]

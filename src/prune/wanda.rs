@@ -39,7 +39,7 @@ mod tests {
         // scores = [2, 2, 1.5, 2]: 50 % per row drops inputs 2 (1.5) and 0 (2, first of the ties).
         let w = Mat::from_fn(1, 4, |_, j| [1.0, -2.0, 3.0, 0.5][j]);
         let g = Mat::from_fn(4, 4, |i, j| if i == j { [4.0, 1.0, 0.25, 16.0][i] } else { 0.3 });
-        let st = OpStats { gram: g, cross: None, dense: None };
+        let st = OpStats { gram: g, cross: None, dense: None, outputs: None };
         let out = Wanda.prune(&w, Some(&st), Pattern::Unstructured(0.5)).unwrap().w;
         assert_eq!((0..4).map(|j| out[(0, j)]).collect::<Vec<_>>(), vec![0.0, -2.0, 0.0, 0.5]);
         // 2:4 keeps the same two here.
