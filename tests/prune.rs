@@ -468,7 +468,7 @@ fn fista_is_never_worse_than_its_warm_start_and_reports_its_search() {
         let r = prune(
             fixture("llama").to_str().unwrap(),
             &out,
-            &["--method", "fista", "--sparsity", "0.5", "--warm-start", warm, "--refit-iters", "10"],
+            &["--method", "fista", "--sparsity", "0.5", "--warm-start", warm, "--refit-iters", "10", "--rounds", "3"],
         );
         assert_eq!(r["options"]["methods"]["fista"]["warm_start"], warm);
         for l in r["layers"].as_array().unwrap() {

@@ -533,8 +533,10 @@ pub fn prune_layer(
         };
         // With the same inputs for both layers (no separate targets) the walk keeps the last group's inputs and
         // makes the layers' outputs from them, instead of running both layers again: the dense one's on the
-        // batches the output error needs, or on all of them where the walk goes on with the dense outputs.
-        let finish = inp.targets.is_none();
+        // batches the output error needs, or on all of them where the walk goes on with the dense outputs. Only
+        // with f32 activations: the outputs are then bit for bit a forward pass's, so a resumed run (which
+        // runs its reloaded layers forward) ends where an uninterrupted one would.
+        let finish = inp.targets.is_none() && act_dtype == DType::F32;
         let dense_upto =
             if opts.walk.layer_inputs == LayerInputs::Dense { usize::MAX } else { error_batches(inp.acts) };
         for (gi, group) in groups.iter().enumerate() {
