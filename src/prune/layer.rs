@@ -440,7 +440,8 @@ impl Correction<'_> {
     }
 
     /// After the last group, the layers' outputs from what the walk holds (its input and the residual stream
-    /// after attention): the pruned layer's on every batch, the dense one's where its inputs were kept; `None`
+    /// after attention): the pruned layer's on every batch, the dense one's where its inputs were kept (the
+    /// first batches); `None`
     /// where the layer cannot (then run it again). Also the batches' tokens each layer ran its last group on.
     fn outputs(&mut self, work: &dyn DecoderLayer) -> Result<Option<(Outputs, usize)>> {
         let held = std::mem::take(&mut self.prev);
@@ -531,14 +532,13 @@ pub fn prune_layer(
             cap,
             prev: Vec::new(),
         };
-        // With the same inputs for both layers (no separate targets) the walk keeps the last group's inputs and
-        // makes the layers' outputs from them, instead of running both layers again: the dense one's on the
-        // batches the output error needs, or on all of them where the walk goes on with the dense outputs. Only
-        // with f32 activations: the outputs are then bit for bit a forward pass's, so a resumed run (which
-        // runs its reloaded layers forward) ends where an uninterrupted one would.
-        let finish = inp.targets.is_none() && act_dtype == DType::F32;
-        let dense_upto =
-            if opts.walk.layer_inputs == LayerInputs::Dense { usize::MAX } else { error_batches(inp.acts) };
+        // In the pruned walk (the default) the walk keeps the last group's inputs and makes the layer's outputs
+        // from them, instead of running the pruned layer again, and the dense one again on the batches the
+        // output error needs. Only with f32 activations: the outputs are then bit for bit a forward pass's, so a
+        // resumed run (which runs its reloaded layers forward) ends where an uninterrupted one would. (The
+        // dense and corrected walks go on with the dense layer's outputs, computed apart.)
+        let finish = opts.walk.layer_inputs == LayerInputs::Pruned && inp.targets.is_none() && act_dtype == DType::F32;
+        let dense_upto = error_batches(inp.acts);
         for (gi, group) in groups.iter().enumerate() {
             let last = gi + 1 == groups.len();
             let keep = (!last || finish).then_some(act_dtype);
