@@ -354,11 +354,11 @@ impl Correction<'_> {
         let (dense, ctx, cap, targets) = (self.dense, self.ctx, self.cap, self.targets);
         let leader = dense.input_groups()[gi][0];
         // The operator whose dense outputs give the target, with its weight (`None`: from XᵀX* and XᵀX).
-        let via = match self.cost.targets_from_outputs(dense, gi) {
-            true => {
-                Some(dense.linear(leader).ok_or_else(|| anyhow!("no operator {leader}"))?.weight.to_dtype(DType::F32)?)
-            }
-            false => None,
+        let via = if self.cost.targets_from_outputs(dense, gi) {
+            let op = dense.linear(leader).ok_or_else(|| anyhow!("no operator {leader}"))?;
+            Some(op.weight.to_dtype(DType::F32)?)
+        } else {
+            None
         };
         let mut gram: Option<Gram> = None;
         let mut cross: Option<Cross> = None;
@@ -396,9 +396,8 @@ impl Correction<'_> {
             } else {
                 None
             };
-            let xd_held = xd.as_ref().map(|h| h.input.clone());
             // One scale per token for X and X* alike (from the dense input), so the three sums stay one objective.
-            let scale = cap.map(|k| outlier_token_scales(xd_held.as_ref().unwrap_or(xs), k)).transpose()?;
+            let scale = cap.map(|k| outlier_token_scales(xd.as_ref().map_or(xs, |h| &h.input), k)).transpose()?;
             let scaled = |t: &Tensor| -> Result<Tensor> {
                 Ok(match &scale {
                     Some(s) => t.broadcast_mul(s)?,
@@ -407,8 +406,8 @@ impl Correction<'_> {
             };
             let xs_w = scaled(xs)?;
             gram.get_or_insert_with(|| Gram::new(n)).add(&xs_w)?;
-            if let Some(xd) = &xd_held {
-                let xd_w = scaled(xd)?;
+            if let Some(xd) = &xd {
+                let xd_w = scaled(&xd.input)?;
                 match &via {
                     Some(w) => {
                         let y = matmul_nt(&xd_w.flatten_to(xd_w.rank() - 2)?, w)?;
@@ -441,8 +440,8 @@ impl Correction<'_> {
 
     /// After the last group, the layers' outputs from what the walk holds (its input and the residual stream
     /// after attention): the pruned layer's on every batch, the dense one's where its inputs were kept (the
-    /// first batches); `None`
-    /// where the layer cannot (then run it again). Also the batches' tokens each layer ran its last group on.
+    /// first batches); `None` where the layer cannot (then run it again). Also the batches' tokens each layer
+    /// ran its last group on.
     fn outputs(&mut self, work: &dyn DecoderLayer) -> Result<Option<(Outputs, usize)>> {
         let held = std::mem::take(&mut self.prev);
         if held.is_empty() || held.iter().any(|(h, _)| h.residual.is_none()) {
