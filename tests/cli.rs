@@ -25,7 +25,8 @@ fn eval_matches_transformers_perplexity_on_wikitext() {
     let reference: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("eval_reference.json")).unwrap()).unwrap();
     let want = reference["perplexity"].as_f64().unwrap();
-    let out = tmpdir("eval").join("ppl.json");
+    let tmp = tmpdir("eval");
+    let out = tmp.join("ppl.json");
     let (ok, _, err) = run(&[
         "eval",
         "--model",
@@ -56,7 +57,8 @@ fn eval_matches_transformers_perplexity_on_wikitext() {
 fn tokenize_matches_transformers_tokenizer_json() {
     let reference: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("eval_reference.json")).unwrap()).unwrap();
-    let out = tmpdir("tok").join("ids.json");
+    let tmp = tmpdir("tok");
+    let out = tmp.join("ids.json");
     let (ok, _, err) = run(&[
         "tokenize",
         "--model",
@@ -155,7 +157,8 @@ fn missing_files_are_named() {
 
 #[test]
 fn truncated_safetensors_is_refused() {
-    let d = tmpdir("trunc-st").join("m");
+    let tmp = tmpdir("trunc-st");
+    let d = tmp.join("m");
     copy_dir(&fixture("llama"), &d);
     let f = d.join("model.safetensors");
     let len = std::fs::metadata(&f).unwrap().len();
@@ -191,7 +194,8 @@ fn edit_safetensors_header(d: &Path, edit: impl FnOnce(&mut serde_json::Value)) 
 
 #[test]
 fn corrupted_safetensors_header_is_refused() {
-    let d = tmpdir("corrupt-st").join("m");
+    let tmp = tmpdir("corrupt-st");
+    let d = tmp.join("m");
     copy_dir(&fixture("llama"), &d);
     let f = d.join("model.safetensors");
     let mut bytes = std::fs::read(&f).unwrap();
@@ -216,7 +220,8 @@ fn unsupported_dtype_is_refused() {
 
 #[test]
 fn config_that_disagrees_with_weights_is_refused() {
-    let d = tmpdir("cfg").join("m");
+    let tmp = tmpdir("cfg");
+    let d = tmp.join("m");
     copy_dir(&fixture("llama"), &d);
     let p = d.join("config.json");
     let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
@@ -229,7 +234,8 @@ fn config_that_disagrees_with_weights_is_refused() {
 /// A model without decoder layers is refused by name before any work, not walked into an underflow.
 #[test]
 fn a_model_with_no_layers_is_refused() {
-    let d = tmpdir("nolayers").join("m");
+    let tmp = tmpdir("nolayers");
+    let d = tmp.join("m");
     copy_dir(&fixture("llama"), &d);
     let p = d.join("config.json");
     let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
@@ -258,7 +264,8 @@ fn a_model_with_no_layers_is_refused() {
 
 #[test]
 fn unsupported_architecture_is_refused() {
-    let d = tmpdir("arch").join("m");
+    let tmp = tmpdir("arch");
+    let d = tmp.join("m");
     copy_dir(&fixture("llama"), &d);
     let p = d.join("config.json");
     let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();

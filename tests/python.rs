@@ -50,7 +50,8 @@ fn convert(model: &Path, out: &Path) {
 #[test]
 fn converted_tiny_gguf_loads_in_transformers_with_same_logits_and_ids() {
     let Some(py) = python() else { return };
-    let out = tmpdir("py-tiny").join("hf");
+    let tmp = tmpdir("py-tiny");
+    let out = tmp.join("hf");
     convert(&fixture("llama_gguf/tiny.gguf"), &out);
     let sample = "Valkyria Chronicles III, released in 2011 for 1,234 yen.";
     let j = check(
@@ -75,7 +76,8 @@ fn converted_tiny_gguf_loads_in_transformers_with_same_logits_and_ids() {
 fn converted_smollm2_loads_in_transformers_with_same_logits_and_ids() {
     let Some(py) = python() else { return };
     let gguf = smollm2();
-    let out = tmpdir("py-smollm2").join("hf");
+    let tmp = tmpdir("py-smollm2");
+    let out = tmp.join("hf");
     convert(&gguf, &out);
     // Digits are single pre-tokens in SmolLM2's tokenizer.json; transformers' GGUF loader would merge them.
     let sample = "In 1998, the 2,048 soldiers of the 47th regiment marched 12.5 km.";

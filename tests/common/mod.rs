@@ -75,11 +75,43 @@ pub fn copy_dir(src: &Path, dst: &Path) {
     }
 }
 
-pub fn tmpdir(name: &str) -> PathBuf {
+/// A fresh scratch folder for one test, removed when the guard drops. The pruning tests write whole models
+/// (a resumed SmolLM2 run leaves 1 GB), so leaving them behind fills a CI disk within a few runs.
+/// `FISTAPRUNE_KEEP_TMP=1` keeps them for inspection.
+pub struct TmpDir(PathBuf);
+
+impl std::ops::Deref for TmpDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TmpDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for TmpDir {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        if std::env::var_os("FISTAPRUNE_KEEP_TMP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+pub fn tmpdir(name: &str) -> TmpDir {
     let d = std::env::temp_dir().join(format!("fistaprune-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TmpDir(d)
 }
 
 /// The instruction-set class the matrix kernels dispatch on at run time: their summation order, hence the exact
