@@ -143,3 +143,26 @@ pub fn positive(s: &str) -> Result<usize> {
         _ => bail!("{s:?}: expected a whole number of at least 1"),
     }
 }
+
+/// Bytes this process may still allocate: the kernel's `MemAvailable`, or less where a cgroup (v2) limit is
+/// tighter, as in most containers, whose `/proc/meminfo` shows the host's. `FISTAPRUNE_AVAILABLE_MB` overrides
+/// it (the tests use it to take the low-memory paths). `None` where neither can be read.
+pub fn available_memory() -> Option<u64> {
+    if let Ok(mb) = std::env::var("FISTAPRUNE_AVAILABLE_MB") {
+        return mb.trim().parse::<u64>().ok().map(|mb| mb << 20);
+    }
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    let meminfo = read("/proc/meminfo").and_then(|s| {
+        let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb << 10)
+    });
+    let cgroup = (|| {
+        let max = read("/sys/fs/cgroup/memory.max")?.trim().parse::<u64>().ok()?; // "max" when unlimited
+        let used = read("/sys/fs/cgroup/memory.current")?.trim().parse::<u64>().ok()?;
+        Some(max.saturating_sub(used))
+    })();
+    match (meminfo, cgroup) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}

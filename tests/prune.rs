@@ -360,6 +360,37 @@ fn bad_prune_arguments_are_refused_without_output() {
     assert!(!out.exists());
 }
 
+/// The pruned walk makes each layer's outputs from what error correction holds, unless holding it would take
+/// over half the free memory; then it runs the layer again. Both must give the same bytes.
+#[test]
+fn fista_is_byte_identical_whatever_the_free_memory() {
+    let d = tmpdir("p-fista-mem");
+    let m = fixture("llama");
+    let c4 = c4();
+    let go = |out: &str, available_mb: Option<&str>| -> (Vec<u8>, String) {
+        let o = d.join(out);
+        let mut cmd = std::process::Command::new(bin());
+        cmd.args(["prune", "--model", m.to_str().unwrap(), "--method", "fista", "--pattern", "2:4"])
+            .args(["--calib", &c4, "--nsamples", "8", "--seqlen", "32", "--quiet", "--swap-rounds", "1"])
+            .args(["--out", o.to_str().unwrap()])
+            .env("RUST_LOG", "info")
+            .env_remove("FISTAPRUNE_AVAILABLE_MB");
+        if let Some(mb) = available_mb {
+            cmd.env("FISTAPRUNE_AVAILABLE_MB", mb);
+        }
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        (std::fs::read(o.join("model.safetensors")).unwrap(), err)
+    };
+    let again = "running the layer again";
+    let (held, log_held) = go("held", Some("100000"));
+    let (rerun, log_rerun) = go("rerun", Some("0"));
+    assert!(!log_held.contains(again), "{log_held}");
+    assert!(log_rerun.contains(again), "the low-memory path was not taken: {log_rerun}");
+    assert!(held == rerun, "the outputs made from held inputs differ from a second run of the layer");
+}
+
 #[test]
 fn fista_is_byte_identical_whatever_the_parallelism() {
     let d = tmpdir("p-fista-par");

@@ -20,7 +20,7 @@ use super::pipeline::{LayerInputs, PipelineOptions};
 use super::stats::{Cross, Gram, OpStats, outlier_token_scales, sum_squares};
 use crate::linalg::{mat_to_tensor, matmul_nt, tensor_to_mat};
 use crate::model::{CausalLm, DecoderLayer, LayerContext};
-use crate::util::check_finite;
+use crate::util::{available_memory, check_finite};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OperatorReport {
@@ -535,8 +535,13 @@ pub fn prune_layer(
         // from them, instead of running the pruned layer again, and the dense one again on the batches the
         // output error needs. Only with f32 activations: the outputs are then bit for bit a forward pass's, so a
         // resumed run (which runs its reloaded layers forward) ends where an uninterrupted one would. (The
-        // dense and corrected walks go on with the dense layer's outputs, computed apart.)
-        let finish = opts.walk.layer_inputs == LayerInputs::Pruned && inp.targets.is_none() && act_dtype == DType::F32;
+        // dense and corrected walks go on with the dense layer's outputs, computed apart.) What it holds, the
+        // last group's input and the residual stream for every token, must fit in half the free memory;
+        // otherwise the layer runs again (same bytes, more time).
+        let finish = opts.walk.layer_inputs == LayerInputs::Pruned
+            && inp.targets.is_none()
+            && act_dtype == DType::F32
+            && held_fits(i, tokens * (cost.widths[groups.len() - 1] + cost.widths[0]) * 4.0);
         let dense_upto = error_batches(inp.acts);
         for (gi, group) in groups.iter().enumerate() {
             let last = gi + 1 == groups.len();
@@ -599,6 +604,21 @@ pub fn prune_layer(
         outputs: Some(outputs),
         report: ledger.report(i, Some(error), operators),
     })
+}
+
+/// Whether holding `bytes` of layer `i`'s activations leaves half the free memory (unknown: yes).
+fn held_fits(i: usize, bytes: f64) -> bool {
+    let Some(free) = available_memory() else { return true };
+    let fits = bytes <= free as f64 / 2.0;
+    if !fits {
+        log::info!(
+            "layer {i}: holding {:.0} MiB of activations would take over half the free {} MiB; running the layer \
+             again for its outputs instead",
+            bytes / 1048576.0,
+            free >> 20
+        );
+    }
+    fits
 }
 
 /// Prune one operator of `layer` given its input statistics (if the method uses them); returns its report.
