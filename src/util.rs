@@ -161,8 +161,5 @@ pub fn available_memory() -> Option<u64> {
         let used = read("/sys/fs/cgroup/memory.current")?.trim().parse::<u64>().ok()?;
         Some(max.saturating_sub(used))
     })();
-    match (meminfo, cgroup) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
+    meminfo.into_iter().chain(cgroup).min()
 }
