@@ -3,7 +3,7 @@
 //! (the `cli` feature) only reads the options the library declares and dispatches.
 //!
 //! From the bottom up:
-//! - [`util`], [`linalg`]: progress, numeric checks, the matrix kernels.
+//! - [`util`], [`device`], [`linalg`]: progress, numeric checks, the run's compute device, the matrix kernels.
 //! - [`data`]: tokenizers, evaluation text, calibration sets.
 //! - [`model`]: checkpoints (Hugging Face safetensors, GGUF) and one file per architecture (LLaMA family, OPT),
 //!   run layer by layer; writing checkpoints.
@@ -14,6 +14,7 @@
 
 pub mod commands;
 pub mod data;
+pub mod device;
 pub mod eval;
 pub mod linalg;
 pub mod model;

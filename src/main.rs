@@ -35,6 +35,9 @@ struct Cli {
     /// Worker threads for the matrix kernels (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Compute device: cpu, cuda (GPU 0) or cuda:N (needs a build with the `cuda` feature).
+    #[arg(long, global = true, default_value = "cpu")]
+    device: String,
     /// Progress display: bars (auto), JSON lines on stderr for machines (json), or none.
     #[arg(long, global = true, value_enum, default_value = "auto")]
     progress: ProgressMode,
@@ -83,6 +86,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         // SAFETY: set before any other thread is started.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
     }
+    fistaprune::device::set(fistaprune::device::open(&cli.device)?)?;
     match cli.command {
         Command::Eval(mut a) => {
             a.progress = cli.progress.resolve(a.quiet);

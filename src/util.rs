@@ -20,8 +20,18 @@ pub fn tune_allocator() {
     }
 }
 
+/// Whether every value of `t` is finite, by one reduction where `t` lives: 0·x is 0 for every finite x and NaN
+/// otherwise, so the sum is finite iff every value is.
+fn finite_by_reduction(t: &Tensor) -> Result<bool> {
+    Ok((t * 0.0)?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?.is_finite())
+}
+
 /// Fail with `what` in the message if `t` holds a NaN or an infinity.
 pub fn check_finite(t: &Tensor, what: &str) -> Result<()> {
+    // Off the CPU, one reduction on the device; only a failure copies the tensor to the host, to say where.
+    if !t.device().is_cpu() && finite_by_reduction(t)? {
+        return Ok(());
+    }
     let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     if let Some(i) = v.iter().position(|x| !x.is_finite()) {
         let bad = v.iter().filter(|x| !x.is_finite()).count();
@@ -162,4 +172,21 @@ pub fn available_memory() -> Option<u64> {
         Some(max.saturating_sub(used))
     })();
     meminfo.into_iter().chain(cgroup).min()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The device test `check_finite` uses off the CPU, on every kind of non-finite value and a large finite one.
+    #[test]
+    fn the_reduction_finds_every_non_finite_value() {
+        let dev = &candle_core::Device::Cpu;
+        let with = |v: f32| Tensor::new(&[1.0f32, -3e38, v, 2.0], dev).unwrap();
+        assert!(finite_by_reduction(&with(5.0)).unwrap());
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            assert!(!finite_by_reduction(&with(bad)).unwrap(), "{bad}");
+            assert!(check_finite(&with(bad), "x").is_err());
+        }
+    }
 }

@@ -122,7 +122,7 @@ impl Aside {
                 w.dims(),
                 lin.weight.dims()
             );
-            lin.weight = w;
+            lin.weight = w.to_device(lin.weight.device())?;
         }
         Ok(Some((layer, report)))
     }

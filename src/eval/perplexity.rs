@@ -65,6 +65,9 @@ pub fn head_nll_sum(x: &Tensor, head: &Tensor, targets: &[u32]) -> Result<f64> {
     let (vocab, e2) = head.dims2()?;
     ensure!(e == e2 && n == targets.len(), "head: x {:?}, head {:?}, {} targets", x.dims(), head.dims(), targets.len());
     ensure!(targets.iter().all(|&t| (t as usize) < vocab), "a target id is outside the vocabulary of {vocab}");
+    if crate::device::generic(x) {
+        return head_nll_sum_generic(x, head, targets);
+    }
     let mut buf = vec![0f32; HEAD_CHUNK.min(n) * vocab];
     let mut total = 0f64;
     crate::linalg::with_f32(x, |xs| {
@@ -80,6 +83,23 @@ pub fn head_nll_sum(x: &Tensor, head: &Tensor, targets: &[u32]) -> Result<f64> {
             }
         })
     })??;
+    Ok(total)
+}
+
+/// [`head_nll_sum`] in candle's operators, for any device: per chunk of rows, `logsumexp(row) − row[target]`
+/// on the device, summed on the host in f64.
+fn head_nll_sum_generic(x: &Tensor, head: &Tensor, targets: &[u32]) -> Result<f64> {
+    // Rows per chunk: the logits of one chunk are `rows × vocab` floats (1 GiB at 1024 × 262k).
+    const ROWS: usize = 1024;
+    let mut total = 0f64;
+    for (c, tg) in targets.chunks(ROWS).enumerate() {
+        let logits = x.narrow(0, c * ROWS, tg.len())?.matmul(&head.t()?)?;
+        let m = logits.max_keepdim(1)?;
+        let lse = (logits.broadcast_sub(&m)?.exp()?.sum_keepdim(1)?.log()? + &m)?;
+        let ids = Tensor::from_slice(tg, (tg.len(), 1), x.device())?;
+        let nll = (lse - logits.gather(&ids, 1)?)?.flatten_all()?.to_vec1::<f32>()?;
+        total += nll.iter().map(|&v| v as f64).sum::<f64>();
+    }
     Ok(total)
 }
 

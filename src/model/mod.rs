@@ -256,11 +256,11 @@ impl Weights {
         }
     }
 
-    /// Load `name` and check its shape.
+    /// Load `name`, check its shape, and place it on the run's device: how a model reads its tensors.
     pub fn load_shaped(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let t = self.load(name)?;
         ensure!(t.dims() == shape, "tensor {name} has shape {:?} but the configuration implies {:?}", t.dims(), shape);
-        Ok(t)
+        Ok(t.to_device(crate::device::current())?)
     }
 }
 
@@ -387,7 +387,7 @@ impl Rope {
                 sin.push(a.sin());
             }
         }
-        let dev = &candle_core::Device::Cpu;
+        let dev = crate::device::current();
         Ok(Self { cos: Tensor::from_vec(cos, (seqlen, half), dev)?, sin: Tensor::from_vec(sin, (seqlen, half), dev)? })
     }
 
@@ -491,7 +491,7 @@ impl VocabMatrix {
     /// [`VOCAB_BLOCK_ROWS`] rows at a time, so that the matrix is never whole in memory.
     pub fn rows(&self, ids: &Tensor) -> Result<Tensor> {
         if let Some(t) = self.whole.get() {
-            return Ok(t.index_select(ids, 0)?);
+            return Ok(t.index_select(&ids.to_device(t.device())?, 0)?);
         }
         let ids = ids.to_vec1::<u32>()?;
         let [v, h] = self.shape;
@@ -515,7 +515,7 @@ impl VocabMatrix {
                 }
             })?;
         }
-        Ok(Tensor::from_vec(out, (ids.len(), h), &candle_core::Device::Cpu)?)
+        Ok(Tensor::from_vec(out, (ids.len(), h), crate::device::current())?)
     }
 
     /// The whole matrix, kept from now on.

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use anyhow::{Result, ensure};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use serde::Deserialize;
 use serde_json::{Value as Json, json};
 
@@ -256,8 +256,8 @@ impl LayerNorm {
             })
         } else {
             Ok(Self {
-                weight: Tensor::ones(h, DType::F32, &Device::Cpu)?,
-                bias: Tensor::zeros(h, DType::F32, &Device::Cpu)?,
+                weight: Tensor::ones(h, DType::F32, crate::device::current())?,
+                bias: Tensor::zeros(h, DType::F32, crate::device::current())?,
             })
         }
     }

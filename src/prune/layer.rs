@@ -653,7 +653,8 @@ pub fn prune_operator(
         }
         None => (None, None),
     };
-    layer.linear_mut(name).expect("checked above").weight = mat_to_tensor(pw)?;
+    let slot = layer.linear_mut(name).expect("checked above");
+    slot.weight = mat_to_tensor(pw)?.to_device(slot.weight.device())?;
     Ok(OperatorReport {
         layer: layer_idx,
         name: name.to_string(),

@@ -1,5 +1,6 @@
 //! Input statistics of a linear operator: the Gram matrix `G = Σ x xᵀ` over every calibration token
 //! (SparseGPT's Hessian up to a factor; Wanda needs only its diagonal), accumulated in f32 by GEMM.
+//! Inputs on a GPU are reduced there ([`device_product`]): only the `n × n` products come to the host.
 
 use anyhow::{Result, ensure};
 use candle_core::{D, Tensor};
@@ -27,6 +28,10 @@ impl Gram {
         let n = x.dim(D::Minus1)?;
         ensure!(n == self.dim(), "Gram: input width {n}, expected {}", self.dim());
         let rows = x.elem_count() / n;
+        self.tokens += rows;
+        if crate::device::generic(x) {
+            return device_product(x, x, self.g.as_mut());
+        }
         with_f32(x, |xs| {
             let a = MatRef::from_row_major_slice(xs, rows, n);
             // G += aᵀ a; only the lower triangle is computed, then mirrored in `finish`.
@@ -42,7 +47,6 @@ impl Gram {
                 par(),
             );
         })?;
-        self.tokens += rows;
         Ok(())
     }
 
@@ -80,6 +84,9 @@ impl Cross {
             x.dims(),
             y.dims()
         );
+        if crate::device::generic(x) {
+            return device_product(x, y, self.c.as_mut());
+        }
         with_f32(x, |xs| {
             with_f32(y, |ys| {
                 let a = MatRef::from_row_major_slice(xs, rows, p);
@@ -91,8 +98,25 @@ impl Cross {
     }
 }
 
+/// `acc += xᵀ y` over the rows of `x` `(..., p)` and `y` `(..., n)`, the product taken on their device.
+fn device_product(x: &Tensor, y: &Tensor, mut acc: faer::MatMut<f32>) -> Result<()> {
+    let (p, n) = (x.dim(D::Minus1)?, y.dim(D::Minus1)?);
+    let rows = x.elem_count() / p;
+    let prod = x.reshape((rows, p))?.t()?.matmul(&y.reshape((rows, n))?)?;
+    with_f32(&prod, |ps| {
+        for i in 0..p {
+            for (j, &v) in ps[i * n..(i + 1) * n].iter().enumerate() {
+                acc[(i, j)] += v;
+            }
+        }
+    })
+}
+
 /// `Σ y²` over a tensor, in f64.
 pub fn sum_squares(y: &Tensor) -> Result<f64> {
+    if !y.device().is_cpu() {
+        return Ok(y.to_dtype(candle_core::DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?);
+    }
     with_f32(y, |ys| ys.iter().map(|&v| v as f64 * v as f64).sum())
 }
 

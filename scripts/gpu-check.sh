@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Issue 14's check, run in one go on the GPU machine (which has CUDA, PyTorch and transformers but no Rust):
+# the binary built here by scripts/build-cuda.sh travels in .gpu/ with the WikiText-2 test text and SmolLM2's
+# tokenizer.json (scripts/gpu-prepare.sh puts them there), and every model larger than the fixtures is made
+# on the machine (scripts/gpu/torch_ref.py). Each step appends one JSON line to $OUT/results.jsonl as it ends,
+# so a run cut short still says what it measured.
+#   1. the device opens and candle's sm_90a kernels load (a fixture's eval on cuda);
+#   2. parity, cuda against cpu with the same binary: eval perplexity on every fixture architecture, greedy
+#      generate, and pruned checkpoints (magnitude, Wanda, SparseGPT, FISTAPruner) on the LLaMA fixture;
+#   3. a 2-layer random LLaMA of LLaMA-2-7B's layer shapes: eval perplexity and tokens/s on cuda, on the 16
+#      CPU cores, and through transformers on the same GPU and token ids; peak GPU memory;
+#   4. pruning it with SparseGPT (16 × 2048 calibration tokens) on cuda and on cpu: time and perplexity.
+#   usage: OUT=dir scripts/gpu-check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-target/gpu-check}
+mkdir -p "$OUT"
+R=$OUT/results.jsonl
+B=${FP:-.gpu/fistaprune}
+W=.gpu/wiki.test.raw
+# Models and checkpoints go to scratch space, not $OUT, which keeps only what comes back (results, log).
+S=${SCRATCH:-/tmp/fistaprune-gpu-check}
+rm -rf "$S" && mkdir -p "$S"
+export NVIDIA_TF32_OVERRIDE=0
+CU13=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))')
+export LD_LIBRARY_PATH=/usr/local/nvidia/lib64:$CU13:/usr/local/cuda-13.0/targets/x86_64-linux/lib
+rec() { echo "$1" | tee -a "$R"; }
+ppl_of() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['perplexity'])" "$1" 2>/dev/null || echo null; }
+secs_of() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['seconds'])" "$1" 2>/dev/null || echo null; }
+# The peak of GPU memory in use while a command runs (nvidia-smi, every 100 ms), in MiB.
+with_mem() {
+  local f=$1; shift
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$f" &
+  local p=$!
+  "$@"; local rc=$?
+  kill $p 2>/dev/null; wait $p 2>/dev/null
+  return $rc
+}
+peak() { sort -n "$1" | tail -1 | grep . || echo null; }
+elapsed() { python3 -c "import time, sys; print(round(time.time() - float(sys.argv[1]), 3))" "$1"; }
+
+echo "== 0. the machine and the binary"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+ls -l "$B"; ldd "$B" | grep -E "cuda|cublas|curand|nvrtc|not found"
+rec "{\"step\":\"binary\",\"bytes\":$(stat -c %s "$B"),\"missing_libs\":$(ldd "$B" | grep -c 'not found')}"
+
+echo "== 1. the device opens (fixture eval on cuda)"
+t0=$(date +%s.%N)
+$B --device cuda eval --model tests/fixtures/llama --dataset $W --seqlen 128 --max-windows 3 --quiet --json $S/go.json
+rec "{\"step\":\"go\",\"rc\":$?,\"wall_s\":$(elapsed $t0),\"perplexity\":$(ppl_of $S/go.json)}"
+
+echo "== 2a. eval parity on every fixture architecture"
+for m in llama mistral qwen3 qwen2_f16 opt opt350m_layout gemma3; do
+  for d in cpu cuda; do
+    $B --device $d eval --model tests/fixtures/$m --dataset $W --seqlen 128 --max-windows 3 --batch 2 --quiet \
+      --json $S/$m-$d.json
+  done
+  a=$(ppl_of $S/$m-cpu.json); c=$(ppl_of $S/$m-cuda.json)
+  rec "{\"step\":\"eval_parity\",\"model\":\"$m\",\"cpu\":$a,\"cuda\":$c,\"rel\":$(python3 -c "print(abs($a-$c)/$a)" 2>/dev/null || echo null)}"
+done
+
+echo "== 2b. greedy generate"
+g1=$($B --device cpu generate --model tests/fixtures/llama --prompt "The tower is" --max-new-tokens 16)
+g2=$($B --device cuda generate --model tests/fixtures/llama --prompt "The tower is" --max-new-tokens 16)
+rec "{\"step\":\"generate\",\"same\":$([ "$g1" == "$g2" ] && echo true || echo false)}"
+
+echo "== 2c. pruned checkpoints, cuda against cpu (LLaMA fixture, 8 × 64 calibration tokens)"
+for meth in magnitude wanda sparsegpt fista; do
+  for d in cpu cuda; do
+    $B --device $d prune --model tests/fixtures/llama --method $meth --sparsity 0.5 --calib $W --nsamples 8 \
+      --seqlen 64 --out $S/p-$meth-$d --quiet
+    $B eval --model $S/p-$meth-$d --dataset $W --seqlen 128 --max-windows 3 --quiet --json $S/p-$meth-$d.json
+  done
+  agree=$(python3 - $S/p-$meth-cpu/model.safetensors $S/p-$meth-cuda/model.safetensors <<'PY'
+import sys
+from safetensors.numpy import load_file
+a, b = load_file(sys.argv[1]), load_file(sys.argv[2])
+names = [n for n in a if ".layers." in n and n.endswith("proj.weight")]
+same = sum(int(((a[n] == 0) == (b[n] == 0)).sum()) for n in names)
+print(same / sum(a[n].size for n in names))
+PY
+)
+  a=$(ppl_of $S/p-$meth-cpu.json); c=$(ppl_of $S/p-$meth-cuda.json)
+  same=$(cmp -s $S/p-$meth-cpu/model.safetensors $S/p-$meth-cuda/model.safetensors && echo true || echo false)
+  rec "{\"step\":\"prune_parity\",\"method\":\"$meth\",\"cpu\":$a,\"cuda\":$c,\"rel\":$(python3 -c "print(abs($a-$c)/$a)" 2>/dev/null || echo null),\"mask_agreement\":${agree:-null},\"identical_bytes\":$same}"
+done
+
+echo "== 3. LLaMA-2-7B layer shapes, 2 layers, random weights"
+M=$S/llama7b-2l
+python3 scripts/gpu/torch_ref.py make --out $M --tokenizer .gpu/tokenizer.json --layers 2 | tee -a "$R"
+$B tokenize --model $M --dataset $W --out $S/ids.json
+with_mem $S/mem-eval.txt $B --device cuda eval --model $M --dataset $W --seqlen 2048 --max-windows 16 --quiet \
+  --json $S/e-cuda.json
+rec "{\"step\":\"eval_7b\",\"device\":\"cuda\",\"result\":$(cat $S/e-cuda.json 2>/dev/null || echo null),\"peak_gpu_mib\":$(peak $S/mem-eval.txt)}"
+python3 scripts/gpu/torch_ref.py ppl --model $M --ids $S/ids.json --seqlen 2048 --max-windows 16 --json $S/e-torch.json
+rec "{\"step\":\"eval_7b\",\"device\":\"torch\",\"result\":$(cat $S/e-torch.json 2>/dev/null || echo null)}"
+$B --threads 16 eval --model $M --dataset $W --seqlen 2048 --max-windows 2 --quiet --json $S/e-cpu.json
+rec "{\"step\":\"eval_7b\",\"device\":\"cpu16\",\"result\":$(cat $S/e-cpu.json 2>/dev/null || echo null)}"
+
+echo "== 4. SparseGPT 50 % on it, 16 × 2048 calibration tokens"
+for d in cuda cpu; do
+  t0=$(date +%s.%N)
+  with_mem $S/mem-prune-$d.txt timeout 120 $B --device $d --threads 16 prune --model $M --method sparsegpt \
+    --sparsity 0.5 --calib $W --nsamples 16 --seqlen 2048 --out $S/sg-$d --quiet
+  rc=$?
+  wall=$(elapsed $t0)
+  $B --device cuda eval --model $S/sg-$d --dataset $W --seqlen 2048 --max-windows 4 --quiet --json $S/sg-$d.json
+  rec "{\"step\":\"sparsegpt_7b\",\"device\":\"$d\",\"rc\":$rc,\"wall_s\":$wall,\"perplexity\":$(ppl_of $S/sg-$d.json),\"peak_gpu_mib\":$(peak $S/mem-prune-$d.txt)}"
+  python3 -c "import json; r=json.load(open('$S/sg-$d/report.json')); print(json.dumps({k: r[k] for k in r if 'time' in k or 'second' in k}))" 2>/dev/null | tee -a "$R"
+done
+echo "== done"

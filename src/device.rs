@@ -1,0 +1,71 @@
+//! The run's compute device: `--device cpu|cuda|cuda:N`.
+//!
+//! One device per process, chosen once by the command line (as `--threads` sizes the one rayon pool), so that
+//! no signature between the verbs and the kernels has to carry it: every model tensor is placed on it as the
+//! checkpoint hands it out ([`crate::model::Weights::load_shaped`]), activations follow their weights, and the
+//! dense kernels of [`crate::linalg`] take candle's own device-generic operators wherever a tensor is not on
+//! the CPU. Code that works on host memory (mask selection, the pruners' numerics) reads device tensors through
+//! [`crate::linalg::with_f32`], which copies them to the host. The default build has no CUDA: `--device cuda`
+//! then fails with a message naming the build that has it.
+
+use std::sync::OnceLock;
+
+use anyhow::{Result, anyhow, bail};
+use candle_core::{Device, Tensor};
+
+static DEVICE: OnceLock<Device> = OnceLock::new();
+
+/// `cpu`, `cuda` (GPU 0) or `cuda:N`, opened.
+pub fn open(spec: &str) -> Result<Device> {
+    let ordinal = match spec {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => bail!("--device {spec}: expected cpu, cuda or cuda:N"),
+        },
+    };
+    if !cfg!(feature = "cuda") {
+        bail!(
+            "--device {spec}: this fistaprune was built without GPU support (build it with the `cuda` feature: \
+             scripts/build-cuda.sh)"
+        );
+    }
+    Device::new_cuda(ordinal).map_err(|e| anyhow!("--device {spec}: cannot open GPU {ordinal}: {e}"))
+}
+
+/// Make `device` the run's device; only before any model is read, once.
+pub fn set(device: Device) -> Result<()> {
+    DEVICE.set(device).map_err(|_| anyhow!("the compute device is already chosen"))
+}
+
+/// The run's device (the CPU unless [`set`] chose another).
+pub fn current() -> &'static Device {
+    DEVICE.get_or_init(|| Device::Cpu)
+}
+
+/// Whether the kernels on `t` take candle's generic operators rather than the faer ones: always off the CPU,
+/// and on it too under `FISTAPRUNE_GENERIC=1`, so that the GPU's code path is tested on machines without one.
+pub fn generic(t: &Tensor) -> bool {
+    static FORCED: OnceLock<bool> = OnceLock::new();
+    !t.device().is_cpu() || *FORCED.get_or_init(|| std::env::var("FISTAPRUNE_GENERIC").is_ok_and(|v| v == "1"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_names_parse_and_bad_ones_say_what_is_expected() {
+        assert!(open("cpu").unwrap().is_cpu());
+        let e = open("gpu").unwrap_err().to_string();
+        assert!(e.contains("expected cpu, cuda or cuda:N"), "{e}");
+        let e = open("cuda:x").unwrap_err().to_string();
+        assert!(e.contains("expected cpu, cuda or cuda:N"), "{e}");
+        #[cfg(not(feature = "cuda"))]
+        {
+            let e = open("cuda:1").unwrap_err().to_string();
+            assert!(e.contains("built without GPU support"), "{e}");
+        }
+    }
+}

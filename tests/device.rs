@@ -1,0 +1,84 @@
+//! The GPU's code path, checked where there is no GPU: `--device cuda` runs the forward pass, the head and the
+//! numeric checks through candle's device-generic operators, which `FISTAPRUNE_GENERIC=1` forces on the CPU.
+//! They must give the faer kernels' results on every architecture; the GPU itself is checked by
+//! scripts/gpu-check.sh on a machine that has one.
+
+mod common;
+
+use common::*;
+
+/// Perplexity of `model` on 3 WikiText-2 windows of 128 tokens, in batches of 2 (so a batch and a single run).
+fn perplexity(model: &std::path::Path, generic: bool, tag: &str) -> f64 {
+    let tmp = tmpdir(&format!("device-{tag}"));
+    let json = tmp.join("ppl.json");
+    let out = std::process::Command::new(bin())
+        .env("FISTAPRUNE_GENERIC", if generic { "1" } else { "0" })
+        .args(["--threads", "2", "eval", "--model"])
+        .arg(model)
+        .arg("--dataset")
+        .arg(shared("wikitext-2-raw/wiki.test.raw"))
+        .args(["--seqlen", "128", "--max-windows", "3", "--batch", "2", "--quiet", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{tag}: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    v["perplexity"].as_f64().unwrap()
+}
+
+#[test]
+fn generic_kernels_give_the_faer_kernels_perplexity_on_every_architecture() {
+    // Sliding windows (mistral, gemma3: 8 tokens) and grouped K/V heads are among them.
+    for name in ["llama", "mistral", "qwen3", "qwen2_f16", "opt", "opt350m_layout", "gemma3"] {
+        let model = fixture(name);
+        let (fast, generic) = (perplexity(&model, false, name), perplexity(&model, true, &format!("{name}-g")));
+        let rel = (fast - generic).abs() / fast;
+        assert!(rel < 1e-6, "{name}: faer {fast}, generic {generic} ({rel:.2e} apart)");
+    }
+}
+
+#[test]
+fn a_device_this_build_lacks_is_a_clear_error() {
+    let args = ["--device", "cuda:0", "eval", "--model", "x", "--dataset", "y"];
+    let (ok, _, err) = run(&args);
+    assert!(!ok);
+    if cfg!(feature = "cuda") {
+        assert!(err.contains("--device cuda:0"), "{err}");
+    } else {
+        assert!(err.contains("built without GPU support"), "{err}");
+    }
+    let (ok, _, err) = run(&["--device", "tpu", "inspect", "--model", "x"]);
+    assert!(!ok && err.contains("expected cpu, cuda or cuda:N"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// Prune the LLaMA fixture (8 × 64 calibration tokens) with `method` and return (checkpoint bytes, perplexity).
+fn pruned(method: &str, generic: bool) -> (Vec<u8>, f64) {
+    let tag = format!("device-prune-{method}-{generic}");
+    let tmp = tmpdir(&tag);
+    let out = tmp.join("out");
+    let wiki = shared("wikitext-2-raw/wiki.test.raw");
+    let o = std::process::Command::new(bin())
+        .env("FISTAPRUNE_GENERIC", if generic { "1" } else { "0" })
+        .args(["--threads", "2", "prune", "--model"])
+        .arg(fixture("llama"))
+        .args(["--method", method, "--sparsity", "0.5", "--nsamples", "8", "--seqlen", "64", "--quiet", "--calib"])
+        .arg(&wiki)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{tag}: {}", String::from_utf8_lossy(&o.stderr));
+    (std::fs::read(out.join("model.safetensors")).unwrap(), perplexity(&out, false, &format!("{tag}-eval")))
+}
+
+/// The statistics come from the generic path too (Gram and cross products reduced on the device): the same
+/// masks for magnitude and Wanda, SparseGPT's perplexity to 1e-6.
+#[test]
+fn generic_statistics_prune_as_the_faer_ones_do() {
+    for method in ["magnitude", "wanda"] {
+        assert!(pruned(method, false).0 == pruned(method, true).0, "{method}: the checkpoints differ");
+    }
+    let (fast, generic) = (pruned("sparsegpt", false).1, pruned("sparsegpt", true).1);
+    assert!((fast - generic).abs() / fast < 1e-6, "sparsegpt: faer {fast}, generic {generic}");
+}
