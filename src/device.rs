@@ -51,9 +51,25 @@ pub fn generic(t: &Tensor) -> bool {
     !t.device().is_cpu() || *FORCED.get_or_init(|| std::env::var("FISTAPRUNE_GENERIC").is_ok_and(|v| v == "1"))
 }
 
+/// What to do about an error that came from the GPU running out of memory (CUDA reports it as
+/// `CUDA_ERROR_OUT_OF_MEMORY` somewhere in the error's chain), or `None` for any other error.
+pub fn hint(e: &anyhow::Error) -> Option<&'static str> {
+    format!("{e:#}").contains("OUT_OF_MEMORY").then_some(
+        "the GPU ran out of memory: lower --batch (prune, compare, eval), hold activations in --act-dtype bf16 \
+         (prune), keep fewer layers with --layer-memory-mb (eval), or use a GPU with more memory",
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn out_of_gpu_memory_gets_a_hint_and_nothing_else_does() {
+        let oom = anyhow!("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")").context("decoder layer 3");
+        assert!(hint(&oom).unwrap().contains("--batch"));
+        assert!(hint(&anyhow!("decoder layer 3: shape mismatch")).is_none());
+    }
 
     #[test]
     fn device_names_parse_and_bad_ones_say_what_is_expected() {

@@ -138,6 +138,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
+            if let Some(h) = fistaprune::device::hint(&e) {
+                eprintln!("hint: {h}");
+            }
             if json {
                 fistaprune::util::json_event(serde_json::json!({"event": "error", "message": format!("{e:#}")}));
             }
