@@ -9,11 +9,16 @@ use common::*;
 
 /// Perplexity of `model` on 3 WikiText-2 windows of 128 tokens, in batches of 2 (so a batch and a single run).
 fn perplexity(model: &std::path::Path, generic: bool, tag: &str) -> f64 {
+    perplexity_on(model, "cpu", generic, tag).unwrap_or_else(|e| panic!("{tag}: {e}"))
+}
+
+/// The same on `device`; the error is fistaprune's stderr.
+fn perplexity_on(model: &std::path::Path, device: &str, generic: bool, tag: &str) -> Result<f64, String> {
     let tmp = tmpdir(&format!("device-{tag}"));
     let json = tmp.join("ppl.json");
     let out = std::process::Command::new(bin())
         .env("FISTAPRUNE_GENERIC", if generic { "1" } else { "0" })
-        .args(["--threads", "2", "eval", "--model"])
+        .args(["--threads", "2", "--device", device, "eval", "--model"])
         .arg(model)
         .arg("--dataset")
         .arg(shared("wikitext-2-raw/wiki.test.raw"))
@@ -21,9 +26,35 @@ fn perplexity(model: &std::path::Path, generic: bool, tag: &str) -> f64 {
         .arg(&json)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{tag}: {}", String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    v["perplexity"].as_f64().unwrap()
+    Ok(v["perplexity"].as_f64().unwrap())
+}
+
+/// The GPU itself, where this build has it and the machine has one (skipped with a message otherwise): the CPU's
+/// perplexity within 1e-4 on every fixture architecture (issue 14's limit for f32).
+#[test]
+fn cuda_gives_the_cpu_perplexity_where_there_is_a_gpu() {
+    if !cfg!(feature = "cuda") {
+        eprintln!("skipped: this build has no `cuda` feature");
+        return;
+    }
+    for name in ["llama", "mistral", "qwen3", "qwen2_f16", "opt", "opt350m_layout", "gemma3"] {
+        let model = fixture(name);
+        let gpu = match perplexity_on(&model, "cuda", false, &format!("{name}-cuda")) {
+            Ok(p) => p,
+            // No GPU, or no CUDA driver to load at all.
+            Err(e) if e.contains("cannot open GPU") || e.contains("error while loading shared libraries") => {
+                eprintln!("skipped: no GPU here ({})", e.trim());
+                return;
+            }
+            Err(e) => panic!("{name} on cuda: {e}"),
+        };
+        let cpu = perplexity(&model, false, name);
+        assert!((cpu - gpu).abs() / cpu < 1e-4, "{name}: cpu {cpu}, cuda {gpu}");
+    }
 }
 
 #[test]
