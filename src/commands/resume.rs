@@ -122,7 +122,7 @@ impl Aside {
                 w.dims(),
                 lin.weight.dims()
             );
-            lin.weight = w.to_device(lin.weight.device())?;
+            lin.set_weight(w)?;
         }
         Ok(Some((layer, report)))
     }

@@ -23,6 +23,12 @@ impl Linear {
         self.weight.dims()[1]
     }
 
+    /// Replace the weight (a pruned or resumed one, made on the host), keeping it on the old weight's device.
+    pub fn set_weight(&mut self, w: Tensor) -> Result<()> {
+        self.weight = w.to_device(self.weight.device())?;
+        Ok(())
+    }
+
     /// `x`: `(..., in)` → `(..., out)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();

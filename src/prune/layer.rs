@@ -653,8 +653,7 @@ pub fn prune_operator(
         }
         None => (None, None),
     };
-    let slot = layer.linear_mut(name).expect("checked above");
-    slot.weight = mat_to_tensor(pw)?.to_device(slot.weight.device())?;
+    layer.linear_mut(name).expect("checked above").set_weight(mat_to_tensor(pw)?)?;
     Ok(OperatorReport {
         layer: layer_idx,
         name: name.to_string(),
