@@ -9,7 +9,8 @@
 #      generate, and pruned checkpoints (magnitude, Wanda, SparseGPT, FISTAPruner) on the LLaMA fixture;
 #   3. a 2-layer random LLaMA of LLaMA-2-7B's layer shapes: eval perplexity and tokens/s on cuda, on the 16
 #      CPU cores, and through transformers on the same GPU and token ids; peak GPU memory;
-#   4. pruning it with SparseGPT (16 × 2048 calibration tokens) on cuda and on cpu: time and perplexity.
+#   4. pruning it with SparseGPT (16 × 2048 calibration tokens) on cuda and on cpu: time and perplexity;
+#   5. the CPU path's scaling from 4 to 16 threads (scripts/bench-threads.sh).
 #   usage: OUT=dir scripts/gpu-check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -108,4 +109,7 @@ for d in cuda cpu; do
   rec "{\"step\":\"sparsegpt_7b\",\"device\":\"$d\",\"rc\":$rc,\"wall_s\":$wall,\"perplexity\":$(ppl_of $S/sg-$d.json),\"peak_gpu_mib\":$(peak $S/mem-prune-$d.txt)}"
   python3 -c "import json; r=json.load(open('$S/sg-$d/report.json')); print(json.dumps({k: r[k] for k in r if 'time' in k or 'second' in k}))" 2>/dev/null | tee -a "$R"
 done
+echo "== 5. the CPU path on the 16 cores: 4 against 16 threads, a 1B model's layer shapes (4 layers)"
+FP=$B PYTHON=python3 TOKENIZER=.gpu/tokenizer.json WORK=$S/threads LAYERS=4 WINDOWS=4 NSAMPLES=8 \
+  EVAL_FLAGS="--layer-memory-mb 512" timeout 300 scripts/bench-threads.sh 4 16 | tee "$OUT/threads.txt"
 echo "== done"

@@ -123,6 +123,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    let missing = fistaprune::util::missing_cpu_features();
+    if !missing.is_empty() {
+        eprintln!(
+            "error: this build of fistaprune needs an x86-64-v3 CPU; this one lacks {} (build it for this CPU \
+             with RUSTFLAGS=\"-C target-cpu=native\" cargo build --release)",
+            missing.join(", ")
+        );
+        return ExitCode::FAILURE;
+    }
     // Logs on stderr, off unless RUST_LOG asks (e.g. RUST_LOG=fistaprune=debug).
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("off")).format_timestamp_millis().init();
     fistaprune::util::tune_allocator();

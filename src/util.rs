@@ -6,6 +6,27 @@ use anyhow::{Result, bail};
 use candle_core::{DType, Tensor};
 use indicatif::{ProgressDrawTarget, ProgressStyle};
 
+/// The instruction sets this build was compiled to use (`.cargo/config.toml`: x86-64-v3) that the CPU lacks,
+/// read with CPUID: std's feature macros answer from the build's flags there, not from the CPU.
+pub fn missing_cpu_features() -> Vec<&'static str> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__cpuid, __cpuid_count};
+        let (l1, l7) = (__cpuid(1), __cpuid_count(7, 0));
+        let wanted = [
+            (cfg!(target_feature = "avx2"), l7.ebx & (1 << 5) != 0, "AVX2"),
+            (cfg!(target_feature = "fma"), l1.ecx & (1 << 12) != 0, "FMA"),
+            (cfg!(target_feature = "f16c"), l1.ecx & (1 << 29) != 0, "F16C"),
+            (cfg!(target_feature = "bmi2"), l7.ebx & (1 << 8) != 0, "BMI2"),
+        ];
+        wanted.iter().filter(|(built, has, _)| *built && !has).map(|w| w.2).collect()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        Vec::new()
+    }
+}
+
 /// Keep freed memory in the process instead of returning each large block to the kernel.
 ///
 /// glibc serves allocations above 128 KiB (growing adaptively to 32 MiB) with fresh `mmap`s and unmaps them on

@@ -55,7 +55,7 @@ pub struct SparseGpt(pub Options);
 /// `H = G + damping` with dead inputs handled; returns H (f64) and zeroes the dead columns of `w`.
 pub fn damped_hessian(g: &Mat<f32>, w: &mut Mat<f32>, percdamp: f64) -> Mat<f64> {
     let n = g.nrows();
-    let mut h = Mat::<f64>::from_fn(n, n, |i, j| g[(i, j)] as f64);
+    let mut h = crate::linalg::mat_from_fn(n, n, |i, j| g[(i, j)] as f64);
     for j in 0..n {
         if h[(j, j)] == 0.0 {
             h[(j, j)] = 1.0;
@@ -79,7 +79,7 @@ pub fn inverse_cholesky_upper(h: &Mat<f64>) -> Result<Mat<f32>> {
         .inverse();
     let l = hinv.llt(Side::Lower).map_err(|e| anyhow!("H⁻¹ is not positive definite ({e:?})"))?;
     let l = l.L();
-    Ok(Mat::from_fn(h.nrows(), h.ncols(), |i, j| if j >= i { l[(j, i)] as f32 } else { 0.0 }))
+    Ok(crate::linalg::mat_from_fn(h.nrows(), h.ncols(), |i, j| if j >= i { l[(j, i)] as f32 } else { 0.0 }))
 }
 
 impl SparseGpt {
@@ -115,56 +115,45 @@ impl Method for SparseGpt {
 }
 
 /// The blocked OBS sweep over the columns of `w` with the upper Cholesky factor `u` of `H⁻¹`.
+///
+/// Within a block the rows are independent (a row's updates read only that row and `U`), so chunks of rows
+/// sweep the block on their own threads; each element sees the same updates in the same order as in one
+/// serial sweep, so the result does not depend on the thread count. The lazy update of the columns after
+/// the block is one GEMM.
 fn sweep(w: &mut Mat<f32>, u: &Mat<f32>, pattern: Pattern, blocksize: usize) {
+    use rayon::prelude::*;
     let (rows, cols) = w.shape();
+    let chunk = rows.div_ceil(4 * rayon::current_num_threads()).max(32);
     let mut i1 = 0;
     while i1 < cols {
         let i2 = (i1 + blocksize).min(cols);
         let count = i2 - i1;
-        let mut w1 = w.subcols(i1, count).to_owned();
-        let mut err1 = Mat::<f32>::zeros(rows, count);
         let d: Vec<f32> = (i1..i2).map(|j| u[(j, j)]).collect();
-        let mut mask1: Mat<bool> = match pattern {
+        // Unstructured: the mask of the whole block, all rows, chosen before any of it is updated.
+        let block_mask = match pattern {
             Pattern::Unstructured(s) => {
+                let w1 = w.subcols(i1, count);
                 let scores = Mat::from_fn(rows, count, |i, j| w1[(i, j)] * w1[(i, j)] / (d[j] * d[j]));
-                mask::mask_per_matrix(&scores, s)
+                Some(mask::mask_per_matrix(&scores, s))
             }
-            Pattern::NM { .. } => Mat::from_fn(rows, count, |_, _| false),
+            Pattern::NM { .. } => None,
         };
-        for i in 0..count {
-            if let Pattern::NM { n, m } = pattern
-                && i % m == 0
-            {
-                let width = m.min(count - i);
-                let scores = Mat::from_fn(rows, width, |r, c| w1[(r, i + c)] * w1[(r, i + c)] / (d[i + c] * d[i + c]));
-                let gm = mask::mask_nm(&scores, n, m);
-                for r in 0..rows {
-                    for c in 0..width {
-                        if gm[(r, c)] {
-                            mask1[(r, i + c)] = true;
-                        }
-                    }
-                }
-            }
-            // Prune column i, then spread the error over columns i+1.. of the block with row i of U: a rank-1
-            // update, one contiguous column at a time (the order of every element's updates is unchanged).
-            for r in 0..rows {
-                let wv = w1[(r, i)];
-                let q = if mask1[(r, i)] { 0.0 } else { wv };
-                err1[(r, i)] = (wv - q) / d[i];
-                w1[(r, i)] = q;
-            }
-            let e = err1.col_as_slice(i);
-            for c in i + 1..count {
-                let uc = u[(i1 + i, i1 + c)];
-                for (w, &e) in w1.col_as_slice_mut(c).iter_mut().zip(e) {
-                    if e != 0.0 {
-                        *w -= e * uc;
-                    }
-                }
-            }
+        let mut err1 = Mat::<f32>::zeros(rows, count);
+        let ublock = u.submatrix(i1, i1, count, count);
+        let mut parts = Vec::with_capacity(rows.div_ceil(chunk));
+        let (mut wrest, mut erest) = (w.subcols_mut(i1, count), err1.as_mut());
+        let mut r0 = 0;
+        while r0 < rows {
+            let nr = chunk.min(rows - r0);
+            let (wc, wr) = wrest.split_at_row_mut(nr);
+            let (ec, er) = erest.split_at_row_mut(nr);
+            parts.push((r0, wc, ec));
+            (wrest, erest, r0) = (wr, er, r0 + nr);
         }
-        w.subcols_mut(i1, count).copy_from(&w1);
+        parts.into_par_iter().for_each(|(r0, wc, ec)| {
+            let mask = block_mask.as_ref().map(|m| m.subrows(r0, wc.nrows()));
+            sweep_rows(wc, ec, mask, ublock, &d, pattern);
+        });
         if i2 < cols {
             // W[:, i2:] -= Err1 · U[i1:i2, i2:]
             faer::linalg::matmul::matmul(
@@ -177,6 +166,57 @@ fn sweep(w: &mut Mat<f32>, u: &Mat<f32>, pattern: Pattern, blocksize: usize) {
             );
         }
         i1 = i2;
+    }
+}
+
+/// One block of columns of some rows: prune column by column, spreading each column's error over the
+/// block's later columns with row `i` of the block of `U` (a rank-1 update, one contiguous column at a
+/// time). `mask` is the block's mask for these rows (unstructured); N:M groups are chosen as the sweep
+/// reaches them. Writes the scaled errors `(w − q) / U_ii` into `err`.
+fn sweep_rows(
+    mut w: faer::MatMut<f32>,
+    mut err: faer::MatMut<f32>,
+    mask: Option<faer::MatRef<bool>>,
+    u: faer::MatRef<f32>,
+    d: &[f32],
+    pattern: Pattern,
+) {
+    let (rows, count) = w.shape();
+    let mut pruned: Mat<bool> = match mask {
+        Some(m) => Mat::from_fn(rows, count, |r, c| m[(r, c)]),
+        None => Mat::from_fn(rows, count, |_, _| false),
+    };
+    for i in 0..count {
+        if let Pattern::NM { n, m } = pattern
+            && i % m == 0
+        {
+            let width = m.min(count - i);
+            let scores = Mat::from_fn(rows, width, |r, c| w[(r, i + c)] * w[(r, i + c)] / (d[i + c] * d[i + c]));
+            let gm = mask::mask_nm(&scores, n, m);
+            for r in 0..rows {
+                for c in 0..width {
+                    if gm[(r, c)] {
+                        pruned[(r, i + c)] = true;
+                    }
+                }
+            }
+        }
+        for r in 0..rows {
+            let wv = w[(r, i)];
+            let q = if pruned[(r, i)] { 0.0 } else { wv };
+            err[(r, i)] = (wv - q) / d[i];
+            w[(r, i)] = q;
+        }
+        let e = err.as_ref().col(i).try_as_col_major().expect("contiguous column").as_slice();
+        for c in i + 1..count {
+            let uc = u[(i, c)];
+            let wc = w.as_mut().col_mut(c).try_as_col_major_mut().expect("contiguous column").as_slice_mut();
+            for (w, &e) in wc.iter_mut().zip(e) {
+                if e != 0.0 {
+                    *w -= e * uc;
+                }
+            }
+        }
     }
 }
 

@@ -53,11 +53,12 @@ impl Gram {
     /// The full symmetric matrix (the upper triangle copied from the lower).
     pub fn finish(mut self) -> Mat<f32> {
         let n = self.dim();
-        for j in 0..n {
-            for i in 0..j {
-                self.g[(i, j)] = self.g[(j, i)];
+        let g = &mut self.g;
+        crate::linalg::for_each_tiled(n, n, |i, j| {
+            if i < j {
+                g[(i, j)] = g[(j, i)];
             }
-        }
+        });
         self.g
     }
 }
