@@ -140,18 +140,10 @@ fn sweep(w: &mut Mat<f32>, u: &Mat<f32>, pattern: Pattern, blocksize: usize) {
         };
         let mut err1 = Mat::<f32>::zeros(rows, count);
         let ublock = u.submatrix(i1, i1, count, count);
-        let mut parts = Vec::with_capacity(rows.div_ceil(chunk));
-        let (mut wrest, mut erest) = (w.subcols_mut(i1, count), err1.as_mut());
-        let mut r0 = 0;
-        while r0 < rows {
-            let nr = chunk.min(rows - r0);
-            let (wc, wr) = wrest.split_at_row_mut(nr);
-            let (ec, er) = erest.split_at_row_mut(nr);
-            parts.push((r0, wc, ec));
-            (wrest, erest, r0) = (wr, er, r0 + nr);
-        }
-        parts.into_par_iter().for_each(|(r0, wc, ec)| {
-            let mask = block_mask.as_ref().map(|m| m.subrows(r0, wc.nrows()));
+        let row_chunks =
+            w.subcols_mut(i1, count).par_row_chunks_mut(chunk).zip(err1.as_mut().par_row_chunks_mut(chunk));
+        row_chunks.enumerate().for_each(|(k, (wc, ec))| {
+            let mask = block_mask.as_ref().map(|m| m.subrows(k * chunk, wc.nrows()));
             sweep_rows(wc, ec, mask, ublock, &d, pattern);
         });
         if i2 < cols {
