@@ -270,7 +270,11 @@ pub struct SolveReport {
 impl Problem<'_> {
     /// `‖W' X* − W X‖² = tr(W' G* W'ᵀ) − 2 tr(W' Cᵀ) + K`, accumulated in f64.
     pub fn error(&self, w: &Mat<f32>) -> f64 {
-        let wg = matmul(w.as_ref(), self.g.as_ref());
+        self.error_with(w, &matmul(w.as_ref(), self.g.as_ref()))
+    }
+
+    /// [`Problem::error`] given `wg = W' G*` (computed once and shared with whoever needs it next).
+    pub fn error_with(&self, w: &Mat<f32>, wg: &Mat<f32>) -> f64 {
         let mut s = 0f64;
         for j in 0..w.ncols() {
             let (wc, gc, cc) = (w.col_as_slice(j), wg.col_as_slice(j), self.c.col_as_slice(j));
@@ -426,7 +430,8 @@ pub fn fista(
 
 /// Minimise the smooth part over the weights `pruned` leaves free (the masked ones stay zero), from `w`:
 /// per row, conjugate gradient on `G*` restricted to the row's support, all rows at once (one GEMM per step).
-pub fn refit(p: &Problem, w: &Mat<f32>, pruned: &mask::Mask, iters: usize) -> Mat<f32> {
+/// `wg` is `w G*` where the caller has it (else it is computed here).
+pub fn refit(p: &Problem, w: &Mat<f32>, wg: Option<Mat<f32>>, pruned: &mask::Mask, iters: usize) -> Mat<f32> {
     let (m, n) = w.shape();
     let project = |a: &mut Mat<f32>| {
         for j in 0..n {
@@ -448,7 +453,7 @@ pub fn refit(p: &Problem, w: &Mat<f32>, pruned: &mask::Mask, iters: usize) -> Ma
     };
     let mut x = w.clone();
     // r = P(C − X G*)
-    let mut r = matmul(x.as_ref(), p.g.as_ref());
+    let mut r = wg.unwrap_or_else(|| matmul(x.as_ref(), p.g.as_ref()));
     for j in 0..n {
         for (rv, &c) in r.col_as_slice_mut(j).iter_mut().zip(p.c.col_as_slice(j)) {
             *rv = c - *rv;
@@ -458,8 +463,9 @@ pub fn refit(p: &Problem, w: &Mat<f32>, pruned: &mask::Mask, iters: usize) -> Ma
     let mut d = r.clone();
     let mut rr = row_dot(&r, &r);
     let rr0: Vec<f64> = rr.clone();
+    let mut q = Mat::<f32>::zeros(m, n);
     for _ in 0..iters {
-        let mut q = matmul(d.as_ref(), p.g.as_ref());
+        faer::linalg::matmul::matmul(q.as_mut(), Accum::Replace, d.as_ref(), p.g.as_ref(), 1.0f32, par());
         project(&mut q);
         let dq = row_dot(&d, &q);
         let alpha: Vec<f32> = (0..m).map(|i| if dq[i] > 0.0 { (rr[i] / dq[i]) as f32 } else { 0.0 }).collect();
@@ -508,7 +514,9 @@ pub fn solve(p: &Problem, w0: &Mat<f32>, pattern: Pattern, o: &Options) -> Resul
         HardThreshold { pattern, per_row, budgets: None }
     };
     let (mut best, mut best_mask) = h.apply(w0);
-    let mut best_err = p.error(&best);
+    // `best G*` travels with `best`: the error, the re-fit's first residual and the swaps' start share it.
+    let mut best_g = matmul(best.as_ref(), p.g.as_ref());
+    let mut best_err = p.error_with(&best, &best_g);
     report.warm_error = best_err / base;
     let (mut lo, mut hi) = (o.alpha_min, o.alpha_max);
     let mut alpha = o.alpha.clamp(lo, hi);
@@ -517,12 +525,14 @@ pub fn solve(p: &Problem, w0: &Mat<f32>, pattern: Pattern, o: &Options) -> Resul
         let lambda = alpha * l * rms;
         let (wk, its) = fista(p, &best, lambda, l, o.iters, o.tol, project);
         let (ht, hm) = h.apply(&wk);
-        let e_total = p.error(&ht);
+        let htg = matmul(ht.as_ref(), p.g.as_ref());
+        let e_total = p.error_with(&ht, &htg);
         let e_fista = p.error(&wk);
         let ratio = if e_total > 0.0 { (e_total - e_fista) / e_total } else { 0.0 };
         report.rounds.push((alpha, e_total / base, ratio, its));
         if e_total < best_err {
             best = ht;
+            best_g = htg;
             best_mask = hm;
             best_err = e_total;
             report.improved = true;
@@ -537,17 +547,20 @@ pub fn solve(p: &Problem, w0: &Mat<f32>, pattern: Pattern, o: &Options) -> Resul
         }
     }
     if o.refit_iters > 0 {
-        let r = refit(p, &best, &best_mask, o.refit_iters);
-        let e = p.error(&r);
+        let r = refit(p, &best, Some(best_g.clone()), &best_mask, o.refit_iters);
+        let rg = matmul(r.as_ref(), p.g.as_ref());
+        let e = p.error_with(&r, &rg);
         report.refit_error = Some(e / base);
         if e < best_err {
             best = r;
+            best_g = rg;
             best_err = e;
         }
     }
     if o.swap_rounds > 0 {
         ensure!(o.swap_refit_iters > 0, "--swap-rounds re-fits every swap: it needs --swap-refit-iters above 0");
-        let (w, _, rounds) = super::swap::refine(p, best, best_mask, pattern, o.swap_rounds, o.swap_refit_iters);
+        let (w, _, rounds) =
+            super::swap::refine(p, best, best_g, best_mask, pattern, o.swap_rounds, o.swap_refit_iters);
         best = w;
         best_err = rounds.last().map_or(best_err, |r| r.error * base);
         report.swaps = rounds;
@@ -669,7 +682,7 @@ mod tests {
             }
         }
         // The masked refit on a full support is the same least squares.
-        let r = refit(&p, &Mat::from_fn(3, 8, |_, _| 1.0), &Mat::from_fn(3, 8, |_, _| false), 50);
+        let r = refit(&p, &Mat::from_fn(3, 8, |_, _| 1.0), None, &Mat::from_fn(3, 8, |_, _| false), 50);
         assert!((p.error(&r) - p.error(&wf)).abs() <= 1e-4 * p.error(&wf).max(1e-9));
     }
 
@@ -740,7 +753,7 @@ mod tests {
         let (w, g, c, k) = problem(5, 12, 90, 4);
         let p = Problem { w: &w, g: &g, c: &c, k };
         let (h, hm) = HardThreshold { pattern: Pattern::Unstructured(0.5), per_row: true, budgets: None }.apply(&w);
-        let r = refit(&p, &h, &hm, 30);
+        let r = refit(&p, &h, None, &hm, 30);
         for j in 0..12 {
             for i in 0..5 {
                 if h[(i, j)] == 0.0 {

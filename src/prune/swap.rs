@@ -12,6 +12,7 @@
 //! lower it further. A row keeps the round only where its error went down: never worse than its start.
 
 use faer::Mat;
+use rayon::prelude::*;
 use serde::Serialize;
 
 use super::fista::{Problem, matmul, refit};
@@ -206,11 +207,12 @@ fn diagonal(g: &Mat<f32>) -> (Vec<f32>, Vec<f32>) {
     (gd, inv)
 }
 
-/// Refine `w` (re-fitted on the support `pruned` leaves, on `pattern`) by up to `rounds` rounds of swaps, each
+/// Refine `w` (re-fitted on the support `pruned` leaves, on `pattern`; `wg = w G*`) by up to `rounds` rounds of swaps, each
 /// re-fitted with `refit_iters` conjugate-gradient steps. Returns the weights, their mask and each round.
 pub fn refine(
     p: &Problem,
     mut w: Mat<f32>,
+    mut wg: Mat<f32>,
     mut pruned: Mask,
     pattern: Pattern,
     rounds: usize,
@@ -225,18 +227,24 @@ pub fn refine(
         Pattern::NM { .. } => 4,
         Pattern::Unstructured(_) => n.div_ceil(16),
     };
-    let mut wg = matmul(w.as_ref(), p.g.as_ref());
     let mut err = row_errors(&w, &wg, p.c);
     let total = |err: &[f64]| (err.iter().sum::<f64>() + p.k).max(0.0) / base;
     let mut report = Vec::new();
     for _ in 0..rounds {
         let (mut cand, mut cmask) = (w.clone(), pruned.clone());
+        // The rows search independently, each on its own task; the results land in row order.
+        let searched: Vec<(usize, f64, Option<Row>)> = (0..m)
+            .into_par_iter()
+            .map(|i| {
+                let mut row = Row::of(p, &gd, &inv_gd, &w, &wg, &pruned, i);
+                let made = row.improve(pattern, cap);
+                (made, row.flops, (made > 0).then_some(row))
+            })
+            .collect();
         let (mut proposed, mut search_flops) = (0, 0.0);
-        for i in 0..m {
-            let mut row = Row::of(p, &gd, &inv_gd, &w, &wg, &pruned, i);
-            let made = row.improve(pattern, cap);
-            search_flops += row.flops;
-            if made > 0 {
+        for (i, (made, flops, row)) in searched.into_iter().enumerate() {
+            search_flops += flops;
+            if let Some(row) = row {
                 proposed += made;
                 for j in 0..n {
                     cand[(i, j)] = row.w[j];
@@ -249,7 +257,7 @@ pub fn refine(
             report.push(SwapRound { proposed, search_flops, rows_kept: 0, error: total(&err) });
             break;
         }
-        let cand = refit(p, &cand, &cmask, refit_iters);
+        let cand = refit(p, &cand, None, &cmask, refit_iters);
         let cg = matmul(cand.as_ref(), p.g.as_ref());
         let cerr = row_errors(&cand, &cg, p.c);
         let better: Vec<usize> = (0..m).filter(|&i| cerr[i] < err[i]).collect();
@@ -404,8 +412,9 @@ mod tests {
             let pruned = mask::select(&w, pattern, true);
             let mut start = w.clone();
             mask::apply(&mut start, &pruned);
-            let start = refit(&p, &start, &pruned, 60);
-            let (out, out_mask, rounds) = refine(&p, start.clone(), pruned.clone(), pattern, 5, 60);
+            let start = refit(&p, &start, None, &pruned, 60);
+            let (out, out_mask, rounds) =
+                refine(&p, start.clone(), matmul(start.as_ref(), g.as_ref()), pruned.clone(), pattern, 5, 60);
             let (before, after) = (errors(&p, &start), errors(&p, &out));
             for i in 0..6 {
                 assert!(after[i] <= before[i], "{pattern:?} row {i}: {} > {}", after[i], before[i]);
