@@ -10,7 +10,8 @@
 # tokens, default 16) scale the work; EVAL_FLAGS go to eval (e.g. `--layer-memory-mb 512` re-reads the layers on every
 # batch, as eval does when a model's layers do not fit its default 4 GB, as at 22 layers). The model is made once with transformers (PYTHON, default .venv's, made by
 # scripts/python-env.sh) in WORK (default target/bench-threads) and kept there. FP and GEMM name prebuilt
-# binaries (no GEMM line where there is no such file); TOKENIZER a tokenizer.json for the model.
+# binaries (no GEMM line where there is no such file); TOKENIZER a tokenizer.json for the model; METHODS the
+# pruning methods timed, 50 % each (default sparsegpt; e.g. "sparsegpt fista").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 counts=("${@:-1 2}")
@@ -18,6 +19,7 @@ read -r -a counts <<< "${counts[*]}"
 layers=${LAYERS:-22}
 windows=${WINDOWS:-8}
 nsamples=${NSAMPLES:-16}
+methods=${METHODS:-sparsegpt}
 work=${WORK:-target/bench-threads}
 fp=${FP:-target/release/fistaprune}
 py=${PYTHON:-.venv/bin/python}
@@ -43,14 +45,19 @@ for t in "${counts[@]}"; do
     --max-windows "$windows" ${EVAL_FLAGS:-} --quiet --json "$work/eval-$t.json" --force
   eval_s[$t]=$(field "$work/eval-$t.json" seconds)
   echo "threads $t  eval      $(printf %8.1f "${eval_s[$t]}") s  $(printf %6.1f "$(field "$work/eval-$t.json" gflop_per_second)") GFLOP/s"
-  "$fp" --threads "$t" prune --model "$model" --method sparsegpt --sparsity 0.5 \
-    --calib $data/c4/c4-train.00000-of-01024.first1000.jsonl --nsamples "$nsamples" --seqlen 512 \
-    --out "$work/sparsegpt-$t" --force --quiet
-  prune_s[$t]=$(field "$work/sparsegpt-$t/report.json" prune_seconds)
-  echo "threads $t  sparsegpt $(printf %8.1f "${prune_s[$t]}") s  $(printf %6.1f "$(field "$work/sparsegpt-$t/report.json" prune_gflop_per_second)") GFLOP/s (counted)"
+  for m in $methods; do
+    "$fp" --threads "$t" prune --model "$model" --method "$m" --sparsity 0.5 \
+      --calib $data/c4/c4-train.00000-of-01024.first1000.jsonl --nsamples "$nsamples" --seqlen 512 \
+      --out "$work/$m-$t" --force --quiet
+    prune_s[$m-$t]=$(field "$work/$m-$t/report.json" prune_seconds)
+    echo "threads $t  $(printf %-9s "$m") $(printf %8.1f "${prune_s[$m-$t]}") s  $(printf %6.1f "$(field "$work/$m-$t/report.json" prune_gflop_per_second)") GFLOP/s (counted)"
+  done
 done
 t0=${counts[0]}
 for t in "${counts[@]:1}"; do
-  python3 -c "import sys; e0,e,p0,p=map(float,sys.argv[3:]); print(f'speed-up {sys.argv[1]} -> {sys.argv[2]} threads: eval {e0/e:.2f}x, sparsegpt {p0/p:.2f}x')" \
-    "$t0" "$t" "${eval_s[$t0]}" "${eval_s[$t]}" "${prune_s[$t0]}" "${prune_s[$t]}"
+  line="speed-up $t0 -> $t threads: eval $(python3 -c "print(f'{$(printf %s "${eval_s[$t0]}")/$(printf %s "${eval_s[$t]}"):.2f}x')")"
+  for m in $methods; do
+    line="$line, $m $(python3 -c "print(f'{${prune_s[$m-$t0]}/${prune_s[$m-$t]}:.2f}x')")"
+  done
+  echo "$line"
 done

@@ -430,64 +430,84 @@ pub fn fista(
 
 /// Minimise the smooth part over the weights `pruned` leaves free (the masked ones stay zero), from `w`:
 /// per row, conjugate gradient on `G*` restricted to the row's support, all rows at once (one GEMM per step).
-/// `wg` is `w G*` where the caller has it (else it is computed here).
+/// `wg` is `w G*` where the caller has it (else it is computed here). Rows are independent between the GEMMs:
+/// their vector work runs in blocks of rows on all threads, each row's arithmetic the same whatever the blocks.
 pub fn refit(p: &Problem, w: &Mat<f32>, wg: Option<Mat<f32>>, pruned: &mask::Mask, iters: usize) -> Mat<f32> {
+    use rayon::prelude::*;
     let (m, n) = w.shape();
-    let project = |a: &mut Mat<f32>| {
-        for j in 0..n {
-            for (i, v) in a.col_as_slice_mut(j).iter_mut().enumerate() {
-                if pruned[(i, j)] {
-                    *v = 0.0;
-                }
-            }
-        }
-    };
-    let row_dot = |a: &Mat<f32>, b: &Mat<f32>| -> Vec<f64> {
-        let mut s = vec![0f64; m];
-        for j in 0..n {
-            for ((si, &x), &y) in s.iter_mut().zip(a.col_as_slice(j)).zip(b.col_as_slice(j)) {
-                *si += x as f64 * y as f64;
-            }
-        }
-        s
-    };
-    let mut x = w.clone();
-    // r = P(C − X G*)
-    let mut r = wg.unwrap_or_else(|| matmul(x.as_ref(), p.g.as_ref()));
-    for j in 0..n {
-        for (rv, &c) in r.col_as_slice_mut(j).iter_mut().zip(p.c.col_as_slice(j)) {
-            *rv = c - *rv;
-        }
+    let rows = m.div_ceil(4 * rayon::current_num_threads()).max(1);
+    // Row `i0 + k` of column `j` of a block, or of a whole matrix.
+    fn col<'a>(b: &'a mut faer::MatMut<f32>, j: usize) -> &'a mut [f32] {
+        b.as_mut().col_mut(j).try_as_col_major_mut().expect("contiguous column").as_slice_mut()
     }
-    project(&mut r);
+    let mut x = w.clone();
+    // r = P(C − X G*), and ‖r‖² per row.
+    let mut r = wg.unwrap_or_else(|| matmul(x.as_ref(), p.g.as_ref()));
+    let mut rr = vec![0f64; m];
+    r.as_mut().par_row_chunks_mut(rows).zip(rr.par_chunks_mut(rows)).enumerate().for_each(|(b, (mut rb, rrb))| {
+        let i0 = b * rows;
+        for j in 0..n {
+            let rc = col(&mut rb, j);
+            let (cc, mc) = (&p.c.col_as_slice(j)[i0..], &pruned.col_as_slice(j)[i0..]);
+            for (k, v) in rc.iter_mut().enumerate() {
+                *v = if mc[k] { 0.0 } else { cc[k] - *v };
+                rrb[k] += *v as f64 * *v as f64;
+            }
+        }
+    });
     let mut d = r.clone();
-    let mut rr = row_dot(&r, &r);
     let rr0: Vec<f64> = rr.clone();
     let mut q = Mat::<f32>::zeros(m, n);
+    let mut alpha = vec![0f32; m];
     for _ in 0..iters {
         faer::linalg::matmul::matmul(q.as_mut(), Accum::Replace, d.as_ref(), p.g.as_ref(), 1.0f32, par());
-        project(&mut q);
-        let dq = row_dot(&d, &q);
-        let alpha: Vec<f32> = (0..m).map(|i| if dq[i] > 0.0 { (rr[i] / dq[i]) as f32 } else { 0.0 }).collect();
-        for j in 0..n {
-            let (dc, qc) = (d.col_as_slice(j), q.col_as_slice(j));
-            for (i, xv) in x.col_as_slice_mut(j).iter_mut().enumerate() {
-                *xv += alpha[i] * dc[i];
-            }
-            for (i, rv) in r.col_as_slice_mut(j).iter_mut().enumerate() {
-                *rv -= alpha[i] * qc[i];
-            }
-        }
-        let rr_new = row_dot(&r, &r);
+        // q = P(d G*); α = ‖r‖² / (d · q) per row.
+        q.as_mut().par_row_chunks_mut(rows).zip(alpha.par_chunks_mut(rows)).enumerate().for_each(
+            |(b, (mut qb, ab))| {
+                let i0 = b * rows;
+                let mut dq = vec![0f64; ab.len()];
+                for j in 0..n {
+                    let qc = col(&mut qb, j);
+                    let (dc, mc) = (&d.col_as_slice(j)[i0..], &pruned.col_as_slice(j)[i0..]);
+                    for (k, v) in qc.iter_mut().enumerate() {
+                        if mc[k] {
+                            *v = 0.0;
+                        }
+                        dq[k] += dc[k] as f64 * *v as f64;
+                    }
+                }
+                for (k, a) in ab.iter_mut().enumerate() {
+                    *a = if dq[k] > 0.0 { (rr[i0 + k] / dq[k]) as f32 } else { 0.0 };
+                }
+            },
+        );
+        // x += α d, r −= α q; then β = ‖r_new‖² / ‖r‖² and d = r + β d (unused when the loop ends here).
+        let mut rr_new = vec![0f64; m];
+        let blocks = x.as_mut().par_row_chunks_mut(rows).zip(r.as_mut().par_row_chunks_mut(rows));
+        blocks.zip(d.as_mut().par_row_chunks_mut(rows)).zip(rr_new.par_chunks_mut(rows)).enumerate().for_each(
+            |(b, (((mut xb, mut rb), mut db), rnb))| {
+                let i0 = b * rows;
+                for j in 0..n {
+                    let (xc, rc, dc) = (col(&mut xb, j), col(&mut rb, j), col(&mut db, j));
+                    let (qc, ac) = (&q.col_as_slice(j)[i0..], &alpha[i0..]);
+                    for k in 0..xc.len() {
+                        xc[k] += ac[k] * dc[k];
+                        rc[k] -= ac[k] * qc[k];
+                        rnb[k] += rc[k] as f64 * rc[k] as f64;
+                    }
+                }
+                let beta: Vec<f32> =
+                    (0..rnb.len()).map(|k| if rr[i0 + k] > 0.0 { (rnb[k] / rr[i0 + k]) as f32 } else { 0.0 }).collect();
+                for j in 0..n {
+                    let (rc, dc) = (col(&mut rb, j), col(&mut db, j));
+                    for k in 0..rc.len() {
+                        dc[k] = rc[k] + beta[k] * dc[k];
+                    }
+                }
+            },
+        );
         if (0..m).all(|i| rr_new[i] <= 1e-12 * rr0[i].max(f64::MIN_POSITIVE)) {
             break;
-        }
-        let beta: Vec<f32> = (0..m).map(|i| if rr[i] > 0.0 { (rr_new[i] / rr[i]) as f32 } else { 0.0 }).collect();
-        for j in 0..n {
-            let rc = r.col_as_slice(j);
-            for (i, dv) in d.col_as_slice_mut(j).iter_mut().enumerate() {
-                *dv = rc[i] + beta[i] * *dv;
-            }
         }
         rr = rr_new;
     }
@@ -746,6 +766,27 @@ mod tests {
         let rep = full.details.unwrap();
         let (e, e0) = (rep["error"].as_f64().unwrap(), rep["warm_error"].as_f64().unwrap());
         assert!(e <= e0 + 1e-12, "{e} > warm {e0}");
+    }
+
+    /// The re-fit's rows run in blocks on the threads there are: the bytes must not depend on how many.
+    #[test]
+    fn refit_gives_the_same_bytes_at_any_thread_count() {
+        let (w, g, c, k) = problem(37, 24, 120, 11);
+        let p = Problem { w: &w, g: &g, c: &c, k };
+        let (h, hm) = HardThreshold { pattern: Pattern::NM { n: 2, m: 4 }, per_row: true, budgets: None }.apply(&w);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| refit(&p, &h, None, &hm, 12))
+        };
+        let one = run(1);
+        for threads in [2, 3, 5] {
+            let many = run(threads);
+            for j in 0..24 {
+                for i in 0..37 {
+                    assert_eq!(one[(i, j)].to_bits(), many[(i, j)].to_bits(), "({i}, {j}) at {threads} threads");
+                }
+            }
+        }
     }
 
     #[test]
