@@ -54,10 +54,11 @@ for t in "${counts[@]}"; do
   done
 done
 t0=${counts[0]}
+ratio() { python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.2f}x')" "$1" "$2"; }
 for t in "${counts[@]:1}"; do
-  line="speed-up $t0 -> $t threads: eval $(python3 -c "print(f'{$(printf %s "${eval_s[$t0]}")/$(printf %s "${eval_s[$t]}"):.2f}x')")"
+  line="speed-up $t0 -> $t threads: eval $(ratio "${eval_s[$t0]}" "${eval_s[$t]}")"
   for m in $methods; do
-    line="$line, $m $(python3 -c "print(f'{${prune_s[$m-$t0]}/${prune_s[$m-$t]}:.2f}x')")"
+    line="$line, $m $(ratio "${prune_s[$m-$t0]}" "${prune_s[$m-$t]}")"
   done
   echo "$line"
 done

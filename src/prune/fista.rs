@@ -436,7 +436,7 @@ pub fn refit(p: &Problem, w: &Mat<f32>, wg: Option<Mat<f32>>, pruned: &mask::Mas
     use rayon::prelude::*;
     let (m, n) = w.shape();
     let rows = m.div_ceil(4 * rayon::current_num_threads()).max(1);
-    // Row `i0 + k` of column `j` of a block, or of a whole matrix.
+    // Column `j` of a block of rows, as a slice (a block of a column-major matrix keeps its columns contiguous).
     fn col<'a>(b: &'a mut faer::MatMut<f32>, j: usize) -> &'a mut [f32] {
         b.as_mut().col_mut(j).try_as_col_major_mut().expect("contiguous column").as_slice_mut()
     }
