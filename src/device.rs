@@ -47,8 +47,18 @@ pub fn current() -> &'static Device {
 /// Whether the kernels on `t` take candle's generic operators rather than the faer ones: always off the CPU,
 /// and on it too under `FISTAPRUNE_GENERIC=1`, so that the GPU's code path is tested on machines without one.
 pub fn generic(t: &Tensor) -> bool {
+    !t.device().is_cpu() || forced()
+}
+
+/// Whether the pruners' dense work goes through candle on the run's device ([`current`]) rather than faer on
+/// the host: off the CPU, and under `FISTAPRUNE_GENERIC=1`.
+pub fn offloaded() -> bool {
+    !current().is_cpu() || forced()
+}
+
+fn forced() -> bool {
     static FORCED: OnceLock<bool> = OnceLock::new();
-    !t.device().is_cpu() || *FORCED.get_or_init(|| std::env::var("FISTAPRUNE_GENERIC").is_ok_and(|v| v == "1"))
+    *FORCED.get_or_init(|| std::env::var("FISTAPRUNE_GENERIC").is_ok_and(|v| v == "1"))
 }
 
 /// What to do about an error that came from the GPU running out of memory (CUDA reports it as

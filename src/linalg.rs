@@ -19,7 +19,8 @@ pub fn par() -> Par {
 /// Run `f` on the contiguous f32 data of `t` (copied to the host first when it lives on another device).
 pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     ensure!(t.dtype() == DType::F32, "expected an f32 tensor, got {:?}", t.dtype());
-    let t = if t.device().is_cpu() { t.contiguous()? } else { t.to_device(&Device::Cpu)? };
+    // Contiguous first: candle's `to_device` copies a view's whole storage, not only the view.
+    let t = if t.device().is_cpu() { t.contiguous()? } else { t.contiguous()?.to_device(&Device::Cpu)? };
     let (storage, layout) = t.storage_and_layout();
     let (start, end) = layout.contiguous_offsets().expect("contiguous");
     match &*storage {
@@ -102,6 +103,99 @@ pub fn mat_to_tensor(m: &faer::Mat<f32>) -> Result<Tensor> {
         });
     }
     Ok(Tensor::from_vec(v, (r, c), &Device::Cpu)?)
+}
+
+/// `U`, upper triangular with `H⁻¹ = Uᵀ U`, for a symmetric positive definite `h` on any device, in `h`'s
+/// dtype (SparseGPT's factor, [`crate::prune::sparsegpt`]). With `J` the reversal permutation and `L` the
+/// lower Cholesky factor of `J H J`, `H = R Rᵀ` for the upper `R = J L J`, so `U = R⁻¹ = J L⁻¹ J`: one
+/// Cholesky and one triangular inverse (2/3 n³) where the host path takes Cholesky, inverse and Cholesky.
+/// Both go in blocks of `block` columns: the diagonal blocks are factored and inverted on the host in f64,
+/// everything else is GEMMs on the device. candle's GEMM wants exact strides on the GPU, so every operand
+/// that is a view is made contiguous first.
+pub fn upper_inverse_cholesky(h: &Tensor, block: usize) -> Result<Tensor> {
+    let n = h.dim(0)?;
+    ensure!(h.dims2()? == (n, n), "expected a square matrix, got {:?}", h.dims());
+    let rev = Tensor::from_vec((0..n as u32).rev().collect::<Vec<_>>(), n, h.device())?;
+    let flip = |t: &Tensor| -> Result<Tensor> { Ok(t.index_select(&rev, 0)?.index_select(&rev, 1)?) };
+    let l = cholesky_lower(&flip(h)?, block)?;
+    flip(&invert_lower(&l, block)?)
+}
+
+/// Lower `L` with `a = L Lᵀ`, right-looking by blocks of columns.
+fn cholesky_lower(a: &Tensor, block: usize) -> Result<Tensor> {
+    let n = a.dim(0)?;
+    let mut trailing = a.clone();
+    let mut columns = Vec::new();
+    let mut k0 = 0;
+    while k0 < n {
+        let b = block.min(n - k0);
+        let rest = n - k0 - b;
+        let lkk = to_host_f64(&trailing.narrow(0, 0, b)?.narrow(1, 0, b)?)?
+            .llt(faer::Side::Lower)
+            .map_err(|e| anyhow::anyhow!("the matrix is not positive definite near column {k0} ({e:?})"))?
+            .L()
+            .to_owned();
+        // (No zero-sized tensors: not every device allocates them.)
+        let mut parts = Vec::new();
+        if k0 > 0 {
+            parts.push(Tensor::zeros((k0, b), a.dtype(), a.device())?);
+        }
+        parts.push(to_device_like(&lkk, a)?);
+        if rest > 0 {
+            // L_rk = A_rk L_kk⁻ᵀ, and the trailing block loses L_rk L_rkᵀ.
+            let a_rk = trailing.narrow(0, b, rest)?.narrow(1, 0, b)?.contiguous()?;
+            let l_rk = a_rk.matmul(&to_device_like(&invert_lower_host(&lkk), a)?.t()?)?;
+            trailing = (trailing.narrow(0, b, rest)?.narrow(1, b, rest)? - l_rk.matmul(&l_rk.t()?)?)?;
+            parts.push(l_rk);
+        }
+        columns.push(Tensor::cat(&parts, 0)?);
+        k0 += b;
+    }
+    Ok(Tensor::cat(&columns, 1)?)
+}
+
+/// `L⁻¹` of a lower triangular `l`, by blocks of rows: `X_ii = L_ii⁻¹` and `X_i,<i = −L_ii⁻¹ L_i,<i X_<i,<i`.
+fn invert_lower(l: &Tensor, block: usize) -> Result<Tensor> {
+    let n = l.dim(0)?;
+    let mut done: Option<Tensor> = None; // X[..r0, ..r0]
+    let mut r0 = 0;
+    while r0 < n {
+        let b = block.min(n - r0);
+        let lii = to_host_f64(&l.narrow(0, r0, b)?.narrow(1, r0, b)?)?;
+        let xii = to_device_like(&invert_lower_host(&lii), l)?;
+        done = Some(match done {
+            None => xii,
+            Some(x) => {
+                let li = l.narrow(0, r0, b)?.narrow(1, 0, r0)?.contiguous()?;
+                let xi = xii.matmul(&li.matmul(&x)?)?.neg()?;
+                let top = Tensor::cat(&[x, Tensor::zeros((r0, b), l.dtype(), l.device())?], 1)?;
+                Tensor::cat(&[top, Tensor::cat(&[xi, xii], 1)?], 0)?
+            }
+        });
+        r0 += b;
+    }
+    done.ok_or_else(|| anyhow::anyhow!("an empty matrix has no inverse"))
+}
+
+/// The inverse of a small lower triangular matrix, on the host.
+fn invert_lower_host(l: &faer::Mat<f64>) -> faer::Mat<f64> {
+    let mut x = faer::Mat::<f64>::zeros(l.nrows(), l.ncols());
+    faer::linalg::triangular_inverse::invert_lower_triangular(x.as_mut(), l.as_ref(), Par::Seq);
+    x
+}
+
+/// A (small) matrix tensor on the host as f64.
+fn to_host_f64(t: &Tensor) -> Result<faer::Mat<f64>> {
+    let (r, c) = t.dims2()?;
+    let v: Vec<f64> = t.contiguous()?.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    Ok(faer::Mat::from_fn(r, c, |i, j| v[i * c + j]))
+}
+
+/// A host f64 matrix as a tensor on `like`'s device, in its dtype.
+fn to_device_like(m: &faer::Mat<f64>, like: &Tensor) -> Result<Tensor> {
+    let (r, c) = m.shape();
+    let v: Vec<f64> = (0..r).flat_map(|i| (0..c).map(move |j| m[(i, j)])).collect();
+    Ok(Tensor::from_vec(v, (r, c), like.device())?.to_dtype(like.dtype())?)
 }
 
 /// Send a raw pointer into rayon tasks that write disjoint parts of one buffer.
@@ -333,6 +427,32 @@ pub fn logsumexp(row: &[f32]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blocked_upper_inverse_cholesky_is_the_factor_of_the_inverse() {
+        use faer::linalg::solvers::DenseSolveCore;
+        // A symmetric positive definite matrix with a spread spectrum, n not a multiple of the block.
+        let n = 37;
+        let x =
+            faer::Mat::<f64>::from_fn(2 * n, n, |i, j| ((i * 7 + j * 13) % 11) as f64 - 5.0 + (i == j) as u8 as f64);
+        let mut h = x.transpose() * &x;
+        for j in 0..n {
+            h[(j, j)] += 0.1;
+        }
+        let want =
+            h.llt(faer::Side::Lower).unwrap().inverse().llt(faer::Side::Lower).unwrap().L().transpose().to_owned();
+        for block in [1, 8, 37, 64] {
+            let t = to_device_like(&h, &Tensor::zeros((1, 1), DType::F64, &Device::Cpu).unwrap()).unwrap();
+            let got = to_host_f64(&upper_inverse_cholesky(&t, block).unwrap()).unwrap();
+            let scale = (0..n).map(|j| want[(j, j)].abs()).fold(0.0, f64::max);
+            let worst = (0..n)
+                .flat_map(|i| (0..n).map(move |j| (i, j)))
+                .map(|(i, j)| (got[(i, j)] - want[(i, j)]).abs())
+                .fold(0.0, f64::max);
+            assert!(worst < 1e-10 * scale, "block {block}: worst {worst} against scale {scale}");
+            assert!((0..n).all(|i| (0..i).all(|j| got[(i, j)] == 0.0)), "block {block}: not upper triangular");
+        }
+    }
 
     #[test]
     fn exp_neg_is_accurate() {

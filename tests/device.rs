@@ -104,7 +104,8 @@ fn pruned(method: &str, generic: bool) -> (Vec<u8>, f64) {
 }
 
 /// The statistics come from the generic path too (Gram and cross products reduced on the device): the same
-/// masks for magnitude and Wanda, SparseGPT's perplexity to 1e-6.
+/// masks for magnitude and Wanda, SparseGPT's perplexity to 1e-6 (its factorisation and lazy updates go
+/// through candle too).
 #[test]
 fn generic_statistics_prune_as_the_faer_ones_do() {
     for method in ["magnitude", "wanda"] {
