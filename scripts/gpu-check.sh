@@ -9,9 +9,11 @@
 #      generate, and pruned checkpoints (magnitude, Wanda, SparseGPT, FISTAPruner) on the LLaMA fixture;
 #   3. a 2-layer random LLaMA of LLaMA-2-7B's layer shapes: eval perplexity and tokens/s on cuda, on the 16
 #      CPU cores, and through transformers on the same GPU and token ids; peak GPU memory;
-#   4. pruning it with SparseGPT (16 × 2048 calibration tokens) on cuda and on cpu: time and perplexity;
+#   4. pruning it with SparseGPT (16 × 2048 calibration tokens) on cuda and on cpu: time and perplexity; then
+#      SparseGPT and Wanda with 128 × 2048 tokens on cuda, ours and the authors' code on the same card and ids
+#      (when scripts/gpu-prepare.sh copied their code to .gpu/peers/), and one layer of FISTAPruner on cuda;
 #   5. the CPU path's scaling from 4 to 16 threads (scripts/bench-threads.sh).
-#   usage: OUT=dir scripts/gpu-check.sh
+#   usage: OUT=dir [STEPS="1 2 3 4 4b 4c 5"] scripts/gpu-check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-target/gpu-check}
@@ -25,7 +27,9 @@ rm -rf "$S" && mkdir -p "$S"
 export NVIDIA_TF32_OVERRIDE=0
 CU13=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))')
 export LD_LIBRARY_PATH=/usr/local/nvidia/lib64:$CU13:/usr/local/cuda-13.0/targets/x86_64-linux/lib
-rec() { echo "$1" | tee -a "$R"; }
+# One line per record (the JSON files it embeds are indented), as it was given where it is not JSON.
+rec() { python3 -c 'import json, sys; print(json.dumps(json.loads(sys.argv[1])))' "$1" 2>/dev/null | tee -a "$R" \
+  || echo "$1" | tee -a "$R"; }
 ppl_of() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['perplexity'])" "$1" 2>/dev/null || echo null; }
 secs_of() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['seconds'])" "$1" 2>/dev/null || echo null; }
 # The peak of GPU memory in use while a command runs (nvidia-smi, every 100 ms), in MiB.
@@ -39,17 +43,29 @@ with_mem() {
 }
 peak() { sort -n "$1" | tail -1 | grep . || echo null; }
 elapsed() { python3 -c "import time, sys; print(round(time.time() - float(sys.argv[1]), 3))" "$1"; }
+# STEPS="3 4b" runs only those steps (a run of them all can outlast one call on the machine).
+want() { [[ " ${STEPS:-1 2 3 4 4b 4c 5} " == *" $1 "* ]]; }
+# The 2-layer random LLaMA of LLaMA-2-7B's layer shapes that steps 3-4c use, made once.
+M=$S/llama7b-2l
+# (MAKE_FLAGS="--hidden 256 ..." shrinks it, to try the script on a machine without a GPU.)
+model() {
+  [ -d $M ] || python3 scripts/gpu/torch_ref.py make --out $M --tokenizer .gpu/tokenizer.json --layers 2 \
+    ${MAKE_FLAGS:-} | tee -a "$R"
+}
 
 echo "== 0. the machine and the binary"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 ls -l "$B"; ldd "$B" | grep -E "cuda|cublas|curand|nvrtc|not found"
 rec "{\"step\":\"binary\",\"bytes\":$(stat -c %s "$B"),\"missing_libs\":$(ldd "$B" | grep -c 'not found')}"
 
+want 1 && {
 echo "== 1. the device opens (fixture eval on cuda)"
 t0=$(date +%s.%N)
 $B --device cuda eval --model tests/fixtures/llama --dataset $W --seqlen 128 --max-windows 3 --quiet --json $S/go.json
 rec "{\"step\":\"go\",\"rc\":$?,\"wall_s\":$(elapsed $t0),\"perplexity\":$(ppl_of $S/go.json)}"
+}
 
+want 2 && {
 echo "== 2a. eval parity on every fixture architecture"
 for m in llama mistral qwen3 qwen2_f16 opt opt350m_layout gemma3; do
   for d in cpu cuda; do
@@ -85,10 +101,11 @@ PY
   same=$(cmp -s $S/p-$meth-cpu/model.safetensors $S/p-$meth-cuda/model.safetensors && echo true || echo false)
   rec "{\"step\":\"prune_parity\",\"method\":\"$meth\",\"cpu\":$a,\"cuda\":$c,\"rel\":$(python3 -c "print(abs($a-$c)/$a)" 2>/dev/null || echo null),\"mask_agreement\":${agree:-null},\"identical_bytes\":$same}"
 done
+}
 
+want 3 && {
 echo "== 3. LLaMA-2-7B layer shapes, 2 layers, random weights"
-M=$S/llama7b-2l
-python3 scripts/gpu/torch_ref.py make --out $M --tokenizer .gpu/tokenizer.json --layers 2 | tee -a "$R"
+model
 $B tokenize --model $M --dataset $W --out $S/ids.json
 with_mem $S/mem-eval.txt $B --device cuda eval --model $M --dataset $W --seqlen 2048 --max-windows 16 --quiet \
   --json $S/e-cuda.json
@@ -97,8 +114,11 @@ python3 scripts/gpu/torch_ref.py ppl --model $M --ids $S/ids.json --seqlen 2048 
 rec "{\"step\":\"eval_7b\",\"device\":\"torch\",\"result\":$(cat $S/e-torch.json 2>/dev/null || echo null)}"
 $B --threads 16 eval --model $M --dataset $W --seqlen 2048 --max-windows 2 --quiet --json $S/e-cpu.json
 rec "{\"step\":\"eval_7b\",\"device\":\"cpu16\",\"result\":$(cat $S/e-cpu.json 2>/dev/null || echo null)}"
+}
 
+want 4 && {
 echo "== 4. SparseGPT 50 % on it, 16 × 2048 calibration tokens"
+model
 for d in cuda cpu; do
   t0=$(date +%s.%N)
   with_mem $S/mem-prune-$d.txt timeout 120 $B --device $d --threads 16 prune --model $M --method sparsegpt \
@@ -109,7 +129,44 @@ for d in cuda cpu; do
   rec "{\"step\":\"sparsegpt_7b\",\"device\":\"$d\",\"rc\":$rc,\"wall_s\":$wall,\"perplexity\":$(ppl_of $S/sg-$d.json),\"peak_gpu_mib\":$(peak $S/mem-prune-$d.txt)}"
   python3 -c "import json; r=json.load(open('$S/sg-$d/report.json')); print(json.dumps({k: r[k] for k in r if 'time' in k or 'second' in k}))" 2>/dev/null | tee -a "$R"
 done
+}
+
+want 4b && {
+echo "== 4b. the authors' SparseGPT and Wanda on the same card against ours, 128 × 2048 calibration tokens"
+model
+# Their code as published (scripts/reference/peers_prune.py --device cuda; .gpu/peers/ from gpu-prepare.sh) and
+# ours on the same calibration ids; whole-model seconds are the 2 layers' × 16 (LLaMA-2-7B has 32).
+t0=$(date +%s.%N)
+with_mem $S/mem-sg128.txt timeout 150 $B --device cuda --threads 16 prune --model $M --method sparsegpt \
+  --sparsity 0.5 --calib $W --nsamples 128 --seqlen 2048 --save-calib $S/calib128.json --out $S/sg128 --quiet
+rec "{\"step\":\"speed_7b\",\"who\":\"fistaprune\",\"method\":\"sparsegpt\",\"rc\":$?,\"wall_s\":$(elapsed $t0),\"peak_gpu_mib\":$(peak $S/mem-sg128.txt)}"
+t0=$(date +%s.%N)
+timeout 120 $B --device cuda --threads 16 prune --model $M --method wanda --sparsity 0.5 --calib $S/calib128.json \
+  --out $S/wd128 --quiet
+rec "{\"step\":\"speed_7b\",\"who\":\"fistaprune\",\"method\":\"wanda\",\"rc\":$?,\"wall_s\":$(elapsed $t0)}"
+if [ -d .gpu/peers ] && [ -f $S/calib128.json ]; then
+  for meth in sparsegpt wanda; do
+    timeout 150 python3 scripts/reference/peers_prune.py --device cuda --method $meth --sparsity 0.5 --model $M \
+      --calib $S/calib128.json --sparsegpt-repo .gpu/peers/sparsegpt --wanda-repo .gpu/peers/wanda \
+      --json $S/peers-$meth.json > $S/peers-$meth.log 2>&1
+    rec "{\"step\":\"speed_7b\",\"who\":\"authors\",\"method\":\"$meth\",\"rc\":$?,\"result\":$(cat $S/peers-$meth.json 2>/dev/null || echo null)}"
+    tail -3 $S/peers-$meth.log
+  done
+fi
+}
+
+want 4c && {
+echo "== 4c. FISTAPruner with its defaults on cuda, one layer of it (16 × 2048 calibration tokens)"
+model
+t0=$(date +%s.%N)
+with_mem $S/mem-fista.txt timeout 150 $B --device cuda --threads 16 prune --model $M --method fista --sparsity 0.5 \
+  --calib $W --nsamples 16 --seqlen 2048 --layer-inputs dense --layers 0-0 --out $S/fista-l0 --quiet
+rec "{\"step\":\"fista_7b_layer\",\"rc\":$?,\"wall_s\":$(elapsed $t0),\"peak_gpu_mib\":$(peak $S/mem-fista.txt)}"
+}
+
+want 5 && {
 echo "== 5. the CPU path on the 16 cores: 4 against 16 threads, a 1B model's layer shapes (4 layers)"
 FP=$B PYTHON=python3 TOKENIZER=.gpu/tokenizer.json WORK=$S/threads LAYERS=4 WINDOWS=4 NSAMPLES=8 \
   EVAL_FLAGS="--layer-memory-mb 512" timeout 300 scripts/bench-threads.sh 4 16 | tee "$OUT/threads.txt"
+}
 echo "== done"

@@ -4,7 +4,7 @@ then measure WikiText-2 perplexity on fistaprune's token ids: the reference for 
 
     python scripts/reference/peers_prune.py --method sparsegpt|wanda|magnitude (--sparsity 0.5 | --pattern 2:4) \
         --model HF_DIR --calib calib.json --eval-ids wt2_ids.json [--seqlen 512] [--max-windows K] \
-        --sparsegpt-repo PATH --wanda-repo PATH [--json out.json]
+        --sparsegpt-repo PATH --wanda-repo PATH [--device cpu|cuda] [--json out.json]
 
 - SparseGPT: `llama_sequential` from IST-DASLab/sparsegpt's `llama.py` (its `SparseGPT.fasterprune`).
 - Wanda and magnitude: `prune_wanda` / `prune_magnitude` from locuslab/wanda's `lib/prune.py`.
@@ -13,7 +13,10 @@ The repositories are checkouts made on this machine (they are read and imported 
 copied into this project). Their code targets a GPU and older transformers: run LLaMA with transformers 4.36
 (`scripts/reference/peers-env.sh`). The only changes are to the environment, not to their code: CUDA-only
 calls become no-ops on CPU, their data loaders are replaced by our calibration ids, and the model is loaded in
-f32 (as fistaprune computes) with `seqlen` set to the calibration length.
+f32 (as fistaprune computes) with `seqlen` set to the calibration length. With `--device cuda` (issue 14's
+speed comparison on the GPU machine, scripts/gpu-check.sh) their code runs as published on the GPU: SparseGPT
+moves one layer at a time there as its `llama.py` does, and Wanda gets the whole model there as its `main.py`
+does (`device_map="auto"` on one GPU), and the JSON adds the peak GPU memory.
 
 Architectures newer than their code (Gemma 3, which needs transformers >= 4.50: use `.venv`) compute the rotary
 embeddings, and Gemma 3 one attention mask per layer type, once in the model and pass them to each decoder
@@ -52,8 +55,24 @@ class Replay(torch.nn.Module):
         super().__init__()
         self.layer, self.kwargs = layer, kwargs
 
+        self.on = {}  # the recorded arguments, per device
+
     def forward(self, hidden_states, *args, **kwargs):
-        return self.layer(hidden_states, **self.kwargs)
+        d = hidden_states.device
+        if d not in self.on:
+            self.on[d] = to_device(self.kwargs, d)
+        return self.layer(hidden_states, **self.on[d])
+
+
+def to_device(x, d):
+    """`x` with every tensor in it (in tuples, lists and dicts too) on device `d`."""
+    if torch.is_tensor(x):
+        return x.to(d)
+    if isinstance(x, (tuple, list)):
+        return type(x)(to_device(v, d) for v in x)
+    if isinstance(x, dict):
+        return {k: to_device(v, d) for k, v in x.items()}
+    return x
 
 
 def replay_layers(model, window):
@@ -71,7 +90,7 @@ def replay_layers(model, window):
 
     hooks = [l.register_forward_pre_hook(record(i), with_kwargs=True) for i, l in enumerate(layers)]
     with torch.no_grad():
-        model(torch.tensor(window).unsqueeze(0))
+        model(torch.tensor(window, device=model.device).unsqueeze(0))
     for h in hooks:
         h.remove()
     for i in range(len(layers)):
@@ -132,7 +151,8 @@ def main():
     ap.add_argument("--pattern")
     ap.add_argument("--model", required=True)
     ap.add_argument("--calib", required=True)
-    ap.add_argument("--eval-ids", required=True)
+    ap.add_argument("--eval-ids", help="WikiText-2 token ids to evaluate the pruned model on (none: no evaluation)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--seqlen", type=int, default=512, help="evaluation window")
     ap.add_argument("--max-windows", type=int)
     ap.add_argument("--sparsegpt-repo")
@@ -156,10 +176,16 @@ def main():
         prune_n, prune_m = map(int, a.pattern.split(":"))
         sp = prune_n / prune_m
 
-    # GPU-only calls of the peers' code, made harmless on CPU.
-    torch.cuda.synchronize = lambda *args, **kw: None
-    torch.cuda.empty_cache = lambda *args, **kw: None
-    torch.Tensor.cuda = lambda self, *args, **kw: self
+    if a.against and not a.eval_ids:
+        ap.error("--against needs --eval-ids")
+    if a.device == "cpu":
+        # GPU-only calls of the peers' code, made harmless on CPU.
+        torch.cuda.synchronize = lambda *args, **kw: None
+        torch.cuda.empty_cache = lambda *args, **kw: None
+        torch.Tensor.cuda = lambda self, *args, **kw: self
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
 
     import transformers
     from transformers import AutoModelForCausalLM
@@ -169,9 +195,14 @@ def main():
     ids = calib["ids"]
     model.seqlen = calib["seqlen"]
     loader = [(torch.tensor(s).unsqueeze(0), None) for s in ids]
-    dev = torch.device("cpu")
+    dev = torch.device(a.device)
+    if a.device == "cuda" and a.method != "sparsegpt":
+        model.to(dev)
 
     unwrap = replay_layers(model, ids[0])
+    if a.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     if a.method == "sparsegpt":
         sys.path.insert(0, a.sparsegpt_repo)
@@ -195,11 +226,15 @@ def main():
             wp.prune_wanda(args, model, None, dev, prune_n=prune_n, prune_m=prune_m)
         else:
             wp.prune_magnitude(args, model, None, dev, prune_n=prune_n, prune_m=prune_m)
+    if a.device == "cuda":
+        torch.cuda.synchronize()
     secs = time.time() - t0
     unwrap()
-    p, n = ppl(model, load_ids(a.eval_ids), a.seqlen, a.max_windows)
+    model.to("cpu")
+    p, n = ppl(model, load_ids(a.eval_ids), a.seqlen, a.max_windows) if a.eval_ids else (None, 0)
     out = {"method": a.method, "sparsity_target": sp, "pattern": a.pattern, "sparsity": sparsity(model),
-           "prune_seconds": secs, "perplexity": p, "windows": n, "seqlen": a.seqlen,
+           "prune_seconds": secs, "perplexity": p, "windows": n, "seqlen": a.seqlen, "device": a.device,
+           "peak_gpu_bytes": torch.cuda.max_memory_allocated() if a.device == "cuda" else None,
            "calibration_sha256": calib.get("sha256"), "torch": torch.__version__,
            "transformers": transformers.__version__, "threads": torch.get_num_threads()}
     if a.against:
