@@ -105,7 +105,8 @@ fn pruned(method: &str, generic: bool) -> (Vec<u8>, f64) {
 
 /// The statistics come from the generic path too (Gram and cross products reduced on the device): the same
 /// masks for magnitude and Wanda, SparseGPT's perplexity to 1e-6 (its factorisation and lazy updates go
-/// through candle too).
+/// through candle too), FISTAPruner's within issue 14's 0.5 % (its re-fit runs through candle, summing in f32:
+/// 0.23 % measured).
 #[test]
 fn generic_statistics_prune_as_the_faer_ones_do() {
     for method in ["magnitude", "wanda"] {
@@ -113,4 +114,6 @@ fn generic_statistics_prune_as_the_faer_ones_do() {
     }
     let (fast, generic) = (pruned("sparsegpt", false).1, pruned("sparsegpt", true).1);
     assert!((fast - generic).abs() / fast < 1e-6, "sparsegpt: faer {fast}, generic {generic}");
+    let (fast, generic) = (pruned("fista", false).1, pruned("fista", true).1);
+    assert!((fast - generic).abs() / fast < 5e-3, "fista: faer {fast}, generic {generic}");
 }

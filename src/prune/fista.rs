@@ -430,9 +430,26 @@ pub fn fista(
 
 /// Minimise the smooth part over the weights `pruned` leaves free (the masked ones stay zero), from `w`:
 /// per row, conjugate gradient on `G*` restricted to the row's support, all rows at once (one GEMM per step).
-/// `wg` is `w G*` where the caller has it (else it is computed here). Rows are independent between the GEMMs:
-/// their vector work runs in blocks of rows on all threads, each row's arithmetic the same whatever the blocks.
-pub fn refit(p: &Problem, w: &Mat<f32>, wg: Option<Mat<f32>>, pruned: &mask::Mask, iters: usize) -> Mat<f32> {
+/// `wg` is `w G*` where the caller has it (else it is computed here). Returns the result `x` and `x G*`, which
+/// every caller needs next. On a GPU the whole of it runs there ([`refit_on_device`]).
+pub fn refit(
+    p: &Problem,
+    w: &Mat<f32>,
+    wg: Option<Mat<f32>>,
+    pruned: &mask::Mask,
+    iters: usize,
+) -> Result<(Mat<f32>, Mat<f32>)> {
+    if crate::device::offloaded() {
+        return refit_on_device(p, w, wg, pruned, iters);
+    }
+    let x = refit_host(p, w, wg, pruned, iters);
+    let xg = matmul(x.as_ref(), p.g.as_ref());
+    Ok((x, xg))
+}
+
+/// [`refit`] on the host. Rows are independent between the GEMMs: their vector work runs in blocks of rows
+/// on all threads, each row's arithmetic the same whatever the blocks.
+fn refit_host(p: &Problem, w: &Mat<f32>, wg: Option<Mat<f32>>, pruned: &mask::Mask, iters: usize) -> Mat<f32> {
     use rayon::prelude::*;
     let (m, n) = w.shape();
     let rows = m.div_ceil(4 * rayon::current_num_threads()).max(1);
@@ -514,6 +531,52 @@ pub fn refit(p: &Problem, w: &Mat<f32>, wg: Option<Mat<f32>>, pruned: &mask::Mas
     x
 }
 
+/// [`refit_host`]'s conjugate gradient with every matrix a candle tensor on the run's device, so that neither
+/// the GEMMs nor the vector work leave it: `G*`, `C`, the mask and the start go up once, the result and its
+/// product with `G*` come down once, and each step reads back only the `m` squared residuals of its stopping
+/// test. The per-row dot products sum in f32 here (f64 on the host).
+fn refit_on_device(
+    p: &Problem,
+    w: &Mat<f32>,
+    wg: Option<Mat<f32>>,
+    pruned: &mask::Mask,
+    iters: usize,
+) -> Result<(Mat<f32>, Mat<f32>)> {
+    use crate::linalg::{mat_to_tensor, tensor_to_mat};
+    use candle_core::Tensor;
+    let dev = crate::device::current();
+    let up = |m: &Mat<f32>| -> Result<Tensor> { Ok(mat_to_tensor(m)?.to_device(dev)?) };
+    let (g, c) = (up(p.g)?, up(p.c)?);
+    let keep = up(&crate::linalg::mat_from_fn(w.nrows(), w.ncols(), |i, j| if pruned[(i, j)] { 0.0 } else { 1.0 }))?;
+    // a / b per row where b > 0, else 0 (as the host's α and β).
+    let ratio = |a: &Tensor, b: &Tensor| -> Result<Tensor> { Ok(b.gt(0.0)?.where_cond(&(a / b)?, &a.zeros_like()?)?) };
+    let mut x = up(w)?;
+    let xg = match wg {
+        Some(wg) => up(&wg)?,
+        None => x.matmul(&g)?,
+    };
+    // r = P(C − X G*), and ‖r‖² per row.
+    let mut r = ((c - xg)? * &keep)?;
+    let mut rr = r.sqr()?.sum_keepdim(1)?;
+    let rr0: Vec<f32> = rr.flatten_all()?.to_vec1()?;
+    let mut d = r.clone();
+    for _ in 0..iters {
+        let q = (d.matmul(&g)? * &keep)?;
+        let alpha = ratio(&rr, &(&d * &q)?.sum_keepdim(1)?)?;
+        x = (x + d.broadcast_mul(&alpha)?)?;
+        r = (r - q.broadcast_mul(&alpha)?)?;
+        let rr_new = r.sqr()?.sum_keepdim(1)?;
+        d = (&r + d.broadcast_mul(&ratio(&rr_new, &rr)?)?)?;
+        let done: Vec<f32> = rr_new.flatten_all()?.to_vec1()?;
+        if done.iter().zip(&rr0).all(|(&a, &b)| a as f64 <= 1e-12 * (b as f64).max(f64::MIN_POSITIVE)) {
+            break;
+        }
+        rr = rr_new;
+    }
+    let xg = x.matmul(&g)?;
+    Ok((tensor_to_mat(&x)?, tensor_to_mat(&xg)?))
+}
+
 /// FISTAPruner for one operator: from the warm start `w0` (already on the pattern, or dense), a result on the
 /// exact pattern.
 pub fn solve(p: &Problem, w0: &Mat<f32>, pattern: Pattern, o: &Options) -> Result<(Mat<f32>, SolveReport)> {
@@ -567,8 +630,7 @@ pub fn solve(p: &Problem, w0: &Mat<f32>, pattern: Pattern, o: &Options) -> Resul
         }
     }
     if o.refit_iters > 0 {
-        let r = refit(p, &best, Some(best_g.clone()), &best_mask, o.refit_iters);
-        let rg = matmul(r.as_ref(), p.g.as_ref());
+        let (r, rg) = refit(p, &best, Some(best_g.clone()), &best_mask, o.refit_iters)?;
         let e = p.error_with(&r, &rg);
         report.refit_error = Some(e / base);
         if e < best_err {
@@ -580,7 +642,7 @@ pub fn solve(p: &Problem, w0: &Mat<f32>, pattern: Pattern, o: &Options) -> Resul
     if o.swap_rounds > 0 {
         ensure!(o.swap_refit_iters > 0, "--swap-rounds re-fits every swap: it needs --swap-refit-iters above 0");
         let (w, _, rounds) =
-            super::swap::refine(p, best, best_g, best_mask, pattern, o.swap_rounds, o.swap_refit_iters);
+            super::swap::refine(p, best, best_g, best_mask, pattern, o.swap_rounds, o.swap_refit_iters)?;
         best = w;
         best_err = rounds.last().map_or(best_err, |r| r.error * base);
         report.swaps = rounds;
@@ -702,7 +764,7 @@ mod tests {
             }
         }
         // The masked refit on a full support is the same least squares.
-        let r = refit(&p, &Mat::from_fn(3, 8, |_, _| 1.0), None, &Mat::from_fn(3, 8, |_, _| false), 50);
+        let r = refit(&p, &Mat::from_fn(3, 8, |_, _| 1.0), None, &Mat::from_fn(3, 8, |_, _| false), 50).unwrap().0;
         assert!((p.error(&r) - p.error(&wf)).abs() <= 1e-4 * p.error(&wf).max(1e-9));
     }
 
@@ -776,7 +838,7 @@ mod tests {
         let (h, hm) = HardThreshold { pattern: Pattern::NM { n: 2, m: 4 }, per_row: true, budgets: None }.apply(&w);
         let run = |threads: usize| {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            pool.install(|| refit(&p, &h, None, &hm, 12))
+            pool.install(|| refit_host(&p, &h, None, &hm, 12))
         };
         let one = run(1);
         for threads in [2, 3, 5] {
@@ -794,7 +856,18 @@ mod tests {
         let (w, g, c, k) = problem(5, 12, 90, 4);
         let p = Problem { w: &w, g: &g, c: &c, k };
         let (h, hm) = HardThreshold { pattern: Pattern::Unstructured(0.5), per_row: true, budgets: None }.apply(&w);
-        let r = refit(&p, &h, None, &hm, 30);
+        let (r, rg) = refit(&p, &h, None, &hm, 30).unwrap();
+        let want = matmul(r.as_ref(), g.as_ref());
+        assert!((0..12).all(|j| (0..5).all(|i| rg[(i, j)] == want[(i, j)])), "x G* is not the result's");
+        // The device's conjugate gradient (candle's operators; here on the CPU) takes the same steps.
+        let (d, dg) = refit_on_device(&p, &h, None, &hm, 30).unwrap();
+        let scale = (0..12).flat_map(|j| (0..5).map(move |i| (i, j))).map(|(i, j)| r[(i, j)].abs()).fold(0.0, f32::max);
+        for j in 0..12 {
+            for i in 0..5 {
+                assert!((d[(i, j)] - r[(i, j)]).abs() <= 1e-4 * scale, "({i}, {j}): {} vs {}", d[(i, j)], r[(i, j)]);
+                assert!((dg[(i, j)] - want[(i, j)]).abs() <= 1e-3 * want[(i, j)].abs().max(scale));
+            }
+        }
         for j in 0..12 {
             for i in 0..5 {
                 if h[(i, j)] == 0.0 {

@@ -124,7 +124,7 @@ fn device_inverse_cholesky_upper(h: &Mat<f64>, dtype: FactorDtype) -> Result<Ten
         FactorDtype::F32 => DType::F32,
     };
     let h = Tensor::from_vec(v, (n, n), crate::device::current())?.to_dtype(dt)?;
-    let u = crate::linalg::upper_inverse_cholesky(&h, 256)
+    let u = crate::linalg::upper_inverse_cholesky(h, 256)
         .map_err(|e| anyhow!("the damped Hessian is not positive definite ({e:#}); raise --percdamp"))?;
     Ok(u.to_dtype(DType::F32)?)
 }

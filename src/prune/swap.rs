@@ -15,7 +15,7 @@ use faer::Mat;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::fista::{Problem, matmul, refit};
+use super::fista::{Problem, refit};
 use super::mask::{Mask, Pattern};
 
 /// One round: swaps made, the search's floating-point operations (the re-fit's GEMMs apart), rows whose error
@@ -217,7 +217,7 @@ pub fn refine(
     pattern: Pattern,
     rounds: usize,
     refit_iters: usize,
-) -> (Mat<f32>, Mask, Vec<SwapRound>) {
+) -> anyhow::Result<(Mat<f32>, Mask, Vec<SwapRound>)> {
     let (m, n) = w.shape();
     let (gd, inv_gd) = diagonal(p.g);
     let base = p.k.max(f64::MIN_POSITIVE);
@@ -257,8 +257,7 @@ pub fn refine(
             report.push(SwapRound { proposed, search_flops, rows_kept: 0, error: total(&err) });
             break;
         }
-        let cand = refit(p, &cand, None, &cmask, refit_iters);
-        let cg = matmul(cand.as_ref(), p.g.as_ref());
+        let (cand, cg) = refit(p, &cand, None, &cmask, refit_iters)?;
         let cerr = row_errors(&cand, &cg, p.c);
         let better: Vec<usize> = (0..m).filter(|&i| cerr[i] < err[i]).collect();
         for j in 0..n {
@@ -276,12 +275,13 @@ pub fn refine(
             break;
         }
     }
-    (w, pruned, report)
+    Ok((w, pruned, report))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::prune::fista::matmul;
     use crate::prune::mask;
     use faer::Accum;
 
@@ -412,9 +412,8 @@ mod tests {
             let pruned = mask::select(&w, pattern, true);
             let mut start = w.clone();
             mask::apply(&mut start, &pruned);
-            let start = refit(&p, &start, None, &pruned, 60);
-            let (out, out_mask, rounds) =
-                refine(&p, start.clone(), matmul(start.as_ref(), g.as_ref()), pruned.clone(), pattern, 5, 60);
+            let (start, start_g) = refit(&p, &start, None, &pruned, 60).unwrap();
+            let (out, out_mask, rounds) = refine(&p, start.clone(), start_g, pruned.clone(), pattern, 5, 60).unwrap();
             let (before, after) = (errors(&p, &start), errors(&p, &out));
             for i in 0..6 {
                 assert!(after[i] <= before[i], "{pattern:?} row {i}: {} > {}", after[i], before[i]);
