@@ -112,7 +112,8 @@ impl Method for FistaPruner {
         let swaps = report.swaps.iter().filter(|s| s.proposed > 0).count() * (o.swap_refit_iters + 3);
         let search: f64 = report.swaps.iter().map(|s| s.search_flops).sum();
         let iters = o.rounds * (o.iters + 2) + o.refit_iters + 3 + swaps;
-        let flops = warm.flops + iters as f64 * gemm + search + o.power_iters as f64 * 2.0 * (cols * cols) as f64;
+        let power = if o.rounds > 0 { o.power_iters as f64 * 2.0 * (cols * cols) as f64 } else { 0.0 };
+        let flops = warm.flops + iters as f64 * gemm + search + power;
         let own = if o.threshold == Threshold::PerMatrix { 1 } else { rows };
         // With the warm start's row budgets the count is the warm start's (or per row, when it had none).
         let rounding_units = if o.threshold == Threshold::WarmRows { rows.max(warm.rounding_units) } else { own };
@@ -253,7 +254,9 @@ pub struct Problem<'a> {
 /// What the solver did, for the report.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct SolveReport {
-    pub lipschitz: f64,
+    /// `L = λ_max(G*)`, where the FISTA rounds needed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lipschitz: Option<f64>,
     /// Relative error `‖W'X* − WX‖² / ‖WX‖²` of the warm start and of the result.
     pub warm_error: f64,
     pub error: f64,
@@ -583,9 +586,11 @@ pub fn solve(p: &Problem, w0: &Mat<f32>, pattern: Pattern, o: &Options) -> Resul
     let (m, n) = p.w.shape();
     ensure!(w0.shape() == (m, n) && p.g.shape() == (n, n) && p.c.shape() == (m, n), "fista: shapes disagree");
     let base = p.k.max(f64::MIN_POSITIVE);
-    let l = lambda_max(p.g.as_ref(), o.power_iters).max(f64::MIN_POSITIVE);
+    // The step 1/L only where FISTA runs: its power iteration streams G* from memory `power_iters` times, a
+    // second or more per large operator on the host (7B's down_proj: 30 × 485 MB), for nothing at --rounds 0.
+    let l = if o.rounds > 0 { lambda_max(p.g.as_ref(), o.power_iters).max(f64::MIN_POSITIVE) } else { 0.0 };
     let rms = (frob(p.w) / ((m * n) as f64).sqrt()).max(f64::MIN_POSITIVE);
-    let mut report = SolveReport { lipschitz: l, ..Default::default() };
+    let mut report = SolveReport { lipschitz: (o.rounds > 0).then_some(l), ..Default::default() };
 
     // The warm start on the pattern is the first candidate.
     // Unstructured targets keep the warm start's zeros per row (SparseGPT spreads them unevenly over the rows,
