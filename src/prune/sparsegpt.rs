@@ -72,21 +72,26 @@ pub struct SparseGpt(pub Options);
 
 /// `H = G + damping` with dead inputs handled; returns H (f64) and zeroes the dead columns of `w`.
 pub fn damped_hessian(g: &Mat<f32>, w: &mut Mat<f32>, percdamp: f64) -> Mat<f64> {
-    let n = g.nrows();
-    let mut h = crate::linalg::mat_from_fn(n, n, |i, j| g[(i, j)] as f64);
-    for j in 0..n {
-        if h[(j, j)] == 0.0 {
-            h[(j, j)] = 1.0;
-            for i in 0..w.nrows() {
-                w[(i, j)] = 0.0;
-            }
-        }
-    }
-    let damp = percdamp * (0..n).map(|j| h[(j, j)]).sum::<f64>() / n as f64;
-    for j in 0..n {
-        h[(j, j)] += damp;
+    let add = diagonal_damping(g, w, percdamp);
+    let mut h = crate::linalg::mat_from_fn(g.nrows(), g.ncols(), |i, j| g[(i, j)] as f64);
+    for (j, a) in add.into_iter().enumerate() {
+        h[(j, j)] += a;
     }
     h
+}
+
+/// What `H` adds to the diagonal of `G`: 1 on a dead input (`G_jj = 0`; its column of `w` is zeroed), then
+/// `λ = percdamp · mean(diag)` on every input.
+fn diagonal_damping(g: &Mat<f32>, w: &mut Mat<f32>, percdamp: f64) -> Vec<f64> {
+    let n = g.nrows();
+    let dead: Vec<bool> = (0..n).map(|j| g[(j, j)] == 0.0).collect();
+    for j in (0..n).filter(|&j| dead[j]) {
+        for i in 0..w.nrows() {
+            w[(i, j)] = 0.0;
+        }
+    }
+    let damp = percdamp * (0..n).map(|j| if dead[j] { 1.0 } else { g[(j, j)] as f64 }).sum::<f64>() / n as f64;
+    dead.into_iter().map(|d| if d { 1.0 + damp } else { damp }).collect()
 }
 
 /// Upper Cholesky factor `U` of `H⁻¹` (`H⁻¹ = Uᵀ U`), in f32, computed in `dtype`.
@@ -116,14 +121,16 @@ fn upper_of_inverse<T: faer::traits::RealField + Copy>(
 
 /// [`inverse_cholesky_upper`] on the run's device ([`crate::linalg::upper_inverse_cholesky`], blocks of 256),
 /// as an f32 tensor there.
-fn device_inverse_cholesky_upper(h: &Mat<f64>, dtype: FactorDtype) -> Result<Tensor> {
-    let n = h.nrows();
-    let v: Vec<f64> = (0..n).flat_map(|i| (0..n).map(move |j| h[(i, j)])).collect();
+/// `G` goes up in f32 and `H` is made there, with the same arithmetic as [`damped_hessian`] (`g + add`).
+fn device_inverse_cholesky_upper(g: &Mat<f32>, add: Vec<f64>, dtype: FactorDtype) -> Result<Tensor> {
+    let (n, dev) = (g.nrows(), crate::device::current());
     let dt = match dtype {
         FactorDtype::F64 => DType::F64,
         FactorDtype::F32 => DType::F32,
     };
-    let h = Tensor::from_vec(v, (n, n), crate::device::current())?.to_dtype(dt)?;
+    let g = crate::linalg::mat_to_tensor(g)?.to_device(dev)?.to_dtype(DType::F64)?;
+    let add = Tensor::eye(n, DType::F64, dev)?.broadcast_mul(&Tensor::from_vec(add, (1, n), dev)?)?;
+    let h = (g + add)?.to_dtype(dt)?;
     let u = crate::linalg::upper_inverse_cholesky(h, 256)
         .map_err(|e| anyhow!("the damped Hessian is not positive definite ({e:#}); raise --percdamp"))?;
     Ok(u.to_dtype(DType::F32)?)
@@ -138,12 +145,13 @@ impl SparseGpt {
     /// [`Self::prune_gram`], with the factorisation and the lazy updates on the run's device or not.
     fn prune_gram_on(&self, w: &Mat<f32>, g: &Mat<f32>, pattern: Pattern, on_device: bool) -> Result<Mat<f32>> {
         let mut w = w.clone();
-        let h = damped_hessian(g, &mut w, self.0.percdamp);
         let blocksize = self.0.blocksize.max(1);
         if on_device {
-            let u = device_inverse_cholesky_upper(&h, self.0.factor_dtype).context("sparsegpt")?;
+            let add = diagonal_damping(g, &mut w, self.0.percdamp);
+            let u = device_inverse_cholesky_upper(g, add, self.0.factor_dtype).context("sparsegpt")?;
             sweep_on_device(&mut w, &u, pattern, blocksize)?;
         } else {
+            let h = damped_hessian(g, &mut w, self.0.percdamp);
             let u = inverse_cholesky_upper(&h, self.0.factor_dtype).context("sparsegpt")?;
             sweep(&mut w, &u, pattern, blocksize);
         }
@@ -410,8 +418,12 @@ mod tests {
 
     #[test]
     fn the_device_path_prunes_as_the_host_path() {
-        // 300 columns: two blocks of the device factorisation, three of the sweep.
-        let (w, g) = problem(40, 300, 17);
+        // 300 columns: two blocks of the device factorisation, three of the sweep; input 5 is dead.
+        let (w, mut g) = problem(40, 300, 17);
+        for k in 0..300 {
+            g[(5, k)] = 0.0;
+            g[(k, 5)] = 0.0;
+        }
         for pattern in [Pattern::Unstructured(0.5), Pattern::NM { n: 2, m: 4 }] {
             for factor_dtype in [FactorDtype::F64, FactorDtype::F32] {
                 let sg = SparseGpt(Options { factor_dtype, ..Default::default() });
@@ -424,6 +436,7 @@ mod tests {
                 let differ = differ.filter(|&(i, j)| (host[(i, j)] == 0.0) != (device[(i, j)] == 0.0)).count();
                 assert!(differ <= 2, "{pattern:?} {factor_dtype:?}: {differ} mask positions differ");
                 mask::verify(&device, pattern, 3).unwrap();
+                assert!((0..40).all(|i| device[(i, 5)] == 0.0), "a dead input keeps a weight");
             }
         }
     }
