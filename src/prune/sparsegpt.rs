@@ -120,8 +120,8 @@ fn upper_of_inverse<T: faer::traits::RealField + Copy>(
 }
 
 /// [`inverse_cholesky_upper`] on the run's device ([`crate::linalg::upper_inverse_cholesky`], blocks of 256),
-/// as an f32 tensor there.
-/// `G` goes up in f32 and `H` is made there, with the same arithmetic as [`damped_hessian`] (`g + add`).
+/// as an f32 tensor there. `G` goes up in f32 and `H` is made there with [`damped_hessian`]'s arithmetic (`G`
+/// in f64 plus `add` on the diagonal), so the host's values exactly.
 fn device_inverse_cholesky_upper(g: &Mat<f32>, add: Vec<f64>, dtype: FactorDtype) -> Result<Tensor> {
     let (n, dev) = (g.nrows(), crate::device::current());
     let dt = match dtype {
