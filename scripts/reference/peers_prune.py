@@ -54,7 +54,6 @@ class Replay(torch.nn.Module):
     def __init__(self, layer, kwargs):
         super().__init__()
         self.layer, self.kwargs = layer, kwargs
-
         self.on = {}  # the recorded arguments, per device
 
     def forward(self, hidden_states, *args, **kwargs):
