@@ -203,6 +203,12 @@ fn to_device_like(m: &faer::Mat<f64>, like: &Tensor) -> Result<Tensor> {
     Ok(Tensor::from_vec(v, (r, c), like.device())?.to_dtype(like.dtype())?)
 }
 
+/// A faer matrix as a `(rows, cols)` f32 tensor on `device` (the way back is [`tensor_to_mat`], from any
+/// device).
+pub fn mat_to_device(m: &faer::Mat<f32>, device: &Device) -> Result<Tensor> {
+    Ok(mat_to_tensor(m)?.to_device(device)?)
+}
+
 /// Send a raw pointer into rayon tasks that write disjoint parts of one buffer.
 #[derive(Clone, Copy)]
 struct SharedMut(*mut f32);

@@ -545,10 +545,10 @@ fn refit_on_device(
     pruned: &mask::Mask,
     iters: usize,
 ) -> Result<(Mat<f32>, Mat<f32>)> {
-    use crate::linalg::{mat_to_tensor, tensor_to_mat};
+    use crate::linalg::{mat_to_device, tensor_to_mat};
     use candle_core::Tensor;
     let dev = crate::device::current();
-    let up = |m: &Mat<f32>| -> Result<Tensor> { Ok(mat_to_tensor(m)?.to_device(dev)?) };
+    let up = |m: &Mat<f32>| mat_to_device(m, dev);
     let (g, c) = (up(p.g)?, up(p.c)?);
     let keep = up(&crate::linalg::mat_from_fn(w.nrows(), w.ncols(), |i, j| if pruned[(i, j)] { 0.0 } else { 1.0 }))?;
     // a / b per row where b > 0, else 0 (as the host's α and β).

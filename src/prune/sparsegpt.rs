@@ -128,7 +128,7 @@ fn device_inverse_cholesky_upper(g: &Mat<f32>, add: Vec<f64>, dtype: FactorDtype
         FactorDtype::F64 => DType::F64,
         FactorDtype::F32 => DType::F32,
     };
-    let g = crate::linalg::mat_to_tensor(g)?.to_device(dev)?.to_dtype(DType::F64)?;
+    let g = crate::linalg::mat_to_device(g, dev)?.to_dtype(DType::F64)?;
     let add = Tensor::eye(n, DType::F64, dev)?.broadcast_mul(&Tensor::from_vec(add, (1, n), dev)?)?;
     let h = (g + add)?.to_dtype(dt)?;
     let u = crate::linalg::upper_inverse_cholesky(h, 256)
@@ -208,9 +208,9 @@ fn sweep(w: &mut Mat<f32>, u: &Mat<f32>, pattern: Pattern, blocksize: usize) {
 /// the `m n²` lazy updates run; each block of `m × B` comes to the host for its mask and in-block sweep (the
 /// `m n B` part, the same code as on the host), and its errors go back for the update.
 fn sweep_on_device(w: &mut Mat<f32>, u: &Tensor, pattern: Pattern, blocksize: usize) -> Result<()> {
-    use crate::linalg::{mat_to_tensor, tensor_to_mat};
+    use crate::linalg::{mat_to_device, tensor_to_mat};
     let cols = w.ncols();
-    let mut rest = mat_to_tensor(w)?.to_device(u.device())?; // W[:, i1:]
+    let mut rest = mat_to_device(w, u.device())?; // W[:, i1:]
     let mut i1 = 0;
     while i1 < cols {
         let i2 = (i1 + blocksize).min(cols);
@@ -220,7 +220,7 @@ fn sweep_on_device(w: &mut Mat<f32>, u: &Tensor, pattern: Pattern, blocksize: us
         let err1 = sweep_block(wb.as_mut(), ub.as_ref(), pattern);
         w.subcols_mut(i1, count).copy_from(&wb);
         if i2 < cols {
-            let err1 = mat_to_tensor(&err1)?.to_device(u.device())?;
+            let err1 = mat_to_device(&err1, u.device())?;
             let u12 = u.narrow(0, i1, count)?.narrow(1, i2, cols - i2)?.contiguous()?;
             rest = (rest.narrow(1, count, cols - i2)? - err1.matmul(&u12)?)?;
         }
