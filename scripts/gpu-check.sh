@@ -83,9 +83,14 @@ g2=$($B --device cuda generate --model tests/fixtures/llama --prompt "The tower 
 rec "{\"step\":\"generate\",\"same\":$([ "$g1" == "$g2" ] && echo true || echo false)}"
 
 echo "== 2c. pruned checkpoints, cuda against cpu (LLaMA fixture, 8 × 64 calibration tokens)"
-for meth in magnitude wanda sparsegpt fista; do
+# fista-2:4 runs the swap search's N:M branch (swap.cu), fista its unstructured one.
+for meth in magnitude wanda sparsegpt fista fista-2:4; do
+  case $meth in
+    fista-2:4) target="--method fista --pattern 2:4" ;;
+    *) target="--method $meth --sparsity 0.5" ;;
+  esac
   for d in cpu cuda; do
-    $B --device $d prune --model tests/fixtures/llama --method $meth --sparsity 0.5 --calib $W --nsamples 8 \
+    $B --device $d prune --model tests/fixtures/llama $target --calib $W --nsamples 8 \
       --seqlen 64 --out $S/p-$meth-$d --quiet
     $B eval --model $S/p-$meth-$d --dataset $W --seqlen 128 --max-windows 3 --quiet --json $S/p-$meth-$d.json
   done

@@ -61,6 +61,29 @@ fn forced() -> bool {
     *FORCED.get_or_init(|| std::env::var("FISTAPRUNE_GENERIC").is_ok_and(|v| v == "1"))
 }
 
+/// Kernel `name` of the CUDA C source `src` (module `module`), compiled by NVRTC once per process. FMA
+/// contraction is off, so that a kernel written with the host's f32 expressions gives the host's bits.
+#[cfg(feature = "cuda")]
+pub fn cuda_kernel(
+    dev: &candle_core::CudaDevice,
+    module: &str,
+    src: &str,
+    name: &str,
+) -> Result<candle_core::cuda::cudarc::driver::CudaFunction> {
+    use candle_core::cuda::cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+    static PTX: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new());
+    let mut ptx = PTX.lock().map_err(|_| anyhow!("the kernel cache is poisoned"))?;
+    if !ptx.contains_key(module) {
+        let opts = CompileOptions { fmad: Some(false), name: Some(format!("{module}.cu")), ..Default::default() };
+        let compiled = compile_ptx_with_opts(src, opts).map_err(|e| anyhow!("compiling the {module} kernel: {e}"))?;
+        ptx.insert(module.to_string(), compiled.to_src());
+    }
+    let func = dev.get_or_load_custom_func(name, module, &ptx[module]).map_err(|e| anyhow!("loading {name}: {e}"))?;
+    Ok(func.into_cuda_function())
+}
+
 /// What to do about an error that came from the GPU running out of memory (CUDA reports it as
 /// `CUDA_ERROR_OUT_OF_MEMORY` somewhere in the error's chain), or `None` for any other error.
 pub fn hint(e: &anyhow::Error) -> Option<&'static str> {

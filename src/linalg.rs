@@ -93,16 +93,21 @@ pub fn tensor_to_mat(t: &Tensor) -> Result<faer::Mat<f32>> {
 
 /// A faer matrix as a `(rows, cols)` f32 tensor (blocks of rows on all threads).
 pub fn mat_to_tensor(m: &faer::Mat<f32>) -> Result<Tensor> {
+    Ok(Tensor::from_vec(row_major(m.as_ref(), |x| x), m.shape(), &Device::Cpu)?)
+}
+
+/// `f` of each element of `m`, in row-major order (blocks of rows on all threads).
+pub fn row_major<T: Copy + Sync, U: Copy + Default + Send>(m: MatRef<T>, f: impl Fn(T) -> U + Sync) -> Vec<U> {
     use rayon::prelude::*;
     let (r, c) = m.shape();
-    let mut v = vec![0f32; r * c];
+    let mut v = vec![U::default(); r * c];
     if c > 0 {
         v.par_chunks_mut(COPY_BLOCK * c).enumerate().for_each(|(b, strip)| {
             let i0 = b * COPY_BLOCK;
-            for_each_tiled(strip.len() / c, c, |i, j| strip[i * c + j] = m[(i0 + i, j)]);
+            for_each_tiled(strip.len() / c, c, |i, j| strip[i * c + j] = f(m[(i0 + i, j)]));
         });
     }
-    Ok(Tensor::from_vec(v, (r, c), &Device::Cpu)?)
+    v
 }
 
 /// `U`, upper triangular with `H⁻¹ = Uᵀ U`, for a symmetric positive definite `h` on any device, in `h`'s
@@ -207,6 +212,20 @@ fn to_device_like(m: &faer::Mat<f64>, like: &Tensor) -> Result<Tensor> {
 /// device).
 pub fn mat_to_device(m: &faer::Mat<f32>, device: &Device) -> Result<Tensor> {
     Ok(mat_to_tensor(m)?.to_device(device)?)
+}
+
+/// `a b`, for the pruners' `m × n × n` products with a Gram matrix (errors, targets, `W G*`): faer on the
+/// host, or on the run's device where the pruners' dense work goes there ([`crate::device::offloaded`]),
+/// operands up and product down. A 7B layer's reports alone take about 10¹³ flops of these: minutes of the
+/// host's time over a model, a fraction of a second each on a GPU.
+pub fn product(a: &faer::Mat<f32>, b: &faer::Mat<f32>) -> Result<faer::Mat<f32>> {
+    if crate::device::offloaded() {
+        let dev = crate::device::current();
+        return tensor_to_mat(&mat_to_device(a, dev)?.matmul(&mat_to_device(b, dev)?)?);
+    }
+    let mut out = faer::Mat::<f32>::zeros(a.nrows(), b.ncols());
+    faer::linalg::matmul::matmul(out.as_mut(), Accum::Replace, a.as_ref(), b.as_ref(), 1.0f32, par());
+    Ok(out)
 }
 
 /// Send a raw pointer into rayon tasks that write disjoint parts of one buffer.

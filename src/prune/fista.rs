@@ -75,8 +75,8 @@ impl Method for FistaPruner {
         let st = needs_stats(stats, "fista")?;
         let warm = self.warm.prune(w, Some(st), pattern).context("warm start")?;
         let w0 = warm.w;
-        let c = st.target(w);
-        let mut p = st.problem(w, &c);
+        let c = st.target(w)?;
+        let mut p = st.problem(w, &c)?;
         let damped;
         if self.opts.damp > 0.0 {
             let n = st.gram.nrows();
@@ -272,8 +272,8 @@ pub struct SolveReport {
 
 impl Problem<'_> {
     /// `‖W' X* − W X‖² = tr(W' G* W'ᵀ) − 2 tr(W' Cᵀ) + K`, accumulated in f64.
-    pub fn error(&self, w: &Mat<f32>) -> f64 {
-        self.error_with(w, &matmul(w.as_ref(), self.g.as_ref()))
+    pub fn error(&self, w: &Mat<f32>) -> Result<f64> {
+        Ok(self.error_with(w, &crate::linalg::product(w, self.g)?))
     }
 
     /// [`Problem::error`] given `wg = W' G*` (computed once and shared with whoever needs it next).
@@ -603,7 +603,7 @@ pub fn solve(p: &Problem, w0: &Mat<f32>, pattern: Pattern, o: &Options) -> Resul
     };
     let (mut best, mut best_mask) = h.apply(w0);
     // `best G*` travels with `best`: the error, the re-fit's first residual and the swaps' start share it.
-    let mut best_g = matmul(best.as_ref(), p.g.as_ref());
+    let mut best_g = crate::linalg::product(&best, p.g)?;
     let mut best_err = p.error_with(&best, &best_g);
     report.warm_error = best_err / base;
     let (mut lo, mut hi) = (o.alpha_min, o.alpha_max);
@@ -613,9 +613,9 @@ pub fn solve(p: &Problem, w0: &Mat<f32>, pattern: Pattern, o: &Options) -> Resul
         let lambda = alpha * l * rms;
         let (wk, its) = fista(p, &best, lambda, l, o.iters, o.tol, project);
         let (ht, hm) = h.apply(&wk);
-        let htg = matmul(ht.as_ref(), p.g.as_ref());
+        let htg = crate::linalg::product(&ht, p.g)?;
         let e_total = p.error_with(&ht, &htg);
-        let e_fista = p.error(&wk);
+        let e_fista = p.error(&wk)?;
         let ratio = if e_total > 0.0 { (e_total - e_fista) / e_total } else { 0.0 };
         report.rounds.push((alpha, e_total / base, ratio, its));
         if e_total < best_err {
@@ -729,7 +729,7 @@ mod tests {
 
     fn objective(p: &Problem, w: MatRef<f32>, lambda: f64) -> f64 {
         let l1: f64 = (0..w.ncols()).map(|j| (0..w.nrows()).map(|i| (w[(i, j)] as f64).abs()).sum::<f64>()).sum();
-        0.5 * p.error(&w.to_owned()) + lambda * l1
+        0.5 * p.error(&w.to_owned()).unwrap() + lambda * l1
     }
 
     #[test]
@@ -770,7 +770,7 @@ mod tests {
         }
         // The masked refit on a full support is the same least squares.
         let r = refit(&p, &Mat::from_fn(3, 8, |_, _| 1.0), None, &Mat::from_fn(3, 8, |_, _| false), 50).unwrap().0;
-        assert!((p.error(&r) - p.error(&wf)).abs() <= 1e-4 * p.error(&wf).max(1e-9));
+        assert!((p.error(&r).unwrap() - p.error(&wf).unwrap()).abs() <= 1e-4 * p.error(&wf).unwrap().max(1e-9));
     }
 
     #[test]
@@ -880,7 +880,7 @@ mod tests {
                 }
             }
         }
-        assert!(p.error(&r) < 0.9 * p.error(&h));
+        assert!(p.error(&r).unwrap() < 0.9 * p.error(&h).unwrap());
     }
 
     #[test]

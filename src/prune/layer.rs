@@ -645,11 +645,11 @@ pub fn prune_operator(
         .with_context(|| format!("layer {layer_idx} {name}: the pruned weight misses the pattern {pattern}"))?;
     let (rel_error, rel_error_mask_only) = match stats {
         Some(st) => {
-            let c = st.target(&w);
-            let p = st.problem(&w, &c);
+            let c = st.target(&w)?;
+            let p = st.problem(&w, &c)?;
             let base = p.k.max(f64::MIN_POSITIVE);
             let masked = Mat::from_fn(rows, cols, |i, j| if pw[(i, j)] == 0.0 { 0.0 } else { w[(i, j)] });
-            (Some(p.error(pw) / base), Some(p.error(&masked) / base))
+            (Some(p.error(pw)? / base), Some(p.error(&masked)? / base))
         }
         None => (None, None),
     };

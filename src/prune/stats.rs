@@ -200,38 +200,35 @@ impl OpStats {
     }
 
     /// The operator's least-squares model for weight `w`: `‖W' X* − W X‖² = tr(W'G*W'ᵀ) − 2 tr(W' Cᵀ) + K`.
-    pub fn problem<'a>(&'a self, w: &'a Mat<f32>, c: &'a Mat<f32>) -> super::fista::Problem<'a> {
+    pub fn problem<'a>(&'a self, w: &'a Mat<f32>, c: &'a Mat<f32>) -> Result<super::fista::Problem<'a>> {
         let k = match &self.outputs {
             Some((_, k)) => *k,
-            None => quad_error(w.as_ref(), self.dense().as_ref()),
+            None => quad_error(w, self.dense())?,
         };
-        super::fista::Problem { w, g: &self.gram, c, k }
+        Ok(super::fista::Problem { w, g: &self.gram, c, k })
     }
 
     /// `C = W XᵀX*` (`w` is the operator's dense weight, which `outputs` already holds the product of).
-    pub fn target(&self, w: &Mat<f32>) -> Mat<f32> {
+    pub fn target(&self, w: &Mat<f32>) -> Result<Mat<f32>> {
         if let Some((c, _)) = &self.outputs {
             assert_eq!(c.shape(), w.shape(), "target: the statistics are of another operator");
-            return c.clone();
+            return Ok(c.clone());
         }
-        let mut c = Mat::<f32>::zeros(w.nrows(), w.ncols());
-        faer::linalg::matmul::matmul(c.as_mut(), Accum::Replace, w.as_ref(), self.cross().as_ref(), 1.0f32, par());
-        c
+        crate::linalg::product(w, self.cross())
     }
 }
 
 /// `tr(D G Dᵀ)` for `D` `(m, n)` and symmetric `G`: the squared output error `‖D X‖²` that a weight change `D`
 /// causes on the inputs whose Gram is `G`.
-pub fn quad_error(d: MatRef<f32>, g: MatRef<f32>) -> f64 {
-    let mut dg = Mat::<f32>::zeros(d.nrows(), d.ncols());
-    faer::linalg::matmul::matmul(dg.as_mut(), Accum::Replace, d, g, 1.0f32, par());
+pub fn quad_error(d: &Mat<f32>, g: &Mat<f32>) -> Result<f64> {
+    let dg = crate::linalg::product(d, g)?;
     let mut s = 0f64;
     for j in 0..d.ncols() {
         for i in 0..d.nrows() {
             s += dg[(i, j)] as f64 * d[(i, j)] as f64;
         }
     }
-    s
+    Ok(s)
 }
 
 #[cfg(test)]
@@ -282,13 +279,13 @@ mod tests {
         let mut yc = Cross::new(m, n);
         yc.add(&y, &xs).unwrap();
         let outputs = OpStats { gram: g, cross: None, dense: None, outputs: Some((yc.c, sum_squares(&y).unwrap())) };
-        let (ca, cb) = (inputs.target(&wm), outputs.target(&wm));
+        let (ca, cb) = (inputs.target(&wm).unwrap(), outputs.target(&wm).unwrap());
         for i in 0..m {
             for j in 0..n {
                 assert!((ca[(i, j)] - cb[(i, j)]).abs() < 1e-4, "C({i},{j}) {} vs {}", ca[(i, j)], cb[(i, j)]);
             }
         }
-        let (ka, kb) = (inputs.problem(&wm, &ca).k, outputs.problem(&wm, &cb).k);
+        let (ka, kb) = (inputs.problem(&wm, &ca).unwrap().k, outputs.problem(&wm, &cb).unwrap().k);
         assert!(ka > 1.0 && (ka - kb).abs() < 1e-5 * ka, "K {ka} vs {kb}");
     }
 

@@ -10,6 +10,9 @@
 //! (over its cheapest drops, each against every pruned weight in reach) while one lowers its error, the error
 //! known exactly all along; then all rows are re-fitted on their new supports (masked CG), which can only
 //! lower it further. A row keeps the round only where its error went down: never worse than its start.
+//!
+//! The search reads about eleven rows of `G*` per swap (some `4 m n²` flops a round, memory-bound): on a GPU
+//! it runs there, in swap.cu, one thread block per row, making the host's decisions to the bit.
 
 use faer::Mat;
 use rayon::prelude::*;
@@ -207,6 +210,127 @@ fn diagonal(g: &Mat<f32>) -> (Vec<f32>, Vec<f32>) {
     (gd, inv)
 }
 
+/// One row's search: the swaps it made, its floating-point operations, and (where it made any) its weights
+/// and mask (1 where pruned).
+struct Found {
+    made: usize,
+    flops: f64,
+    row: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+/// Every row's search, in row order: on the run's GPU where it has one (swap.cu, the same decisions to the
+/// bit), else each row on its own task on the host.
+#[allow(clippy::too_many_arguments)]
+fn search(
+    p: &Problem,
+    gd: &[f32],
+    inv_gd: &[f32],
+    w: &Mat<f32>,
+    wg: &Mat<f32>,
+    pruned: &Mask,
+    pattern: Pattern,
+    cap: usize,
+) -> anyhow::Result<Vec<Found>> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(dev) = crate::device::current() {
+        return gpu::search(dev, &Kernel::new(p, gd, inv_gd, w, wg, pruned, pattern, cap));
+    }
+    Ok((0..w.nrows())
+        .into_par_iter()
+        .map(|i| {
+            let mut row = Row::of(p, gd, inv_gd, w, wg, pruned, i);
+            let made = row.improve(pattern, cap);
+            Found { made, flops: row.flops, row: (made > 0).then_some((row.w, row.free)) }
+        })
+        .collect())
+}
+
+/// swap.cu's arguments: `G*` with row `j` its column `j` (as the host reads it), and `w`, `r = w G* − c` and
+/// the mask row-major. (The GPU's, and the tests' that run swap.cu on the host.)
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct Kernel {
+    m: usize,
+    n: usize,
+    g: Vec<f32>,
+    gd: Vec<f32>,
+    inv_gd: Vec<f32>,
+    w: Vec<f32>,
+    r: Vec<f32>,
+    free: Vec<f32>,
+    /// N:M's group size, 0 for unstructured.
+    group: i32,
+    cap: i32,
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+impl Kernel {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        p: &Problem,
+        gd: &[f32],
+        inv_gd: &[f32],
+        w: &Mat<f32>,
+        wg: &Mat<f32>,
+        pruned: &Mask,
+        pattern: Pattern,
+        cap: usize,
+    ) -> Self {
+        use crate::linalg::row_major;
+        let mut r = row_major(wg.as_ref(), |x| x);
+        r.par_iter_mut().zip(row_major(p.c.as_ref(), |x| x)).for_each(|(r, c)| *r -= c);
+        Kernel {
+            m: w.nrows(),
+            n: w.ncols(),
+            g: (0..p.g.ncols()).flat_map(|j| p.g.col_as_slice(j)).copied().collect(),
+            gd: gd.to_vec(),
+            inv_gd: inv_gd.to_vec(),
+            w: row_major(w.as_ref(), |x| x),
+            r,
+            free: row_major(pruned.as_ref(), |b| if b { 1.0 } else { 0.0 }),
+            group: match pattern {
+                Pattern::NM { m, .. } => m as i32,
+                Pattern::Unstructured(_) => 0,
+            },
+            cap: cap as i32,
+        }
+    }
+
+    /// The rows' results from the kernel's outputs: weights and mask (row-major), swaps and flops per row.
+    fn found(&self, w: Vec<f32>, free: Vec<f32>, made: Vec<i32>, flops: Vec<f64>) -> Vec<Found> {
+        let n = self.n;
+        (0..self.m)
+            .map(|i| Found {
+                made: made[i] as usize,
+                flops: flops[i],
+                row: (made[i] > 0).then(|| (w[i * n..(i + 1) * n].to_vec(), free[i * n..(i + 1) * n].to_vec())),
+            })
+            .collect()
+    }
+}
+
+/// swap.cu on the run's GPU: compiled once by NVRTC, one block of 256 threads per row.
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::{Found, Kernel};
+    use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
+
+    pub(super) fn search(dev: &candle_core::CudaDevice, k: &Kernel) -> anyhow::Result<Vec<Found>> {
+        let func = crate::device::cuda_kernel(dev, "fistaprune_swap", include_str!("swap.cu"), "swap_search")?;
+        let (g, gd, inv_gd) = (dev.clone_htod(&k.g)?, dev.clone_htod(&k.gd)?, dev.clone_htod(&k.inv_gd)?);
+        let (mut w, mut r, mut free) = (dev.clone_htod(&k.w)?, dev.clone_htod(&k.r)?, dev.clone_htod(&k.free)?);
+        let (mut made, mut flops) = (dev.alloc_zeros::<i32>(k.m)?, dev.alloc_zeros::<f64>(k.m)?);
+        let (m, n) = (k.m as i32, k.n as i32);
+        let stream = dev.cuda_stream();
+        let mut launch = stream.launch_builder(&func);
+        launch.arg(&g).arg(&gd).arg(&inv_gd).arg(&mut w).arg(&mut r).arg(&mut free);
+        launch.arg(&m).arg(&n).arg(&k.group).arg(&k.cap).arg(&mut made).arg(&mut flops);
+        let cfg = LaunchConfig { grid_dim: (k.m as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the arguments are swap.cu's, in its order and types; every buffer holds what it indexes.
+        unsafe { launch.launch(cfg) }.map_err(|e| anyhow::anyhow!("the swap search's kernel: {e:?}"))?;
+        Ok(k.found(dev.clone_dtoh(&w)?, dev.clone_dtoh(&free)?, dev.clone_dtoh(&made)?, dev.clone_dtoh(&flops)?))
+    }
+}
+
 /// Refine `w` (re-fitted on the support `pruned` leaves, on `pattern`; `wg = w G*`) by up to `rounds` rounds of swaps, each
 /// re-fitted with `refit_iters` conjugate-gradient steps. Returns the weights, their mask and each round.
 pub fn refine(
@@ -232,23 +356,14 @@ pub fn refine(
     let mut report = Vec::new();
     for _ in 0..rounds {
         let (mut cand, mut cmask) = (w.clone(), pruned.clone());
-        // The rows search independently, each on its own task; the results land in row order.
-        let searched: Vec<(usize, f64, Option<Row>)> = (0..m)
-            .into_par_iter()
-            .map(|i| {
-                let mut row = Row::of(p, &gd, &inv_gd, &w, &wg, &pruned, i);
-                let made = row.improve(pattern, cap);
-                (made, row.flops, (made > 0).then_some(row))
-            })
-            .collect();
         let (mut proposed, mut search_flops) = (0, 0.0);
-        for (i, (made, flops, row)) in searched.into_iter().enumerate() {
-            search_flops += flops;
-            if let Some(row) = row {
-                proposed += made;
+        for (i, found) in search(p, &gd, &inv_gd, &w, &wg, &pruned, pattern, cap)?.into_iter().enumerate() {
+            search_flops += found.flops;
+            if let Some((row_w, row_free)) = found.row {
+                proposed += found.made;
                 for j in 0..n {
-                    cand[(i, j)] = row.w[j];
-                    cmask[(i, j)] = row.pruned(j);
+                    cand[(i, j)] = row_w[j];
+                    cmask[(i, j)] = row_free[j] != 0.0;
                 }
             }
         }
@@ -400,6 +515,75 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// swap.cu, run on the host (src/cuda_emu.h: an OS thread per CUDA thread, blocks of 32 here), makes the
+    /// host search's swaps to the bit and counts its flops, rows wider and narrower than a block, every pattern.
+    #[test]
+    fn the_gpu_kernel_makes_the_host_searchs_swaps() {
+        let dir = std::env::temp_dir().join(format!("fistaprune-swap-cu-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let exe = dir.join("swap_test");
+        let src = concat!(env!("CARGO_MANIFEST_DIR"), "/src/prune/swap_test.cpp");
+        let cc = std::process::Command::new("g++")
+            .args(["-std=c++20", "-O1", "-ffp-contract=off", "-DTHREADS=32", "-pthread", src, "-o"])
+            .arg(&exe)
+            .output();
+        match cc {
+            Err(e) => return eprintln!("skipped: no g++ to build swap.cu for the host ({e})"),
+            Ok(o) => assert!(o.status.success(), "g++: {}", String::from_utf8_lossy(&o.stderr)),
+        }
+        let cases = [
+            (Pattern::Unstructured(0.5), 45),
+            (Pattern::Unstructured(0.7), 20),
+            (Pattern::NM { n: 2, m: 4 }, 44),
+            (Pattern::NM { n: 4, m: 8 }, 48),
+        ];
+        for (pattern, n) in cases {
+            let m = 7;
+            let (w, g, c, k) = problem(m, n, 5 + n as u64);
+            let p = Problem { w: &w, g: &g, c: &c, k };
+            let pruned = mask::select(&w, pattern, true);
+            let mut start = w.clone();
+            mask::apply(&mut start, &pruned);
+            let (start, start_g) = refit(&p, &start, None, &pruned, 30).unwrap();
+            let (gd, inv_gd) = diagonal(&g);
+            let cap = match pattern {
+                Pattern::NM { .. } => 4,
+                Pattern::Unstructured(_) => n.div_ceil(16),
+            };
+            let host = search(&p, &gd, &inv_gd, &start, &start_g, &pruned, pattern, cap).unwrap();
+            let kern = Kernel::new(&p, &gd, &inv_gd, &start, &start_g, &pruned, pattern, cap);
+            let mut input: Vec<u8> =
+                [m as i32, n as i32, kern.group, kern.cap].iter().flat_map(|x| x.to_le_bytes()).collect();
+            for v in [&kern.g, &kern.gd, &kern.inv_gd, &kern.w, &kern.r, &kern.free] {
+                input.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+            }
+            let (fin, fout) = (dir.join("in.bin"), dir.join("out.bin"));
+            std::fs::write(&fin, input).unwrap();
+            let run = std::process::Command::new(&exe).arg(&fin).arg(&fout).status().unwrap();
+            assert!(run.success(), "{pattern:?}: the host build of swap.cu failed");
+            let out = std::fs::read(&fout).unwrap();
+            let f32s = |at: usize, len: usize| -> Vec<f32> {
+                out[at..at + 4 * len].chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+            };
+            let (wv, fv) = (f32s(0, m * n), f32s(4 * m * n, m * n));
+            let made: Vec<i32> = out[8 * m * n..8 * m * n + 4 * m]
+                .chunks(4)
+                .map(|b| i32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            let flops: Vec<f64> =
+                out[8 * m * n + 4 * m..].chunks(8).map(|b| f64::from_le_bytes(b.try_into().unwrap())).collect();
+            let gpu = kern.found(wv, fv, made, flops);
+            let mut swaps = 0;
+            for (i, (h, d)) in host.iter().zip(&gpu).enumerate() {
+                assert_eq!((h.made, h.flops), (d.made, d.flops), "{pattern:?} row {i}: swaps and flops");
+                assert_eq!(h.row, d.row, "{pattern:?} row {i}: weights and mask");
+                swaps += h.made;
+            }
+            assert!(swaps >= m, "{pattern:?}: only {swaps} swaps over {m} rows");
+        }
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     /// From magnitude's mask re-fitted, the swaps lower the error (every row no worse, the total clearly

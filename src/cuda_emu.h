@@ -1,0 +1,41 @@
+// The subset of CUDA C that the project's kernels use, on the host, so that their tests run where there is no
+// GPU: each block's threads are OS threads meeting at a barrier for __syncthreads(), blocks run one after
+// another (so a function-level static is the block's shared memory), and arithmetic is the host's IEEE f32,
+// built like the GPU's code without FMA contraction (-ffp-contract=off here, fmad=false there).
+// Kernels may use threadIdx.x, blockIdx.x, __syncthreads(), __shared__ arrays and scalars, min, fmaxf, fabsf.
+#pragma once
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <thread>
+#include <vector>
+
+struct EmuDim {
+    unsigned x = 0, y = 0, z = 0;
+};
+inline thread_local EmuDim threadIdx;
+inline EmuDim blockIdx;
+inline std::barrier<>* emu_barrier = nullptr;
+using std::min;
+
+#define __global__
+#define __device__
+#define __shared__ static
+#define __syncthreads() emu_barrier->arrive_and_wait()
+
+// Run `kernel(args...)` on a grid of `grid` blocks of `block` threads.
+template <class... A, class... B>
+void emu_launch(unsigned grid, unsigned block, void (*kernel)(A...), B... args) {
+    for (unsigned b = 0; b < grid; b++) {
+        blockIdx.x = b;
+        std::barrier<> bar(block);
+        emu_barrier = &bar;
+        std::vector<std::thread> threads;
+        for (unsigned t = 0; t < block; t++)
+            threads.emplace_back([=] {
+                threadIdx.x = t;
+                kernel(args...);
+            });
+        for (auto& t : threads) t.join();
+    }
+}
