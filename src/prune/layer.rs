@@ -305,7 +305,7 @@ fn collect_dense(
         .zip(groups.iter())
         .map(|(g, names)| {
             let g = g.ok_or_else(|| anyhow!("no statistics were collected for {}", names[0]))?;
-            let st = OpStats { gram: g.finish(), cross: None, dense: None, outputs: None };
+            let st = OpStats { gram: g.finish()?, cross: None, dense: None, outputs: None };
             st.check_finite(&format!("input of {}", names.join(", ")))?;
             Ok(st)
         })
@@ -430,10 +430,10 @@ impl Correction<'_> {
         self.prev = next;
         let g = gram.ok_or_else(|| anyhow!("no calibration batches"))?;
         let (cross, outputs) = match via {
-            Some(_) => (None, cross.map(|c| (c.c, k))),
-            None => (cross.map(|c| c.c), None),
+            Some(_) => (None, cross.map(|c| Ok::<_, anyhow::Error>((c.finish()?, k))).transpose()?),
+            None => (cross.map(Cross::finish).transpose()?, None),
         };
-        let st = OpStats { gram: g.finish(), cross, dense: dgram.map(Gram::finish), outputs };
+        let st = OpStats { gram: g.finish()?, cross, dense: dgram.map(Gram::finish).transpose()?, outputs };
         st.check_finite(&format!("input of {}", dense.input_groups()[gi].join(", ")))?;
         Ok((st, stepped.get()))
     }
