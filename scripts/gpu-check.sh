@@ -14,7 +14,7 @@
 #      (when scripts/gpu-prepare.sh copied their code to .gpu/peers/), and one layer of FISTAPruner on cuda;
 #   6. the peak GPU memory of FISTAPruner on one layer of a LLaMA-2-70B-shaped model (goal: under 40 GB);
 #   5. the CPU path's scaling from 4 to 16 threads (scripts/bench-threads.sh).
-#   usage: OUT=dir [STEPS="1 2 3 4 4b 4c 6 5"] scripts/gpu-check.sh
+#   usage: OUT=dir [STEPS="1 2 3 4 4b 4c 6 6b 5"] scripts/gpu-check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-target/gpu-check}
@@ -45,7 +45,7 @@ with_mem() {
 peak() { sort -n "$1" | tail -1 | grep . || echo null; }
 elapsed() { python3 -c "import time, sys; print(round(time.time() - float(sys.argv[1]), 3))" "$1"; }
 # STEPS="3 4b" runs only those steps (a run of them all can outlast one call on the machine).
-want() { [[ " ${STEPS:-1 2 3 4 4b 4c 6 5} " == *" $1 "* ]]; }
+want() { [[ " ${STEPS:-1 2 3 4 4b 4c 6 6b 5} " == *" $1 "* ]]; }
 # The 2-layer random LLaMA of LLaMA-2-7B's layer shapes that steps 3-4c use, made once.
 M=$S/llama7b-2l
 # (MAKE_FLAGS="--hidden 256 ..." shrinks it, to try the script on a machine without a GPU.)
@@ -181,7 +181,21 @@ with_mem $S/mem-70b.txt timeout 300 $B --device cuda --threads 16 prune --model 
   --sparsity 0.5 --calib $W --nsamples ${NSAMPLES70:-128} --seqlen 2048 --layer-inputs dense --layers 0-0 \
   --out $S/fista-70b-l0 --quiet
 rec "{\"step\":\"memory_70b_layer\",\"rc\":$?,\"wall_s\":$(elapsed $t0),\"peak_gpu_mib\":$(peak $S/mem-70b.txt)}"
-rm -rf $M70 $S/fista-70b-l0
+rm -rf $S/fista-70b-l0
+want 6b || rm -rf $M70
+}
+
+want 6b && {
+echo "== 6b. the same with the activations in host memory, held in bf16, SparseGPT's factor in f32"
+M70=$S/llama70b-2l
+[ -d $M70 ] || python3 scripts/gpu/torch_ref.py make --out $M70 --tokenizer .gpu/tokenizer.json --layers 2 \
+  --hidden 8192 --intermediate 28672 --heads 64 --kv-heads 8 ${MAKE70_FLAGS:-} | tee -a "$R"
+t0=$(date +%s.%N)
+with_mem $S/mem-70b-off.txt timeout 300 $B --device cuda --threads 16 --offload-activations prune --model $M70 \
+  --method fista --sparsity 0.5 --act-dtype bf16 --factor-dtype f32 --calib $W --nsamples ${NSAMPLES70:-128} \
+  --seqlen 2048 --layer-inputs dense --layers 0-0 --out $S/fista-70b-off --quiet
+rec "{\"step\":\"memory_70b_layer_offloaded\",\"rc\":$?,\"wall_s\":$(elapsed $t0),\"peak_gpu_mib\":$(peak $S/mem-70b-off.txt)}"
+rm -rf $M70 $S/fista-70b-off
 }
 
 want 5 && {

@@ -38,6 +38,11 @@ struct Cli {
     /// Compute device: cpu, cuda (GPU 0) or cuda:N (needs a build with the `cuda` feature).
     #[arg(long, global = true, default_value = "cpu")]
     device: String,
+    /// Keep the calibration activations in host memory between their uses, each batch moved to the GPU when it
+    /// is used (prune, compare): for models whose activations do not fit beside a layer (a 70B model's do not in
+    /// 40 GB). Costs the transfers; the results are the same.
+    #[arg(long, global = true)]
+    offload_activations: bool,
     /// Progress display: bars (auto), JSON lines on stderr for machines (json), or none.
     #[arg(long, global = true, value_enum, default_value = "auto")]
     progress: ProgressMode,
@@ -87,6 +92,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
     }
     fistaprune::device::set(fistaprune::device::open(&cli.device)?)?;
+    fistaprune::device::set_offload(cli.offload_activations);
     match cli.command {
         Command::Eval(mut a) => {
             a.progress = cli.progress.resolve(a.quiet);

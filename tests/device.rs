@@ -86,21 +86,55 @@ fn a_device_this_build_lacks_is_a_clear_error() {
 /// Prune the LLaMA fixture (8 × 64 calibration tokens) with `method` and return (checkpoint bytes, perplexity).
 fn pruned(method: &str, generic: bool) -> (Vec<u8>, f64) {
     let tag = format!("device-prune-{method}-{generic}");
-    let tmp = tmpdir(&tag);
-    let out = tmp.join("out");
-    let wiki = shared("wikitext-2-raw/wiki.test.raw");
+    let out = prune_on(method, "cpu", generic, &[], &tag).unwrap_or_else(|e| panic!("{tag}: {e}"));
+    (std::fs::read(out.join("model.safetensors")).unwrap(), perplexity(&out, false, &format!("{tag}-eval")))
+}
+
+/// The same on `device` with `extra` global options; the pruned model's folder, or fistaprune's stderr.
+fn prune_on(
+    method: &str,
+    device: &str,
+    generic: bool,
+    extra: &[&str],
+    tag: &str,
+) -> Result<std::path::PathBuf, String> {
+    let out = tmpdir(tag).join("out");
     let o = std::process::Command::new(bin())
         .env("FISTAPRUNE_GENERIC", if generic { "1" } else { "0" })
-        .args(["--threads", "2", "prune", "--model"])
+        .args(["--threads", "2", "--device", device])
+        .args(extra)
+        .args(["prune", "--model"])
         .arg(fixture("llama"))
         .args(["--method", method, "--sparsity", "0.5", "--nsamples", "8", "--seqlen", "64", "--quiet", "--calib"])
-        .arg(&wiki)
+        .arg(shared("wikitext-2-raw/wiki.test.raw"))
         .arg("--out")
         .arg(&out)
         .output()
         .unwrap();
-    assert!(o.status.success(), "{tag}: {}", String::from_utf8_lossy(&o.stderr));
-    (std::fs::read(out.join("model.safetensors")).unwrap(), perplexity(&out, false, &format!("{tag}-eval")))
+    if !o.status.success() {
+        return Err(String::from_utf8_lossy(&o.stderr).into_owned());
+    }
+    Ok(out)
+}
+
+/// `--offload-activations` moves where the walk keeps activations, not the result: the same checkpoint bytes
+/// for FISTAPruner (error correction, whose group inputs are kept between groups, and the pruned walk's
+/// streams). On a GPU, where this build and the machine have one, the activations then cross to the host and
+/// back; elsewhere (the generic path on the CPU) this shows only that the walk runs through the option.
+#[test]
+fn offloaded_activations_give_the_same_checkpoint() {
+    let on = |device: &str, generic: bool, extra: &[&str]| {
+        let tag = format!("device-offload-{device}-{}", extra.len());
+        prune_on("fista", device, generic, extra, &tag).map(|out| std::fs::read(out.join("model.safetensors")).unwrap())
+    };
+    let no_gpu = |e: &str| e.contains("cannot open GPU") || e.contains("error while loading shared libraries");
+    let (device, generic, held) = match on("cuda", false, &[]) {
+        Ok(bytes) => ("cuda", false, bytes),
+        Err(e) if cfg!(feature = "cuda") && !no_gpu(&e) => panic!("fista on cuda: {e}"),
+        Err(_) => ("cpu", true, on("cpu", true, &[]).unwrap()),
+    };
+    let offloaded = on(device, generic, &["--offload-activations"]).unwrap();
+    assert!(held == offloaded, "{device}: offloading the activations changed the checkpoint");
 }
 
 /// The statistics come from the generic path too (Gram and cross products reduced on the device): the same

@@ -72,7 +72,7 @@ pub fn layer_outlier_ratios(
         // Σ x_j² per input column of each group.
         let mut sq: Vec<Option<Tensor>> = vec![None; groups.len()];
         for x in inputs.acts {
-            let x = x.to_dtype(DType::F32)?;
+            let x = crate::device::fetch(x)?.to_dtype(DType::F32)?;
             let mut hook = |name: &str, inp: &Tensor| -> Result<()> {
                 if let Some(g) = groups.iter().position(|g| g[0] == name) {
                     let n = inp.dim(D::Minus1)?;

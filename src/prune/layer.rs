@@ -18,6 +18,7 @@ use super::Method;
 use super::mask::{self, Pattern};
 use super::pipeline::{LayerInputs, PipelineOptions};
 use super::stats::{Cross, Gram, OpStats, outlier_token_scales, sum_squares};
+use crate::device::{fetch, stash};
 use crate::linalg::{mat_to_tensor, matmul_nt, tensor_to_mat};
 use crate::model::{CausalLm, DecoderLayer, LayerContext};
 use crate::util::{available_memory, check_finite};
@@ -221,9 +222,9 @@ fn error_batches(acts: &[Tensor]) -> usize {
 fn output_error(acts: &[Tensor], out: &Outputs) -> Result<f64> {
     let (mut num, mut den) = (0f64, 0f64);
     for ((x, yd), yp) in acts.iter().zip(&out.dense).zip(&out.pruned).take(error_batches(acts)) {
-        let x = x.to_dtype(DType::F32)?;
-        num += (yp - yd)?.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        den += (yd - &x)?.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let (x, yd, yp) = (fetch(x)?.to_dtype(DType::F32)?, fetch(yd)?, fetch(yp)?);
+        num += (&yp - &yd)?.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        den += (yd - x)?.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     }
     Ok(num / den.max(f64::MIN_POSITIVE))
 }
@@ -237,7 +238,7 @@ fn layer_output_error(
 ) -> Result<(f64, Outputs, f64)> {
     let mut out = Outputs { dense: Vec::new(), pruned: Vec::new() };
     for x in &acts[..error_batches(acts)] {
-        let x = x.to_dtype(DType::F32)?;
+        let x = fetch(x)?.to_dtype(DType::F32)?;
         out.dense.push(dense.forward(&x, ctx, None)?);
         out.pruned.push(work.forward(&x, ctx, None)?);
     }
@@ -286,7 +287,7 @@ fn collect_dense(
     let groups = layer.input_groups();
     let mut grams: Vec<Option<Gram>> = (0..groups.len()).map(|_| None).collect();
     for x in acts {
-        let x = x.to_dtype(DType::F32)?;
+        let x = fetch(x)?.to_dtype(DType::F32)?;
         let mut hook = |name: &str, inp: &Tensor| -> Result<()> {
             if let Some(gi) = groups.iter().position(|g| g[0] == name) {
                 let n = inp.dim(candle_core::D::Minus1)?;
@@ -369,7 +370,7 @@ impl Correction<'_> {
         // The input of this group for layer `l` on `x`, stepping from the previous group's when it can.
         let input = |l: &dyn DecoderLayer, x: &Tensor, p: Option<&Held>| -> Result<Held> {
             if let Some(p) = p
-                && let Some(t) = l.next_group_input(gi, x, &p.input.to_dtype(DType::F32)?)?
+                && let Some(t) = l.next_group_input(gi, x, &fetch(&p.input)?.to_dtype(DType::F32)?)?
             {
                 stepped.set(true);
                 return Ok(Held { input: t.input, residual: t.residual.or_else(|| p.residual.clone()) });
@@ -380,7 +381,7 @@ impl Correction<'_> {
         // are never all held at once.
         let mut prev = std::mem::take(&mut self.prev).into_iter();
         for (b, x) in self.acts.iter().enumerate() {
-            let x = x.to_dtype(DType::F32)?;
+            let x = fetch(x)?.to_dtype(DType::F32)?;
             let held = prev.next();
             let p = held.as_ref();
             let hs = input(work, &x, p.map(|p| &p.0))?;
@@ -389,7 +390,7 @@ impl Correction<'_> {
             // Before any operator is pruned the two inputs are the same, unless the targets come from elsewhere.
             let xd = if gi > 0 || targets.is_some() {
                 let xt = match targets {
-                    Some(t) => t[b].to_dtype(DType::F32)?,
+                    Some(t) => fetch(&t[b])?.to_dtype(DType::F32)?,
                     None => x.clone(),
                 };
                 Some(input(dense, &xt, p.map(|p| p.1.as_ref().unwrap_or(&p.0)))?)
@@ -422,7 +423,8 @@ impl Correction<'_> {
             }
             if let Some(dt) = keep {
                 let to = |h: Held| -> Result<Held> {
-                    Ok(Held { input: h.input.to_dtype(dt)?, residual: h.residual.map(|r| r.to_dtype(dt)).transpose()? })
+                    let residual = h.residual.map(|r| stash(r.to_dtype(dt)?)).transpose()?;
+                    Ok(Held { input: stash(h.input.to_dtype(dt)?)?, residual })
                 };
                 next.push((to(hs)?, xd.filter(|_| b < dense_upto).map(to).transpose()?));
             }
@@ -447,7 +449,7 @@ impl Correction<'_> {
         if held.is_empty() || held.iter().any(|(h, _)| h.residual.is_none()) {
             return Ok(None);
         }
-        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let f32 = |t: &Tensor| -> Result<Tensor> { Ok(fetch(t)?.to_dtype(DType::F32)?) };
         let run = |l: &dyn DecoderLayer, h: &Held| -> Result<Option<Tensor>> {
             let r = h.residual.as_ref().expect("checked above");
             l.output_from(&f32(r)?, &f32(&h.input)?)
@@ -456,7 +458,7 @@ impl Correction<'_> {
         for (p, d) in held {
             let Some(yp) = run(work, &p)? else { return Ok(None) };
             tokens += p.input.dims()[0] * p.input.dims()[1];
-            out.pruned.push(yp);
+            out.pruned.push(stash(yp)?);
             // The dense layer's inputs are kept on the first batches only, and in order.
             if let Some(d) = d.filter(|_| out.dense.len() + 1 == out.pruned.len()) {
                 let Some(yd) = run(self.dense, &d)? else { return Ok(None) };

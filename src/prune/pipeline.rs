@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use super::layer::{Cost, Inputs, LayerReport, Outputs, prune_layer};
 use super::mask::Pattern;
 use super::{Method, Observes};
+use crate::device::{fetch, stash};
 use crate::model::{CausalLm, DecoderLayer, LayerContext};
 use crate::util::{Progress, ProgressBar, check_finite, progress_bar};
 
@@ -323,7 +324,7 @@ impl Streams {
         let all = model.embed(&Tensor::from_vec(flat, (calib.len(), seqlen), &Device::Cpu)?)?;
         let acts: Vec<Tensor> = (0..calib.len())
             .step_by(batch.max(1))
-            .map(|start| Ok(all.narrow(0, start, batch.max(1).min(calib.len() - start))?.to_dtype(act_dtype)?))
+            .map(|start| stash(all.narrow(0, start, batch.max(1).min(calib.len() - start))?.to_dtype(act_dtype)?))
             .collect::<Result<_>>()?;
         drop(all);
         let targets = (mode == LayerInputs::Corrected).then(|| acts.clone());
@@ -390,11 +391,11 @@ fn forward(
             Some(y) => y.clone(),
             None => {
                 tokens += x.dims()[0] * x.dims()[1];
-                layer.forward(&x.to_dtype(DType::F32)?, ctx, None)?
+                layer.forward(&fetch(x)?.to_dtype(DType::F32)?, ctx, None)?
             }
         };
         check_finite(&y, what)?;
-        *x = y.to_dtype(act_dtype)?;
+        *x = stash(y.to_dtype(act_dtype)?)?;
     }
     Ok(tokens as f64 * Cost::of(layer, ctx.seqlen).forward())
 }

@@ -327,7 +327,12 @@ mod tests {
         let y = crate::linalg::matmul_nt(&x.flatten_to(1).unwrap(), &w).unwrap();
         let mut yc = Cross::new(m, n);
         yc.add(&y, &xs).unwrap();
-        let outputs = OpStats { gram: g, cross: None, dense: None, outputs: Some((yc.finish().unwrap(), sum_squares(&y).unwrap())) };
+        let outputs = OpStats {
+            gram: g,
+            cross: None,
+            dense: None,
+            outputs: Some((yc.finish().unwrap(), sum_squares(&y).unwrap())),
+        };
         let (ca, cb) = (inputs.target(&wm).unwrap(), outputs.target(&wm).unwrap());
         for i in 0..m {
             for j in 0..n {
