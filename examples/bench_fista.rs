@@ -65,10 +65,10 @@ fn main() {
         let t_gemm = best(5, || {
             std::hint::black_box(matmul(&w, &g));
         });
-        let l = lambda_max(g.as_ref(), 30);
+        let l = lambda_max(&g, 30).unwrap();
         let iters = 20;
         let t_fista = best(3, || {
-            std::hint::black_box(fista(&p, &w, 1e-3 * l, l, iters, 0.0, None));
+            std::hint::black_box(fista(&p, &w, 1e-3 * l, l, iters, 0.0, None).unwrap());
         });
         let o = FistaOptions { tol: 0.0, refit_iters: 20, ..Default::default() };
         let pattern: Pattern = "2:4".parse().unwrap();

@@ -294,8 +294,13 @@ pub(super) fn matmul(a: MatRef<f32>, b: MatRef<f32>) -> Mat<f32> {
     out
 }
 
-/// Largest eigenvalue of a symmetric positive semi-definite matrix, by power iteration.
-pub fn lambda_max(g: MatRef<f32>, iters: usize) -> f64 {
+/// Largest eigenvalue of a symmetric positive semi-definite matrix, by power iteration: on the run's device
+/// where the pruners' dense work goes there ([`crate::device::offloaded`]), else on the host.
+pub fn lambda_max(g: &Mat<f32>, iters: usize) -> Result<f64> {
+    if crate::device::offloaded() { lambda_max_on_device(g, iters) } else { Ok(lambda_max_host(g.as_ref(), iters)) }
+}
+
+fn lambda_max_host(g: MatRef<f32>, iters: usize) -> f64 {
     let n = g.nrows();
     if n == 0 {
         return 0.0;
@@ -315,6 +320,32 @@ pub fn lambda_max(g: MatRef<f32>, iters: usize) -> f64 {
     }
     // Power iteration approaches from below: a small margin keeps the step 1/L safe.
     est * 1.01
+}
+
+/// [`lambda_max_host`] with `G*` on the device: the same start, norms summed in f64, one `n × n` GEMV a step.
+fn lambda_max_on_device(g: &Mat<f32>, iters: usize) -> Result<f64> {
+    use crate::linalg::mat_to_device;
+    let n = g.nrows();
+    if n == 0 {
+        return Ok(0.0);
+    }
+    let dev = crate::device::current();
+    let gt = mat_to_device(g, dev)?;
+    let norm = |t: &candle_core::Tensor| -> Result<f64> {
+        Ok(t.to_dtype(candle_core::DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt())
+    };
+    let mut v = mat_to_device(&Mat::from_fn(n, 1, |i, _| g[(i, i)].abs().sqrt() + 1e-3), dev)?;
+    let mut est = 0f64;
+    for _ in 0..iters.max(1) {
+        let gv = gt.matmul(&v)?;
+        let (gn, vn) = (norm(&gv)?, norm(&v)?);
+        if gn == 0.0 {
+            return Ok(0.0);
+        }
+        est = gn / vn;
+        v = (gv / gn)?;
+    }
+    Ok(est * 1.01)
 }
 
 /// The hard threshold `H`: keep the largest `|w|` under the pattern.
@@ -375,8 +406,24 @@ fn frob(a: &Mat<f32>) -> f64 {
     (0..a.ncols()).map(|j| a.col_as_slice(j).iter().map(|&x| x * x).sum::<f32>() as f64).sum::<f64>().sqrt()
 }
 
-/// FISTA on `½‖W'X* − WX‖² + λ‖W'‖₁` from `w0`; returns the last iterate and the iterations run.
+/// FISTA on `½‖W'X* − WX‖² + λ‖W'‖₁` from `w0`; returns the last iterate and the iterations run. On the run's
+/// device where the pruners' dense work goes there ([`fista_on_device`]), else on the host.
 pub fn fista(
+    p: &Problem,
+    w0: &Mat<f32>,
+    lambda: f64,
+    l: f64,
+    iters: usize,
+    tol: f64,
+    project: Option<&HardThreshold>,
+) -> Result<(Mat<f32>, usize)> {
+    if crate::device::offloaded() {
+        return fista_on_device(p, w0, lambda, l, iters, tol, project);
+    }
+    Ok(fista_host(p, w0, lambda, l, iters, tol, project))
+}
+
+fn fista_host(
     p: &Problem,
     w0: &Mat<f32>,
     lambda: f64,
@@ -429,6 +476,51 @@ pub fn fista(
         }
     }
     (w_prev, done)
+}
+
+/// [`fista_host`] with `G*`, `C` and the iterates on the device: one GEMM and a few element-wise passes a step,
+/// the soft threshold as `relu(z − τ) − relu(−z − τ)` (the host's three branches, to the bit), and two sums
+/// read back for the stopping test. A projection (`--projected`) takes the iterate through the host's hard
+/// threshold.
+fn fista_on_device(
+    p: &Problem,
+    w0: &Mat<f32>,
+    lambda: f64,
+    l: f64,
+    iters: usize,
+    tol: f64,
+    project: Option<&HardThreshold>,
+) -> Result<(Mat<f32>, usize)> {
+    use crate::linalg::{mat_to_device, tensor_to_mat};
+    use candle_core::{DType, Tensor};
+    let dev = crate::device::current();
+    let (g, c) = (mat_to_device(p.g, dev)?, mat_to_device(p.c, dev)?);
+    // The host's f32 constants.
+    let (tau, inv_l) = ((lambda / l) as f32 as f64, (1.0 / l) as f32 as f64);
+    let sum = |t: &Tensor| -> Result<f64> { Ok(t.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+    let mut w_prev = mat_to_device(w0, dev)?;
+    let mut y = w_prev.clone();
+    let mut t = 1f64;
+    let mut done = 0;
+    for _ in 0..iters {
+        done += 1;
+        let z = (&y - ((y.matmul(&g)? - &c)? * inv_l)?)?;
+        let mut w = ((&z - tau)?.relu()? - (z.neg()? - tau)?.relu()?)?;
+        if let Some(h) = project {
+            w = mat_to_device(&h.apply(&tensor_to_mat(&w)?).0, dev)?;
+        }
+        let t_next = (1.0 + (1.0 + 4.0 * t * t).sqrt()) / 2.0;
+        let beta = ((t - 1.0) / t_next) as f32 as f64;
+        let diff = (&w - &w_prev)?;
+        y = (&w + (&diff * beta)?)?;
+        let (dd, ww) = (sum(&diff)?, sum(&w)?);
+        w_prev = w;
+        t = t_next;
+        if dd.sqrt() < tol * ww.sqrt().max(f64::MIN_POSITIVE) {
+            break;
+        }
+    }
+    Ok((tensor_to_mat(&w_prev)?, done))
 }
 
 /// Minimise the smooth part over the weights `pruned` leaves free (the masked ones stay zero), from `w`:
@@ -588,7 +680,7 @@ pub fn solve(p: &Problem, w0: &Mat<f32>, pattern: Pattern, o: &Options) -> Resul
     let base = p.k.max(f64::MIN_POSITIVE);
     // The step 1/L only where FISTA runs: its power iteration streams G* from memory `power_iters` times, a
     // second or more per large operator on the host (7B's down_proj: 30 × 485 MB), for nothing at --rounds 0.
-    let l = if o.rounds > 0 { lambda_max(p.g.as_ref(), o.power_iters).max(f64::MIN_POSITIVE) } else { 0.0 };
+    let l = if o.rounds > 0 { lambda_max(p.g, o.power_iters)?.max(f64::MIN_POSITIVE) } else { 0.0 };
     let rms = (frob(p.w) / ((m * n) as f64).sqrt()).max(f64::MIN_POSITIVE);
     let mut report = SolveReport { lipschitz: (o.rounds > 0).then_some(l), ..Default::default() };
 
@@ -611,7 +703,7 @@ pub fn solve(p: &Problem, w0: &Mat<f32>, pattern: Pattern, o: &Options) -> Resul
     let project = o.projected.then_some(&h);
     for _ in 0..o.rounds {
         let lambda = alpha * l * rms;
-        let (wk, its) = fista(p, &best, lambda, l, o.iters, o.tol, project);
+        let (wk, its) = fista(p, &best, lambda, l, o.iters, o.tol, project)?;
         let (ht, hm) = h.apply(&wk);
         let htg = crate::linalg::product(&ht, p.g)?;
         let e_total = p.error_with(&ht, &htg);
@@ -736,9 +828,9 @@ mod tests {
     fn fista_reaches_the_lasso_optimum_of_coordinate_descent() {
         let (w, g, c, k) = problem(4, 12, 80, 1);
         let p = Problem { w: &w, g: &g, c: &c, k };
-        let l = lambda_max(g.as_ref(), 100);
+        let l = lambda_max(&g, 100).unwrap();
         let lambda = 0.05 * l * 0.3;
-        let (wf, _) = fista(&p, &w, lambda, l, 20000, 0.0, None);
+        let (wf, _) = fista(&p, &w, lambda, l, 20000, 0.0, None).unwrap();
         let wcd = lasso_cd(&w, &g, &c, lambda);
         let wcd32 = Mat::from_fn(4, 12, |i, j| wcd[(i, j)] as f32);
         let (a, b) = (objective(&p, wf.as_ref(), lambda), objective(&p, wcd32.as_ref(), lambda));
@@ -753,8 +845,8 @@ mod tests {
     fn lambda_zero_without_threshold_recovers_least_squares() {
         let (w, g, c, k) = problem(3, 8, 60, 2);
         let p = Problem { w: &w, g: &g, c: &c, k };
-        let l = lambda_max(g.as_ref(), 100);
-        let (wf, _) = fista(&p, &Mat::zeros(3, 8), 0.0, l, 5000, 0.0, None);
+        let l = lambda_max(&g, 100).unwrap();
+        let (wf, _) = fista(&p, &Mat::zeros(3, 8), 0.0, l, 5000, 0.0, None).unwrap();
         // Least squares: W' G* = C.
         let gd = Mat::<f64>::from_fn(8, 8, |i, j| g[(i, j)] as f64);
         let inv = faer::linalg::solvers::DenseSolveCore::inverse(&gd.llt(faer::Side::Lower).unwrap());
@@ -883,13 +975,45 @@ mod tests {
         assert!(p.error(&r).unwrap() < 0.9 * p.error(&h).unwrap());
     }
 
+    /// The device's FISTA and power iteration (candle's operators; here on the CPU) take the host's steps, with
+    /// and without the projection: the same iterates to f32 rounding, the same zeros but a few at the edge.
+    #[test]
+    fn device_fista_and_power_iteration_follow_the_host() {
+        let (w, g, c, k) = problem(6, 16, 100, 8);
+        let p = Problem { w: &w, g: &g, c: &c, k };
+        let (l, ld) = (lambda_max_host(g.as_ref(), 50), lambda_max_on_device(&g, 50).unwrap());
+        assert!((l - ld).abs() <= 1e-5 * l, "power iteration: host {l}, device {ld}");
+        let h = HardThreshold { pattern: Pattern::Unstructured(0.5), per_row: true, budgets: None };
+        for project in [None, Some(&h)] {
+            let (a, na) = fista_host(&p, &w, 0.02 * l, l, 60, 0.0, project);
+            let (b, nb) = fista_on_device(&p, &w, 0.02 * l, l, 60, 0.0, project).unwrap();
+            assert_eq!(na, nb);
+            let scale =
+                (0..16).flat_map(|j| (0..6).map(move |i| (i, j))).map(|(i, j)| a[(i, j)].abs()).fold(0.0, f32::max);
+            let (mut zeros, mut differ) = (0, 0);
+            for j in 0..16 {
+                for i in 0..6 {
+                    assert!(
+                        (a[(i, j)] - b[(i, j)]).abs() <= 1e-4 * scale,
+                        "({i}, {j}): {} vs {}",
+                        a[(i, j)],
+                        b[(i, j)]
+                    );
+                    zeros += (a[(i, j)] == 0.0) as usize;
+                    differ += ((a[(i, j)] == 0.0) != (b[(i, j)] == 0.0)) as usize;
+                }
+            }
+            assert!(zeros >= 10 && differ <= 2, "{} zeros, {differ} placed differently", zeros);
+        }
+    }
+
     #[test]
     fn power_iteration_finds_the_top_eigenvalue() {
         let (_, g, _, _) = problem(2, 10, 50, 5);
         let gd = Mat::<f64>::from_fn(10, 10, |i, j| g[(i, j)] as f64);
         let ev = gd.self_adjoint_eigenvalues(faer::Side::Lower).unwrap();
         let top = ev.iter().cloned().fold(f64::MIN, f64::max);
-        let est = lambda_max(g.as_ref(), 200);
+        let est = lambda_max(&g, 200).unwrap();
         assert!(est >= top * (1.0 - 1e-4) && est <= top * 1.02, "{est} vs {top}");
     }
 
