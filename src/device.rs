@@ -107,8 +107,10 @@ pub fn cuda_kernel(
 /// `CUDA_ERROR_OUT_OF_MEMORY` somewhere in the error's chain), or `None` for any other error.
 pub fn hint(e: &anyhow::Error) -> Option<&'static str> {
     format!("{e:#}").contains("OUT_OF_MEMORY").then_some(
-        "the GPU ran out of memory: lower --batch (prune, compare, eval), hold activations in --act-dtype bf16 \
-         (prune), keep fewer layers with --layer-memory-mb (eval), or use a GPU with more memory",
+        "the GPU ran out of memory: --offload-activations holds the calibration activations in host memory \
+         (prune, compare: it changes no pruned byte, so --resume continues with it); or, starting over, a lower \
+         --batch, --act-dtype bf16 or --factor-dtype f32 (prune); fewer layers held with --layer-memory-mb (eval); \
+         or a GPU with more memory",
     )
 }
 
@@ -119,7 +121,7 @@ mod tests {
     #[test]
     fn out_of_gpu_memory_gets_a_hint_and_nothing_else_does() {
         let oom = anyhow!("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")").context("decoder layer 3");
-        assert!(hint(&oom).unwrap().contains("--batch"));
+        assert!(hint(&oom).unwrap().contains("--offload-activations"));
         assert!(hint(&anyhow!("decoder layer 3: shape mismatch")).is_none());
     }
 

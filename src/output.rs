@@ -416,6 +416,11 @@ impl AtomicDir {
         Ok((Self { tmp, claim, committed: false, keep: resumed }, resumed))
     }
 
+    /// Leave the folder in place when this value is dropped uncommitted: it holds work a later run continues.
+    pub fn keep(&mut self) {
+        self.keep = true;
+    }
+
     /// Write the folder's `report.json`, marked as ours ([`marked`]).
     pub fn write_report(&self, report: &Value) -> Result<()> {
         write_atomic(&self.tmp.join("report.json"), serde_json::to_string_pretty(&marked(report.clone()))?.as_bytes())

@@ -145,7 +145,7 @@ pub fn prune(job: &Prune) -> Result<PruneReport> {
         options: a.options.clone(),
         calibration_sha256: calib.as_ref().map(|c| c.info.sha256.clone()),
     };
-    let aside = Aside::open(out, a.resume, &fingerprint, plan.range)?;
+    let mut aside = Aside::open(out, a.resume, &fingerprint, plan.range)?;
     if a.resume && !a.quiet {
         let n = plan.range.1 + 1 - plan.range.0;
         eprintln!("--resume: {} of {n} layers already pruned in {}", aside.resumed, aside.dir.tmp.display());
@@ -154,7 +154,7 @@ pub fn prune(job: &Prune) -> Result<PruneReport> {
     let opts =
         PipelineOptions { layer_sparsity: allocation.as_ref().map(|al| al.layer_sparsity.clone()), ..plan.pipeline };
     let t_prune = Instant::now();
-    let layers = prune_model(
+    let walked = prune_model(
         model.as_ref(),
         ids,
         method.as_ref(),
@@ -170,7 +170,8 @@ pub fn prune(job: &Prune) -> Result<PruneReport> {
             }
             Ok(())
         },
-    )?;
+    );
+    let layers = walked.map_err(|e| aside.fail(e, plan.range))?;
     drop(model);
     let mut report = PruneReport {
         fistaprune_version: env!("CARGO_PKG_VERSION").into(),

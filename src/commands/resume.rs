@@ -62,10 +62,30 @@ impl Aside {
             write_atomic(&run_file, serde_json::to_string_pretty(run)?.as_bytes())?;
         }
         std::fs::create_dir_all(aside.layers())?;
-        let l = aside.layers();
-        let done =
-            (range.0..=range.1).filter(|&i| layer_file(&l, i).exists() && layer_report_file(&l, i).exists()).count();
+        let done = aside.done(range);
         Ok(Self { resumed: done, ..aside })
+    }
+
+    /// How many of the layers in `range` are finished here.
+    fn done(&self, range: (usize, usize)) -> usize {
+        let l = self.layers();
+        (range.0..=range.1).filter(|&i| layer_file(&l, i).exists() && layer_report_file(&l, i).exists()).count()
+    }
+
+    /// The walk failed with `e`. Where the GPU ran out of memory ([`crate::device::hint`]) the finished layers
+    /// stay aside, and the error says so: the same command with `--resume` and an option that saves memory
+    /// (`--offload-activations` changes no pruned byte) continues after them. Any other failure removes them,
+    /// as a failed run leaves nothing.
+    pub fn fail(&mut self, e: anyhow::Error, range: (usize, usize)) -> anyhow::Error {
+        if crate::device::hint(&e).is_none() {
+            return e;
+        }
+        let done = self.done(range);
+        self.dir.keep();
+        let (tmp, s) = (self.dir.tmp.display(), if done == 1 { "" } else { "s" });
+        e.context(format!(
+            "{done} finished layer{s} kept in {tmp}: the same command with --resume continues after them"
+        ))
     }
 
     /// Where the finished layers land.
@@ -161,5 +181,43 @@ fn first_difference(path: &str, old: &serde_json::Value, new: &serde_json::Value
             })
         }
         _ => (old != new).then(|| format!("{path}: {old} → {new}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::output::{Kind, RunPaths};
+    use crate::prune::mask::Target;
+
+    /// Out of GPU memory, the finished layers stay aside for `--resume` and the error says where; any other
+    /// failure removes them.
+    #[test]
+    fn out_of_gpu_memory_keeps_the_finished_layers_and_other_failures_do_not() {
+        let d = std::env::temp_dir().join(format!("fistaprune-aside-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let run = Fingerprint {
+            model: "m".into(),
+            method: "magnitude".into(),
+            options: PruneOptions::new(Target { sparsity: Some(0.5), pattern: None }),
+            calibration_sha256: None,
+        };
+        let oom = || anyhow!("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")").context("decoder layer 2");
+        for (e, kept) in [(oom(), true), (anyhow!("decoder layer 2: NaN or Inf in the calibration activations"), false)]
+        {
+            let claim = RunPaths::new().claim("--out", &d.join("out"), Kind::Folder, false).unwrap();
+            let mut aside = Aside::open(claim, false, &run, (0, 3)).unwrap();
+            for i in 0..2 {
+                std::fs::write(layer_file(&aside.layers(), i), b"w").unwrap();
+                std::fs::write(layer_report_file(&aside.layers(), i), b"{}").unwrap();
+            }
+            let tmp = aside.dir.tmp.clone();
+            let msg = format!("{:#}", aside.fail(e, (0, 3)));
+            drop(aside);
+            assert_eq!(tmp.exists(), kept, "{msg}");
+            assert_eq!(msg.contains("2 finished layers kept in") && msg.contains("--resume"), kept, "{msg}");
+            std::fs::remove_dir_all(&tmp).ok();
+        }
+        std::fs::remove_dir_all(&d).ok();
     }
 }
