@@ -406,32 +406,27 @@ fn frob(a: &Mat<f32>) -> f64 {
     (0..a.ncols()).map(|j| a.col_as_slice(j).iter().map(|&x| x * x).sum::<f32>() as f64).sum::<f64>().sqrt()
 }
 
-/// FISTA on `½‖W'X* − WX‖² + λ‖W'‖₁` from `w0`; returns the last iterate and the iterations run. On the run's
-/// device where the pruners' dense work goes there ([`fista_on_device`]), else on the host.
-pub fn fista(
-    p: &Problem,
-    w0: &Mat<f32>,
-    lambda: f64,
-    l: f64,
-    iters: usize,
-    tol: f64,
-    project: Option<&HardThreshold>,
-) -> Result<(Mat<f32>, usize)> {
-    if crate::device::offloaded() {
-        return fista_on_device(p, w0, lambda, l, iters, tol, project);
-    }
-    Ok(fista_host(p, w0, lambda, l, iters, tol, project))
+/// One run of FISTA: λ, the step's `L`, at most `iters` iterations, the relative move `tol` that stops it
+/// early, and the hard threshold applied every step where `--projected` asks for it.
+#[derive(Clone, Copy)]
+pub struct Steps<'a> {
+    pub lambda: f64,
+    pub l: f64,
+    pub iters: usize,
+    pub tol: f64,
+    pub project: Option<&'a HardThreshold>,
 }
 
-fn fista_host(
-    p: &Problem,
-    w0: &Mat<f32>,
-    lambda: f64,
-    l: f64,
-    iters: usize,
-    tol: f64,
-    project: Option<&HardThreshold>,
-) -> (Mat<f32>, usize) {
+/// FISTA on `½‖W'X* − WX‖² + λ‖W'‖₁` from `w0`; returns the last iterate and the iterations run. On the run's
+/// device where the pruners' dense work goes there ([`fista_on_device`]), else on the host.
+pub fn fista(p: &Problem, w0: &Mat<f32>, s: Steps) -> Result<(Mat<f32>, usize)> {
+    if crate::device::offloaded() {
+        return fista_on_device(p, w0, s);
+    }
+    Ok(fista_host(p, w0, s))
+}
+
+fn fista_host(p: &Problem, w0: &Mat<f32>, Steps { lambda, l, iters, tol, project }: Steps) -> (Mat<f32>, usize) {
     let (m, n) = w0.shape();
     let tau = (lambda / l) as f32;
     let inv_l = (1.0 / l) as f32;
@@ -485,11 +480,7 @@ fn fista_host(
 fn fista_on_device(
     p: &Problem,
     w0: &Mat<f32>,
-    lambda: f64,
-    l: f64,
-    iters: usize,
-    tol: f64,
-    project: Option<&HardThreshold>,
+    Steps { lambda, l, iters, tol, project }: Steps,
 ) -> Result<(Mat<f32>, usize)> {
     use crate::linalg::{mat_to_device, tensor_to_mat};
     use candle_core::{DType, Tensor};
@@ -703,7 +694,7 @@ pub fn solve(p: &Problem, w0: &Mat<f32>, pattern: Pattern, o: &Options) -> Resul
     let project = o.projected.then_some(&h);
     for _ in 0..o.rounds {
         let lambda = alpha * l * rms;
-        let (wk, its) = fista(p, &best, lambda, l, o.iters, o.tol, project)?;
+        let (wk, its) = fista(p, &best, Steps { lambda, l, iters: o.iters, tol: o.tol, project })?;
         let (ht, hm) = h.apply(&wk);
         let htg = crate::linalg::product(&ht, p.g)?;
         let e_total = p.error_with(&ht, &htg);
@@ -830,7 +821,7 @@ mod tests {
         let p = Problem { w: &w, g: &g, c: &c, k };
         let l = lambda_max(&g, 100).unwrap();
         let lambda = 0.05 * l * 0.3;
-        let (wf, _) = fista(&p, &w, lambda, l, 20000, 0.0, None).unwrap();
+        let (wf, _) = fista(&p, &w, Steps { lambda, l, iters: 20000, tol: 0.0, project: None }).unwrap();
         let wcd = lasso_cd(&w, &g, &c, lambda);
         let wcd32 = Mat::from_fn(4, 12, |i, j| wcd[(i, j)] as f32);
         let (a, b) = (objective(&p, wf.as_ref(), lambda), objective(&p, wcd32.as_ref(), lambda));
@@ -846,7 +837,8 @@ mod tests {
         let (w, g, c, k) = problem(3, 8, 60, 2);
         let p = Problem { w: &w, g: &g, c: &c, k };
         let l = lambda_max(&g, 100).unwrap();
-        let (wf, _) = fista(&p, &Mat::zeros(3, 8), 0.0, l, 5000, 0.0, None).unwrap();
+        let steps = Steps { lambda: 0.0, l, iters: 5000, tol: 0.0, project: None };
+        let (wf, _) = fista(&p, &Mat::zeros(3, 8), steps).unwrap();
         // Least squares: W' G* = C.
         let gd = Mat::<f64>::from_fn(8, 8, |i, j| g[(i, j)] as f64);
         let inv = faer::linalg::solvers::DenseSolveCore::inverse(&gd.llt(faer::Side::Lower).unwrap());
@@ -985,8 +977,9 @@ mod tests {
         assert!((l - ld).abs() <= 1e-5 * l, "power iteration: host {l}, device {ld}");
         let h = HardThreshold { pattern: Pattern::Unstructured(0.5), per_row: true, budgets: None };
         for project in [None, Some(&h)] {
-            let (a, na) = fista_host(&p, &w, 0.02 * l, l, 60, 0.0, project);
-            let (b, nb) = fista_on_device(&p, &w, 0.02 * l, l, 60, 0.0, project).unwrap();
+            let steps = Steps { lambda: 0.02 * l, l, iters: 60, tol: 0.0, project };
+            let (a, na) = fista_host(&p, &w, steps);
+            let (b, nb) = fista_on_device(&p, &w, steps).unwrap();
             assert_eq!(na, nb);
             let scale =
                 (0..16).flat_map(|j| (0..6).map(move |i| (i, j))).map(|(i, j)| a[(i, j)].abs()).fold(0.0, f32::max);

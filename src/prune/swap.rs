@@ -218,28 +218,31 @@ struct Found {
     row: Option<(Vec<f32>, Vec<f32>)>,
 }
 
-/// Every row's search, in row order: on the run's GPU where it has one (swap.cu, the same decisions to the
-/// bit), else each row on its own task on the host.
-#[allow(clippy::too_many_arguments)]
-fn search(
-    p: &Problem,
-    gd: &[f32],
-    inv_gd: &[f32],
-    w: &Mat<f32>,
-    wg: &Mat<f32>,
-    pruned: &Mask,
+/// What a round's search starts from: the operator, `G*`'s diagonal (kept off zero) and its inverse, the
+/// weights with `w G*` and their mask, the pattern, and the most swaps a row may make.
+struct Round<'a> {
+    p: &'a Problem<'a>,
+    gd: &'a [f32],
+    inv_gd: &'a [f32],
+    w: &'a Mat<f32>,
+    wg: &'a Mat<f32>,
+    pruned: &'a Mask,
     pattern: Pattern,
     cap: usize,
-) -> anyhow::Result<Vec<Found>> {
+}
+
+/// Every row's search, in row order: on the run's GPU where it has one (swap.cu, the same decisions to the
+/// bit), else each row on its own task on the host.
+fn search(r: &Round) -> anyhow::Result<Vec<Found>> {
     #[cfg(feature = "cuda")]
     if let candle_core::Device::Cuda(dev) = crate::device::current() {
-        return gpu::search(dev, &Kernel::new(p, gd, inv_gd, w, wg, pruned, pattern, cap));
+        return gpu::search(dev, &Kernel::new(r));
     }
-    Ok((0..w.nrows())
+    Ok((0..r.w.nrows())
         .into_par_iter()
         .map(|i| {
-            let mut row = Row::of(p, gd, inv_gd, w, wg, pruned, i);
-            let made = row.improve(pattern, cap);
+            let mut row = Row::of(r.p, r.gd, r.inv_gd, r.w, r.wg, r.pruned, i);
+            let made = row.improve(r.pattern, r.cap);
             Found { made, flops: row.flops, row: (made > 0).then_some((row.w, row.free)) }
         })
         .collect())
@@ -264,17 +267,7 @@ struct Kernel {
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 impl Kernel {
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        p: &Problem,
-        gd: &[f32],
-        inv_gd: &[f32],
-        w: &Mat<f32>,
-        wg: &Mat<f32>,
-        pruned: &Mask,
-        pattern: Pattern,
-        cap: usize,
-    ) -> Self {
+    fn new(&Round { p, gd, inv_gd, w, wg, pruned, pattern, cap }: &Round) -> Self {
         use crate::linalg::row_major;
         let mut r = row_major(wg.as_ref(), |x| x);
         r.par_iter_mut().zip(row_major(p.c.as_ref(), |x| x)).for_each(|(r, c)| *r -= c);
@@ -357,7 +350,8 @@ pub fn refine(
     for _ in 0..rounds {
         let (mut cand, mut cmask) = (w.clone(), pruned.clone());
         let (mut proposed, mut search_flops) = (0, 0.0);
-        for (i, found) in search(p, &gd, &inv_gd, &w, &wg, &pruned, pattern, cap)?.into_iter().enumerate() {
+        let round = Round { p, gd: &gd, inv_gd: &inv_gd, w: &w, wg: &wg, pruned: &pruned, pattern, cap };
+        for (i, found) in search(&round)?.into_iter().enumerate() {
             search_flops += found.flops;
             if let Some((row_w, row_free)) = found.row {
                 proposed += found.made;
@@ -552,8 +546,10 @@ mod tests {
                 Pattern::NM { .. } => 4,
                 Pattern::Unstructured(_) => n.div_ceil(16),
             };
-            let host = search(&p, &gd, &inv_gd, &start, &start_g, &pruned, pattern, cap).unwrap();
-            let kern = Kernel::new(&p, &gd, &inv_gd, &start, &start_g, &pruned, pattern, cap);
+            let round =
+                Round { p: &p, gd: &gd, inv_gd: &inv_gd, w: &start, wg: &start_g, pruned: &pruned, pattern, cap };
+            let host = search(&round).unwrap();
+            let kern = Kernel::new(&round);
             let mut input: Vec<u8> =
                 [m as i32, n as i32, kern.group, kern.cap].iter().flat_map(|x| x.to_le_bytes()).collect();
             for v in [&kern.g, &kern.gd, &kern.inv_gd, &kern.w, &kern.r, &kern.free] {
