@@ -54,8 +54,13 @@ pub fn set_offload(on: bool) {
 }
 
 /// `t` where the walk keeps activations between uses: in host memory under [`set_offload`], else where it is.
+/// Copied out on its device first: candle's `to_device` moves a view's whole storage, and the first layer's
+/// batches are views of all the calibration embeddings.
 pub fn stash(t: Tensor) -> Result<Tensor> {
-    Ok(if OFFLOAD.load(std::sync::atomic::Ordering::Relaxed) { t.to_device(&Device::Cpu)? } else { t })
+    if !OFFLOAD.load(std::sync::atomic::Ordering::Relaxed) {
+        return Ok(t);
+    }
+    Ok(t.force_contiguous()?.to_device(&Device::Cpu)?)
 }
 
 /// A stashed activation on the run's device, to compute with (itself where it is already there).
