@@ -82,47 +82,68 @@ extern "C" __global__ void swap_search(const float* g, const float* gd, const fl
     double flops = 0.0;
 
     if (group > 0) {
-        // N:M: sweeps over the groups until one changes nothing. A group's choice is a few pairs: thread 0
-        // takes it, all threads apply it.
+        // N:M: sweeps over the groups until one changes nothing. A group's state (its weights, residuals, mask,
+        // G*'s diagonal and its group × group block) is loaded by many threads at once into shared memory; its
+        // choice, a few pairs, is thread 0's; all threads apply it. A group whose block does not fit in s_v
+        // (M above 45) is refused with made = -1: the host searches those.
+        if (group * group > THREADS * DROPS) {
+            if (tid == 0) made_out[i] = -1;
+            return;
+        }
+        float* s_gw = s_c;
+        float* s_gr = s_c + group;
+        float* s_gf = s_c + 2 * group;
+        float* s_gd = s_c + 3 * group;
+        float* s_gi = s_c + 4 * group;
+        float* s_gg = s_v;
         for (int sweep = 0; sweep < cap; sweep++) {
             int made_before = made;
             for (int g0 = 0; g0 < n; g0 += group) {
+                const int len = min(group, n - g0);
+                for (int q = tid; q < len; q += THREADS) {
+                    s_gw[q] = w[g0 + q];
+                    s_gr[q] = r[g0 + q];
+                    s_gf[q] = fr[g0 + q];
+                    s_gd[q] = gd[g0 + q];
+                    s_gi[q] = inv_gd[g0 + q];
+                }
+                for (int q = tid; q < len * len; q += THREADS)
+                    s_gg[q] = g[(unsigned long long)(g0 + q / len) * n + g0 + q % len];
+                __syncthreads();
                 if (tid == 0) {
-                    int hi = min(g0 + group, n), bj = -1, bk = -1;
+                    int bj = -1, bk = -1;
                     float bd = 0.0f, bt = 0.0f;
-                    for (int j = g0; j < hi; j++) {
-                        if (fr[j] != 0.0f) continue;
-                        float wj = w[j];
-                        float drop = wj * wj * gd[j] - 2.0f * wj * r[j];
-                        for (int k = g0; k < hi; k++) {
-                            if (fr[k] == 0.0f) continue;
+                    for (int j = 0; j < len; j++) {
+                        if (s_gf[j] != 0.0f) continue;
+                        float wj = s_gw[j];
+                        float drop = wj * wj * s_gd[j] - 2.0f * wj * s_gr[j];
+                        for (int k = 0; k < len; k++) {
+                            if (s_gf[k] == 0.0f) continue;
                             flops += 10.0;
-                            float a = r[k] - wj * g[(unsigned long long)j * n + k];
-                            float d = significant(drop, a * a * inv_gd[k]);
+                            float a = s_gr[k] - wj * s_gg[j * len + k];
+                            float d = significant(drop, a * a * s_gi[k]);
                             if (d < bd) {
                                 bd = d;
                                 bj = j;
                                 bk = k;
-                                bt = -a * inv_gd[k];
+                                bt = -a * s_gi[k];
                             }
                         }
                     }
                     s_go = bj >= 0;
-                    s_bj = bj;
-                    s_bk = bk;
+                    s_bj = g0 + bj;
+                    s_bk = g0 + bk;
                     s_bt = bt;
                     if (bj >= 0) {
-                        s_wj = w[bj];
+                        s_wj = s_gw[bj];
                         flops += 4.0 * n;
                     }
                 }
+                // Nothing is written to the group's shared state or the decision again before the next
+                // group's loads are done, a barrier later: every thread has read them by then.
                 __syncthreads();
-                // Read before thread 0 decides the next group.
-                const int go = s_go, j = s_bj, k = s_bk;
-                const float t = s_bt, wj = s_wj;
-                __syncthreads();
-                if (go) {
-                    swap_in(g, w, r, fr, n, j, k, t, wj);
+                if (s_go) {
+                    swap_in(g, w, r, fr, n, s_bj, s_bk, s_bt, s_wj);
                     made++;
                 }
             }

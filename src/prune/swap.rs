@@ -235,8 +235,10 @@ struct Round<'a> {
 /// bit), else each row on its own task on the host.
 fn search(r: &Round) -> anyhow::Result<Vec<Found>> {
     #[cfg(feature = "cuda")]
-    if let candle_core::Device::Cuda(dev) = crate::device::current() {
-        return gpu::search(dev, &Kernel::new(r));
+    if let candle_core::Device::Cuda(dev) = crate::device::current()
+        && let Some(found) = gpu::search(dev, &Kernel::new(r))?
+    {
+        return Ok(found);
     }
     Ok((0..r.w.nrows())
         .into_par_iter()
@@ -288,16 +290,21 @@ impl Kernel {
         }
     }
 
-    /// The rows' results from the kernel's outputs: weights and mask (row-major), swaps and flops per row.
-    fn found(&self, w: Vec<f32>, free: Vec<f32>, made: Vec<i32>, flops: Vec<f64>) -> Vec<Found> {
+    /// The rows' results from the kernel's outputs: weights and mask (row-major), swaps and flops per row;
+    /// `None` where it refused the pattern (N:M groups wider than its shared memory holds).
+    fn found(&self, w: Vec<f32>, free: Vec<f32>, made: Vec<i32>, flops: Vec<f64>) -> Option<Vec<Found>> {
+        if made.iter().any(|&x| x < 0) {
+            return None;
+        }
         let n = self.n;
-        (0..self.m)
+        let found = (0..self.m)
             .map(|i| Found {
                 made: made[i] as usize,
                 flops: flops[i],
                 row: (made[i] > 0).then(|| (w[i * n..(i + 1) * n].to_vec(), free[i * n..(i + 1) * n].to_vec())),
             })
-            .collect()
+            .collect();
+        Some(found)
     }
 }
 
@@ -307,7 +314,7 @@ mod gpu {
     use super::{Found, Kernel};
     use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
 
-    pub(super) fn search(dev: &candle_core::CudaDevice, k: &Kernel) -> anyhow::Result<Vec<Found>> {
+    pub(super) fn search(dev: &candle_core::CudaDevice, k: &Kernel) -> anyhow::Result<Option<Vec<Found>>> {
         let func = crate::device::cuda_kernel(dev, "fistaprune_swap", include_str!("swap.cu"), "swap_search")?;
         let (g, gd, inv_gd) = (dev.clone_htod(&k.g)?, dev.clone_htod(&k.gd)?, dev.clone_htod(&k.inv_gd)?);
         let (mut w, mut r, mut free) = (dev.clone_htod(&k.w)?, dev.clone_htod(&k.r)?, dev.clone_htod(&k.free)?);
@@ -532,10 +539,17 @@ mod tests {
             (Pattern::Unstructured(0.7), 20),
             (Pattern::NM { n: 2, m: 4 }, 44),
             (Pattern::NM { n: 4, m: 8 }, 48),
+            // The widest group a block of 32 takes (its 16 × 16 block of G* fills the 32 × 8 floats of s_v).
+            (Pattern::NM { n: 8, m: 16 }, 48),
+            // Too wide: refused, and left to the host.
+            (Pattern::NM { n: 16, m: 32 }, 64),
         ];
         for (pattern, n) in cases {
             let m = 7;
             let (w, g, c, k) = problem(m, n, 5 + n as u64);
+            // G* made asymmetric (5 % on one side; rounding can leave it slightly so): the kernel must read the
+            // host's side of it everywhere, and this much makes a wrong side change the decisions.
+            let g = Mat::from_fn(n, n, |i, j| if i < j { g[(i, j)] * 1.05 } else { g[(i, j)] });
             let p = Problem { w: &w, g: &g, c: &c, k };
             let pruned = mask::select(&w, pattern, true);
             let mut start = w.clone();
@@ -570,7 +584,11 @@ mod tests {
                 .collect();
             let flops: Vec<f64> =
                 out[8 * m * n + 4 * m..].chunks(8).map(|b| f64::from_le_bytes(b.try_into().unwrap())).collect();
-            let gpu = kern.found(wv, fv, made, flops);
+            let Some(gpu) = kern.found(wv, fv, made, flops) else {
+                assert!(matches!(pattern, Pattern::NM { m: 32, .. }), "{pattern:?}: refused");
+                continue;
+            };
+            assert!(!matches!(pattern, Pattern::NM { m: 32, .. }), "a 32-wide group taken by blocks of 32");
             let mut swaps = 0;
             for (i, (h, d)) in host.iter().zip(&gpu).enumerate() {
                 assert_eq!((h.made, h.flops), (d.made, d.flops), "{pattern:?} row {i}: swaps and flops");
