@@ -432,7 +432,7 @@ impl Correction<'_> {
         self.prev = next;
         let g = gram.ok_or_else(|| anyhow!("no calibration batches"))?;
         let (cross, outputs) = match via {
-            Some(_) => (None, cross.map(|c| Ok::<_, anyhow::Error>((c.finish()?, k))).transpose()?),
+            Some(_) => (None, cross.map(Cross::finish).transpose()?.map(|c| (c, k))),
             None => (cross.map(Cross::finish).transpose()?, None),
         };
         let st = OpStats { gram: g.finish()?, cross, dense: dgram.map(Gram::finish).transpose()?, outputs };
