@@ -2,11 +2,14 @@
 // GPU: each block's threads are OS threads meeting at a barrier for __syncthreads(), blocks run one after
 // another (so a function-level static is the block's shared memory), and arithmetic is the host's IEEE f32,
 // built like the GPU's code without FMA contraction (-ffp-contract=off here, fmad=false there).
-// Kernels may use threadIdx.x, blockIdx.x, __syncthreads(), __shared__ arrays and scalars, min, fmaxf, fabsf.
+// Kernels may use threadIdx.x, blockIdx.x, __syncthreads(), __shared__ arrays and scalars, min, fmaxf, fabsf,
+// __float_as_int.
 #pragma once
 #include <algorithm>
 #include <barrier>
 #include <cmath>
+#include <cstdio>
+#include <cstring>
 #include <thread>
 #include <vector>
 
@@ -23,6 +26,12 @@ using std::min;
 #define __shared__ static
 #define __syncthreads() emu_barrier->arrive_and_wait()
 
+inline int __float_as_int(float x) {
+    int i;
+    std::memcpy(&i, &x, sizeof i);
+    return i;
+}
+
 // Run `kernel(args...)` on a grid of `grid` blocks of `block` threads.
 template <class... A, class... B>
 void emu_launch(unsigned grid, unsigned block, void (*kernel)(A...), B... args) {
@@ -38,4 +47,17 @@ void emu_launch(unsigned grid, unsigned block, void (*kernel)(A...), B... args) 
             });
         for (auto& t : threads) t.join();
     }
+}
+
+// The tests' harnesses: `len` values of T from `f` (little-endian, as the tests write them), and back.
+template <class T>
+std::vector<T> emu_read(FILE* f, size_t len) {
+    std::vector<T> v(len);
+    if (fread(v.data(), sizeof(T), len, f) != len) throw "short input";
+    return v;
+}
+
+template <class T>
+void emu_write(FILE* f, const std::vector<T>& v) {
+    fwrite(v.data(), sizeof(T), v.size(), f);
 }

@@ -119,6 +119,69 @@ pub fn hint(e: &anyhow::Error) -> Option<&'static str> {
     )
 }
 
+/// The project's CUDA kernels built for the host, for their tests: a harness `src/<harness>.cpp` that includes
+/// a kernel under `src/cuda_emu.h`, reads its input from one file and writes its outputs to another.
+#[cfg(test)]
+pub(crate) mod emu {
+    use std::path::PathBuf;
+
+    /// A harness built by g++ with blocks of 32 threads, FMA contraction off; `None` (and a message) where
+    /// there is no g++.
+    pub struct Harness {
+        dir: PathBuf,
+        exe: PathBuf,
+    }
+
+    impl Harness {
+        pub fn build(harness: &str) -> Option<Harness> {
+            let name = harness.replace('/', "-");
+            let dir = std::env::temp_dir().join(format!("fistaprune-{name}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let exe = dir.join(&name);
+            let src = format!("{}/src/{harness}.cpp", env!("CARGO_MANIFEST_DIR"));
+            let cc = std::process::Command::new("g++")
+                .args(["-std=c++20", "-O1", "-ffp-contract=off", "-DTHREADS=32", "-pthread", &src, "-o"])
+                .arg(&exe)
+                .output();
+            match cc {
+                Err(e) => {
+                    eprintln!("skipped: no g++ to build {harness} for the host ({e})");
+                    None
+                }
+                Ok(o) => {
+                    assert!(o.status.success(), "g++ {harness}: {}", String::from_utf8_lossy(&o.stderr));
+                    Some(Harness { dir, exe })
+                }
+            }
+        }
+
+        /// The harness's output on `input`.
+        pub fn run(&self, input: &[u8]) -> Vec<u8> {
+            let (fin, fout) = (self.dir.join("in.bin"), self.dir.join("out.bin"));
+            std::fs::write(&fin, input).unwrap();
+            let run = std::process::Command::new(&self.exe).arg(&fin).arg(&fout).status().unwrap();
+            assert!(run.success(), "{}: the host build of the kernel failed", self.exe.display());
+            std::fs::read(&fout).unwrap()
+        }
+    }
+
+    impl Drop for Harness {
+        fn drop(&mut self) {
+            std::fs::remove_dir_all(&self.dir).ok();
+        }
+    }
+
+    /// Little-endian bytes of `v`, as the harnesses read them.
+    pub fn bytes<T: Copy, const N: usize>(v: &[T], to: impl Fn(T) -> [u8; N]) -> Vec<u8> {
+        v.iter().flat_map(|&x| to(x)).collect()
+    }
+
+    /// `len` f32s from `out` at byte `at`.
+    pub fn f32s(out: &[u8], at: usize, len: usize) -> Vec<f32> {
+        out[at..at + 4 * len].chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

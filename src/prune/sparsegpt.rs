@@ -204,29 +204,117 @@ fn sweep(w: &mut Mat<f32>, u: &Mat<f32>, pattern: Pattern, blocksize: usize) {
     }
 }
 
-/// The same sweep with `U` (and the columns not yet swept) on the device, where the `n³` factorisation and
-/// the `m n²` lazy updates run; each block of `m × B` comes to the host for its mask and in-block sweep (the
-/// `m n B` part, the same code as on the host), and its errors go back for the update.
+/// The same sweep with `U` and the columns not yet swept on the device, where the `n³` factorisation and the
+/// `m n²` lazy updates run, and on a GPU each block's in-block sweep too (sparsegpt.cu, the host's bits). The
+/// swept blocks come to the host once, at the end.
 fn sweep_on_device(w: &mut Mat<f32>, u: &Tensor, pattern: Pattern, blocksize: usize) -> Result<()> {
     use crate::linalg::{mat_to_device, tensor_to_mat};
     let cols = w.ncols();
     let mut rest = mat_to_device(w, u.device())?; // W[:, i1:]
+    let mut swept = Vec::new();
     let mut i1 = 0;
     while i1 < cols {
         let i2 = (i1 + blocksize).min(cols);
         let count = i2 - i1;
-        let mut wb = tensor_to_mat(&rest.narrow(1, 0, count)?)?;
-        let ub = tensor_to_mat(&u.narrow(0, i1, count)?.narrow(1, i1, count)?)?;
-        let err1 = sweep_block(wb.as_mut(), ub.as_ref(), pattern);
-        w.subcols_mut(i1, count).copy_from(&wb);
+        let wb = rest.narrow(1, 0, count)?.contiguous()?;
+        let ub = u.narrow(0, i1, count)?.narrow(1, i1, count)?.contiguous()?;
+        let (q, err1) = sweep_block_on(&wb, &ub, pattern)?;
+        swept.push(q);
         if i2 < cols {
-            let err1 = mat_to_device(&err1, u.device())?;
             let u12 = u.narrow(0, i1, count)?.narrow(1, i2, cols - i2)?.contiguous()?;
             rest = (rest.narrow(1, count, cols - i2)? - err1.matmul(&u12)?)?;
         }
         i1 = i2;
     }
+    w.copy_from(tensor_to_mat(&Tensor::cat(&swept, 1)?)?);
     Ok(())
+}
+
+/// [`sweep_block`] on a block and its `U` where they are: the swept block and its scaled errors, there. On a
+/// GPU the kernel sweeps (blocks of at most 1024 columns); elsewhere the block comes to the host.
+fn sweep_block_on(wb: &Tensor, ub: &Tensor, pattern: Pattern) -> Result<(Tensor, Tensor)> {
+    use crate::linalg::{mat_to_device, tensor_to_mat};
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(dev) = wb.device()
+        && let Some(done) = gpu::sweep_block(dev, wb, ub, pattern)?
+    {
+        return Ok(done);
+    }
+    let mut w = tensor_to_mat(wb)?;
+    let err = sweep_block(w.as_mut(), tensor_to_mat(ub)?.as_ref(), pattern);
+    Ok((mat_to_device(&w, wb.device())?, mat_to_device(&err, wb.device())?))
+}
+
+/// The mask of a block chosen before its sweep: unstructured, the lowest `w² / U_jj²` over the whole block
+/// (`d` the block's diagonal of `U`); N:M masks are chosen during the sweep (`None`).
+fn block_mask(wb: faer::MatRef<f32>, d: &[f32], pattern: Pattern) -> Option<mask::Mask> {
+    match pattern {
+        Pattern::Unstructured(s) => {
+            let scores = Mat::from_fn(wb.nrows(), wb.ncols(), |i, j| wb[(i, j)] * wb[(i, j)] / (d[j] * d[j]));
+            Some(mask::mask_per_matrix(&scores, s))
+        }
+        Pattern::NM { .. } => None,
+    }
+}
+
+/// sparsegpt.cu on the run's GPU: compiled once by NVRTC, one block of 128 threads per row.
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::{Pattern, block_mask};
+    use anyhow::{Result, bail};
+    use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::{CudaDevice, CudaStorage, Storage, Tensor, op::BackpropOp};
+
+    /// The widest block the kernel sweeps (its `MAX_COLS`).
+    const MAX_COLS: usize = 1024;
+
+    /// The swept block and its scaled errors, on the GPU; `None` for blocks wider than the kernel takes.
+    pub(super) fn sweep_block(
+        dev: &CudaDevice,
+        wb: &Tensor,
+        ub: &Tensor,
+        pattern: Pattern,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let (rows, count) = wb.dims2()?;
+        if count > MAX_COLS {
+            return Ok(None);
+        }
+        // An unstructured mask spans the whole block, all rows: chosen on the host by the host's code.
+        let (nm_n, nm_m, mask) = match pattern {
+            Pattern::NM { n, m } => (n as i32, m as i32, vec![0u8]),
+            Pattern::Unstructured(_) => {
+                let u = crate::linalg::tensor_to_mat(ub)?;
+                let d: Vec<f32> = (0..count).map(|j| u[(j, j)]).collect();
+                let w = crate::linalg::tensor_to_mat(wb)?;
+                let mask = block_mask(w.as_ref(), &d, pattern).expect("an unstructured block mask");
+                (0, 0, crate::linalg::row_major(mask.as_ref(), u8::from))
+            }
+        };
+        let func =
+            crate::device::cuda_kernel(dev, "fistaprune_sparsegpt", include_str!("sparsegpt.cu"), "sparsegpt_sweep")?;
+        let mask = dev.clone_htod(&mask)?;
+        let (mut q, mut err) = (dev.alloc_zeros::<f32>(rows * count)?, dev.alloc_zeros::<f32>(rows * count)?);
+        {
+            let ((ws, wl), (us, ul)) = (wb.storage_and_layout(), ub.storage_and_layout());
+            let (Storage::Cuda(ws), Storage::Cuda(us)) = (&*ws, &*us) else { bail!("the block is not on the GPU") };
+            let (w0, u0) = (wl.start_offset(), ul.start_offset());
+            let wv = ws.as_cuda_slice::<f32>()?.slice(w0..w0 + rows * count);
+            let uv = us.as_cuda_slice::<f32>()?.slice(u0..u0 + count * count);
+            let (r, c) = (rows as i32, count as i32);
+            let stream = dev.cuda_stream();
+            let mut launch = stream.launch_builder(&func);
+            launch.arg(&wv).arg(&uv).arg(&mask).arg(&r).arg(&c).arg(&nm_n).arg(&nm_m).arg(&mut q).arg(&mut err);
+            let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: the arguments are sparsegpt.cu's, in its order and types; every buffer holds what it indexes
+            // (wb and ub contiguous, the mask rows × count where it is read).
+            unsafe { launch.launch(cfg) }.map_err(|e| anyhow::anyhow!("SparseGPT's sweep kernel: {e:?}"))?;
+        }
+        let wrap = |s| {
+            let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone()));
+            Tensor::from_storage(storage, (rows, count), BackpropOp::none(), false)
+        };
+        Ok(Some((wrap(q), wrap(err))))
+    }
 }
 
 /// One block of columns, all rows: its mask (unstructured: over the whole block, chosen before any of it is
@@ -238,13 +326,7 @@ fn sweep_block(mut wb: faer::MatMut<f32>, ub: faer::MatRef<f32>, pattern: Patter
     let (rows, count) = wb.shape();
     let chunk = rows.div_ceil(4 * rayon::current_num_threads()).max(32);
     let d: Vec<f32> = (0..count).map(|j| ub[(j, j)]).collect();
-    let block_mask = match pattern {
-        Pattern::Unstructured(s) => {
-            let scores = Mat::from_fn(rows, count, |i, j| wb[(i, j)] * wb[(i, j)] / (d[j] * d[j]));
-            Some(mask::mask_per_matrix(&scores, s))
-        }
-        Pattern::NM { .. } => None,
-    };
+    let block_mask = block_mask(wb.as_ref(), &d, pattern);
     let mut err1 = Mat::<f32>::zeros(rows, count);
     let row_chunks = wb.as_mut().par_row_chunks_mut(chunk).zip(err1.as_mut().par_row_chunks_mut(chunk));
     row_chunks.enumerate().for_each(|(k, (wc, ec))| {
@@ -437,6 +519,64 @@ mod tests {
                 assert!(differ <= 2, "{pattern:?} {factor_dtype:?}: {differ} mask positions differ");
                 mask::verify(&device, pattern, 3).unwrap();
                 assert!((0..40).all(|i| device[(i, 5)] == 0.0), "a dead input keeps a weight");
+            }
+        }
+    }
+
+    /// sparsegpt.cu, run on the host (src/cuda_emu.h: an OS thread per CUDA thread, blocks of 32 here), sweeps
+    /// a block as the host does, to the bit: unstructured with the host's block mask, N:M with its groups chosen
+    /// in the kernel (ties among three zero scores in one group, a group cut by the block's end), blocks
+    /// narrower and wider than a thread block.
+    #[test]
+    fn the_gpu_kernel_sweeps_a_block_as_the_host() {
+        use crate::device::emu::{Harness, bytes, f32s};
+        let Some(harness) = Harness::build("prune/sparsegpt_test") else { return };
+        let (rows, cols) = (6, 120);
+        let (w, g) = problem(rows, cols, 23);
+        let mut w = w.clone();
+        let u = inverse_cholesky_upper(&damped_hessian(&g, &mut w, 0.01), FactorDtype::F64).unwrap();
+        let cases = [
+            (Pattern::Unstructured(0.5), 10, 40),
+            (Pattern::Unstructured(0.7), 40, 70),
+            (Pattern::NM { n: 2, m: 4 }, 8, 38),
+            (Pattern::NM { n: 4, m: 8 }, 0, 70),
+            (Pattern::NM { n: 2, m: 4 }, 100, 20),
+        ];
+        for (pattern, i1, count) in cases {
+            let mut wb = w.submatrix(0, i1, rows, count).to_owned();
+            let mut ub = u.submatrix(i1, i1, count, count).to_owned();
+            // Row 0's first group: three equal lowest scores (the same U_jj, weights ± the same small value),
+            // of which 2:4 prunes the first two.
+            for j in [2, 3] {
+                ub[(j, j)] = ub[(1, 1)];
+            }
+            (wb[(0, 1)], wb[(0, 2)], wb[(0, 3)]) = (1e-3, -1e-3, 1e-3);
+            let d: Vec<f32> = (0..count).map(|j| ub[(j, j)]).collect();
+            let mask = block_mask(wb.as_ref(), &d, pattern).unwrap_or_else(|| Mat::from_fn(rows, count, |_, _| false));
+            let mut input = bytes(&[rows as i32, count as i32, 0, 0], i32::to_le_bytes);
+            if let Pattern::NM { n, m } = pattern {
+                input = bytes(&[rows as i32, count as i32, n as i32, m as i32], i32::to_le_bytes);
+            }
+            input.extend(bytes(&crate::linalg::row_major(wb.as_ref(), |x| x), f32::to_le_bytes));
+            input.extend(bytes(&crate::linalg::row_major(ub.as_ref(), |x| x), f32::to_le_bytes));
+            input.extend(crate::linalg::row_major(mask.as_ref(), u8::from));
+            let out = harness.run(&input);
+            let (q, err) = (f32s(&out, 0, rows * count), f32s(&out, 4 * rows * count, rows * count));
+            let mut host = wb.clone();
+            let host_err = sweep_block(host.as_mut(), ub.as_ref(), pattern);
+            for r in 0..rows {
+                for c in 0..count {
+                    let at = format!("{pattern:?} block at {i1}, ({r}, {c})");
+                    assert_eq!(host[(r, c)].to_bits(), q[r * count + c].to_bits(), "{at}: weight");
+                    assert_eq!(host_err[(r, c)].to_bits(), err[r * count + c].to_bits(), "{at}: error");
+                }
+            }
+            // Not a trivial block: the sweep moved kept weights.
+            let moved = (0..rows).flat_map(|r| (0..count).map(move |c| (r, c)));
+            assert!(moved.filter(|&(r, c)| host[(r, c)] != 0.0 && host[(r, c)] != wb[(r, c)]).count() > rows);
+            if let Pattern::NM { n: 2, m: 4 } = pattern {
+                assert_eq!((host[(0, 1)], host[(0, 2)]), (0.0, 0.0), "{pattern:?}: ties to the lower column");
+                assert!(host[(0, 0)] != 0.0 && host[(0, 3)] != 0.0, "{pattern:?}: ties to the lower column");
             }
         }
     }

@@ -522,18 +522,8 @@ mod tests {
     /// host search's swaps to the bit and counts its flops, rows wider and narrower than a block, every pattern.
     #[test]
     fn the_gpu_kernel_makes_the_host_searchs_swaps() {
-        let dir = std::env::temp_dir().join(format!("fistaprune-swap-cu-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let exe = dir.join("swap_test");
-        let src = concat!(env!("CARGO_MANIFEST_DIR"), "/src/prune/swap_test.cpp");
-        let cc = std::process::Command::new("g++")
-            .args(["-std=c++20", "-O1", "-ffp-contract=off", "-DTHREADS=32", "-pthread", src, "-o"])
-            .arg(&exe)
-            .output();
-        match cc {
-            Err(e) => return eprintln!("skipped: no g++ to build swap.cu for the host ({e})"),
-            Ok(o) => assert!(o.status.success(), "g++: {}", String::from_utf8_lossy(&o.stderr)),
-        }
+        use crate::device::emu::{Harness, bytes, f32s};
+        let Some(harness) = Harness::build("prune/swap_test") else { return };
         let cases = [
             (Pattern::Unstructured(0.5), 45),
             (Pattern::Unstructured(0.7), 20),
@@ -564,20 +554,12 @@ mod tests {
                 Round { p: &p, gd: &gd, inv_gd: &inv_gd, w: &start, wg: &start_g, pruned: &pruned, pattern, cap };
             let host = search(&round).unwrap();
             let kern = Kernel::new(&round);
-            let mut input: Vec<u8> =
-                [m as i32, n as i32, kern.group, kern.cap].iter().flat_map(|x| x.to_le_bytes()).collect();
+            let mut input = bytes(&[m as i32, n as i32, kern.group, kern.cap], i32::to_le_bytes);
             for v in [&kern.g, &kern.gd, &kern.inv_gd, &kern.w, &kern.r, &kern.free] {
-                input.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+                input.extend(bytes(v, f32::to_le_bytes));
             }
-            let (fin, fout) = (dir.join("in.bin"), dir.join("out.bin"));
-            std::fs::write(&fin, input).unwrap();
-            let run = std::process::Command::new(&exe).arg(&fin).arg(&fout).status().unwrap();
-            assert!(run.success(), "{pattern:?}: the host build of swap.cu failed");
-            let out = std::fs::read(&fout).unwrap();
-            let f32s = |at: usize, len: usize| -> Vec<f32> {
-                out[at..at + 4 * len].chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
-            };
-            let (wv, fv) = (f32s(0, m * n), f32s(4 * m * n, m * n));
+            let out = harness.run(&input);
+            let (wv, fv) = (f32s(&out, 0, m * n), f32s(&out, 4 * m * n, m * n));
             let made: Vec<i32> = out[8 * m * n..8 * m * n + 4 * m]
                 .chunks(4)
                 .map(|b| i32::from_le_bytes(b.try_into().unwrap()))
@@ -597,7 +579,6 @@ mod tests {
             }
             assert!(swaps >= m, "{pattern:?}: only {swaps} swaps over {m} rows");
         }
-        std::fs::remove_dir_all(&dir).ok();
     }
 
     /// From magnitude's mask re-fitted, the swaps lower the error (every row no worse, the total clearly

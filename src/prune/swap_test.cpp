@@ -7,26 +7,14 @@
 #include <cstdint>
 #include <cstdio>
 
-template <class T>
-std::vector<T> read(FILE* f, size_t len) {
-    std::vector<T> v(len);
-    if (fread(v.data(), sizeof(T), len, f) != len) throw "short input";
-    return v;
-}
-
-template <class T>
-void write(FILE* f, const std::vector<T>& v) {
-    fwrite(v.data(), sizeof(T), v.size(), f);
-}
-
 int main(int argc, char** argv) {
     if (argc != 3) return 2;
     FILE* in = fopen(argv[1], "rb");
     if (!in) return 3;
-    auto head = read<int32_t>(in, 4);
+    auto head = emu_read<int32_t>(in, 4);
     size_t m = head[0], n = head[1];
-    auto g = read<float>(in, n * n), gd = read<float>(in, n), inv = read<float>(in, n);
-    auto w = read<float>(in, m * n), r = read<float>(in, m * n), fr = read<float>(in, m * n);
+    auto g = emu_read<float>(in, n * n), gd = emu_read<float>(in, n), inv = emu_read<float>(in, n);
+    auto w = emu_read<float>(in, m * n), r = emu_read<float>(in, m * n), fr = emu_read<float>(in, m * n);
     fclose(in);
     std::vector<int> made(m);
     std::vector<double> flops(m);
@@ -34,10 +22,10 @@ int main(int argc, char** argv) {
                w.data(), r.data(), fr.data(), (int)m, (int)n, head[2], head[3], made.data(), flops.data());
     FILE* out = fopen(argv[2], "wb");
     if (!out) return 4;
-    write(out, w);
-    write(out, fr);
-    write(out, made);
-    write(out, flops);
+    emu_write(out, w);
+    emu_write(out, fr);
+    emu_write(out, made);
+    emu_write(out, flops);
     fclose(out);
     return 0;
 }
