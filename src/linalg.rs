@@ -71,18 +71,36 @@ pub fn for_each_tiled(rows: usize, cols: usize, mut f: impl FnMut(usize, usize))
 }
 
 /// A `rows × cols` matrix with `m[(i, j)] = f(i, j)`, made tile by tile on all threads (blocks of columns).
-pub fn mat_from_fn<T: Copy + Send + Sync + Default + 'static>(
+pub fn mat_from_fn<T: Copy + Send + Sync>(
     rows: usize,
     cols: usize,
     f: impl Fn(usize, usize) -> T + Sync,
 ) -> faer::Mat<T> {
     use rayon::prelude::*;
-    let mut m = faer::Mat::<T>::from_fn(rows, cols, |_, _| T::default());
-    m.par_col_chunks_mut(COPY_BLOCK).enumerate().for_each(|(b, mut blk)| {
+    // Written once, in place: filling it with zeros first was a serial pass (and all its page faults) over
+    // every `n × n` factor and statistic before the parallel one.
+    struct Columns<T>(*mut T);
+    // SAFETY: each task writes its own block of columns only.
+    unsafe impl<T> Sync for Columns<T> {}
+    let mut m = faer::Mat::<T>::with_capacity(rows, cols);
+    let (base, stride) = (Columns(m.as_ptr_mut()), m.col_stride() as usize);
+    (0..cols.div_ceil(COPY_BLOCK)).into_par_iter().for_each(|b| {
         let j0 = b * COPY_BLOCK;
-        for_each_tiled(rows, blk.ncols(), |i, j| blk[(i, j)] = f(i, j0 + j));
+        let base = &base;
+        // SAFETY: (i, j) is inside the capacity reserved above, and every element is written exactly once.
+        for_each_tiled(rows, COPY_BLOCK.min(cols - j0), |i, j| unsafe {
+            base.0.add(i + (j0 + j) * stride).write(f(i, j0 + j))
+        });
     });
+    // SAFETY: every element of the rows × cols matrix is initialised above.
+    unsafe { m.set_dims(rows, cols) };
     m
+}
+
+/// The first non-finite element of `m` in column-major order, searched on all threads.
+pub fn first_non_finite(m: MatRef<f32>) -> Option<(usize, usize)> {
+    use rayon::prelude::*;
+    (0..m.ncols()).into_par_iter().find_map_first(|j| (0..m.nrows()).find(|&i| !m[(i, j)].is_finite()).map(|i| (i, j)))
 }
 
 /// A `(rows, cols)` f32 tensor as a faer matrix.

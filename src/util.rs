@@ -53,10 +53,13 @@ pub fn check_finite(t: &Tensor, what: &str) -> Result<()> {
     if !t.device().is_cpu() && finite_by_reduction(t)? {
         return Ok(());
     }
-    let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-        let bad = v.iter().filter(|x| !x.is_finite()).count();
-        bail!("{what}: {bad} non-finite values (first at flat index {i}: {})", v[i]);
+    use rayon::prelude::*;
+    let bad = crate::linalg::with_f32(&t.to_dtype(DType::F32)?, |v| {
+        let i = v.par_iter().position_first(|x| !x.is_finite())?;
+        Some((i, v[i], v.par_iter().filter(|x| !x.is_finite()).count()))
+    })?;
+    if let Some((i, x, bad)) = bad {
+        bail!("{what}: {bad} non-finite values (first at flat index {i}: {x})");
     }
     Ok(())
 }

@@ -11,7 +11,6 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
 use candle_core::{DType, Tensor};
-use faer::Mat;
 use serde::{Deserialize, Serialize};
 
 use super::Method;
@@ -639,8 +638,7 @@ pub fn prune_operator(
     pattern.check_cols(cols, &format!("layer {layer_idx} {name}"))?;
     let pruned = method.prune(&w, stats, pattern).with_context(|| format!("layer {layer_idx} {name}"))?;
     let pw = &pruned.w;
-    if let Some((i, j)) = (0..cols).flat_map(|j| (0..rows).map(move |i| (i, j))).find(|&(i, j)| !pw[(i, j)].is_finite())
-    {
+    if let Some((i, j)) = crate::linalg::first_non_finite(pw.as_ref()) {
         bail!("layer {layer_idx} {name}: the method produced a non-finite weight at ({i}, {j})");
     }
     let sparsity = mask::verify(pw, pattern, pruned.rounding_units)
@@ -650,7 +648,7 @@ pub fn prune_operator(
             let c = st.target(&w)?;
             let p = st.problem(&w, &c)?;
             let base = p.k.max(f64::MIN_POSITIVE);
-            let masked = Mat::from_fn(rows, cols, |i, j| if pw[(i, j)] == 0.0 { 0.0 } else { w[(i, j)] });
+            let masked = crate::linalg::mat_from_fn(rows, cols, |i, j| if pw[(i, j)] == 0.0 { 0.0 } else { w[(i, j)] });
             (Some(p.error(pw)? / base), Some(p.error(&masked)? / base))
         }
         None => (None, None),

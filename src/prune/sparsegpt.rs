@@ -15,8 +15,7 @@
 
 use anyhow::{Context, Result, anyhow};
 use candle_core::{DType, Tensor};
-use faer::linalg::solvers::DenseSolveCore;
-use faer::{Accum, Mat, Side};
+use faer::{Accum, Mat};
 
 use serde::{Deserialize, Serialize};
 
@@ -94,29 +93,43 @@ fn diagonal_damping(g: &Mat<f32>, w: &mut Mat<f32>, percdamp: f64) -> Vec<f64> {
     dead.into_iter().map(|d| if d { 1.0 + damp } else { damp }).collect()
 }
 
-/// Upper Cholesky factor `U` of `H⁻¹` (`H⁻¹ = Uᵀ U`), in f32, computed in `dtype`.
-pub fn inverse_cholesky_upper(h: &Mat<f64>, dtype: FactorDtype) -> Result<Mat<f32>> {
+/// Upper Cholesky factor `U` of `H⁻¹` (`H⁻¹ = Uᵀ U`), in f32, computed in `dtype`; `h` is used up.
+pub fn inverse_cholesky_upper(h: Mat<f64>, dtype: FactorDtype) -> Result<Mat<f32>> {
     match dtype {
         FactorDtype::F64 => upper_of_inverse(h, |x| x as f32),
         FactorDtype::F32 => {
             let h32 = crate::linalg::mat_from_fn(h.nrows(), h.ncols(), |i, j| h[(i, j)] as f32);
-            upper_of_inverse(&h32, |x| x)
+            drop(h);
+            upper_of_inverse(h32, |x| x)
         }
     }
 }
 
-/// Cholesky of `h`, its inverse, and the Cholesky of that (as the authors' script does), in `T`.
+/// Cholesky of `h`, its inverse, and the Cholesky of that (as the authors' script does), in `T`. faer's
+/// kernels in place, on the lower triangles only: its `Llt` and `inverse` add serial copies of the whole
+/// `n × n` matrix (into a fresh one, and mirrored), which were most of SparseGPT's serial time on many threads.
 fn upper_of_inverse<T: faer::traits::RealField + Copy>(
-    h: &Mat<T>,
+    mut h: Mat<T>,
     to_f32: impl Fn(T) -> f32 + Sync,
 ) -> Result<Mat<f32>> {
-    let hinv = h
-        .llt(Side::Lower)
-        .map_err(|e| anyhow!("the damped Hessian is not positive definite ({e:?}); raise --percdamp"))?
-        .inverse();
-    let l = hinv.llt(Side::Lower).map_err(|e| anyhow!("H⁻¹ is not positive definite ({e:?})"))?;
-    let l = l.L();
-    Ok(crate::linalg::mat_from_fn(h.nrows(), h.ncols(), |i, j| if j >= i { to_f32(l[(j, i)]) } else { 0.0 }))
+    use faer::dyn_stack::{MemBuffer, MemStack, StackReq};
+    use faer::linalg::cholesky::llt::{factor, inverse};
+    let n = h.nrows();
+    let par = faer::get_global_parallelism(); // as faer's `Llt` takes it, for the same bits
+    let mut mem = MemBuffer::new(StackReq::any_of(&[
+        factor::cholesky_in_place_scratch::<T>(n, par, Default::default()),
+        inverse::inverse_scratch::<T>(n, par),
+    ]));
+    let cholesky = |a: faer::MatMut<T>, mem: &mut MemBuffer| {
+        factor::cholesky_in_place(a, Default::default(), par, MemStack::new(mem), Default::default())
+    };
+    cholesky(h.as_mut(), &mut mem)
+        .map_err(|e| anyhow!("the damped Hessian is not positive definite ({e:?}); raise --percdamp"))?;
+    let mut hinv = crate::linalg::mat_from_fn(n, n, |_, _| T::zero());
+    inverse::inverse(hinv.as_mut(), h.as_ref(), par, MemStack::new(&mut mem));
+    drop(h);
+    cholesky(hinv.as_mut(), &mut mem).map_err(|e| anyhow!("H⁻¹ is not positive definite ({e:?})"))?;
+    Ok(crate::linalg::mat_from_fn(n, n, |i, j| if j >= i { to_f32(hinv[(j, i)]) } else { 0.0 }))
 }
 
 /// [`inverse_cholesky_upper`] on the run's device ([`crate::linalg::upper_inverse_cholesky`], blocks of 256),
@@ -152,7 +165,7 @@ impl SparseGpt {
             sweep_on_device(&mut w, &u, pattern, blocksize)?;
         } else {
             let h = damped_hessian(g, &mut w, self.0.percdamp);
-            let u = inverse_cholesky_upper(&h, self.0.factor_dtype).context("sparsegpt")?;
+            let u = inverse_cholesky_upper(h, self.0.factor_dtype).context("sparsegpt")?;
             sweep(&mut w, &u, pattern, blocksize);
         }
         Ok(w)
@@ -390,6 +403,7 @@ fn sweep_rows(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use faer::Side;
     use faer::linalg::solvers::DenseSolveCore;
 
     fn problem(rows: usize, cols: usize, seed: u64) -> (Mat<f32>, Mat<f32>) {
@@ -534,7 +548,7 @@ mod tests {
         let (rows, cols) = (6, 120);
         let (w, g) = problem(rows, cols, 23);
         let mut w = w.clone();
-        let u = inverse_cholesky_upper(&damped_hessian(&g, &mut w, 0.01), FactorDtype::F64).unwrap();
+        let u = inverse_cholesky_upper(damped_hessian(&g, &mut w, 0.01), FactorDtype::F64).unwrap();
         let cases = [
             (Pattern::Unstructured(0.5), 10, 40),
             (Pattern::Unstructured(0.7), 40, 70),
@@ -595,8 +609,8 @@ mod tests {
     fn the_f32_factorisation_is_the_same_factor_to_f32_rounding() {
         let (mut w, g) = problem(4, 48, 7);
         let h = damped_hessian(&g, &mut w, 0.01);
-        let u64 = inverse_cholesky_upper(&h, FactorDtype::F64).unwrap();
-        let u32 = inverse_cholesky_upper(&h, FactorDtype::F32).unwrap();
+        let u64 = inverse_cholesky_upper(h.clone(), FactorDtype::F64).unwrap();
+        let u32 = inverse_cholesky_upper(h, FactorDtype::F32).unwrap();
         let e = max_rel(&u32, &u64);
         // f32 rounding amplified by H's condition number, but the same factor: not zero, not large.
         assert!(e > 0.0 && e < 1e-3, "max rel diff {e}");

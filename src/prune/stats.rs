@@ -59,14 +59,8 @@ impl Gram {
         if let Some(t) = self.on_device.take() {
             self.g = crate::linalg::tensor_to_mat(&t)?;
         }
-        let n = self.dim();
-        let g = &mut self.g;
-        crate::linalg::for_each_tiled(n, n, |i, j| {
-            if i < j {
-                g[(i, j)] = g[(j, i)];
-            }
-        });
-        Ok(self.g)
+        let (n, g) = (self.dim(), &self.g);
+        Ok(crate::linalg::mat_from_fn(n, n, |i, j| if i < j { g[(j, i)] } else { g[(i, j)] }))
     }
 }
 
@@ -208,7 +202,7 @@ impl OpStats {
                     "{what}: NaN or Inf in the calibration activations (input feature {f}; statistics of {label})"
                 );
             }
-            if (0..m.ncols()).any(|j| (0..m.nrows()).any(|i| !m[(i, j)].is_finite())) {
+            if crate::linalg::first_non_finite(m.as_ref()).is_some() {
                 anyhow::bail!("{what}: the calibration activations overflow f32 in the statistics of {label}");
             }
         }
