@@ -183,7 +183,11 @@ t0=$(date +%s.%N)
 with_mem $S/mem-70b.txt timeout 300 $B --device cuda --threads 16 prune --model $M70 --method fista \
   --sparsity 0.5 --calib $W --nsamples ${NSAMPLES70:-128} --seqlen 2048 --layer-inputs dense --layers 0-0 \
   --out $S/fista-70b-l0 --quiet
-rec "{\"step\":\"memory_70b_layer\",\"rc\":$?,\"wall_s\":$(elapsed $t0),\"peak_gpu_mib\":$(peak $S/mem-70b.txt)}"
+rc=$?
+# Whether the walk ran out of memory with the activations on the GPU and moved them to host memory itself.
+spilled=$(python3 -c "import json,sys; print(sum(l.get('spilled', False) for l in json.load(open(sys.argv[1]))['layers']))" \
+  $S/fista-70b-l0/report.json 2>/dev/null || echo null)
+rec "{\"step\":\"memory_70b_layer\",\"rc\":$rc,\"wall_s\":$(elapsed $t0),\"peak_gpu_mib\":$(peak $S/mem-70b.txt),\"spilled_layers\":$spilled}"
 rm -rf $S/fista-70b-l0
 want 6b || rm -rf $M70
 }

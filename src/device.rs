@@ -53,11 +53,16 @@ pub fn set_offload(on: bool) {
     OFFLOAD.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Whether the walk holds its activations in host memory ([`set_offload`]).
+pub fn offloading() -> bool {
+    OFFLOAD.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// `t` where the walk keeps activations between uses: in host memory under [`set_offload`], else where it is.
 /// Copied out on its device first: candle's `to_device` moves a view's whole storage, and the first layer's
 /// batches are views of all the calibration embeddings.
 pub fn stash(t: Tensor) -> Result<Tensor> {
-    if !OFFLOAD.load(std::sync::atomic::Ordering::Relaxed) {
+    if !offloading() {
         return Ok(t);
     }
     Ok(t.force_contiguous()?.to_device(&Device::Cpu)?)
@@ -108,10 +113,30 @@ pub fn cuda_kernel(
     Ok(func.into_cuda_function())
 }
 
+/// Whether `e` came from the GPU running out of memory: CUDA reports it as `CUDA_ERROR_OUT_OF_MEMORY`
+/// somewhere in the error's chain.
+pub fn out_of_memory(e: &anyhow::Error) -> bool {
+    format!("{e:#}").contains("OUT_OF_MEMORY")
+}
+
+/// The run's GPU's free and total memory in bytes, now (`None` on the CPU, or where the driver does not say).
+pub fn memory() -> Option<(usize, usize)> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = current() {
+        return dev.cuda_stream().context().mem_get_info().ok();
+    }
+    None
+}
+
+/// `bytes` in GiB, for messages.
+pub fn gib(bytes: usize) -> String {
+    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
 /// What to do about an error that came from the GPU running out of memory (CUDA reports it as
 /// `CUDA_ERROR_OUT_OF_MEMORY` somewhere in the error's chain), or `None` for any other error.
 pub fn hint(e: &anyhow::Error) -> Option<&'static str> {
-    format!("{e:#}").contains("OUT_OF_MEMORY").then_some(
+    out_of_memory(e).then_some(
         "the GPU ran out of memory: --offload-activations holds the calibration activations in host memory \
          (prune, compare: it changes no pruned byte, so --resume continues with it); or, starting over, a lower \
          --batch, --act-dtype bf16 or --factor-dtype f32 (prune); fewer layers held with --layer-memory-mb (eval); \

@@ -35,7 +35,9 @@ pub fn matmul_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (n, k2) = w.dims2()?;
     ensure!(k == k2, "matmul: inner dimensions differ ({k} vs {k2})");
     if crate::device::generic(x) {
-        return Ok(x.matmul(&w.t()?)?);
+        // Contiguous (a no-op where they are): candle's CUDA matmul takes only packed row- or column-major
+        // operands, where its CPU one takes any strides.
+        return Ok(x.contiguous()?.matmul(&w.contiguous()?.t()?)?);
     }
     let mut out = vec![0f32; r * n];
     with_f32(x, |xs| {
@@ -95,6 +97,19 @@ pub fn mat_from_fn<T: Copy + Send + Sync>(
     // SAFETY: every element of the rows × cols matrix is initialised above.
     unsafe { m.set_dims(rows, cols) };
     m
+}
+
+/// The elements of `m` in column-major order (columns on all threads).
+pub fn col_major(m: MatRef<f32>) -> Vec<f32> {
+    use rayon::prelude::*;
+    let (r, c) = m.shape();
+    let mut v = vec![0f32; r * c];
+    if r > 0 {
+        v.par_chunks_mut(r)
+            .enumerate()
+            .for_each(|(j, col)| col.iter_mut().enumerate().for_each(|(i, x)| *x = m[(i, j)]));
+    }
+    v
 }
 
 /// The first non-finite element of `m` in column-major order, searched on all threads.

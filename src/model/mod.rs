@@ -490,14 +490,17 @@ impl VocabMatrix {
     /// The rows `ids` (a flat u32 tensor): from the kept matrix, else read for this call alone, a block of
     /// [`VOCAB_BLOCK_ROWS`] rows at a time, so that the matrix is never whole in memory.
     pub fn rows(&self, ids: &Tensor) -> Result<Tensor> {
+        let [v, h] = self.shape;
+        // Checked on the host first: on a GPU an id out of range is a device-side assert, which poisons the
+        // CUDA context for the rest of the process instead of failing this call.
+        let host_ids = ids.to_vec1::<u32>()?;
+        if let Some(&bad) = host_ids.iter().find(|&&id| id as usize >= v) {
+            bail!("token id {bad} is outside the vocabulary of {v} ({})", self.name);
+        }
         if let Some(t) = self.whole.get() {
             return Ok(t.index_select(&ids.to_device(t.device())?, 0)?);
         }
-        let ids = ids.to_vec1::<u32>()?;
-        let [v, h] = self.shape;
-        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= v) {
-            bail!("token id {bad} is outside the vocabulary of {v} ({})", self.name);
-        }
+        let ids = host_ids;
         // Positions of the ids in each block, so that each block is read once.
         let mut order: Vec<usize> = (0..ids.len()).collect();
         order.sort_by_key(|&p| ids[p]);

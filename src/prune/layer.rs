@@ -60,6 +60,10 @@ pub struct LayerReport {
     /// every method, unlike the operators' errors.
     pub output_rel_error: Option<f64>,
     pub operators: Vec<OperatorReport>,
+    /// The GPU ran out of memory on this layer with the activations on it: the walk moved them to host memory
+    /// (as `--offload-activations` does, for this layer and the rest) and pruned the layer again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub spilled: bool,
 }
 
 impl LayerReport {
@@ -135,6 +139,7 @@ impl Ledger {
             gflop: self.flops / 1e9,
             output_rel_error,
             operators,
+            spilled: false,
         }
     }
 }

@@ -128,65 +128,119 @@ pub fn lowest_k(scores: &[f32], k: usize) -> Vec<usize> {
     idx
 }
 
+/// Flags of the `k` lowest of `scores`: the set [`lowest_k`] gives, without its sort, and over a large slice
+/// on all threads (the masks of whole matrices and of SparseGPT's blocks were serial sections of every
+/// pruner, and on the GPU path the host's main serial work).
+pub fn lowest_k_flags(scores: &[f32], k: usize) -> Vec<bool> {
+    let n = scores.len();
+    if k >= n || k == 0 {
+        return vec![k >= n; n];
+    }
+    if n < PARALLEL_SELECT {
+        let mut idx: Vec<usize> = (0..n).collect();
+        idx.select_nth_unstable_by(k - 1, |&a, &b| scores[a].total_cmp(&scores[b]).then(a.cmp(&b)));
+        let mut flags = vec![false; n];
+        idx[..k].iter().for_each(|&i| flags[i] = true);
+        return flags;
+    }
+    radix_lowest_k(scores, k)
+}
+
+/// Slices from this length select in parallel.
+const PARALLEL_SELECT: usize = 1 << 16;
+
+/// `x`'s place in `f32::total_cmp`'s order, as an unsigned key (negatives inverted, the rest above them).
+fn order_key(x: f32) -> u32 {
+    let b = x.to_bits();
+    if b >> 31 == 1 { !b } else { b | 0x8000_0000 }
+}
+
+/// [`lowest_k_flags`] by a two-pass radix select on [`order_key`] (16 bits a pass, histograms per chunk on all
+/// threads): the `k`-th lowest key `t`, every key below it, and of the keys equal to it the first ones in
+/// slice order, as many as `k` still takes.
+fn radix_lowest_k(scores: &[f32], k: usize) -> Vec<bool> {
+    use rayon::prelude::*;
+    let chunk = scores.len().div_ceil(4 * rayon::current_num_threads()).max(PARALLEL_SELECT / 4);
+    let histogram = |bin: &(dyn Fn(u32) -> Option<usize> + Sync)| -> Vec<usize> {
+        let per_chunk = scores.par_chunks(chunk).map(|c| {
+            let mut h = vec![0usize; 1 << 16];
+            c.iter().filter_map(|&x| bin(order_key(x))).for_each(|b| h[b] += 1);
+            h
+        });
+        per_chunk.reduce(|| vec![0; 1 << 16], |a, b| a.into_iter().zip(b).map(|(a, b)| a + b).collect())
+    };
+    // The bin holding the `rank`-th lowest (0-based), and how many lie below it.
+    let find = |h: &[usize], rank: usize| {
+        let mut below = 0;
+        for (bin, &count) in h.iter().enumerate() {
+            if below + count > rank {
+                return (bin as u32, below);
+            }
+            below += count;
+        }
+        unreachable!("rank {rank} within the histogram's {below}")
+    };
+    let (hi, below_hi) = find(&histogram(&|key| Some((key >> 16) as usize)), k - 1);
+    let (lo, below_lo) =
+        find(&histogram(&|key| (key >> 16 == hi).then_some((key & 0xffff) as usize)), k - 1 - below_hi);
+    let t = hi << 16 | lo;
+    // Of the keys equal to t, the first `ties` in slice order: each chunk's share from the counts before it.
+    let ties = k - below_hi - below_lo;
+    let equal: Vec<usize> =
+        scores.par_chunks(chunk).map(|c| c.iter().filter(|&&x| order_key(x) == t).count()).collect();
+    let mut flags = vec![false; scores.len()];
+    flags.par_chunks_mut(chunk).zip(scores.par_chunks(chunk)).enumerate().for_each(|(ci, (f, c))| {
+        let mut quota = ties.saturating_sub(equal[..ci].iter().sum());
+        for (f, &x) in f.iter_mut().zip(c) {
+            let key = order_key(x);
+            *f = key < t || (key == t && quota > 0);
+            quota -= usize::from(key == t && quota > 0);
+        }
+    });
+    flags
+}
+
 /// A mask (true = prune) of the same shape as the scores `(rows, cols)`.
 pub type Mask = Mat<bool>;
 
+/// A mask from each row's flags, the rows on all threads: `row(i, scores of row i)` gives row `i`'s.
+fn by_rows(scores: &Mat<f32>, row: impl Fn(usize, &[f32]) -> Vec<bool> + Sync) -> Mask {
+    use rayon::prelude::*;
+    let (r, c) = scores.shape();
+    if c == 0 {
+        return Mat::from_fn(r, c, |_, _| false);
+    }
+    let rows = crate::linalg::row_major(scores.as_ref(), |x| x);
+    let flags: Vec<Vec<bool>> = rows.par_chunks(c).enumerate().map(|(i, s)| row(i, s)).collect();
+    crate::linalg::mat_from_fn(r, c, |i, j| flags[i][j])
+}
+
 /// Per row: the `k = round(cols·s)` lowest scores of each row (Wanda; magnitude per row).
 pub fn mask_per_row(scores: &Mat<f32>, s: f64) -> Mask {
-    let (r, c) = scores.shape();
-    let k = count_for(c, s);
-    let mut mask = Mat::from_fn(r, c, |_, _| false);
-    for i in 0..r {
-        let row: Vec<f32> = (0..c).map(|j| scores[(i, j)]).collect();
-        for j in lowest_k(&row, k) {
-            mask[(i, j)] = true;
-        }
-    }
-    mask
+    let k = count_for(scores.ncols(), s);
+    by_rows(scores, |_, row| lowest_k_flags(row, k))
 }
 
 /// Per row, a count of its own: the `budgets[i]` lowest scores of row `i` (FISTAPruner keeping the row
 /// budgets of its warm start, such as SparseGPT's, which spreads an unstructured target unevenly over rows).
 pub fn mask_row_budgets(scores: &Mat<f32>, budgets: &[usize]) -> Mask {
-    let (r, c) = scores.shape();
-    assert_eq!(budgets.len(), r, "one budget per row");
-    let mut mask = Mat::from_fn(r, c, |_, _| false);
-    for (i, &k) in budgets.iter().enumerate() {
-        let row: Vec<f32> = (0..c).map(|j| scores[(i, j)]).collect();
-        for j in lowest_k(&row, k.min(c)) {
-            mask[(i, j)] = true;
-        }
-    }
-    mask
+    assert_eq!(budgets.len(), scores.nrows(), "one budget per row");
+    by_rows(scores, |i, row| lowest_k_flags(row, budgets[i].min(row.len())))
 }
 
-/// Over the whole matrix: the `round(rows·cols·s)` lowest scores (magnitude, SparseGPT's blocks).
+/// Over the whole matrix: the `round(rows·cols·s)` lowest scores (magnitude, SparseGPT's blocks); ties go to
+/// the lower position in column-major order.
 pub fn mask_per_matrix(scores: &Mat<f32>, s: f64) -> Mask {
     let (r, c) = scores.shape();
-    let k = count_for(r * c, s);
     // Column-major flattening: index = j·r + i.
-    let flat: Vec<f32> = (0..c).flat_map(|j| (0..r).map(move |i| (i, j))).map(|(i, j)| scores[(i, j)]).collect();
-    let mut mask = Mat::from_fn(r, c, |_, _| false);
-    for f in lowest_k(&flat, k) {
-        mask[(f % r, f / r)] = true;
-    }
-    mask
+    let flat = crate::linalg::col_major(scores.as_ref());
+    let flags = lowest_k_flags(&flat, count_for(r * c, s));
+    crate::linalg::mat_from_fn(r, c, |i, j| flags[j * r + i])
 }
 
 /// N:M: in each row, the `n` lowest of every `m` consecutive scores.
 pub fn mask_nm(scores: &Mat<f32>, n: usize, m: usize) -> Mask {
-    let (r, c) = scores.shape();
-    let mut mask = Mat::from_fn(r, c, |_, _| false);
-    for i in 0..r {
-        for g in (0..c).step_by(m) {
-            let w = m.min(c - g);
-            let grp: Vec<f32> = (g..g + w).map(|j| scores[(i, j)]).collect();
-            for j in lowest_k(&grp, n.min(w)) {
-                mask[(i, g + j)] = true;
-            }
-        }
-    }
-    mask
+    by_rows(scores, |_, row| row.chunks(m).flat_map(|g| lowest_k_flags(g, n.min(g.len()))).collect())
 }
 
 /// The mask a pattern gives from scores, for methods that select it in one go.
@@ -271,6 +325,32 @@ mod tests {
         assert_eq!(lowest_k(&[3.0, 1.0, 1.0, 0.0, 1.0], 3), vec![1, 2, 3]);
         assert_eq!(lowest_k(&[1.0, 1.0], 0), Vec::<usize>::new());
         assert_eq!(lowest_k(&[1.0, 1.0], 5), vec![0, 1]);
+    }
+
+    /// The flags are [`lowest_k`]'s set, small slices and large ones (the parallel radix select), with ties
+    /// in quantised scores, negative values, both zeros, infinities and NaN, at every kind of `k`.
+    #[test]
+    fn lowest_k_flags_are_lowest_ks_set() {
+        let mut state = 7u64;
+        let mut next = move || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 33) as u32
+        };
+        for n in [1, 5, 300, 70_001, 200_003] {
+            // Few distinct values, so that the k-th lowest is tied many times over.
+            let specials = [0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -f32::NAN, 1e-30, -1e-30];
+            let scores: Vec<f32> = (0..n)
+                .map(|_| match next() % 10 {
+                    0 => specials[next() as usize % specials.len()],
+                    _ => (next() % 50) as f32 * 0.25 - 4.0,
+                })
+                .collect();
+            for k in [0, 1, n / 3, n / 2, n - 1, n, n + 3] {
+                let mut want = vec![false; n];
+                lowest_k(&scores, k).into_iter().for_each(|i| want[i] = true);
+                assert!(lowest_k_flags(&scores, k) == want, "n {n}, k {k}");
+            }
+        }
     }
 
     #[test]

@@ -236,8 +236,7 @@ pub fn prune_model(
                     s.advance(model, i, None, None, None)?;
                 }
             } else {
-                let inputs = streams.as_ref().map(|s| s.inputs());
-                let mut p = prune_layer(model, i, inputs, method, opts)?;
+                let mut p = prune_or_spill(model, i, streams.as_mut(), method, opts)?;
                 if let Some(s) = streams.as_mut().filter(|_| next) {
                     let (work, dense, known) = (p.work.as_ref(), p.dense.as_deref(), p.outputs.as_ref());
                     p.report.forward(|| s.advance(model, i, Some(work), dense, known))?;
@@ -257,6 +256,47 @@ pub fn prune_model(
     let mut reports = reports;
     reports.sort_by_key(|r| r.layer);
     Ok(reports)
+}
+
+/// [`prune_layer`] on the streams' inputs. Out of GPU memory with the activations on the GPU, they move to host
+/// memory, where `--offload-activations` would have held them from the start (it changes no pruned byte), and
+/// the layer is pruned again; out of memory again (or already offloaded), the error says what the GPU held.
+fn prune_or_spill(
+    model: &dyn CausalLm,
+    i: usize,
+    mut streams: Option<&mut Streams>,
+    method: &dyn Method,
+    opts: &PipelineOptions,
+) -> Result<super::layer::PrunedLayer> {
+    let attempt = |s: Option<&Streams>| prune_layer(model, i, s.map(|s| s.inputs()), method, opts);
+    let e = match attempt(streams.as_deref()) {
+        Err(e) if crate::device::out_of_memory(&e) => e,
+        done => return done,
+    };
+    let held = streams.as_deref().map_or(0, Streams::device_bytes);
+    let Some(s) = streams.as_deref_mut().filter(|_| !crate::device::offloading()) else {
+        return Err(out_of_memory(e, i, held));
+    };
+    // A notice, not a log line: the run goes on differently from how it was asked to.
+    eprintln!(
+        "layer {i}: out of GPU memory with {} of calibration activations on it: holding them in host memory from \
+         here (as --offload-activations does) and pruning the layer again",
+        crate::device::gib(held)
+    );
+    crate::device::set_offload(true);
+    s.spill()?;
+    let mut p =
+        attempt(Some(s)).map_err(|e| if crate::device::out_of_memory(&e) { out_of_memory(e, i, 0) } else { e })?;
+    p.report.spilled = true;
+    Ok(p)
+}
+
+/// An out-of-memory error of layer `i`'s pruning, with what the GPU held: `held` bytes of activations and,
+/// where the driver says, its free and total memory after the failed layer's own tensors were freed.
+fn out_of_memory(e: anyhow::Error, i: usize, held: usize) -> anyhow::Error {
+    use crate::device::gib;
+    let free = crate::device::memory().map_or(String::new(), |(f, t)| format!(", {} free of {}", gib(f), gib(t)));
+    e.context(format!("decoder layer {i}: out of GPU memory ({} of calibration activations on it{free})", gib(held)))
 }
 
 /// Where finished layers go, in the order they finish.
@@ -329,6 +369,20 @@ impl Streams {
         drop(all);
         let targets = (mode == LayerInputs::Corrected).then(|| acts.clone());
         Ok(Self { mode, acts, targets, ctx: model.context(seqlen)?, act_dtype })
+    }
+
+    /// Bytes of activations held on a GPU (none once spilled, or on the CPU).
+    pub fn device_bytes(&self) -> usize {
+        let tensors = self.acts.iter().chain(self.targets.iter().flatten());
+        tensors.filter(|t| !t.device().is_cpu()).map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
+    }
+
+    /// Move the activations to where [`stash`] keeps them (host memory, once offloading is on).
+    pub fn spill(&mut self) -> Result<()> {
+        for t in self.acts.iter_mut().chain(self.targets.iter_mut().flatten()) {
+            *t = stash(t.clone())?;
+        }
+        Ok(())
     }
 
     /// This layer's inputs.
@@ -480,5 +534,83 @@ impl Workers {
             walk.pruned(i, layer.as_ref(), report)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prune::sparsegpt::SparseGpt;
+    use crate::prune::{OpStats, Pruned};
+    use faer::Mat;
+    use std::sync::Mutex;
+
+    /// SparseGPT, except that the operators it is handed at the calls numbered in `fail` fail as CUDA does when
+    /// the GPU is out of memory.
+    struct OutOfMemoryAt {
+        fail: Vec<usize>,
+        calls: Mutex<usize>,
+    }
+
+    impl Method for OutOfMemoryAt {
+        fn observes(&self) -> Observes {
+            SparseGpt::default().observes()
+        }
+
+        fn prune(&self, w: &Mat<f32>, stats: Option<&OpStats>, pattern: Pattern) -> Result<Pruned> {
+            let mut calls = self.calls.lock().unwrap();
+            *calls += 1;
+            anyhow::ensure!(
+                !self.fail.contains(&(*calls - 1)),
+                "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")"
+            );
+            SparseGpt::default().prune(w, stats, pattern)
+        }
+    }
+
+    /// Each layer as the walk finished it: whether it spilled, and its tensors; or the walk's error.
+    type Layers = Vec<(bool, Vec<(String, Vec<f32>)>)>;
+
+    fn walk(method: &dyn Method) -> Result<Layers> {
+        let ck = crate::model::Checkpoint::open(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/llama").as_ref())?;
+        let model = ck.model()?;
+        let calib: Vec<Vec<u32>> =
+            (0..4).map(|s| (0..24).map(|t| ((s * 131 + t * 17) % 320) as u32).collect()).collect();
+        let opts = PipelineOptions {
+            walk: WalkOptions { batch: 2, ..Default::default() },
+            pattern: Pattern::Unstructured(0.5),
+            layer_sparsity: None,
+            error_correction: false,
+            jobs: 1,
+            progress: Progress::Hidden,
+            label: "test".into(),
+        };
+        let mut layers = Vec::new();
+        prune_model(model.as_ref(), &calib, method, &opts, &mut |_| Ok(None), &mut |_, layer, report| {
+            let tensors = layer.named_tensors().into_iter();
+            let tensors = tensors.map(|(n, t)| Ok((n, t.flatten_all()?.to_vec1::<f32>()?))).collect::<Result<_>>()?;
+            layers.push((report.spilled, tensors));
+            Ok(())
+        })?;
+        Ok(layers)
+    }
+
+    /// Out of GPU memory in the second layer's second operator: the walk moves its activations to host memory
+    /// and prunes that layer again, to the same bytes as a walk that never ran out, and its report says so;
+    /// out of memory once more, it gives up with an error naming the layer.
+    #[test]
+    fn out_of_gpu_memory_spills_the_activations_and_prunes_the_layer_again() {
+        crate::device::set_offload(false);
+        let plain = walk(&SparseGpt::default()).unwrap();
+        let spilled = walk(&OutOfMemoryAt { fail: vec![8], calls: Mutex::new(0) }).unwrap();
+        assert!(crate::device::offloading(), "the walk did not turn offloading on");
+        assert_eq!(spilled.iter().map(|l| l.0).collect::<Vec<_>>(), [false, true], "the reports");
+        let weights = |layers: Layers| layers.into_iter().map(|l| l.1).collect::<Vec<_>>();
+        assert_eq!(weights(plain), weights(spilled), "the layer pruned again differs");
+        crate::device::set_offload(false);
+        let e = walk(&OutOfMemoryAt { fail: vec![8, 10], calls: Mutex::new(0) }).unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.contains("decoder layer 1: out of GPU memory") && e.contains("OUT_OF_MEMORY"), "{e}");
+        crate::device::set_offload(false);
     }
 }
