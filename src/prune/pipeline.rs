@@ -264,7 +264,7 @@ pub fn prune_model(
 fn prune_or_spill(
     model: &dyn CausalLm,
     i: usize,
-    mut streams: Option<&mut Streams>,
+    streams: Option<&mut Streams>,
     method: &dyn Method,
     opts: &PipelineOptions,
 ) -> Result<super::layer::PrunedLayer> {
@@ -274,7 +274,7 @@ fn prune_or_spill(
         done => return done,
     };
     let held = streams.as_deref().map_or(0, Streams::device_bytes);
-    let Some(s) = streams.as_deref_mut().filter(|_| !crate::device::offloading()) else {
+    let Some(s) = streams.filter(|_| !crate::device::offloading()) else {
         return Err(out_of_memory(e, i, held));
     };
     // A notice, not a log line: the run goes on differently from how it was asked to.
