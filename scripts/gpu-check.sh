@@ -110,6 +110,10 @@ PY
   det=$(cmp -s $S/p-$meth-cuda/model.safetensors $S/p-$meth-cuda2/model.safetensors && echo true || echo false)
   rec "{\"step\":\"prune_parity\",\"method\":\"$meth\",\"cpu\":$a,\"cuda\":$c,\"rel\":$(python3 -c "print(abs($a-$c)/$a)" 2>/dev/null || echo null),\"mask_agreement\":${agree:-null},\"identical_bytes\":$same,\"cuda_run_to_run_identical\":$det}"
 done
+# Offloaded activations go through pinned host memory on a GPU: the same bytes as kept on it.
+$B --device cuda --offload-activations prune --model tests/fixtures/llama --method fista --sparsity 0.5 --calib $W \
+  --nsamples 8 --seqlen 64 --out $S/p-fista-off --quiet
+rec "{\"step\":\"offload_parity\",\"rc\":$?,\"identical_bytes\":$(cmp -s $S/p-fista-cuda/model.safetensors $S/p-fista-off/model.safetensors && echo true || echo false)}"
 }
 
 want 3 && {

@@ -11,7 +11,7 @@
 use std::sync::OnceLock;
 
 use anyhow::{Result, anyhow, bail};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 static DEVICE: OnceLock<Device> = OnceLock::new();
 static OFFLOAD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -58,19 +58,79 @@ pub fn offloading() -> bool {
     OFFLOAD.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// `t` where the walk keeps activations between uses: in host memory under [`set_offload`], else where it is.
-/// Copied out on its device first: candle's `to_device` moves a view's whole storage, and the first layer's
-/// batches are views of all the calibration embeddings.
-pub fn stash(t: Tensor) -> Result<Tensor> {
-    if !offloading() {
-        return Ok(t);
-    }
-    Ok(t.force_contiguous()?.to_device(&Device::Cpu)?)
+/// An activation where the walk keeps it between uses ([`stash`]): the tensor itself, or, offloaded from a GPU,
+/// a copy in page-locked host memory, which the GPU's copy engines read and write directly, at the bus's full
+/// rate and without waiting for the host (pageable memory goes through a staging copy at a fraction of it).
+#[derive(Clone)]
+pub struct Stashed {
+    dims: Vec<usize>,
+    dtype: DType,
+    at: At,
 }
 
-/// A stashed activation on the run's device, to compute with (itself where it is already there).
-pub fn fetch(t: &Tensor) -> Result<Tensor> {
-    Ok(t.to_device(current())?)
+#[derive(Clone)]
+enum At {
+    Tensor(Tensor),
+    #[cfg(feature = "cuda")]
+    Pinned(std::sync::Arc<pinned::Block>),
+}
+
+impl Stashed {
+    pub fn dims(&self) -> &[usize] {
+        &self.dims
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Bytes of it in GPU memory (none once offloaded).
+    pub fn gpu_bytes(&self) -> usize {
+        match &self.at {
+            At::Tensor(t) if !t.device().is_cpu() => t.elem_count() * t.dtype().size_in_bytes(),
+            _ => 0,
+        }
+    }
+}
+
+/// Kept where it is.
+impl From<Tensor> for Stashed {
+    fn from(t: Tensor) -> Self {
+        Self { dims: t.dims().to_vec(), dtype: t.dtype(), at: At::Tensor(t) }
+    }
+}
+
+/// `t` where the walk keeps activations between uses: in host memory under [`set_offload`] (page-locked where
+/// the tensor is on a GPU and the driver pins it), else where it is.
+pub fn stash(t: Tensor) -> Result<Stashed> {
+    if !offloading() {
+        return Ok(t.into());
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(block) = pinned::store(&t)? {
+        return Ok(Stashed { dims: t.dims().to_vec(), dtype: t.dtype(), at: At::Pinned(std::sync::Arc::new(block)) });
+    }
+    // Copied out on its device first: candle's `to_device` moves a view's whole storage, and the first layer's
+    // batches are views of all the calibration embeddings.
+    Ok(t.force_contiguous()?.to_device(&Device::Cpu)?.into())
+}
+
+/// `s` where [`stash`] keeps activations now (once [`set_offload`] has turned offloading on).
+pub fn restash(s: Stashed) -> Result<Stashed> {
+    match s.at {
+        At::Tensor(t) => stash(t),
+        #[cfg(feature = "cuda")]
+        At::Pinned(_) => Ok(s),
+    }
+}
+
+/// A stashed activation on the run's device, to compute with.
+pub fn fetch(s: &Stashed) -> Result<Tensor> {
+    match &s.at {
+        At::Tensor(t) => Ok(t.to_device(current())?),
+        #[cfg(feature = "cuda")]
+        At::Pinned(block) => block.load(&s.dims),
+    }
 }
 
 /// Whether the kernels on `t` take candle's generic operators rather than the faer ones: always off the CPU,
@@ -90,33 +150,25 @@ fn forced() -> bool {
     *FORCED.get_or_init(|| std::env::var("FISTAPRUNE_GENERIC").is_ok_and(|v| v == "1"))
 }
 
-/// Kernel `name` of the CUDA C source `src` (module `module`), compiled by NVRTC once per process. FMA
-/// contraction is off, so that a kernel written with the host's f32 expressions gives the host's bits.
+/// Kernel `name` of one of the project's CUDA kernels, `ptx` as build.rs compiled it (`module`: its name for
+/// candle's module cache, loaded once per process).
 #[cfg(feature = "cuda")]
 pub fn cuda_kernel(
     dev: &candle_core::CudaDevice,
     module: &str,
-    src: &str,
+    ptx: &str,
     name: &str,
 ) -> Result<candle_core::cuda::cudarc::driver::CudaFunction> {
-    use candle_core::cuda::cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
-    use std::collections::BTreeMap;
-    use std::sync::Mutex;
-    static PTX: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new());
-    let mut ptx = PTX.lock().map_err(|_| anyhow!("the kernel cache is poisoned"))?;
-    if !ptx.contains_key(module) {
-        let opts = CompileOptions { fmad: Some(false), name: Some(format!("{module}.cu")), ..Default::default() };
-        let compiled = compile_ptx_with_opts(src, opts).map_err(|e| anyhow!("compiling the {module} kernel: {e}"))?;
-        ptx.insert(module.to_string(), compiled.to_src());
-    }
-    let func = dev.get_or_load_custom_func(name, module, &ptx[module]).map_err(|e| anyhow!("loading {name}: {e}"))?;
+    let func = dev.get_or_load_custom_func(name, module, ptx).map_err(|e| anyhow!("loading the kernel {name}: {e}"))?;
     Ok(func.into_cuda_function())
 }
 
-/// Whether `e` came from the GPU running out of memory: CUDA reports it as `CUDA_ERROR_OUT_OF_MEMORY`
-/// somewhere in the error's chain.
+/// Whether `e` came from the GPU running out of memory: the driver reports it as `CUDA_ERROR_OUT_OF_MEMORY`,
+/// cuBLAS and cuSOLVER (a workspace they could not get) as `CUBLAS_STATUS_ALLOC_FAILED` and
+/// `CUSOLVER_STATUS_ALLOC_FAILED`, somewhere in the error's chain.
 pub fn out_of_memory(e: &anyhow::Error) -> bool {
-    format!("{e:#}").contains("OUT_OF_MEMORY")
+    let chain = format!("{e:#}");
+    chain.contains("OUT_OF_MEMORY") || chain.contains("STATUS_ALLOC_FAILED")
 }
 
 /// The run's GPU's free and total memory in bytes, now (`None` on the CPU, or where the driver does not say).
@@ -143,6 +195,168 @@ pub fn hint(e: &anyhow::Error) -> Option<&'static str> {
          or a GPU with more memory",
     )
 }
+
+/// Page-locked host memory for offloaded activations, from a pool: pinning costs about as much as the copy it
+/// speeds up, so buffers are pinned once and reused by the next batches and layers, whose activations have the
+/// same sizes. At most half of the available host memory is pinned: the rest stays pageable, for the host's own
+/// work and the page cache of the memory-mapped weights. Beyond that, for dtypes other than f32, bf16 and f16, or
+/// where the driver refuses, [`super::stash`] keeps the activation in pageable memory as before.
+#[cfg(feature = "cuda")]
+mod pinned {
+    use std::sync::{Arc, Mutex, OnceLock};
+
+    use anyhow::Result;
+    use candle_core::cuda::CudaStorageSlice;
+    use candle_core::cuda::cudarc::driver::{CudaContext, PinnedHostSlice};
+    use candle_core::{CudaDevice, CudaStorage, DType, Device, Storage, Tensor, op::BackpropOp};
+    use half::{bf16, f16};
+
+    /// One pinned buffer.
+    enum Buf {
+        F32(PinnedHostSlice<f32>),
+        Bf16(PinnedHostSlice<bf16>),
+        F16(PinnedHostSlice<f16>),
+    }
+
+    impl Buf {
+        fn dtype_len(&self) -> (DType, usize) {
+            match self {
+                Buf::F32(p) => (DType::F32, p.len()),
+                Buf::Bf16(p) => (DType::BF16, p.len()),
+                Buf::F16(p) => (DType::F16, p.len()),
+            }
+        }
+
+        fn bytes(&self) -> usize {
+            let (dtype, len) = self.dtype_len();
+            len * dtype.size_in_bytes()
+        }
+    }
+
+    /// The buffers not in use, and the bytes pinned in all (in use or not).
+    struct Pool {
+        free: Vec<Buf>,
+        pinned: usize,
+        /// Whether the pool stopped growing (the limit reached or the driver refused), said once.
+        full: bool,
+    }
+
+    static POOL: Mutex<Pool> = Mutex::new(Pool { free: Vec::new(), pinned: 0, full: false });
+
+    /// Half of the host memory available when the first buffer is pinned ([`crate::util::available_memory`],
+    /// which knows a container's limit), or nothing where it cannot be read.
+    fn limit() -> usize {
+        static LIMIT: OnceLock<usize> = OnceLock::new();
+        *LIMIT.get_or_init(|| crate::util::available_memory().map_or(0, |b| b as usize / 2))
+    }
+
+    /// A pinned buffer of `len` elements of `dtype`: one the pool holds, or a new one within the limit (the
+    /// free buffers of other sizes are released first to make room).
+    fn take(ctx: &Arc<CudaContext>, dtype: DType, len: usize) -> Option<Buf> {
+        let mut pool = POOL.lock().ok()?;
+        if let Some(i) = pool.free.iter().position(|b| b.dtype_len() == (dtype, len)) {
+            return Some(pool.free.swap_remove(i));
+        }
+        let bytes = len * dtype.size_in_bytes();
+        while pool.pinned + bytes > limit()
+            && let Some(b) = pool.free.pop()
+        {
+            pool.pinned -= b.bytes();
+        }
+        let why = if pool.pinned + bytes > limit() {
+            Err(format!("{} pinned, the limit (half of the available host memory)", super::gib(pool.pinned)))
+        } else {
+            // SAFETY: the buffer is written by a copy from the GPU before anything reads it.
+            unsafe {
+                match dtype {
+                    DType::F32 => ctx.alloc_pinned_with_flags::<f32>(len, 0).map(Buf::F32),
+                    DType::BF16 => ctx.alloc_pinned_with_flags::<bf16>(len, 0).map(Buf::Bf16),
+                    DType::F16 => ctx.alloc_pinned_with_flags::<f16>(len, 0).map(Buf::F16),
+                    _ => return None,
+                }
+            }
+            .map_err(|e| format!("the driver refused to pin {}: {e:?}", super::gib(bytes)))
+        };
+        match why {
+            Ok(buf) => {
+                pool.pinned += bytes;
+                Some(buf)
+            }
+            Err(why) => {
+                // A notice, once: the run goes on, with slower copies.
+                if !std::mem::replace(&mut pool.full, true) {
+                    eprintln!("offloaded activations: {why}; the rest go to pageable host memory");
+                }
+                None
+            }
+        }
+    }
+
+    /// An activation in pinned memory; its buffer goes back to the pool when the last copy of it is dropped.
+    pub struct Block {
+        buf: Option<Buf>,
+        dev: CudaDevice,
+    }
+
+    impl Drop for Block {
+        fn drop(&mut self) {
+            if let (Some(buf), Ok(mut pool)) = (self.buf.take(), POOL.lock()) {
+                pool.free.push(buf);
+            }
+        }
+    }
+
+    /// `t`, on a GPU, copied into a pinned buffer (queued on the GPU's stream: what reads it later is queued
+    /// after it); `None` where `t` is not on a GPU or no buffer is to be had.
+    pub fn store(t: &Tensor) -> Result<Option<Block>> {
+        let Device::Cuda(dev) = t.device() else { return Ok(None) };
+        let t = t.contiguous()?;
+        let Some(buf) = take(dev.cuda_stream().context(), t.dtype(), t.elem_count()) else { return Ok(None) };
+        let mut block = Block { buf: Some(buf), dev: dev.clone() };
+        let (storage, layout) = t.storage_and_layout();
+        let Storage::Cuda(cs) = &*storage else { return Ok(None) };
+        let range = layout.start_offset()..layout.start_offset() + t.elem_count();
+        match (&cs.slice, block.buf.as_mut().expect("just taken")) {
+            (CudaStorageSlice::F32(s), Buf::F32(p)) => dev.memcpy_dtoh(&s.slice(range), p)?,
+            (CudaStorageSlice::BF16(s), Buf::Bf16(p)) => dev.memcpy_dtoh(&s.slice(range), p)?,
+            (CudaStorageSlice::F16(s), Buf::F16(p)) => dev.memcpy_dtoh(&s.slice(range), p)?,
+            _ => return Ok(None),
+        }
+        Ok(Some(block))
+    }
+
+    impl Block {
+        /// The activation back on its GPU, as a `dims` tensor.
+        pub fn load(&self, dims: &[usize]) -> Result<Tensor> {
+            let dev = &self.dev;
+            let storage = match self.buf.as_ref().expect("held until dropped") {
+                Buf::F32(p) => {
+                    // SAFETY: every element is written by the copy that follows.
+                    let mut d = unsafe { dev.alloc::<f32>(p.len()) }?;
+                    dev.memcpy_htod(p, &mut d)?;
+                    CudaStorage::wrap_cuda_slice(d, dev.clone())
+                }
+                Buf::Bf16(p) => {
+                    // SAFETY: as above.
+                    let mut d = unsafe { dev.alloc::<bf16>(p.len()) }?;
+                    dev.memcpy_htod(p, &mut d)?;
+                    CudaStorage::wrap_cuda_slice(d, dev.clone())
+                }
+                Buf::F16(p) => {
+                    // SAFETY: as above.
+                    let mut d = unsafe { dev.alloc::<f16>(p.len()) }?;
+                    dev.memcpy_htod(p, &mut d)?;
+                    CudaStorage::wrap_cuda_slice(d, dev.clone())
+                }
+            };
+            Ok(Tensor::from_storage(Storage::Cuda(storage), dims.to_vec(), BackpropOp::none(), false))
+        }
+    }
+}
+
+/// Held by the tests that turn [`set_offload`] on and off, which is one switch for the whole process.
+#[cfg(test)]
+pub(crate) static OFFLOAD_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// The project's CUDA kernels built for the host, for their tests: a harness `src/<harness>.cpp` that includes
 /// a kernel under `src/cuda_emu.h`, reads its input from one file and writes its outputs to another.
@@ -215,6 +429,8 @@ mod tests {
     fn out_of_gpu_memory_gets_a_hint_and_nothing_else_does() {
         let oom = anyhow!("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")").context("decoder layer 3");
         assert!(hint(&oom).unwrap().contains("--offload-activations"));
+        let cublas = anyhow!("cublas error: CUBLAS_STATUS_ALLOC_FAILED").context("decoder layer 3");
+        assert!(hint(&cublas).is_some());
         assert!(hint(&anyhow!("decoder layer 3: shape mismatch")).is_none());
     }
 

@@ -242,9 +242,51 @@ fn to_device_like(m: &faer::Mat<f64>, like: &Tensor) -> Result<Tensor> {
 }
 
 /// A faer matrix as a `(rows, cols)` f32 tensor on `device` (the way back is [`tensor_to_mat`], from any
-/// device).
+/// device); within [`with_resident`] of `m`, its one copy there.
 pub fn mat_to_device(m: &faer::Mat<f32>, device: &Device) -> Result<Tensor> {
-    Ok(mat_to_tensor(m)?.to_device(device)?)
+    let key = resident_key(m);
+    let here = |e: &(ResidentKey, Option<Tensor>)| e.1.as_ref().filter(|t| t.device().same_device(device)).cloned();
+    if let Some(t) = RESIDENT.with_borrow(|r| r.iter().filter(|e| e.0 == key).find_map(here)) {
+        return Ok(t);
+    }
+    UPLOADS.set(UPLOADS.get() + 1);
+    let t = mat_to_tensor(m)?.to_device(device)?;
+    RESIDENT.with_borrow_mut(|r| r.iter_mut().filter(|e| e.0 == key).for_each(|e| e.1 = Some(t.clone())));
+    Ok(t)
+}
+
+/// A matrix by where it lies and its shape; unique among matrices alive at once.
+type ResidentKey = (usize, usize, usize, isize);
+
+fn resident_key(m: &faer::Mat<f32>) -> ResidentKey {
+    (m.as_ptr() as usize, m.nrows(), m.ncols(), m.col_stride())
+}
+
+thread_local! {
+    /// The matrices of the open [`with_resident`] scopes, with their device copies once made.
+    static RESIDENT: std::cell::RefCell<Vec<(ResidentKey, Option<Tensor>)>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// [`mat_to_device`]'s copies made on this thread, for the tests.
+    static UPLOADS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Run `f` with each of `ms` copied to the device at most once, however often [`mat_to_device`] (on this
+/// thread) is asked for it: a pruner asks for an operator's `G*` about eight times (the warm start, the errors,
+/// each re-fit and swap round), and a 7B model's down_proj `G*` is 485 MB. Sound because `ms` are borrowed until
+/// `f` returns, so they neither change nor move, and no other matrix can lie where they do.
+pub fn with_resident<R>(ms: &[&faer::Mat<f32>], f: impl FnOnce() -> R) -> R {
+    /// Closes the scope, also when `f` panics.
+    struct Scope(usize);
+    impl Drop for Scope {
+        fn drop(&mut self) {
+            RESIDENT.with_borrow_mut(|r| r.truncate(self.0));
+        }
+    }
+    let _scope = Scope(RESIDENT.with_borrow_mut(|r| {
+        let open = r.len();
+        r.extend(ms.iter().map(|m| (resident_key(m), None)));
+        open
+    }));
+    f()
 }
 
 /// `a b`, for the pruners' `m × n × n` products with a Gram matrix (errors, targets, `W G*`): faer on the
@@ -490,6 +532,26 @@ pub fn logsumexp(row: &[f32]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Within [`with_resident`] a matrix goes to the device once, however often it is asked for, and the same
+    /// matrix registered twice (nested scopes) still once; outside, every time.
+    #[test]
+    fn a_resident_matrix_goes_to_the_device_once() {
+        let a = faer::Mat::from_fn(3, 4, |i, j| (i * 4 + j) as f32);
+        let b = faer::Mat::from_fn(3, 4, |i, j| (i + 2 * j) as f32);
+        let up = |m: &faer::Mat<f32>| tensor_to_mat(&mat_to_device(m, &Device::Cpu).unwrap()).unwrap();
+        let start = UPLOADS.get();
+        with_resident(&[&a], || {
+            with_resident(&[&a], || assert_eq!(up(&a), a));
+            for _ in 0..3 {
+                assert_eq!(up(&a), a);
+            }
+            assert_eq!((up(&b), up(&b)), (b.clone(), b.clone()));
+        });
+        assert_eq!(UPLOADS.get() - start, 3, "a once, b twice");
+        assert_eq!(up(&a), a);
+        assert_eq!(UPLOADS.get() - start, 4, "the scope outlived with_resident");
+    }
 
     #[test]
     fn blocked_upper_inverse_cholesky_is_the_factor_of_the_inverse() {

@@ -88,22 +88,8 @@ impl Method for FistaPruner {
             damped = g;
             p.g = &damped;
         }
-        let (out, report) = if self.opts.basis == Basis::Normalized {
-            // Solve for V = W' S with S = diag(√G*ⱼⱼ): the Gram of the scaled inputs has a unit diagonal (a far
-            // better conditioned problem for 20 steps of 1/L), the L1 term becomes Σ |w'ᵢⱼ| ‖x*ⱼ‖ and the hard
-            // threshold ranks |w'ᵢⱼ| ‖x*ⱼ‖, Wanda's score, instead of |w'ᵢⱼ|.
-            let n = p.g.nrows();
-            let top = (0..n).map(|j| p.g[(j, j)]).fold(0f32, f32::max).max(f32::MIN_POSITIVE).sqrt();
-            let s: Vec<f32> = (0..n).map(|j| p.g[(j, j)].max(0.0).sqrt().max(1e-12 * top)).collect();
-            let g = Mat::from_fn(n, n, |i, j| p.g[(i, j)] / (s[i] * s[j]));
-            let c = Mat::from_fn(p.c.nrows(), n, |i, j| p.c[(i, j)] / s[j]);
-            let w = Mat::from_fn(p.w.nrows(), n, |i, j| p.w[(i, j)] * s[j]);
-            let w0 = Mat::from_fn(w0.nrows(), n, |i, j| w0[(i, j)] * s[j]);
-            let (v, report) = solve(&Problem { w: &w, g: &g, c: &c, k: p.k }, &w0, pattern, &self.opts)?;
-            (Mat::from_fn(v.nrows(), n, |i, j| if v[(i, j)] == 0.0 { 0.0 } else { v[(i, j)] / s[j] }), report)
-        } else {
-            solve(&p, &w0, pattern, &self.opts)?
-        };
+        // `C` (and a damped `G*`) go to the device once for every re-fit (prune_operator keeps `G*` there).
+        let (out, report) = crate::linalg::with_resident(&[p.g, p.c], || self.solve(&p, &w0, pattern))?;
         let (rows, cols) = w.shape();
         let o = &self.opts;
         // Power iteration, every FISTA iteration and error evaluation, and the re-fit: each a GEMM with `G*`.
@@ -118,6 +104,28 @@ impl Method for FistaPruner {
         // With the warm start's row budgets the count is the warm start's (or per row, when it had none).
         let rounding_units = if o.threshold == Threshold::WarmRows { rows.max(warm.rounding_units) } else { own };
         Ok(Pruned { w: out, rounding_units, flops, details: Some(serde_json::to_value(report)?) })
+    }
+}
+
+impl FistaPruner {
+    /// [`solve`] in the chosen basis.
+    fn solve(&self, p: &Problem, w0: &Mat<f32>, pattern: Pattern) -> Result<(Mat<f32>, SolveReport)> {
+        if self.opts.basis == Basis::Raw {
+            return solve(p, w0, pattern, &self.opts);
+        }
+        // Solve for V = W' S with S = diag(√G*ⱼⱼ): the Gram of the scaled inputs has a unit diagonal (a far
+        // better conditioned problem for 20 steps of 1/L), the L1 term becomes Σ |w'ᵢⱼ| ‖x*ⱼ‖ and the hard
+        // threshold ranks |w'ᵢⱼ| ‖x*ⱼ‖, Wanda's score, instead of |w'ᵢⱼ|.
+        let n = p.g.nrows();
+        let top = (0..n).map(|j| p.g[(j, j)]).fold(0f32, f32::max).max(f32::MIN_POSITIVE).sqrt();
+        let s: Vec<f32> = (0..n).map(|j| p.g[(j, j)].max(0.0).sqrt().max(1e-12 * top)).collect();
+        let g = Mat::from_fn(n, n, |i, j| p.g[(i, j)] / (s[i] * s[j]));
+        let c = Mat::from_fn(p.c.nrows(), n, |i, j| p.c[(i, j)] / s[j]);
+        let w = Mat::from_fn(p.w.nrows(), n, |i, j| p.w[(i, j)] * s[j]);
+        let w0 = Mat::from_fn(w0.nrows(), n, |i, j| w0[(i, j)] * s[j]);
+        let scaled = Problem { w: &w, g: &g, c: &c, k: p.k };
+        let (v, report) = crate::linalg::with_resident(&[&g, &c], || solve(&scaled, &w0, pattern, &self.opts))?;
+        Ok((Mat::from_fn(v.nrows(), n, |i, j| if v[(i, j)] == 0.0 { 0.0 } else { v[(i, j)] / s[j] }), report))
     }
 }
 

@@ -17,7 +17,7 @@ use super::Method;
 use super::mask::{self, Pattern};
 use super::pipeline::{LayerInputs, PipelineOptions};
 use super::stats::{Cross, Gram, OpStats, outlier_token_scales, sum_squares};
-use crate::device::{fetch, stash};
+use crate::device::{Stashed, fetch, stash};
 use crate::linalg::{mat_to_tensor, matmul_nt, tensor_to_mat};
 use crate::model::{CausalLm, DecoderLayer, LayerContext};
 use crate::util::{available_memory, check_finite};
@@ -206,12 +206,12 @@ pub const OUTPUT_ERROR_SAMPLES: usize = 16;
 /// otherwise compute them again to make the next layer's inputs. Error correction makes them from what it
 /// holds at its end, for every batch of the stream the walk goes on with.
 pub struct Outputs {
-    pub dense: Vec<Tensor>,
-    pub pruned: Vec<Tensor>,
+    pub dense: Vec<Stashed>,
+    pub pruned: Vec<Stashed>,
 }
 
 /// How many of the first calibration batches hold the [`OUTPUT_ERROR_SAMPLES`].
-fn error_batches(acts: &[Tensor]) -> usize {
+fn error_batches(acts: &[Stashed]) -> usize {
     let mut seen = 0;
     acts.iter()
         .take_while(|x| {
@@ -223,7 +223,7 @@ fn error_batches(acts: &[Tensor]) -> usize {
 }
 
 /// See [`LayerReport::output_rel_error`]: from the layers' outputs on the first batches of `acts`.
-fn output_error(acts: &[Tensor], out: &Outputs) -> Result<f64> {
+fn output_error(acts: &[Stashed], out: &Outputs) -> Result<f64> {
     let (mut num, mut den) = (0f64, 0f64);
     for ((x, yd), yp) in acts.iter().zip(&out.dense).zip(&out.pruned).take(error_batches(acts)) {
         let (x, yd, yp) = (fetch(x)?.to_dtype(DType::F32)?, fetch(yd)?, fetch(yp)?);
@@ -237,14 +237,14 @@ fn output_error(acts: &[Tensor], out: &Outputs) -> Result<f64> {
 fn layer_output_error(
     dense: &dyn DecoderLayer,
     work: &dyn DecoderLayer,
-    acts: &[Tensor],
+    acts: &[Stashed],
     ctx: &LayerContext,
 ) -> Result<(f64, Outputs, f64)> {
     let mut out = Outputs { dense: Vec::new(), pruned: Vec::new() };
     for x in &acts[..error_batches(acts)] {
         let x = fetch(x)?.to_dtype(DType::F32)?;
-        out.dense.push(dense.forward(&x, ctx, None)?);
-        out.pruned.push(work.forward(&x, ctx, None)?);
+        out.dense.push(dense.forward(&x, ctx, None)?.into());
+        out.pruned.push(work.forward(&x, ctx, None)?.into());
     }
     let tokens: usize = out.dense.iter().map(|y| y.dims()[0] * y.dims()[1]).sum();
     let flops = 2.0 * tokens as f64 * Cost::of(work, ctx.seqlen).forward();
@@ -284,7 +284,7 @@ fn capture_input(layer: &dyn DecoderLayer, x: &Tensor, ctx: &LayerContext, leade
 /// Statistics of every group from one pass of the dense layer (no error correction: `X* = X`).
 fn collect_dense(
     layer: &dyn DecoderLayer,
-    acts: &[Tensor],
+    acts: &[Stashed],
     ctx: &LayerContext,
     cap: Option<f64>,
 ) -> Result<Vec<OpStats>> {
@@ -320,15 +320,15 @@ fn collect_dense(
 /// What error correction holds of one batch in one layer between groups: the previous group's input, from
 /// which the layer may step to the next group's, and the residual stream after attention once a step has
 /// passed it (with the last group's input, the layer's output).
-#[derive(Clone)]
-struct Held {
-    input: Tensor,
-    residual: Option<Tensor>,
+/// The input is a [`Tensor`] while the group computes with it, [`Stashed`] while it waits for the next group.
+struct Held<T> {
+    input: T,
+    residual: Option<Stashed>,
 }
 
 /// Each calibration batch's [`Held`] inputs: (partially pruned layer, dense layer; `None` where the two were
 /// the same, or not kept).
-type GroupInputs = Vec<(Held, Option<Held>)>;
+type GroupInputs = Vec<(Held<Stashed>, Option<Held<Stashed>>)>;
 
 /// The statistics passes of error correction, group by group: `X*` from the partially pruned layer `work` on
 /// `acts`, `X` from the dense layer `dense` on `targets` (the dense model's activations) or else on the same
@@ -336,8 +336,8 @@ type GroupInputs = Vec<(Held, Option<Held>)>;
 struct Correction<'a> {
     dense: &'a dyn DecoderLayer,
     cost: &'a Cost,
-    acts: &'a [Tensor],
-    targets: Option<&'a [Tensor]>,
+    acts: &'a [Stashed],
+    targets: Option<&'a [Stashed]>,
     ctx: &'a LayerContext,
     cap: Option<f64>,
     /// The previous group's inputs (empty before the first group): the next group steps from them instead of
@@ -372,12 +372,13 @@ impl Correction<'_> {
         let mut next = GroupInputs::new();
         let stepped = std::cell::Cell::new(false);
         // The input of this group for layer `l` on `x`, stepping from the previous group's when it can.
-        let input = |l: &dyn DecoderLayer, x: &Tensor, p: Option<&Held>| -> Result<Held> {
+        let input = |l: &dyn DecoderLayer, x: &Tensor, p: Option<&Held<Stashed>>| -> Result<Held<Tensor>> {
             if let Some(p) = p
                 && let Some(t) = l.next_group_input(gi, x, &fetch(&p.input)?.to_dtype(DType::F32)?)?
             {
                 stepped.set(true);
-                return Ok(Held { input: t.input, residual: t.residual.or_else(|| p.residual.clone()) });
+                let residual = t.residual.map(Stashed::from).or_else(|| p.residual.clone());
+                return Ok(Held { input: t.input, residual });
             }
             Ok(Held { input: capture_input(l, x, ctx, leader)?, residual: None })
         };
@@ -426,8 +427,12 @@ impl Correction<'_> {
                 }
             }
             if let Some(dt) = keep {
-                let to = |h: Held| -> Result<Held> {
-                    let residual = h.residual.map(|r| stash(r.to_dtype(dt)?)).transpose()?;
+                // What is already kept in `dt` stays as it is.
+                let keep = |s: Stashed| -> Result<Stashed> {
+                    if s.dtype() == dt { crate::device::restash(s) } else { stash(fetch(&s)?.to_dtype(dt)?) }
+                };
+                let to = |h: Held<Tensor>| -> Result<Held<Stashed>> {
+                    let residual = h.residual.map(keep).transpose()?;
                     Ok(Held { input: stash(h.input.to_dtype(dt)?)?, residual })
                 };
                 next.push((to(hs)?, xd.filter(|_| b < dense_upto).map(to).transpose()?));
@@ -453,8 +458,8 @@ impl Correction<'_> {
         if held.is_empty() || held.iter().any(|(h, _)| h.residual.is_none()) {
             return Ok(None);
         }
-        let f32 = |t: &Tensor| -> Result<Tensor> { Ok(fetch(t)?.to_dtype(DType::F32)?) };
-        let run = |l: &dyn DecoderLayer, h: &Held| -> Result<Option<Tensor>> {
+        let f32 = |t: &Stashed| -> Result<Tensor> { Ok(fetch(t)?.to_dtype(DType::F32)?) };
+        let run = |l: &dyn DecoderLayer, h: &Held<Stashed>| -> Result<Option<Tensor>> {
             let r = h.residual.as_ref().expect("checked above");
             l.output_from(&f32(r)?, &f32(&h.input)?)
         };
@@ -467,7 +472,7 @@ impl Correction<'_> {
             if let Some(d) = d.filter(|_| out.dense.len() + 1 == out.pruned.len()) {
                 let Some(yd) = run(self.dense, &d)? else { return Ok(None) };
                 tokens += d.input.dims()[0] * d.input.dims()[1];
-                out.dense.push(yd);
+                out.dense.push(yd.into());
             }
         }
         Ok(Some((out, tokens)))
@@ -478,8 +483,8 @@ impl Correction<'_> {
 /// activations for the targets.
 #[derive(Clone, Copy)]
 pub struct Inputs<'a> {
-    pub acts: &'a [Tensor],
-    pub targets: Option<&'a [Tensor]>,
+    pub acts: &'a [Stashed],
+    pub targets: Option<&'a [Stashed]>,
     pub ctx: &'a LayerContext,
 }
 
@@ -612,9 +617,12 @@ pub fn prune_layer(
     })
 }
 
-/// Whether holding `bytes` of layer `i`'s activations leaves half the free memory (unknown: yes).
+/// Whether holding `bytes` of layer `i`'s activations leaves half the free memory where they are held: the
+/// GPU's, unless they are offloaded, else the host's (unknown: yes).
 fn held_fits(i: usize, bytes: f64) -> bool {
-    let Some(free) = available_memory() else { return true };
+    let on_gpu = !crate::device::current().is_cpu() && !crate::device::offloading();
+    let free = if on_gpu { crate::device::memory().map(|(free, _)| free as u64) } else { available_memory() };
+    let Some(free) = free else { return true };
     let fits = bytes <= free as f64 / 2.0;
     if !fits {
         log::info!(
@@ -641,23 +649,31 @@ pub fn prune_operator(
     let w = tensor_to_mat(&lin.weight)?;
     let (rows, cols) = w.shape();
     pattern.check_cols(cols, &format!("layer {layer_idx} {name}"))?;
-    let pruned = method.prune(&w, stats, pattern).with_context(|| format!("layer {layer_idx} {name}"))?;
-    let pw = &pruned.w;
-    if let Some((i, j)) = crate::linalg::first_non_finite(pw.as_ref()) {
-        bail!("layer {layer_idx} {name}: the method produced a non-finite weight at ({i}, {j})");
-    }
-    let sparsity = mask::verify(pw, pattern, pruned.rounding_units)
-        .with_context(|| format!("layer {layer_idx} {name}: the pruned weight misses the pattern {pattern}"))?;
-    let (rel_error, rel_error_mask_only) = match stats {
-        Some(st) => {
-            let c = st.target(&w)?;
-            let p = st.problem(&w, &c)?;
-            let base = p.k.max(f64::MIN_POSITIVE);
-            let masked = crate::linalg::mat_from_fn(rows, cols, |i, j| if pw[(i, j)] == 0.0 { 0.0 } else { w[(i, j)] });
-            (Some(p.error(pw)? / base), Some(p.error(&masked)? / base))
+    // `G*` goes to the device once for the method and the errors below (only it: each of the other statistics
+    // is asked for twice at most, and each resident copy adds to the layer's peak).
+    let gram: Vec<&faer::Mat<f32>> = stats.map(|st| &st.gram).into_iter().collect();
+    let (pruned, sparsity, rel_error, rel_error_mask_only) = crate::linalg::with_resident(&gram, || -> Result<_> {
+        let pruned = method.prune(&w, stats, pattern).with_context(|| format!("layer {layer_idx} {name}"))?;
+        let pw = &pruned.w;
+        if let Some((i, j)) = crate::linalg::first_non_finite(pw.as_ref()) {
+            bail!("layer {layer_idx} {name}: the method produced a non-finite weight at ({i}, {j})");
         }
-        None => (None, None),
-    };
+        let sparsity = mask::verify(pw, pattern, pruned.rounding_units)
+            .with_context(|| format!("layer {layer_idx} {name}: the pruned weight misses the pattern {pattern}"))?;
+        let (rel_error, rel_error_mask_only) = match stats {
+            Some(st) => {
+                let c = st.target(&w)?;
+                let p = st.problem(&w, &c)?;
+                let base = p.k.max(f64::MIN_POSITIVE);
+                let masked =
+                    crate::linalg::mat_from_fn(rows, cols, |i, j| if pw[(i, j)] == 0.0 { 0.0 } else { w[(i, j)] });
+                (Some(p.error(pw)? / base), Some(p.error(&masked)? / base))
+            }
+            None => (None, None),
+        };
+        Ok((pruned, sparsity, rel_error, rel_error_mask_only))
+    })?;
+    let pw = &pruned.w;
     layer.linear_mut(name).expect("checked above").set_weight(mat_to_tensor(pw)?)?;
     Ok(OperatorReport {
         layer: layer_idx,

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use super::layer::{Cost, Inputs, LayerReport, Outputs, prune_layer};
 use super::mask::Pattern;
 use super::{Method, Observes};
-use crate::device::{fetch, stash};
+use crate::device::{Stashed, fetch, stash};
 use crate::model::{CausalLm, DecoderLayer, LayerContext};
 use crate::util::{Progress, ProgressBar, check_finite, progress_bar};
 
@@ -274,8 +274,9 @@ fn prune_or_spill(
         done => return done,
     };
     let held = streams.as_deref().map_or(0, Streams::device_bytes);
+    let what = format!("decoder layer {i}");
     let Some(s) = streams.filter(|_| !crate::device::offloading()) else {
-        return Err(out_of_memory(e, i, held));
+        return Err(out_of_memory(e, &what, held));
     };
     // A notice, not a log line: the run goes on differently from how it was asked to.
     eprintln!(
@@ -286,17 +287,18 @@ fn prune_or_spill(
     crate::device::set_offload(true);
     s.spill()?;
     let mut p =
-        attempt(Some(s)).map_err(|e| if crate::device::out_of_memory(&e) { out_of_memory(e, i, 0) } else { e })?;
+        attempt(Some(s)).map_err(|e| if crate::device::out_of_memory(&e) { out_of_memory(e, &what, 0) } else { e })?;
     p.report.spilled = true;
     Ok(p)
 }
 
-/// An out-of-memory error of layer `i`'s pruning, with what the GPU held: `held` bytes of activations and,
-/// where the driver says, its free and total memory after the failed layer's own tensors were freed.
-fn out_of_memory(e: anyhow::Error, i: usize, held: usize) -> anyhow::Error {
+/// An out-of-memory error of `what` (a layer's pruning, or its pass), with what the GPU held: `held` bytes of
+/// activations and, where the driver says, its free and total memory after the failed step's own tensors
+/// were freed.
+fn out_of_memory(e: anyhow::Error, what: &str, held: usize) -> anyhow::Error {
     use crate::device::gib;
     let free = crate::device::memory().map_or(String::new(), |(f, t)| format!(", {} free of {}", gib(f), gib(t)));
-    e.context(format!("decoder layer {i}: out of GPU memory ({} of calibration activations on it{free})", gib(held)))
+    e.context(format!("{what}: out of GPU memory ({} of calibration activations on it{free})", gib(held)))
 }
 
 /// Where finished layers go, in the order they finish.
@@ -342,9 +344,9 @@ impl Walk<'_, '_> {
 pub struct Streams {
     mode: LayerInputs,
     /// What the layer gets (`X*`): the pruned stream, or the dense one in the dense walk.
-    acts: Vec<Tensor>,
+    acts: Vec<Stashed>,
     /// The dense model's activations, the targets of the corrected walk.
-    targets: Option<Vec<Tensor>>,
+    targets: Option<Vec<Stashed>>,
     ctx: LayerContext,
     act_dtype: DType,
 }
@@ -362,7 +364,7 @@ impl Streams {
         // One call: the embeddings are read once, and not kept while the layers are pruned.
         let flat: Vec<u32> = calib.iter().flatten().copied().collect();
         let all = model.embed(&Tensor::from_vec(flat, (calib.len(), seqlen), &Device::Cpu)?)?;
-        let acts: Vec<Tensor> = (0..calib.len())
+        let acts: Vec<Stashed> = (0..calib.len())
             .step_by(batch.max(1))
             .map(|start| stash(all.narrow(0, start, batch.max(1).min(calib.len() - start))?.to_dtype(act_dtype)?))
             .collect::<Result<_>>()?;
@@ -374,13 +376,13 @@ impl Streams {
     /// Bytes of activations held on a GPU (none once spilled, or on the CPU).
     pub fn device_bytes(&self) -> usize {
         let tensors = self.acts.iter().chain(self.targets.iter().flatten());
-        tensors.filter(|t| !t.device().is_cpu()).map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
+        tensors.map(Stashed::gpu_bytes).sum()
     }
 
     /// Move the activations to where [`stash`] keeps them (host memory, once offloading is on).
     pub fn spill(&mut self) -> Result<()> {
         for t in self.acts.iter_mut().chain(self.targets.iter_mut().flatten()) {
-            *t = stash(t.clone())?;
+            *t = crate::device::restash(t.clone())?;
         }
         Ok(())
     }
@@ -413,45 +415,82 @@ impl Streams {
         let pruned_out = format!("output of pruned decoder layer {i}");
         let (known_dense, known_pruned) = known.map_or((&[][..], &[][..]), |k| (&k.dense[..], &k.pruned[..]));
         let mut flops = 0.0;
+        let (acts, none) = (&mut self.acts, &mut Vec::new());
         match self.mode {
             LayerInputs::Pruned => {
-                flops += forward(pruned_layer()?, &mut self.acts, known_pruned, ctx, dt, &pruned_out)?;
+                flops += forward(pruned_layer()?, acts, none, known_pruned, ctx, dt, &pruned_out)?;
             }
-            LayerInputs::Dense => flops += forward(dense_layer()?, &mut self.acts, known_dense, ctx, dt, &dense_out)?,
+            LayerInputs::Dense => flops += forward(dense_layer()?, acts, none, known_dense, ctx, dt, &dense_out)?,
             LayerInputs::Corrected => {
                 // The targets are another stream: nothing known of them.
                 let targets = self.targets.as_mut().expect("kept in the corrected walk");
-                flops += forward(dense_layer()?, targets, &[], ctx, dt, &dense_out)?;
-                flops += forward(pruned_layer()?, &mut self.acts, known_pruned, ctx, dt, &pruned_out)?;
+                flops += forward(dense_layer()?, targets, acts, &[], ctx, dt, &dense_out)?;
+                flops += forward(pruned_layer()?, acts, targets, known_pruned, ctx, dt, &pruned_out)?;
             }
         }
         Ok(flops)
     }
 }
 
-/// Replace each batch of `acts` by `layer`'s output on it (`known[b]` where given, in f32); returns the FLOPs
-/// spent.
+/// Replace each batch of `acts` by `layer`'s output on it (`known[b]` where given, in f32); `other` is the walk's
+/// other stream, if any. Returns the FLOPs spent.
 fn forward(
     layer: &dyn DecoderLayer,
-    acts: &mut [Tensor],
-    known: &[Tensor],
+    acts: &mut [Stashed],
+    other: &mut [Stashed],
+    known: &[Stashed],
     ctx: &LayerContext,
     act_dtype: DType,
     what: &str,
 ) -> Result<f64> {
+    let run = |x: &Tensor| layer.forward(&x.to_dtype(DType::F32)?, ctx, None);
+    let tokens = forward_batches(acts, other, known, act_dtype, what, &run)?;
+    Ok(tokens as f64 * Cost::of(layer, ctx.seqlen).forward())
+}
+
+/// [`forward`] with the layer's pass as `run`; returns the tokens it ran. Out of GPU memory with the activations
+/// on the GPU, both streams move to host memory (as for a layer's pruning, [`prune_or_spill`]) and the batch runs
+/// again: the batches before it are already replaced, so the pass goes on from there.
+fn forward_batches(
+    acts: &mut [Stashed],
+    other: &mut [Stashed],
+    known: &[Stashed],
+    act_dtype: DType,
+    what: &str,
+    run: &dyn Fn(&Tensor) -> Result<Tensor>,
+) -> Result<usize> {
     let mut tokens = 0;
-    for (b, x) in acts.iter_mut().enumerate() {
+    for b in 0..acts.len() {
         let y = match known.get(b) {
-            Some(y) => y.clone(),
+            Some(y) => fetch(y)?,
             None => {
-                tokens += x.dims()[0] * x.dims()[1];
-                layer.forward(&fetch(x)?.to_dtype(DType::F32)?, ctx, None)?
+                tokens += acts[b].dims()[0] * acts[b].dims()[1];
+                match run(&fetch(&acts[b])?) {
+                    Err(e) if crate::device::out_of_memory(&e) => {
+                        let held = acts.iter().chain(other.iter()).map(Stashed::gpu_bytes).sum();
+                        if crate::device::offloading() {
+                            return Err(out_of_memory(e, what, held));
+                        }
+                        eprintln!(
+                            "{what}: out of GPU memory with {} of calibration activations on it: holding them in \
+                             host memory from here (as --offload-activations does) and going on",
+                            crate::device::gib(held)
+                        );
+                        crate::device::set_offload(true);
+                        for t in acts.iter_mut().chain(other.iter_mut()) {
+                            *t = crate::device::restash(t.clone())?;
+                        }
+                        run(&fetch(&acts[b])?)
+                            .map_err(|e| if crate::device::out_of_memory(&e) { out_of_memory(e, what, 0) } else { e })?
+                    }
+                    y => y?,
+                }
             }
         };
         check_finite(&y, what)?;
-        *x = stash(y.to_dtype(act_dtype)?)?;
+        acts[b] = stash(y.to_dtype(act_dtype)?)?;
     }
-    Ok(tokens as f64 * Cost::of(layer, ctx.seqlen).forward())
+    Ok(tokens)
 }
 
 /// Visit every decoder layer with the dense model's calibration inputs of it (what OWL measures on).
@@ -480,7 +519,7 @@ type LayerResult = Result<(usize, Box<dyn DecoderLayer>, LayerReport)>;
 /// come. Each layer's computation is the same as in the sequential walk, so the result does not depend on
 /// `jobs`.
 struct Workers {
-    jobs: std::sync::mpsc::SyncSender<(usize, Vec<Tensor>)>,
+    jobs: std::sync::mpsc::SyncSender<(usize, Vec<Stashed>)>,
     results: std::sync::mpsc::Receiver<LayerResult>,
 }
 
@@ -493,7 +532,7 @@ impl Workers {
         ctx: &LayerContext,
     ) -> Self {
         use std::sync::{Arc, Mutex, mpsc};
-        let (job_tx, job_rx) = mpsc::sync_channel::<(usize, Vec<Tensor>)>(opts.jobs);
+        let (job_tx, job_rx) = mpsc::sync_channel::<(usize, Vec<Stashed>)>(opts.jobs);
         let job_rx = Arc::new(Mutex::new(job_rx));
         let (res_tx, res_rx) = mpsc::channel::<LayerResult>();
         for _ in 0..opts.jobs {
@@ -513,7 +552,7 @@ impl Workers {
         Self { jobs: job_tx, results: res_rx }
     }
 
-    fn submit(&self, i: usize, acts: Vec<Tensor>) -> Result<()> {
+    fn submit(&self, i: usize, acts: Vec<Stashed>) -> Result<()> {
         self.jobs.send((i, acts)).map_err(|_| anyhow!("the pruning workers stopped"))
     }
 
@@ -600,6 +639,7 @@ mod tests {
     /// out of memory once more, it gives up with an error naming the layer.
     #[test]
     fn out_of_gpu_memory_spills_the_activations_and_prunes_the_layer_again() {
+        let _one = crate::device::OFFLOAD_TESTS.lock().unwrap_or_else(|e| e.into_inner());
         crate::device::set_offload(false);
         let plain = walk(&SparseGpt::default()).unwrap();
         let spilled = walk(&OutOfMemoryAt { fail: vec![8], calls: Mutex::new(0) }).unwrap();
@@ -611,6 +651,41 @@ mod tests {
         let e = walk(&OutOfMemoryAt { fail: vec![8, 10], calls: Mutex::new(0) }).unwrap_err();
         let e = format!("{e:#}");
         assert!(e.contains("decoder layer 1: out of GPU memory") && e.contains("OUT_OF_MEMORY"), "{e}");
+        crate::device::set_offload(false);
+    }
+
+    /// Out of GPU memory in the pass to the next layer: both streams move to host memory and the pass goes on
+    /// from the batch that failed, to the same outputs; out of memory again, the error names the pass.
+    #[test]
+    fn out_of_gpu_memory_in_the_pass_to_the_next_layer_spills_and_goes_on() {
+        let _one = crate::device::OFFLOAD_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+        crate::device::set_offload(false);
+        let stream = || -> Vec<Stashed> {
+            (0..4).map(|k| Tensor::full(k as f32 + 0.5, (2, 3, 4), &Device::Cpu).unwrap().into()).collect()
+        };
+        let values = |s: &[Stashed]| -> Vec<Vec<f32>> {
+            s.iter().map(|t| fetch(t).unwrap().flatten_all().unwrap().to_vec1().unwrap()).collect()
+        };
+        let double = |x: &Tensor| -> Result<Tensor> { Ok((x * 2.0)?) };
+        let (mut plain, mut other) = (stream(), stream());
+        assert_eq!(forward_batches(&mut plain, &mut other, &[], DType::F32, "pass", &double).unwrap(), 24);
+        assert!(!crate::device::offloading());
+        let calls = std::cell::Cell::new(0);
+        let fails_third = |x: &Tensor| -> Result<Tensor> {
+            calls.set(calls.get() + 1);
+            anyhow::ensure!(calls.get() != 3, "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")");
+            double(x)
+        };
+        let (mut acts, mut other) = (stream(), stream());
+        assert_eq!(forward_batches(&mut acts, &mut other, &[], DType::F32, "pass", &fails_third).unwrap(), 24);
+        assert!(crate::device::offloading(), "the pass did not turn offloading on");
+        assert_eq!((calls.get(), values(&acts)), (5, values(&plain)), "calls, and the outputs");
+        assert_eq!(values(&other), values(&stream()), "the other stream changed");
+        calls.set(0);
+        let mut acts = stream();
+        let e = forward_batches(&mut acts, &mut [], &[], DType::F32, "output of decoder layer 3", &fails_third);
+        let e = format!("{:#}", e.unwrap_err());
+        assert!(e.contains("output of decoder layer 3: out of GPU memory") && e.contains("OUT_OF_MEMORY"), "{e}");
         crate::device::set_offload(false);
     }
 }

@@ -271,7 +271,7 @@ fn block_mask(wb: faer::MatRef<f32>, d: &[f32], pattern: Pattern) -> Option<mask
     }
 }
 
-/// sparsegpt.cu on the run's GPU: compiled once by NVRTC, one block of 128 threads per row.
+/// sparsegpt.cu on the run's GPU (PTX from build.rs, loaded once): one block of 128 threads per row.
 #[cfg(feature = "cuda")]
 mod gpu {
     use super::{Pattern, block_mask};
@@ -304,8 +304,12 @@ mod gpu {
                 (0, 0, crate::linalg::row_major(mask.as_ref(), u8::from))
             }
         };
-        let func =
-            crate::device::cuda_kernel(dev, "fistaprune_sparsegpt", include_str!("sparsegpt.cu"), "sparsegpt_sweep")?;
+        let func = crate::device::cuda_kernel(
+            dev,
+            "fistaprune_sparsegpt",
+            include_str!(concat!(env!("OUT_DIR"), "/sparsegpt.ptx")),
+            "sparsegpt_sweep",
+        )?;
         let mask = dev.clone_htod(&mask)?;
         let (mut q, mut err) = (dev.alloc_zeros::<f32>(rows * count)?, dev.alloc_zeros::<f32>(rows * count)?);
         {

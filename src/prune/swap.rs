@@ -236,7 +236,7 @@ struct Round<'a> {
 fn search(r: &Round) -> anyhow::Result<Vec<Found>> {
     #[cfg(feature = "cuda")]
     if let candle_core::Device::Cuda(dev) = crate::device::current()
-        && let Some(found) = gpu::search(dev, &Kernel::new(r))?
+        && let Some(found) = gpu::search(dev, &Kernel::new(r), r.p.g)?
     {
         return Ok(found);
     }
@@ -250,13 +250,12 @@ fn search(r: &Round) -> anyhow::Result<Vec<Found>> {
         .collect())
 }
 
-/// swap.cu's arguments: `G*` with row `j` its column `j` (as the host reads it), and `w`, `r = w G* − c` and
-/// the mask row-major. (The GPU's, and the tests' that run swap.cu on the host.)
+/// swap.cu's arguments but `G*` ([`kernel_g`]): `w`, `r = w G* − c` and the mask row-major. (The GPU's, and the
+/// tests' that run swap.cu on the host.)
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct Kernel {
     m: usize,
     n: usize,
-    g: Vec<f32>,
     gd: Vec<f32>,
     inv_gd: Vec<f32>,
     w: Vec<f32>,
@@ -265,6 +264,13 @@ struct Kernel {
     /// N:M's group size, 0 for unstructured.
     group: i32,
     cap: i32,
+}
+
+/// swap.cu's `g`: `G*` with row `j` its column `j`, as the host reads it (the GPU makes it on the device from the
+/// resident `G*`; the tests here).
+#[cfg(test)]
+fn kernel_g(g: &Mat<f32>) -> Vec<f32> {
+    (0..g.ncols()).flat_map(|j| g.col_as_slice(j)).copied().collect()
 }
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -276,7 +282,6 @@ impl Kernel {
         Kernel {
             m: w.nrows(),
             n: w.ncols(),
-            g: (0..p.g.ncols()).flat_map(|j| p.g.col_as_slice(j)).copied().collect(),
             gd: gd.to_vec(),
             inv_gd: inv_gd.to_vec(),
             w: row_major(w.as_ref(), |x| x),
@@ -308,15 +313,29 @@ impl Kernel {
     }
 }
 
-/// swap.cu on the run's GPU: compiled once by NVRTC, one block of 256 threads per row.
+/// swap.cu on the run's GPU (PTX from build.rs, loaded once): one block of 256 threads per row.
 #[cfg(feature = "cuda")]
 mod gpu {
     use super::{Found, Kernel};
     use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
 
-    pub(super) fn search(dev: &candle_core::CudaDevice, k: &Kernel) -> anyhow::Result<Option<Vec<Found>>> {
-        let func = crate::device::cuda_kernel(dev, "fistaprune_swap", include_str!("swap.cu"), "swap_search")?;
-        let (g, gd, inv_gd) = (dev.clone_htod(&k.g)?, dev.clone_htod(&k.gd)?, dev.clone_htod(&k.inv_gd)?);
+    pub(super) fn search(
+        dev: &candle_core::CudaDevice,
+        k: &Kernel,
+        g: &faer::Mat<f32>,
+    ) -> anyhow::Result<Option<Vec<Found>>> {
+        let func = crate::device::cuda_kernel(
+            dev,
+            "fistaprune_swap",
+            include_str!(concat!(env!("OUT_DIR"), "/swap.ptx")),
+            "swap_search",
+        )?;
+        // `G*` with row `j` its column `j`: transposed on the device from its resident copy (linalg::with_resident).
+        let gt = crate::linalg::mat_to_device(g, crate::device::current())?.t()?.contiguous()?;
+        let (gs, gl) = gt.storage_and_layout();
+        let candle_core::Storage::Cuda(gs) = &*gs else { anyhow::bail!("G* is not on the GPU") };
+        let g = gs.as_cuda_slice::<f32>()?.slice(gl.start_offset()..gl.start_offset() + k.n * k.n);
+        let (gd, inv_gd) = (dev.clone_htod(&k.gd)?, dev.clone_htod(&k.inv_gd)?);
         let (mut w, mut r, mut free) = (dev.clone_htod(&k.w)?, dev.clone_htod(&k.r)?, dev.clone_htod(&k.free)?);
         let (mut made, mut flops) = (dev.alloc_zeros::<i32>(k.m)?, dev.alloc_zeros::<f64>(k.m)?);
         let (m, n) = (k.m as i32, k.n as i32);
@@ -555,7 +574,7 @@ mod tests {
             let host = search(&round).unwrap();
             let kern = Kernel::new(&round);
             let mut input = bytes(&[m as i32, n as i32, kern.group, kern.cap], i32::to_le_bytes);
-            for v in [&kern.g, &kern.gd, &kern.inv_gd, &kern.w, &kern.r, &kern.free] {
+            for v in [&kernel_g(&g), &kern.gd, &kern.inv_gd, &kern.w, &kern.r, &kern.free] {
                 input.extend(bytes(v, f32::to_le_bytes));
             }
             let out = harness.run(&input);
