@@ -573,8 +573,11 @@ pub fn prune_layer(
                     Ok((st, tokens * per_token))
                 })
                 .with_context(|| format!("decoder layer {i}"))?;
+            // The group's operators share `G*`: one copy of it on the device for all of them.
             operators.extend(ledger.prune(|| {
-                group.iter().map(|n| prune_operator(work.as_mut(), i, n, Some(&st), method, pattern)).collect()
+                crate::linalg::with_resident(&[&st.gram], || {
+                    group.iter().map(|n| prune_operator(work.as_mut(), i, n, Some(&st), method, pattern)).collect()
+                })
             })?);
         }
         // The last group's operators on the tokens each layer ran.
@@ -595,9 +598,12 @@ pub fn prune_layer(
         operators = ledger.prune(|| {
             let mut ops = Vec::new();
             for (group, st) in groups.iter().zip(&stats) {
-                for n in group.iter() {
-                    ops.push(prune_operator(work.as_mut(), i, n, Some(st), method, pattern)?);
-                }
+                crate::linalg::with_resident(&[&st.gram], || -> Result<()> {
+                    for n in group.iter() {
+                        ops.push(prune_operator(work.as_mut(), i, n, Some(st), method, pattern)?);
+                    }
+                    Ok(())
+                })?;
             }
             Ok(ops)
         })?;
@@ -649,8 +655,9 @@ pub fn prune_operator(
     let w = tensor_to_mat(&lin.weight)?;
     let (rows, cols) = w.shape();
     pattern.check_cols(cols, &format!("layer {layer_idx} {name}"))?;
-    // `G*` goes to the device once for the method and the errors below (only it: each of the other statistics
-    // is asked for twice at most, and each resident copy adds to the layer's peak).
+    // `G*` goes to the device once for the method and the errors below, and for the group's other operators where
+    // the caller holds it there too (only it: each of the other statistics is asked for twice at most, and each
+    // resident copy adds to the layer's peak).
     let gram: Vec<&faer::Mat<f32>> = stats.map(|st| &st.gram).into_iter().collect();
     let (pruned, sparsity, rel_error, rel_error_mask_only) = crate::linalg::with_resident(&gram, || -> Result<_> {
         let pruned = method.prune(&w, stats, pattern).with_context(|| format!("layer {layer_idx} {name}"))?;
