@@ -20,11 +20,19 @@ fn main() {
     for k in KERNELS {
         let src = format!("src/prune/{k}.cu");
         println!("cargo::rerun-if-changed={src}");
-        // compute_90: PTX for H100/H200, which later GPUs also run (the driver compiles it for them). FMA
-        // contraction off, so that kernels written with the host's f32 expressions give the host's bits.
+        // compute_90: PTX for H100/H200 (candle's own kernels are built for sm_90a, so the binary is for Hopper
+        // GPUs anyway). FMA contraction, flush-to-zero and approximate division off, so that kernels written with
+        // the host's f32 expressions give the host's bits. nvcc would add NVCC_APPEND_FLAGS/NVCC_PREPEND_FLAGS
+        // from the environment: a `--use_fast_math` there would break those bits, unseen by cargo.
         let ptx = out.join(format!("{k}.ptx"));
-        let run =
-            Command::new(&nvcc).args(["--ptx", "-arch=compute_90", "--fmad=false", "-o"]).arg(&ptx).arg(&src).output();
+        let run = Command::new(&nvcc)
+            .args(["--ptx", "-arch=compute_90", "--fmad=false", "-ftz=false", "-prec-div=true", "-prec-sqrt=true"])
+            .arg("-o")
+            .arg(&ptx)
+            .arg(&src)
+            .env_remove("NVCC_APPEND_FLAGS")
+            .env_remove("NVCC_PREPEND_FLAGS")
+            .output();
         match run {
             Ok(o) if o.status.success() => {}
             Ok(o) => panic!("{nvcc} could not compile {src}:\n{}", String::from_utf8_lossy(&o.stderr)),

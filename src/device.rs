@@ -106,18 +106,35 @@ pub fn stash(t: Tensor) -> Result<Stashed> {
     if !offloading() {
         return Ok(t.into());
     }
-    #[cfg(feature = "cuda")]
-    if let Some(block) = pinned::store(&t)? {
-        return Ok(Stashed { dims: t.dims().to_vec(), dtype: t.dtype(), at: At::Pinned(std::sync::Arc::new(block)) });
+    if t.device().is_cpu() {
+        // Copied: the first layer's batches are views of all the calibration embeddings, which would stay.
+        return Ok(t.force_contiguous()?.into());
     }
-    // Copied out on its device first: candle's `to_device` moves a view's whole storage, and the first layer's
-    // batches are views of all the calibration embeddings.
+    #[cfg(feature = "cuda")]
+    {
+        let held = |e: anyhow::Error| e.context("holding a calibration activation in host memory");
+        if let Some(block) = pinned::store(&t).map_err(held)? {
+            let at = At::Pinned(std::sync::Arc::new(block));
+            return Ok(Stashed { dims: t.dims().to_vec(), dtype: t.dtype(), at });
+        }
+        if let Some(host) = pinned::download(&t).map_err(held)? {
+            return Ok(host.into());
+        }
+    }
+    // Copied out on its device first: candle's `to_device` moves a view's whole storage.
     Ok(t.force_contiguous()?.to_device(&Device::Cpu)?.into())
+}
+
+/// Give back the pinned host memory that offloading holds and no activation uses (at the end of a walk).
+pub fn release_pinned() {
+    #[cfg(feature = "cuda")]
+    pinned::release();
 }
 
 /// `s` where [`stash`] keeps activations now (once [`set_offload`] has turned offloading on).
 pub fn restash(s: Stashed) -> Result<Stashed> {
     match s.at {
+        At::Tensor(t) if t.device().is_cpu() => Ok(Stashed { at: At::Tensor(t), ..s }),
         At::Tensor(t) => stash(t),
         #[cfg(feature = "cuda")]
         At::Pinned(_) => Ok(s),
@@ -164,8 +181,7 @@ pub fn cuda_kernel(
 }
 
 /// Whether `e` came from the GPU running out of memory: the driver reports it as `CUDA_ERROR_OUT_OF_MEMORY`,
-/// cuBLAS and cuSOLVER (a workspace they could not get) as `CUBLAS_STATUS_ALLOC_FAILED` and
-/// `CUSOLVER_STATUS_ALLOC_FAILED`, somewhere in the error's chain.
+/// cuBLAS (a workspace it could not get) as `CUBLAS_STATUS_ALLOC_FAILED`, somewhere in the error's chain.
 pub fn out_of_memory(e: &anyhow::Error) -> bool {
     let chain = format!("{e:#}");
     chain.contains("OUT_OF_MEMORY") || chain.contains("STATUS_ALLOC_FAILED")
@@ -185,8 +201,8 @@ pub fn gib(bytes: usize) -> String {
     format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
 }
 
-/// What to do about an error that came from the GPU running out of memory (CUDA reports it as
-/// `CUDA_ERROR_OUT_OF_MEMORY` somewhere in the error's chain), or `None` for any other error.
+/// What to do about an error that came from the GPU running out of memory ([`out_of_memory`]), or `None` for
+/// any other error.
 pub fn hint(e: &anyhow::Error) -> Option<&'static str> {
     out_of_memory(e).then_some(
         "the GPU ran out of memory: --offload-activations holds the calibration activations in host memory \
@@ -258,12 +274,19 @@ mod pinned {
             return Some(pool.free.swap_remove(i));
         }
         let bytes = len * dtype.size_in_bytes();
-        while pool.pinned + bytes > limit()
-            && let Some(b) = pool.free.pop()
-        {
-            pool.pinned -= b.bytes();
+        // Free buffers of other sizes are released only where that makes room: near the limit, buffers of two
+        // sizes used in turn would otherwise be pinned again and again.
+        let idle: usize = pool.free.iter().map(Buf::bytes).sum();
+        if pool.pinned + bytes > limit() && pool.pinned - idle + bytes <= limit() {
+            while pool.pinned + bytes > limit()
+                && let Some(b) = pool.free.pop()
+            {
+                pool.pinned -= b.bytes();
+            }
         }
-        let why = if pool.pinned + bytes > limit() {
+        let why = if limit() == 0 {
+            Err("the available host memory could not be read, so none is pinned".to_string())
+        } else if pool.pinned + bytes > limit() {
             Err(format!("{} pinned, the limit (half of the available host memory)", super::gib(pool.pinned)))
         } else {
             // SAFETY: the buffer is written by a copy from the GPU before anything reads it.
@@ -292,6 +315,32 @@ mod pinned {
         }
     }
 
+    /// Unpin the buffers not in use (at the end of a walk: the memory goes back to the host).
+    pub fn release() {
+        if let Ok(mut pool) = POOL.lock() {
+            let idle: usize = pool.free.iter().map(Buf::bytes).sum();
+            pool.pinned -= idle;
+            pool.free.clear();
+        }
+    }
+
+    /// `t`, on a GPU, in pageable host memory: only its view's elements (the first layer's batches are views of
+    /// all the calibration embeddings), and without a copy on the GPU first; `None` for other dtypes.
+    pub fn download(t: &Tensor) -> Result<Option<Tensor>> {
+        let Device::Cuda(dev) = t.device() else { return Ok(None) };
+        let t = t.contiguous()?;
+        let (storage, layout) = t.storage_and_layout();
+        let Storage::Cuda(cs) = &*storage else { return Ok(None) };
+        let range = layout.start_offset()..layout.start_offset() + t.elem_count();
+        let cpu = &Device::Cpu;
+        Ok(Some(match &cs.slice {
+            CudaStorageSlice::F32(s) => Tensor::from_vec(dev.clone_dtoh(&s.slice(range))?, t.dims(), cpu)?,
+            CudaStorageSlice::BF16(s) => Tensor::from_vec(dev.clone_dtoh(&s.slice(range))?, t.dims(), cpu)?,
+            CudaStorageSlice::F16(s) => Tensor::from_vec(dev.clone_dtoh(&s.slice(range))?, t.dims(), cpu)?,
+            _ => return Ok(None),
+        }))
+    }
+
     /// An activation in pinned memory; its buffer goes back to the pool when the last copy of it is dropped.
     pub struct Block {
         buf: Option<Buf>,
@@ -310,6 +359,9 @@ mod pinned {
     /// after it); `None` where `t` is not on a GPU or no buffer is to be had.
     pub fn store(t: &Tensor) -> Result<Option<Block>> {
         let Device::Cuda(dev) = t.device() else { return Ok(None) };
+        if t.elem_count() == 0 {
+            return Ok(None);
+        }
         let t = t.contiguous()?;
         let Some(buf) = take(dev.cuda_stream().context(), t.dtype(), t.elem_count()) else { return Ok(None) };
         let mut block = Block { buf: Some(buf), dev: dev.clone() };

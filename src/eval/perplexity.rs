@@ -48,11 +48,14 @@ pub struct PplResult {
 
 /// Sum of `−log p(target)` over the rows of a `(rows, vocab)` logits matrix.
 pub fn nll_sum(logits: &[f32], vocab: usize, targets: &[u32]) -> f64 {
-    logits
+    // Rows on all threads, summed in order: a parallel sum's association follows how the work was split, which
+    // varies run to run, and so did the perplexity's last digits.
+    let rows: Vec<f64> = logits
         .par_chunks_exact(vocab)
         .zip(targets.par_iter())
         .map(|(row, &tgt)| crate::linalg::logsumexp(row) - row[tgt as usize] as f64)
-        .sum()
+        .collect();
+    rows.iter().sum()
 }
 
 /// Tokens per chunk of logits: a `(HEAD_CHUNK, vocab)` buffer is reused instead of materialising
@@ -188,4 +191,24 @@ pub fn perplexity(model: &dyn CausalLm, windows: &[Vec<u32>], opts: &PplOptions)
         tokens_per_second: (windows.len() * seqlen) as f64 / seconds,
         gflop_per_second: model.config().flops_per_token(seqlen) * (windows.len() * seqlen) as f64 / seconds / 1e9,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    /// The rows' terms are summed in row order whatever the thread count, so a perplexity does not change in its
+    /// last digits from run to run (a parallel sum's association follows how rayon split the work).
+    #[test]
+    fn the_nll_is_summed_in_row_order() {
+        let (rows, vocab) = (3000, 7);
+        let logits: Vec<f32> = (0..rows * vocab).map(|i| ((i * 7919 % 1013) as f32 / 97.0).sin() * 3.0).collect();
+        let targets: Vec<u32> = (0..rows).map(|r| (r * 5 % vocab) as u32).collect();
+        let serial = logits
+            .chunks_exact(vocab)
+            .zip(&targets)
+            .fold(0f64, |s, (row, &t)| s + (crate::linalg::logsumexp(row) - row[t as usize] as f64));
+        let pool = |n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap();
+        for threads in [1, 2, 3, 8] {
+            assert_eq!(pool(threads).install(|| super::nll_sum(&logits, vocab, &targets)), serial, "{threads} threads");
+        }
+    }
 }

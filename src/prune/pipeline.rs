@@ -253,6 +253,7 @@ pub fn prune_model(
         Ok(walk.reports)
     })?;
     pb.finish_and_clear();
+    crate::device::release_pinned();
     let mut reports = reports;
     reports.sort_by_key(|r| r.layer);
     Ok(reports)
@@ -461,31 +462,40 @@ fn forward_batches(
 ) -> Result<usize> {
     let mut tokens = 0;
     for b in 0..acts.len() {
-        let y = match known.get(b) {
-            Some(y) => fetch(y)?,
-            None => {
-                tokens += acts[b].dims()[0] * acts[b].dims()[1];
-                match run(&fetch(&acts[b])?) {
-                    Err(e) if crate::device::out_of_memory(&e) => {
-                        let held = acts.iter().chain(other.iter()).map(Stashed::gpu_bytes).sum();
-                        if crate::device::offloading() {
-                            return Err(out_of_memory(e, what, held));
-                        }
-                        eprintln!(
-                            "{what}: out of GPU memory with {} of calibration activations on it: holding them in \
-                             host memory from here (as --offload-activations does) and going on",
-                            crate::device::gib(held)
-                        );
-                        crate::device::set_offload(true);
-                        for t in acts.iter_mut().chain(other.iter_mut()) {
-                            *t = crate::device::restash(t.clone())?;
-                        }
-                        run(&fetch(&acts[b])?)
-                            .map_err(|e| if crate::device::out_of_memory(&e) { out_of_memory(e, what, 0) } else { e })?
-                    }
-                    y => y?,
+        if let Some(y) = known.get(b) {
+            check_finite(&fetch(y)?, what)?;
+            // In the stream's dtype already: kept where the stream keeps it, without a round trip through the GPU.
+            acts[b] = if y.dtype() == act_dtype {
+                crate::device::restash(y.clone())?
+            } else {
+                stash(fetch(y)?.to_dtype(act_dtype)?)?
+            };
+            continue;
+        }
+        tokens += acts[b].dims()[0] * acts[b].dims()[1];
+        let x = fetch(&acts[b])?;
+        let y = run(&x);
+        // Not held through a retry: on the GPU, the batch would be there twice.
+        drop(x);
+        let y = match y {
+            Err(e) if crate::device::out_of_memory(&e) => {
+                let held = acts.iter().chain(other.iter()).chain(known).map(Stashed::gpu_bytes).sum();
+                if crate::device::offloading() {
+                    return Err(out_of_memory(e, what, held));
                 }
+                eprintln!(
+                    "{what}: out of GPU memory with {} of calibration activations on it: holding them in host \
+                     memory from here (as --offload-activations does) and going on",
+                    crate::device::gib(held)
+                );
+                crate::device::set_offload(true);
+                for t in acts.iter_mut().chain(other.iter_mut()) {
+                    *t = crate::device::restash(t.clone())?;
+                }
+                run(&fetch(&acts[b])?)
+                    .map_err(|e| if crate::device::out_of_memory(&e) { out_of_memory(e, what, 0) } else { e })?
             }
+            y => y?,
         };
         check_finite(&y, what)?;
         acts[b] = stash(y.to_dtype(act_dtype)?)?;

@@ -266,11 +266,18 @@ struct Kernel {
     cap: i32,
 }
 
-/// swap.cu's `g`: `G*` with row `j` its column `j`, as the host reads it (the GPU makes it on the device from the
-/// resident `G*`; the tests here).
+/// swap.cu's `g`: `G*` with row `j` its column `j`, as the host reads it (for the tests that run swap.cu on the
+/// host; the GPU makes it with [`kernel_g_on`]).
 #[cfg(test)]
 fn kernel_g(g: &Mat<f32>) -> Vec<f32> {
     (0..g.ncols()).flat_map(|j| g.col_as_slice(j)).copied().collect()
+}
+
+/// [`kernel_g`] on `device`, transposed there from `G*`'s resident copy ([`crate::linalg::with_resident`]): no
+/// host copy of `n²` values and no upload per swap round.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn kernel_g_on(g: &Mat<f32>, device: &candle_core::Device) -> anyhow::Result<candle_core::Tensor> {
+    Ok(crate::linalg::mat_to_device(g, device)?.t()?.contiguous()?)
 }
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -330,8 +337,7 @@ mod gpu {
             include_str!(concat!(env!("OUT_DIR"), "/swap.ptx")),
             "swap_search",
         )?;
-        // `G*` with row `j` its column `j`: transposed on the device from its resident copy (linalg::with_resident).
-        let gt = crate::linalg::mat_to_device(g, crate::device::current())?.t()?.contiguous()?;
+        let gt = super::kernel_g_on(g, crate::device::current())?;
         let (gs, gl) = gt.storage_and_layout();
         let candle_core::Storage::Cuda(gs) = &*gs else { anyhow::bail!("G* is not on the GPU") };
         let g = gs.as_cuda_slice::<f32>()?.slice(gl.start_offset()..gl.start_offset() + k.n * k.n);
@@ -419,6 +425,17 @@ mod tests {
     use crate::prune::fista::matmul;
     use crate::prune::mask;
     use faer::Accum;
+
+    /// The GPU's `G*` for the kernel, made by transposing the resident copy on the device, is the host's
+    /// [`kernel_g`] exactly (an asymmetric `G*`, so that a missing transpose shows).
+    #[test]
+    fn the_kernels_g_made_on_the_device_is_the_hosts() {
+        let g = Mat::from_fn(5, 5, |i, j| (i * 5 + j) as f32 + if i < j { 0.25 } else { 0.0 });
+        let on = kernel_g_on(&g, &candle_core::Device::Cpu).unwrap();
+        assert_eq!(on.flatten_all().unwrap().to_vec1::<f32>().unwrap(), kernel_g(&g));
+        let held = crate::linalg::with_resident(&[&g], || kernel_g_on(&g, &candle_core::Device::Cpu).unwrap());
+        assert_eq!(held.flatten_all().unwrap().to_vec1::<f32>().unwrap(), kernel_g(&g));
+    }
 
     /// A random operator with correlated inputs: (W, G*, C = W XᵀX*, K), X* a perturbed X.
     fn problem(m: usize, n: usize, seed: u64) -> (Mat<f32>, Mat<f32>, Mat<f32>, f64) {
