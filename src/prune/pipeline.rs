@@ -287,10 +287,14 @@ fn prune_or_spill(
     );
     crate::device::set_offload(true);
     s.spill()?;
-    let mut p =
-        attempt(Some(s)).map_err(|e| if crate::device::out_of_memory(&e) { out_of_memory(e, &what, 0) } else { e })?;
+    let mut p = attempt(Some(s)).map_err(|e| with_oom_context(e, &what))?;
     p.report.spilled = true;
     Ok(p)
+}
+
+/// An error of `what` with the activations already in host memory: out of GPU memory, it says where.
+fn with_oom_context(e: anyhow::Error, what: &str) -> anyhow::Error {
+    if crate::device::out_of_memory(&e) { out_of_memory(e, what, 0) } else { e }
 }
 
 /// An out-of-memory error of `what` (a layer's pruning, or its pass), with what the GPU held: `held` bytes of
@@ -362,14 +366,11 @@ impl Streams {
         act_dtype: DType,
     ) -> Result<Self> {
         let seqlen = calib.first().map(|s| s.len()).ok_or_else(|| anyhow!("no calibration samples"))?;
-        // One call: the embeddings are read once, and not kept while the layers are pruned.
-        let flat: Vec<u32> = calib.iter().flatten().copied().collect();
-        let all = model.embed(&Tensor::from_vec(flat, (calib.len(), seqlen), &Device::Cpu)?)?;
-        let acts: Vec<Stashed> = (0..calib.len())
-            .step_by(batch.max(1))
-            .map(|start| stash(all.narrow(0, start, batch.max(1).min(calib.len() - start))?.to_dtype(act_dtype)?))
-            .collect::<Result<_>>()?;
-        drop(all);
+        let embed = |samples: &[Vec<u32>]| -> Result<Tensor> {
+            let flat: Vec<u32> = samples.iter().flatten().copied().collect();
+            model.embed(&Tensor::from_vec(flat, (samples.len(), seqlen), &Device::Cpu)?)
+        };
+        let acts = embed_batches(&embed, calib, batch.max(1), act_dtype)?;
         let targets = (mode == LayerInputs::Corrected).then(|| acts.clone());
         Ok(Self { mode, acts, targets, ctx: model.context(seqlen)?, act_dtype })
     }
@@ -433,6 +434,40 @@ impl Streams {
     }
 }
 
+/// The calibration samples embedded, in batches of `batch`, where [`stash`] keeps activations. One call for all of
+/// them, so that the embedding matrix is read once (it is not kept while the layers are pruned). Out of GPU
+/// memory, the activations go to host memory from here (as for a layer's pruning, [`prune_or_spill`]) and each
+/// batch is embedded on its own.
+fn embed_batches(
+    embed: &dyn Fn(&[Vec<u32>]) -> Result<Tensor>,
+    calib: &[Vec<u32>],
+    batch: usize,
+    act_dtype: DType,
+) -> Result<Vec<Stashed>> {
+    let what = "the embedding of the calibration set";
+    match embed(calib) {
+        Err(e) if crate::device::out_of_memory(&e) && !crate::device::offloading() => {
+            eprintln!(
+                "{what}: out of GPU memory: holding the activations in host memory from here (as \
+                 --offload-activations does) and embedding one batch at a time"
+            );
+            crate::device::set_offload(true);
+            let one = |b: &[Vec<u32>]| -> Result<Stashed> {
+                let x = embed(b).map_err(|e| with_oom_context(e, what))?;
+                stash(x.to_dtype(act_dtype)?)
+            };
+            calib.chunks(batch).map(one).collect()
+        }
+        all => {
+            let all = all.map_err(|e| with_oom_context(e, what))?;
+            let starts = (0..calib.len()).step_by(batch);
+            starts
+                .map(|start| stash(all.narrow(0, start, batch.min(calib.len() - start))?.to_dtype(act_dtype)?))
+                .collect()
+        }
+    }
+}
+
 /// Replace each batch of `acts` by `layer`'s output on it (`known[b]` where given, in f32); `other` is the walk's
 /// other stream, if any. Returns the FLOPs spent.
 fn forward(
@@ -492,8 +527,7 @@ fn forward_batches(
                 for t in acts.iter_mut().chain(other.iter_mut()) {
                     *t = crate::device::restash(t.clone())?;
                 }
-                run(&fetch(&acts[b])?)
-                    .map_err(|e| if crate::device::out_of_memory(&e) { out_of_memory(e, what, 0) } else { e })?
+                run(&fetch(&acts[b])?).map_err(|e| with_oom_context(e, what))?
             }
             y => y?,
         };
@@ -661,6 +695,36 @@ mod tests {
         let e = walk(&OutOfMemoryAt { fail: vec![8, 10], calls: Mutex::new(0) }).unwrap_err();
         let e = format!("{e:#}");
         assert!(e.contains("decoder layer 1: out of GPU memory") && e.contains("OUT_OF_MEMORY"), "{e}");
+        crate::device::set_offload(false);
+    }
+
+    /// Out of GPU memory embedding the whole calibration set at once: the activations go to host memory and each
+    /// batch is embedded on its own, to the same values.
+    #[test]
+    fn out_of_gpu_memory_in_the_embedding_embeds_batch_by_batch() {
+        let _one = crate::device::OFFLOAD_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+        crate::device::set_offload(false);
+        let calib: Vec<Vec<u32>> = (0..5).map(|s| (0..4).map(|t| s * 10 + t).collect()).collect();
+        let embed = |samples: &[Vec<u32>]| -> Result<Tensor> {
+            let flat: Vec<f32> = samples.iter().flatten().map(|&id| id as f32).collect();
+            Ok(Tensor::from_vec(flat, (samples.len(), 4, 1), &Device::Cpu)?.repeat((1, 1, 3))?)
+        };
+        let fails_whole = |samples: &[Vec<u32>]| -> Result<Tensor> {
+            anyhow::ensure!(samples.len() <= 2, "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")");
+            embed(samples)
+        };
+        let values = |s: &[Stashed]| -> Vec<Vec<f32>> {
+            s.iter().map(|t| fetch(t).unwrap().flatten_all().unwrap().to_vec1().unwrap()).collect()
+        };
+        let whole = embed_batches(&embed, &calib, 2, DType::F32).unwrap();
+        assert!(!crate::device::offloading());
+        let batched = embed_batches(&fails_whole, &calib, 2, DType::F32).unwrap();
+        assert!(crate::device::offloading(), "the embedding did not turn offloading on");
+        assert_eq!(batched.iter().map(|t| t.dims()[0]).collect::<Vec<_>>(), [2, 2, 1]);
+        assert_eq!(values(&batched), values(&whole));
+        // Already offloaded: out of memory is an error naming the embedding.
+        let e = embed_batches(&fails_whole, &calib, 2, DType::F32).err().expect("an error");
+        assert!(format!("{e:#}").contains("the embedding of the calibration set: out of GPU memory"), "{e:#}");
         crate::device::set_offload(false);
     }
 
