@@ -83,10 +83,11 @@ g2=$($B --device cuda generate --model tests/fixtures/llama --prompt "The tower 
 rec "{\"step\":\"generate\",\"same\":$([ "$g1" == "$g2" ] && echo true || echo false)}"
 
 echo "== 2c. pruned checkpoints, cuda against cpu (LLaMA fixture, 8 × 64 calibration tokens)"
-# fista-2:4 runs the swap search's N:M branch (swap.cu), fista its unstructured one.
-for meth in magnitude wanda sparsegpt fista fista-2:4; do
+# fista-2:4 runs the swap search's N:M branch (swap.cu), fista its unstructured one; wanda-owl OWL's allocation.
+for meth in magnitude wanda sparsegpt fista fista-2:4 wanda-owl; do
   case $meth in
     fista-2:4) target="--method fista --pattern 2:4" ;;
+    wanda-owl) target="--method wanda --sparsity 0.5 --owl" ;;
     *) target="--method $meth --sparsity 0.5" ;;
   esac
   # cuda twice: the issue asks for the same bytes run to run on one card.
