@@ -212,6 +212,73 @@ pub fn hint(e: &anyhow::Error) -> Option<&'static str> {
     )
 }
 
+/// The bookkeeping of a pool of reusable buffers within a byte limit, keyed by dtype and length: the pinned
+/// memory's ([`pinned`]), apart from CUDA so that it is tested on any machine.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct Pool<B> {
+    /// The buffers not in use, with their keys and bytes.
+    free: Vec<((DType, usize), usize, B)>,
+    /// Bytes held in all, in use or not.
+    held: usize,
+    /// Whether a request was refused yet.
+    refused: bool,
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+impl<B> Pool<B> {
+    const fn new() -> Self {
+        Self { free: Vec::new(), held: 0, refused: false }
+    }
+
+    /// A buffer for `key` (`bytes` long): a free one of that key, else a new one from `make` if it fits within
+    /// `limit`. Free buffers of other keys are released only where that makes room: near the limit, buffers of
+    /// two sizes used in turn would otherwise be made again and again. `Err`: why there is none.
+    fn take(
+        &mut self,
+        key: (DType, usize),
+        bytes: usize,
+        limit: usize,
+        make: impl FnOnce() -> Result<B, String>,
+    ) -> Result<B, String> {
+        if let Some(i) = self.free.iter().position(|f| f.0 == key) {
+            return Ok(self.free.swap_remove(i).2);
+        }
+        if limit == 0 {
+            return Err("the available host memory could not be read, so none is pinned".into());
+        }
+        let idle: usize = self.free.iter().map(|f| f.1).sum();
+        if self.held + bytes > limit && self.held - idle + bytes <= limit {
+            while self.held + bytes > limit
+                && let Some(f) = self.free.pop()
+            {
+                self.held -= f.1;
+            }
+        }
+        if self.held + bytes > limit {
+            return Err(format!("{} pinned, the limit (half of the available host memory)", gib(self.held)));
+        }
+        let b = make()?;
+        self.held += bytes;
+        Ok(b)
+    }
+
+    /// `b`, taken for `key`, free again.
+    fn give(&mut self, key: (DType, usize), bytes: usize, b: B) {
+        self.free.push((key, bytes, b));
+    }
+
+    /// Drop the free buffers.
+    fn release(&mut self) {
+        self.held -= self.free.iter().map(|f| f.1).sum::<usize>();
+        self.free.clear();
+    }
+
+    /// Whether this is the first refusal (for a notice said once).
+    fn first_refusal(&mut self) -> bool {
+        !std::mem::replace(&mut self.refused, true)
+    }
+}
+
 /// Page-locked host memory for offloaded activations, from a pool: pinning costs about as much as the copy it
 /// speeds up, so buffers are pinned once and reused by the next batches and layers, whose activations have the
 /// same sizes. At most half of the available host memory is pinned: the rest stays pageable, for the host's own
@@ -234,30 +301,7 @@ mod pinned {
         F16(PinnedHostSlice<f16>),
     }
 
-    impl Buf {
-        fn dtype_len(&self) -> (DType, usize) {
-            match self {
-                Buf::F32(p) => (DType::F32, p.len()),
-                Buf::Bf16(p) => (DType::BF16, p.len()),
-                Buf::F16(p) => (DType::F16, p.len()),
-            }
-        }
-
-        fn bytes(&self) -> usize {
-            let (dtype, len) = self.dtype_len();
-            len * dtype.size_in_bytes()
-        }
-    }
-
-    /// The buffers not in use, and the bytes pinned in all (in use or not).
-    struct Pool {
-        free: Vec<Buf>,
-        pinned: usize,
-        /// Whether the pool stopped growing (the limit reached or the driver refused), said once.
-        full: bool,
-    }
-
-    static POOL: Mutex<Pool> = Mutex::new(Pool { free: Vec::new(), pinned: 0, full: false });
+    static POOL: Mutex<super::Pool<Buf>> = Mutex::new(super::Pool::new());
 
     /// Half of the host memory available when the first buffer is pinned ([`crate::util::available_memory`],
     /// which knows a container's limit), or nothing where it cannot be read.
@@ -266,48 +310,30 @@ mod pinned {
         *LIMIT.get_or_init(|| crate::util::available_memory().map_or(0, |b| b as usize / 2))
     }
 
-    /// A pinned buffer of `len` elements of `dtype`: one the pool holds, or a new one within the limit (the
-    /// free buffers of other sizes are released first to make room).
+    /// A pinned buffer of `len` elements of `dtype` ([`super::Pool::take`]); `None` (and a notice, once) where
+    /// there is none to be had.
     fn take(ctx: &Arc<CudaContext>, dtype: DType, len: usize) -> Option<Buf> {
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return None;
+        }
         let mut pool = POOL.lock().ok()?;
-        if let Some(i) = pool.free.iter().position(|b| b.dtype_len() == (dtype, len)) {
-            return Some(pool.free.swap_remove(i));
-        }
         let bytes = len * dtype.size_in_bytes();
-        // Free buffers of other sizes are released only where that makes room: near the limit, buffers of two
-        // sizes used in turn would otherwise be pinned again and again.
-        let idle: usize = pool.free.iter().map(Buf::bytes).sum();
-        if pool.pinned + bytes > limit() && pool.pinned - idle + bytes <= limit() {
-            while pool.pinned + bytes > limit()
-                && let Some(b) = pool.free.pop()
-            {
-                pool.pinned -= b.bytes();
-            }
-        }
-        let why = if limit() == 0 {
-            Err("the available host memory could not be read, so none is pinned".to_string())
-        } else if pool.pinned + bytes > limit() {
-            Err(format!("{} pinned, the limit (half of the available host memory)", super::gib(pool.pinned)))
-        } else {
+        let pin = || {
             // SAFETY: the buffer is written by a copy from the GPU before anything reads it.
             unsafe {
                 match dtype {
                     DType::F32 => ctx.alloc_pinned_with_flags::<f32>(len, 0).map(Buf::F32),
                     DType::BF16 => ctx.alloc_pinned_with_flags::<bf16>(len, 0).map(Buf::Bf16),
-                    DType::F16 => ctx.alloc_pinned_with_flags::<f16>(len, 0).map(Buf::F16),
-                    _ => return None,
+                    _ => ctx.alloc_pinned_with_flags::<f16>(len, 0).map(Buf::F16),
                 }
             }
             .map_err(|e| format!("the driver refused to pin {}: {e:?}", super::gib(bytes)))
         };
-        match why {
-            Ok(buf) => {
-                pool.pinned += bytes;
-                Some(buf)
-            }
+        match pool.take((dtype, len), bytes, limit(), pin) {
+            Ok(buf) => Some(buf),
             Err(why) => {
                 // A notice, once: the run goes on, with slower copies.
-                if !std::mem::replace(&mut pool.full, true) {
+                if pool.first_refusal() {
                     eprintln!("offloaded activations: {why}; the rest go to pageable host memory");
                 }
                 None
@@ -318,9 +344,7 @@ mod pinned {
     /// Unpin the buffers not in use (at the end of a walk: the memory goes back to the host).
     pub fn release() {
         if let Ok(mut pool) = POOL.lock() {
-            let idle: usize = pool.free.iter().map(Buf::bytes).sum();
-            pool.pinned -= idle;
-            pool.free.clear();
+            pool.release();
         }
     }
 
@@ -344,13 +368,15 @@ mod pinned {
     /// An activation in pinned memory; its buffer goes back to the pool when the last copy of it is dropped.
     pub struct Block {
         buf: Option<Buf>,
+        dtype: DType,
+        len: usize,
         dev: CudaDevice,
     }
 
     impl Drop for Block {
         fn drop(&mut self) {
             if let (Some(buf), Ok(mut pool)) = (self.buf.take(), POOL.lock()) {
-                pool.free.push(buf);
+                pool.give((self.dtype, self.len), self.len * self.dtype.size_in_bytes(), buf);
             }
         }
     }
@@ -364,7 +390,7 @@ mod pinned {
         }
         let t = t.contiguous()?;
         let Some(buf) = take(dev.cuda_stream().context(), t.dtype(), t.elem_count()) else { return Ok(None) };
-        let mut block = Block { buf: Some(buf), dev: dev.clone() };
+        let mut block = Block { buf: Some(buf), dtype: t.dtype(), len: t.elem_count(), dev: dev.clone() };
         let (storage, layout) = t.storage_and_layout();
         let Storage::Cuda(cs) = &*storage else { return Ok(None) };
         let range = layout.start_offset()..layout.start_offset() + t.elem_count();
@@ -484,6 +510,40 @@ mod tests {
         let cublas = anyhow!("cublas error: CUBLAS_STATUS_ALLOC_FAILED").context("decoder layer 3");
         assert!(hint(&cublas).is_some());
         assert!(hint(&anyhow!("decoder layer 3: shape mismatch")).is_none());
+    }
+
+    /// The pinned memory's bookkeeping: buffers are reused by key, new ones stay within the limit, idle ones of
+    /// other sizes are released only where that makes room, and a refusal says why.
+    #[test]
+    fn the_pool_reuses_buffers_and_stays_within_its_limit() {
+        let made = std::cell::Cell::new(0);
+        let make = || -> Result<u32, String> {
+            made.set(made.get() + 1);
+            Ok(made.get())
+        };
+        let (f32s, limit) = (|n: usize| (DType::F32, n), 100);
+        let mut pool = Pool::new();
+        assert_eq!(pool.take(f32s(10), 40, limit, make), Ok(1));
+        pool.give(f32s(10), 40, 1);
+        assert_eq!(pool.take(f32s(10), 40, limit, make), Ok(1), "reused");
+        let e = pool.take(f32s(20), 80, limit, make).unwrap_err();
+        assert!(e.contains("the limit"), "{e}");
+        pool.give(f32s(10), 40, 1);
+        assert_eq!(pool.take(f32s(20), 80, limit, make), Ok(2), "the idle buffer released to make room");
+        assert_eq!(pool.take((DType::BF16, 5), 10, limit, make), Ok(3));
+        assert_eq!(pool.held, 90);
+        pool.give(f32s(20), 80, 2);
+        // Releasing every idle buffer would not make room for this one: none is released.
+        assert!(pool.take(f32s(30), 120, limit, make).is_err());
+        assert_eq!(pool.take(f32s(20), 80, limit, make), Ok(2), "kept");
+        assert!(pool.take(f32s(1), 4, limit, || Err("refused".into())).is_err_and(|e| e == "refused"));
+        assert_eq!((pool.held, made.get()), (90, 3));
+        pool.give(f32s(20), 80, 2);
+        pool.give((DType::BF16, 5), 10, 3);
+        pool.release();
+        assert_eq!((pool.held, pool.free.len()), (0, 0));
+        assert!(pool.take(f32s(1), 4, 0, make).unwrap_err().contains("could not be read"));
+        assert!(pool.first_refusal() && !pool.first_refusal(), "said once");
     }
 
     #[test]
