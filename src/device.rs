@@ -5,8 +5,9 @@
 //! checkpoint hands it out ([`crate::model::Weights::load_shaped`]), activations follow their weights, and the
 //! dense kernels of [`crate::linalg`] take candle's own device-generic operators wherever a tensor is not on
 //! the CPU. Code that works on host memory (mask selection, the pruners' numerics) reads device tensors through
-//! [`crate::linalg::with_f32`], which copies them to the host. The default build has no CUDA: `--device cuda`
-//! then fails with a message naming the build that has it.
+//! [`crate::linalg::with_f32`], which copies them to the host. The calibration activations the walk keeps between
+//! uses are [`Stashed`]: on the device, or, offloaded, in pinned host memory. The default build has no CUDA:
+//! `--device cuda` then fails with a message naming the build that has it.
 
 use std::sync::OnceLock;
 
