@@ -303,6 +303,22 @@ pub fn product(a: &faer::Mat<f32>, b: &faer::Mat<f32>) -> Result<faer::Mat<f32>>
     Ok(out)
 }
 
+/// `silu(gate) · up`, the gated MLP's activation: on the host on all threads, where candle's element-wise maps
+/// run on one (SiLU and the product of a 512-token window of a 1B model's MLP: about 20 ms a layer, a third of
+/// its time once 16 threads share the GEMMs), with candle's own f32 expressions in its order, so the same bits;
+/// candle's operators off the CPU.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let f32s = gate.dtype() == DType::F32 && up.dtype() == DType::F32;
+    if crate::device::generic(gate) || !f32s || gate.dims() != up.dims() {
+        return Ok((gate.silu()? * up)?);
+    }
+    let out: Vec<f32> = with_f32(gate, |g| {
+        with_f32(up, |u| g.par_iter().zip(u).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect())
+    })??;
+    Ok(Tensor::from_vec(out, gate.dims(), &Device::Cpu)?)
+}
+
 /// Send a raw pointer into rayon tasks that write disjoint parts of one buffer.
 #[derive(Clone, Copy)]
 struct SharedMut(*mut f32);
@@ -532,6 +548,17 @@ pub fn logsumexp(row: &[f32]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The parallel gated activation gives candle's bits, also on a transposed (strided) input.
+    #[test]
+    fn silu_mul_is_candles_bit_for_bit() {
+        let v = |k: f32| (0..3 * 1000).map(move |i| ((i as f32 * 0.37 + k).sin() * 12.0)).collect::<Vec<f32>>();
+        let gate = Tensor::from_vec(v(0.0), (3, 1000), &Device::Cpu).unwrap();
+        let up = Tensor::from_vec(v(1.0), (1000, 3), &Device::Cpu).unwrap().t().unwrap();
+        let want = (gate.silu().unwrap() * &up).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let got = silu_mul(&gate, &up).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
 
     /// Within [`with_resident`] a matrix goes to the device once, however often it is asked for, and the same
     /// matrix registered twice (nested scopes) still once; outside, every time.

@@ -733,7 +733,7 @@ impl LlamaLayer {
                 f(n, &h)?;
             }
         }
-        let act = (self.op("gate_proj").forward(&h)?.silu()? * self.op("up_proj").forward(&h)?)?;
+        let act = crate::linalg::silu_mul(&self.op("gate_proj").forward(&h)?, &self.op("up_proj").forward(&h)?)?;
         if let Some(f) = hook.as_mut() {
             f("down_proj", &act)?;
         }
@@ -768,7 +768,10 @@ impl DecoderLayer for LlamaLayer {
                 Some(GroupStep { input, residual: Some(x) })
             }
             3 => Some(GroupStep {
-                input: (self.op("gate_proj").forward(prev)?.silu()? * self.op("up_proj").forward(prev)?)?,
+                input: crate::linalg::silu_mul(
+                    &self.op("gate_proj").forward(prev)?,
+                    &self.op("up_proj").forward(prev)?,
+                )?,
                 residual: None,
             }),
             _ => None,
