@@ -552,7 +552,7 @@ mod tests {
     /// The parallel gated activation gives candle's bits, also on a transposed (strided) input.
     #[test]
     fn silu_mul_is_candles_bit_for_bit() {
-        let v = |k: f32| (0..3 * 1000).map(move |i| ((i as f32 * 0.37 + k).sin() * 12.0)).collect::<Vec<f32>>();
+        let v = |k: f32| (0..3 * 1000).map(move |i| (i as f32 * 0.37 + k).sin() * 12.0).collect::<Vec<f32>>();
         let gate = Tensor::from_vec(v(0.0), (3, 1000), &Device::Cpu).unwrap();
         let up = Tensor::from_vec(v(1.0), (1000, 3), &Device::Cpu).unwrap().t().unwrap();
         let want = (gate.silu().unwrap() * &up).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
