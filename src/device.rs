@@ -168,8 +168,23 @@ fn forced() -> bool {
     *FORCED.get_or_init(|| std::env::var("FISTAPRUNE_GENERIC").is_ok_and(|v| v == "1"))
 }
 
+/// Kernel `$name` of `src/prune/$file.cu`, as build.rs compiled it to PTX, on CUDA device `$dev`.
+#[cfg(feature = "cuda")]
+macro_rules! project_kernel {
+    ($dev:expr, $file:literal, $name:literal) => {
+        $crate::device::cuda_kernel(
+            $dev,
+            concat!("fistaprune_", $file),
+            include_str!(concat!(env!("OUT_DIR"), "/", $file, ".ptx")),
+            $name,
+        )
+    };
+}
+#[cfg(feature = "cuda")]
+pub(crate) use project_kernel;
+
 /// Kernel `name` of one of the project's CUDA kernels, `ptx` as build.rs compiled it (`module`: its name for
-/// candle's module cache, loaded once per process).
+/// candle's module cache, loaded once per process). Through [`project_kernel`].
 #[cfg(feature = "cuda")]
 pub fn cuda_kernel(
     dev: &candle_core::CudaDevice,

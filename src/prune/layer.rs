@@ -573,7 +573,7 @@ pub fn prune_layer(
                     Ok((st, tokens * per_token))
                 })
                 .with_context(|| format!("decoder layer {i}"))?;
-            // The group's operators share `G*`: one copy of it on the device for all of them.
+            // The group's operators share `G*`: one copy of it on the device for all of them (methods and reports).
             operators.extend(ledger.prune(|| {
                 crate::linalg::with_resident(&[&st.gram], || {
                     group.iter().map(|n| prune_operator(work.as_mut(), i, n, Some(&st), method, pattern)).collect()
@@ -655,32 +655,24 @@ pub fn prune_operator(
     let w = tensor_to_mat(&lin.weight)?;
     let (rows, cols) = w.shape();
     pattern.check_cols(cols, &format!("layer {layer_idx} {name}"))?;
-    // `G*` goes to the device once for the method and the errors below, and for the group's other operators where
-    // the caller holds it there too (only it: each of the other statistics is asked for twice at most, and each
-    // resident copy adds to the layer's peak).
-    let gram: Vec<&faer::Mat<f32>> = stats.map(|st| &st.gram).into_iter().collect();
-    let (pruned, sparsity, rel_error, rel_error_mask_only) = crate::linalg::with_resident(&gram, || -> Result<_> {
-        let pruned = method.prune(&w, stats, pattern).with_context(|| format!("layer {layer_idx} {name}"))?;
-        let pw = &pruned.w;
-        if let Some((i, j)) = crate::linalg::first_non_finite(pw.as_ref()) {
-            bail!("layer {layer_idx} {name}: the method produced a non-finite weight at ({i}, {j})");
-        }
-        let sparsity = mask::verify(pw, pattern, pruned.rounding_units)
-            .with_context(|| format!("layer {layer_idx} {name}: the pruned weight misses the pattern {pattern}"))?;
-        let (rel_error, rel_error_mask_only) = match stats {
-            Some(st) => {
-                let c = st.target(&w)?;
-                let p = st.problem(&w, &c)?;
-                let base = p.k.max(f64::MIN_POSITIVE);
-                let masked =
-                    crate::linalg::mat_from_fn(rows, cols, |i, j| if pw[(i, j)] == 0.0 { 0.0 } else { w[(i, j)] });
-                (Some(p.error(pw)? / base), Some(p.error(&masked)? / base))
-            }
-            None => (None, None),
-        };
-        Ok((pruned, sparsity, rel_error, rel_error_mask_only))
-    })?;
+    // `G*` is on the device already where the GPU path runs: the caller holds it there for the operator's group.
+    let pruned = method.prune(&w, stats, pattern).with_context(|| format!("layer {layer_idx} {name}"))?;
     let pw = &pruned.w;
+    if let Some((i, j)) = crate::linalg::first_non_finite(pw.as_ref()) {
+        bail!("layer {layer_idx} {name}: the method produced a non-finite weight at ({i}, {j})");
+    }
+    let sparsity = mask::verify(pw, pattern, pruned.rounding_units)
+        .with_context(|| format!("layer {layer_idx} {name}: the pruned weight misses the pattern {pattern}"))?;
+    let (rel_error, rel_error_mask_only) = match stats {
+        Some(st) => {
+            let c = st.target(&w)?;
+            let p = st.problem(&w, &c)?;
+            let base = p.k.max(f64::MIN_POSITIVE);
+            let masked = crate::linalg::mat_from_fn(rows, cols, |i, j| if pw[(i, j)] == 0.0 { 0.0 } else { w[(i, j)] });
+            (Some(p.error(pw)? / base), Some(p.error(&masked)? / base))
+        }
+        None => (None, None),
+    };
     layer.linear_mut(name).expect("checked above").set_weight(mat_to_tensor(pw)?)?;
     Ok(OperatorReport {
         layer: layer_idx,

@@ -304,12 +304,7 @@ mod gpu {
                 (0, 0, crate::linalg::row_major(mask.as_ref(), u8::from))
             }
         };
-        let func = crate::device::cuda_kernel(
-            dev,
-            "fistaprune_sparsegpt",
-            include_str!(concat!(env!("OUT_DIR"), "/sparsegpt.ptx")),
-            "sparsegpt_sweep",
-        )?;
+        let func = crate::device::project_kernel!(dev, "sparsegpt", "sparsegpt_sweep")?;
         let mask = dev.clone_htod(&mask)?;
         let (mut q, mut err) = (dev.alloc_zeros::<f32>(rows * count)?, dev.alloc_zeros::<f32>(rows * count)?);
         {

@@ -331,12 +331,7 @@ mod gpu {
         k: &Kernel,
         g: &faer::Mat<f32>,
     ) -> anyhow::Result<Option<Vec<Found>>> {
-        let func = crate::device::cuda_kernel(
-            dev,
-            "fistaprune_swap",
-            include_str!(concat!(env!("OUT_DIR"), "/swap.ptx")),
-            "swap_search",
-        )?;
+        let func = crate::device::project_kernel!(dev, "swap", "swap_search")?;
         let gt = super::kernel_g_on(g, crate::device::current())?;
         let (gs, gl) = gt.storage_and_layout();
         let candle_core::Storage::Cuda(gs) = &*gs else { anyhow::bail!("G* is not on the GPU") };
