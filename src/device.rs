@@ -212,6 +212,14 @@ pub fn memory() -> Option<(usize, usize)> {
     None
 }
 
+/// `e`, an out-of-memory error ([`out_of_memory`]) of `what`, with `held` (what the run held on the GPU, in
+/// words) and, where the driver says, the GPU's free and total memory once the failed step's own tensors were
+/// freed.
+pub fn out_of_memory_in(e: anyhow::Error, what: &str, held: &str) -> anyhow::Error {
+    let free = memory().map_or(String::new(), |(f, t)| format!(", {} free of {}", gib(f), gib(t)));
+    e.context(format!("{what}: out of GPU memory ({held}{free})"))
+}
+
 /// `bytes` in GiB, for messages.
 pub fn gib(bytes: usize) -> String {
     format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)

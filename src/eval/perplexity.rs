@@ -5,6 +5,8 @@
 //! they fit the layer budget; otherwise each batch re-reads them from the memory map, so that only one
 //! layer is ever in f32 working memory.
 
+use std::cell::RefCell;
+use std::ops::Range;
 use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
@@ -109,7 +111,9 @@ fn head_nll_sum_generic(x: &Tensor, head: &Tensor, targets: &[u32]) -> Result<f6
 /// Layers, either kept or re-read on every use.
 pub struct LayerCache<'a> {
     model: &'a dyn CausalLm,
-    kept: Option<Vec<Box<dyn DecoderLayer>>>,
+    /// A cell, so that a run out of GPU memory can let the kept layers go ([`Self::let_go`]) between the uses of
+    /// a shared cache.
+    kept: RefCell<Option<Vec<Box<dyn DecoderLayer>>>>,
 }
 
 impl<'a> LayerCache<'a> {
@@ -130,16 +134,95 @@ impl<'a> LayerCache<'a> {
                 None
             }
         };
-        Ok(Self { model, kept })
+        Ok(Self { model, kept: RefCell::new(kept) })
     }
 
     /// Run layer `i` on `h`.
     pub fn forward(&self, i: usize, h: &Tensor, ctx: &crate::model::LayerContext) -> Result<Tensor> {
-        match &self.kept {
+        match &*self.kept.borrow() {
             Some(v) => v[i].forward(h, ctx, None),
             None => self.model.load_layer(i)?.forward(h, ctx, None),
         }
     }
+
+    /// Re-read the layers on every use from here, freeing the memory of those kept; whether any were.
+    pub fn let_go(&self) -> bool {
+        self.kept.take().is_some_and(|v| !v.is_empty())
+    }
+}
+
+/// The sum of the terms `run` gives for the batches of `0..n`, `per` at a time, in order (one term each). Out of GPU memory on a batch, the
+/// run goes on with less on the GPU rather than stopping: first `let_go` frees what is kept between batches (the
+/// layers; `false` where nothing was), then batches are halved, down to one window, for the rest of the run.
+/// A window's likelihood does not depend on its batch (up to the kernels' rounding of a different shape).
+fn sum_over_batches(
+    n: usize,
+    per: usize,
+    let_go: &dyn Fn() -> bool,
+    run: &dyn Fn(Range<usize>) -> Result<Vec<f64>>,
+) -> Result<f64> {
+    let (mut per, mut done, mut total, mut kept) = (per, 0, 0.0, true);
+    while done < n {
+        let range = done..(done + per).min(n);
+        let e = match run(range.clone()) {
+            Ok(terms) => {
+                // One by one, whatever the batches: the sum's association does not change with them.
+                total = terms.iter().fold(total, |t, s| t + s);
+                done = range.end;
+                continue;
+            }
+            Err(e) => e,
+        };
+        if crate::device::out_of_memory(&e) {
+            // Notices, not log lines: the run goes on differently from how it was asked to.
+            if std::mem::replace(&mut kept, false) && let_go() {
+                eprintln!("eval: out of GPU memory: reading the layers again for every batch from here");
+                continue;
+            }
+            if range.len() > 1 {
+                per = range.len() / 2;
+                eprintln!("eval: out of GPU memory on {} windows at once: {per} at a time from here", range.len());
+                continue;
+            }
+        }
+        let what = match range.len() {
+            1 => format!("window {} of {n}", range.end),
+            _ => format!("windows {} to {} of {n}", range.start + 1, range.end),
+        };
+        return Err(if crate::device::out_of_memory(&e) {
+            crate::device::out_of_memory_in(e, &what, "one window at a time, no layer kept")
+        } else {
+            e.context(what)
+        });
+    }
+    Ok(total)
+}
+
+/// The negative log-likelihood of each of a batch of windows, the first of which is window `first`.
+fn batch_nll(
+    model: &dyn CausalLm,
+    cache: &LayerCache,
+    ctx: &crate::model::LayerContext,
+    batch: &[Vec<u32>],
+    first: usize,
+) -> Result<Vec<f64>> {
+    let seqlen = batch[0].len();
+    let flat: Vec<u32> = batch.iter().flatten().copied().collect();
+    let ids = Tensor::from_vec(flat, (batch.len(), seqlen), &Device::Cpu)?;
+    let mut h = model.embed(&ids)?;
+    for i in 0..model.num_layers() {
+        h = cache.forward(i, &h, ctx).with_context(|| format!("decoder layer {i}"))?;
+        check_finite(&h, &format!("output of decoder layer {i}"))?;
+    }
+    let fin = model.final_hidden(&h)?;
+    let mut nll = Vec::with_capacity(batch.len());
+    for (w, window) in batch.iter().enumerate() {
+        let x = fin.get(w)?.narrow(0, 0, seqlen - 1)?;
+        let s = head_nll_sum(&x, model.lm_head()?, &window[1..])?;
+        ensure!(s.is_finite(), "non-finite log-likelihood in window {} (logits hold NaN or Inf)", first + w + 1);
+        nll.push(s);
+    }
+    Ok(nll)
 }
 
 /// Perplexity of `model` on `windows` (each of the same length).
@@ -153,29 +236,14 @@ pub fn perplexity(model: &dyn CausalLm, windows: &[Vec<u32>], opts: &PplOptions)
     let cache = LayerCache::new(model, opts.layer_budget_bytes)?;
     let ctx = model.context(seqlen)?;
     let pb = progress_bar(windows.len() as u64, "perplexity", opts.progress);
-    let mut nll = 0.0f64;
-    let mut done = 0usize;
-    for batch in windows.chunks(opts.batch.max(1)) {
-        let b = batch.len();
-        let flat: Vec<u32> = batch.iter().flatten().copied().collect();
-        let ids = Tensor::from_vec(flat, (b, seqlen), &Device::Cpu)?;
-        let mut h = model.embed(&ids)?;
-        for i in 0..model.num_layers() {
-            h = cache.forward(i, &h, &ctx).with_context(|| format!("decoder layer {i}"))?;
-            check_finite(&h, &format!("output of decoder layer {i}"))?;
-        }
-        let fin = model.final_hidden(&h)?;
-        for (w, window) in batch.iter().enumerate() {
-            let x = fin.get(w)?.narrow(0, 0, seqlen - 1)?;
-            let s = head_nll_sum(&x, model.lm_head()?, &window[1..])?;
-            ensure!(s.is_finite(), "non-finite log-likelihood in window {} (logits hold NaN or Inf)", done + w);
-            nll += s;
-        }
-        done += b;
-        pb.inc(b as u64);
+    let run = |range: Range<usize>| -> Result<Vec<f64>> {
+        let nll = batch_nll(model, &cache, &ctx, &windows[range.clone()], range.start)?;
+        pb.inc(range.len() as u64);
         let secs = start.elapsed().as_secs_f64();
-        pb.set_message(format!("{:.0} tok/s", (done * seqlen) as f64 / secs));
-    }
+        pb.set_message(format!("{:.0} tok/s", (range.end * seqlen) as f64 / secs));
+        Ok(nll)
+    };
+    let nll = sum_over_batches(windows.len(), opts.batch.max(1), &|| cache.let_go(), &run)?;
     pb.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
     let predicted = windows.len() * (seqlen - 1);
@@ -195,6 +263,46 @@ pub fn perplexity(model: &dyn CausalLm, windows: &[Vec<u32>], opts: &PplOptions)
 
 #[cfg(test)]
 mod tests {
+    use std::cell::{Cell, RefCell};
+
+    use anyhow::{Result, ensure};
+
+    /// Out of GPU memory, eval lets the kept layers go, then halves its batches, and sums the same terms in the
+    /// same order; out of memory on one window with nothing kept, the error says so and where.
+    #[test]
+    fn out_of_gpu_memory_eval_holds_less_and_goes_on() {
+        let term = |w: usize| 1.0 / (w as f64 + 3.0);
+        let serial = (0..7).fold(0.0, |t, w| t + term(w));
+        let oom = "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")";
+        let seen = RefCell::new(Vec::new());
+        let (freed, fits) = (Cell::new(0), Cell::new(usize::MAX));
+        let let_go = || {
+            freed.set(freed.get() + 1);
+            true
+        };
+        let run = |r: std::ops::Range<usize>| -> Result<Vec<f64>> {
+            seen.borrow_mut().push(r.clone());
+            ensure!(r.len() <= fits.get(), "{oom}");
+            Ok(r.map(term).collect())
+        };
+        assert_eq!(super::sum_over_batches(7, 3, &let_go, &run).unwrap(), serial);
+        assert_eq!((seen.take(), freed.get()), (vec![0..3, 3..6, 6..7], 0));
+        // At most two windows fit: the layers go first, then three windows become one at a time.
+        fits.set(2);
+        assert_eq!(super::sum_over_batches(7, 3, &let_go, &run).unwrap(), serial);
+        let once = vec![0..3, 0..3, 0..1, 1..2, 2..3, 3..4, 4..5, 5..6, 6..7];
+        assert_eq!((seen.take(), freed.get()), (once, 1));
+        // Nothing fits, nothing was kept: an error naming the windows, after halving down to one.
+        fits.set(0);
+        let e = super::sum_over_batches(3, 2, &|| false, &run).unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.contains("window 1 of 3: out of GPU memory (one window at a time, no layer kept"), "{e}");
+        assert_eq!(seen.take(), vec![0..2, 0..1]);
+        // Any other error stops the run at once, with the windows it was in.
+        let e = super::sum_over_batches(3, 2, &|| true, &|_| anyhow::bail!("shape mismatch")).unwrap_err();
+        assert_eq!(format!("{e:#}"), "windows 1 to 2 of 3: shape mismatch");
+    }
+
     /// The rows' terms are summed in row order whatever the thread count, so a perplexity does not change in its
     /// last digits from run to run (a parallel sum's association follows how rayon split the work).
     #[test]

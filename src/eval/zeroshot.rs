@@ -425,7 +425,15 @@ pub fn score_all(
     let pb = progress_bar(examples.len() as u64, stage, progress);
     let mut scores = Vec::with_capacity(examples.len());
     for (i, e) in examples.iter().enumerate() {
-        scores.push(score_example(model, &cache, tok, eos, e).with_context(|| format!("example {}", i + 1))?);
+        let score = || score_example(model, &cache, tok, eos, e).with_context(|| format!("example {}", i + 1));
+        scores.push(match score() {
+            // Out of GPU memory: the kept layers go (a notice: the run goes on differently), and the example again.
+            Err(e) if crate::device::out_of_memory(&e) && cache.let_go() => {
+                eprintln!("{stage}: out of GPU memory: reading the layers again for every example from here");
+                score()?
+            }
+            s => s?,
+        });
         pb.inc(1);
     }
     pb.finish_and_clear();

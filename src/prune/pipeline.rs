@@ -50,6 +50,11 @@ pub enum ActDType {
 }
 
 impl ActDType {
+    /// The default, for reports written before a field of this type existed.
+    pub fn f32() -> Self {
+        Self::F32
+    }
+
     pub fn dtype(self) -> DType {
         match self {
             Self::F32 => DType::F32,
@@ -69,6 +74,12 @@ pub struct WalkOptions {
     /// Storage type of the activations between layers.
     #[cfg_attr(feature = "cli", arg(long, value_enum, default_value = "f32"))]
     pub act_dtype: ActDType,
+    /// Type the calibration passes' linear maps multiply in: bf16 or f16 round each weight and input to it and
+    /// sum the products in f32, as the authors' fp16 runs do, for a GPU's tensor cores (about 15× its f32
+    /// rate). The statistics, the pruners' solves, the pruned weights and eval stay f32.
+    #[cfg_attr(feature = "cli", arg(long, value_enum, default_value = "f32"))]
+    #[serde(default = "ActDType::f32")]
+    pub matmul_dtype: ActDType,
     /// Each layer's calibration inputs: from the pruned previous layers (SparseGPT's way, the default: it
     /// measured far better for fista too), from the dense model (the FISTAPruner paper's: layers independent,
     /// so --jobs and --layers can split the work), or corrected: the pruned layers' outputs as inputs with the
@@ -97,6 +108,7 @@ impl Default for WalkOptions {
         Self {
             batch: 8,
             act_dtype: ActDType::F32,
+            matmul_dtype: ActDType::F32,
             layer_inputs: LayerInputs::Pruned,
             error_correction: false,
             no_error_correction: false,
@@ -205,7 +217,7 @@ pub fn prune_model(
     );
     let mut streams = match method.observes() {
         Observes::Nothing => None,
-        _ => Some(Streams::new(model, calib, mode, opts.walk.batch, opts.walk.act_dtype.dtype())?),
+        _ => Some(Streams::new(model, calib, mode, &opts.walk)?),
     };
     let parallel = streams.is_some() && opts.jobs > 1;
     ensure!(!parallel || mode == LayerInputs::Dense, "--jobs needs --layer-inputs dense (layers are then independent)");
@@ -223,7 +235,8 @@ pub fn prune_model(
                 }
                 continue;
             }
-            if let Some((work, report)) = finished(i)? {
+            if let Some((mut work, report)) = finished(i)? {
+                work.set_matmul_dtype(opts.walk.matmul_dtype.dtype());
                 log::info!("layer {i}: pruned by the interrupted run, reloaded");
                 walk.done(report);
                 // Only its outputs are needed (none in the parallel walk: its streams are dense).
@@ -297,13 +310,10 @@ fn with_oom_context(e: anyhow::Error, what: &str) -> anyhow::Error {
     if crate::device::out_of_memory(&e) { out_of_memory(e, what, 0) } else { e }
 }
 
-/// An out-of-memory error of `what` (a layer's pruning, or its pass), with what the GPU held: `held` bytes of
-/// activations and, where the driver says, its free and total memory after the failed step's own tensors
-/// were freed.
+/// An out-of-memory error of `what` (a layer's pruning, or its pass), with the `held` bytes of activations on the
+/// GPU ([`crate::device::out_of_memory_in`]).
 fn out_of_memory(e: anyhow::Error, what: &str, held: usize) -> anyhow::Error {
-    use crate::device::gib;
-    let free = crate::device::memory().map_or(String::new(), |(f, t)| format!(", {} free of {}", gib(f), gib(t)));
-    e.context(format!("{what}: out of GPU memory ({} of calibration activations on it{free})", gib(held)))
+    crate::device::out_of_memory_in(e, what, &format!("{} of calibration activations on it", crate::device::gib(held)))
 }
 
 /// Where finished layers go, in the order they finish.
@@ -354,17 +364,14 @@ pub struct Streams {
     targets: Option<Vec<Stashed>>,
     ctx: LayerContext,
     act_dtype: DType,
+    /// What the layers it loads multiply in ([`crate::model::Linear::matmul`]).
+    matmul: DType,
 }
 
 impl Streams {
-    /// The calibration samples embedded (in batches): the inputs of layer 0.
-    pub fn new(
-        model: &dyn CausalLm,
-        calib: &[Vec<u32>],
-        mode: LayerInputs,
-        batch: usize,
-        act_dtype: DType,
-    ) -> Result<Self> {
+    /// The calibration samples embedded (in batches of `walk`'s): the inputs of layer 0.
+    pub fn new(model: &dyn CausalLm, calib: &[Vec<u32>], mode: LayerInputs, walk: &WalkOptions) -> Result<Self> {
+        let (batch, act_dtype) = (walk.batch, walk.act_dtype.dtype());
         let seqlen = calib.first().map(|s| s.len()).ok_or_else(|| anyhow!("no calibration samples"))?;
         let embed = |samples: &[Vec<u32>]| -> Result<Tensor> {
             let flat: Vec<u32> = samples.iter().flatten().copied().collect();
@@ -372,7 +379,8 @@ impl Streams {
         };
         let acts = embed_batches(&embed, calib, batch.max(1), act_dtype)?;
         let targets = (mode == LayerInputs::Corrected).then(|| acts.clone());
-        Ok(Self { mode, acts, targets, ctx: model.context(seqlen)?, act_dtype })
+        let matmul = walk.matmul_dtype.dtype();
+        Ok(Self { mode, acts, targets, ctx: model.context(seqlen)?, act_dtype, matmul })
     }
 
     /// Bytes of activations held on a GPU (none once spilled, or on the CPU).
@@ -408,7 +416,7 @@ impl Streams {
         // The dense layer, loaded unless given, where the mode runs the dense stream.
         let loaded = match (self.mode, dense) {
             (LayerInputs::Pruned, _) | (_, Some(_)) => None,
-            _ => Some(model.load_layer(i)?),
+            _ => Some(walk_layer(model, i, self.matmul)?),
         };
         let dense_layer = || dense.or(loaded.as_deref()).ok_or_else(|| anyhow!("layer {i}: no dense layer"));
         let pruned_layer = || pruned.ok_or_else(|| anyhow!("layer {i}: the pruned layer is needed to go on"));
@@ -537,17 +545,24 @@ fn forward_batches(
     Ok(tokens)
 }
 
-/// Visit every decoder layer with the dense model's calibration inputs of it (what OWL measures on).
+/// Decoder layer `i` of `model` as a walk's passes run it: its linear maps multiplying in `matmul`.
+pub fn walk_layer(model: &dyn CausalLm, i: usize, matmul: DType) -> Result<Box<dyn DecoderLayer>> {
+    let mut layer = model.load_layer(i)?;
+    layer.set_matmul_dtype(matmul);
+    Ok(layer)
+}
+
+/// Visit every decoder layer with the dense model's calibration inputs of it (what OWL measures on), made as
+/// `walk` makes them.
 pub fn for_each_dense_layer(
     model: &dyn CausalLm,
     calib: &[Vec<u32>],
-    batch: usize,
-    act_dtype: DType,
+    walk: &WalkOptions,
     f: &mut dyn FnMut(usize, &dyn DecoderLayer, Inputs) -> Result<()>,
 ) -> Result<()> {
-    let mut streams = Streams::new(model, calib, LayerInputs::Dense, batch, act_dtype)?;
+    let mut streams = Streams::new(model, calib, LayerInputs::Dense, walk)?;
     for i in 0..model.num_layers() {
-        let layer = model.load_layer(i)?;
+        let layer = walk_layer(model, i, walk.matmul_dtype.dtype())?;
         f(i, layer.as_ref(), streams.inputs())?;
         if i + 1 < model.num_layers() {
             streams.advance(model, i, None, Some(layer.as_ref()), None)?;
