@@ -389,14 +389,12 @@ impl HardThreshold {
     /// `H(w)` and its mask (true = pruned). Positions the pattern allows keep their place in the support even
     /// where `w` is already zero, so a re-fit can use them.
     pub fn apply(&self, w: &Mat<f32>) -> (Mat<f32>, mask::Mask) {
-        let scores = Mat::from_fn(w.nrows(), w.ncols(), |i, j| w[(i, j)].abs());
+        let scores = mask::magnitudes(w);
         let m = match &self.budgets {
             Some(b) => mask::mask_row_budgets(&scores, b),
             None => mask::select(&scores, self.pattern, self.per_row),
         };
-        let mut out = w.clone();
-        mask::apply(&mut out, &m);
-        (out, m)
+        (mask::zeroed(w, &m), m)
     }
 }
 

@@ -33,9 +33,7 @@ impl Method for Magnitude {
     }
 
     fn prune(&self, w: &Mat<f32>, _stats: Option<&OpStats>, pattern: Pattern) -> Result<Pruned> {
-        let scores = Mat::from_fn(w.nrows(), w.ncols(), |i, j| w[(i, j)].abs());
-        let mut out = w.clone();
-        mask::apply(&mut out, &mask::select(&scores, pattern, self.per_row));
+        let out = mask::zeroed(w, &mask::select(&mask::magnitudes(w), pattern, self.per_row));
         Ok(Pruned { rounding_units: if self.per_row { w.nrows() } else { 1 }, ..Pruned::per_row(out) })
     }
 }

@@ -25,8 +25,7 @@ impl Method for Random {
             .fold(0xcbf29ce484222325u64, |h, x| (h ^ x.to_bits() as u64).wrapping_mul(0x100000001b3));
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let scores = Mat::from_fn(w.nrows(), w.ncols(), |_, _| rng.random::<f32>());
-        let mut out = w.clone();
-        mask::apply(&mut out, &mask::select(&scores, pattern, true));
+        let out = mask::zeroed(w, &mask::select(&scores, pattern, true));
         Ok(Pruned::per_row(out))
     }
 }
