@@ -83,9 +83,11 @@ g2=$($B --device cuda generate --model tests/fixtures/llama --prompt "The tower 
 rec "{\"step\":\"generate\",\"same\":$([ "$g1" == "$g2" ] && echo true || echo false)}"
 
 echo "== 2c. pruned checkpoints, cuda against cpu (LLaMA fixture, 8 × 64 calibration tokens)"
-# fista-2:4 runs the swap search's N:M branch (swap.cu), fista its unstructured one; wanda-owl OWL's allocation.
-for meth in magnitude wanda sparsegpt fista fista-2:4 wanda-owl; do
+# fista-2:4 runs the swap search's N:M branch (swap.cu), fista its unstructured one; wanda-owl OWL's allocation;
+# sparsegpt-bf16 the calibration passes in bf16 (cuBLAS's bf16 product against the CPU's rounded f32 one).
+for meth in magnitude wanda sparsegpt fista fista-2:4 wanda-owl sparsegpt-bf16; do
   case $meth in
+    sparsegpt-bf16) target="--method sparsegpt --sparsity 0.5 --matmul-dtype bf16" ;;
     fista-2:4) target="--method fista --pattern 2:4" ;;
     wanda-owl) target="--method wanda --sparsity 0.5 --owl" ;;
     *) target="--method $meth --sparsity 0.5" ;;
@@ -158,6 +160,13 @@ t0=$(date +%s.%N)
 timeout 120 $B --device cuda --threads 16 prune --model $M --method wanda --sparsity 0.5 --calib $S/calib128.json \
   --out $S/wd128 --quiet
 rec "{\"step\":\"speed_7b\",\"who\":\"fistaprune\",\"method\":\"wanda\",\"rc\":$?,\"wall_s\":$(elapsed $t0)}"
+# The same with the calibration passes multiplying in bf16 (the authors' run in fp16): the tensor cores' rate.
+for meth in sparsegpt wanda; do
+  t0=$(date +%s.%N)
+  timeout 120 $B --device cuda --threads 16 prune --model $M --method $meth --sparsity 0.5 --matmul-dtype bf16 \
+    --calib $S/calib128.json --out $S/$meth-bf16 --quiet
+  rec "{\"step\":\"speed_7b\",\"who\":\"fistaprune\",\"method\":\"$meth\",\"matmul_dtype\":\"bf16\",\"rc\":$?,\"wall_s\":$(elapsed $t0)}"
+done
 if [ -d .gpu/peers ] && [ -f $S/calib128.json ]; then
   for meth in sparsegpt wanda; do
     timeout 150 python3 scripts/reference/peers_prune.py --device cuda --method $meth --sparsity 0.5 --model $M \

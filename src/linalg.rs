@@ -52,6 +52,23 @@ pub fn matmul_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(Tensor::from_vec(out, (r, n), &Device::Cpu)?)
 }
 
+/// [`matmul_nt`] multiplied in `dtype`: for bf16 or f16, both factors rounded to it, their products summed in
+/// f32 and the result rounded to it, as a GPU's tensor cores multiply (there at ~15× f32's rate); returned in
+/// f32. The CPU rounds the same way around an f32 product, so both devices give the same values up to the
+/// order of the sums.
+pub fn matmul_nt_in(x: &Tensor, w: &Tensor, dtype: DType) -> Result<Tensor> {
+    if dtype == DType::F32 {
+        return matmul_nt(x, w);
+    }
+    let y = if crate::device::generic(x) {
+        x.to_dtype(dtype)?.contiguous()?.matmul(&w.to_dtype(dtype)?.contiguous()?.t()?)?
+    } else {
+        let round = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_dtype(DType::F32)?) };
+        matmul_nt(&round(x)?, &round(w)?)?.to_dtype(dtype)?
+    };
+    Ok(y.to_dtype(DType::F32)?)
+}
+
 /// Columns (or rows) per parallel task of the copies below.
 const COPY_BLOCK: usize = 64;
 
@@ -558,6 +575,43 @@ mod tests {
         let want = (gate.silu().unwrap() * &up).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let got = silu_mul(&gate, &up).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!(want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+
+    /// A product in bf16 or f16 is the f32 product of the rounded factors, summed in f64 here, rounded: within
+    /// the result type's half step. candle's own product in that type (the GPU's path) gives the same.
+    #[test]
+    fn a_product_in_bf16_or_f16_rounds_its_factors_and_its_result() {
+        let (r, k, n) = (5, 300, 7);
+        let v = |len: usize, s: f32| (0..len).map(|i| ((i as f32 * 0.731 + s).sin() * 3.0)).collect::<Vec<f32>>();
+        let x = Tensor::from_vec(v(r * k, 0.0), (r, k), &Device::Cpu).unwrap();
+        let w = Tensor::from_vec(v(n * k, 1.0), (n, k), &Device::Cpu).unwrap();
+        for (dtype, step) in [(DType::BF16, 2f64.powi(-8)), (DType::F16, 2f64.powi(-11))] {
+            let round = |t: &Tensor| t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap();
+            let (xr, wr) = (round(&x), round(&w));
+            let got = matmul_nt_in(&x, &w, dtype).unwrap();
+            let candle = x.to_dtype(dtype).unwrap().matmul(&w.to_dtype(dtype).unwrap().t().unwrap()).unwrap();
+            for (y, name) in [(&got, "ours"), (&candle.to_dtype(DType::F32).unwrap(), "candle's")] {
+                assert_eq!((y.dtype(), y.dims()), (DType::F32, &[r, n][..]));
+                let y = y.to_vec2::<f32>().unwrap();
+                for i in 0..r {
+                    for j in 0..n {
+                        let exact: f64 = (0..k).map(|q| xr[i][q] as f64 * wr[j][q] as f64).sum();
+                        let tol = exact.abs() * step + 1e-4 * (k as f64).sqrt();
+                        assert!(
+                            (y[i][j] as f64 - exact).abs() <= tol,
+                            "{dtype:?} {name} ({i},{j}): {} vs {exact}",
+                            y[i][j]
+                        );
+                    }
+                }
+            }
+            // Rounded, not merely close: the result is a value of the type.
+            assert_eq!(round(&got), got.to_vec2::<f32>().unwrap(), "{dtype:?}");
+        }
+        assert_eq!(
+            matmul_nt_in(&x, &w, DType::F32).unwrap().to_vec2::<f32>().unwrap(),
+            matmul_nt(&x, &w).unwrap().to_vec2::<f32>().unwrap()
+        );
     }
 
     /// Within [`with_resident`] a matrix goes to the device once, however often it is asked for, and the same

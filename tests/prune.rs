@@ -164,6 +164,36 @@ fn wanda_per_row_and_magnitude_per_matrix_counts() {
     }
 }
 
+/// `--matmul-dtype bf16` runs the calibration passes in bf16: layer 0's q, k and v read the embeddings (no
+/// product yet), so they come out as in f32; the other operators' statistics move a little, so their weights
+/// do, their masks hardly; the report records the type.
+#[test]
+fn bf16_calibration_passes_move_the_statistics_a_little() {
+    let d = tmpdir("p-matmul");
+    let (f32_out, bf16_out) = (d.join("f32"), d.join("bf16"));
+    let model = fixture("llama");
+    let args = ["--method", "sparsegpt", "--sparsity", "0.5"];
+    prune(model.to_str().unwrap(), &f32_out, &args);
+    let r = prune(model.to_str().unwrap(), &bf16_out, &[&args[..], &["--matmul-dtype", "bf16"]].concat());
+    assert_eq!(r["options"]["walk"]["matmul_dtype"], "bf16", "{}", r["options"]);
+    let (a, b) = (operators(&f32_out), operators(&bf16_out));
+    let (mut same_mask, mut all, mut moved, mut compared) = (0usize, 0usize, 0usize, 0usize);
+    for ((name, wa), (_, wb)) in a.iter().zip(&b) {
+        let (xa, xb): (Vec<f32>, Vec<f32>) = (wa.concat(), wb.concat());
+        if ["0.q_proj", "0.k_proj", "0.v_proj"].contains(&name.as_str()) {
+            assert_eq!(xa, xb, "{name}: its inputs hold no product yet");
+            continue;
+        }
+        same_mask += xa.iter().zip(&xb).filter(|(x, y)| (**x == 0.0) == (**y == 0.0)).count();
+        all += xa.len();
+        moved += usize::from(xa != xb);
+        compared += 1;
+    }
+    assert_eq!(moved, compared, "operators whose weights did not move: the passes did not all run in bf16");
+    let agree = same_mask as f64 / all as f64;
+    assert!(agree > 0.95, "the masks agree on only {agree}");
+}
+
 #[test]
 fn saved_calibration_reproduces_the_checkpoint_byte_for_byte() {
     let d = tmpdir("p-calib");

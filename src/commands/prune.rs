@@ -331,8 +331,7 @@ fn allocate(
         "--owl-lambda {} must keep every layer's sparsity inside (0, 1) around {s}",
         o.owl_lambda
     );
-    let walk = &a.options.walk;
-    let ratios = layer_outlier_ratios(model, ids, walk.batch, walk.act_dtype.dtype(), o.owl_m, a.progress)?;
+    let ratios = layer_outlier_ratios(model, ids, &a.options.walk, o.owl_m, a.progress)?;
     Ok(Some(Allocation {
         method: "owl".into(),
         lambda: o.owl_lambda,

@@ -1,18 +1,21 @@
 //! A linear operator `y = x Wᵀ + b` with its weight in f32, the unit a pruner works on.
 
 use anyhow::Result;
-use candle_core::{D, Tensor};
+use candle_core::{D, DType, Tensor};
 
 /// Weight `(out, in)` as Hugging Face stores it, optional bias `(out,)`.
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// The type its product multiplies in ([`crate::linalg::matmul_nt_in`]): f32, or bf16/f16 for a pruning
+    /// walk's calibration passes under `--matmul-dtype`. The weight itself stays f32.
+    pub matmul: DType,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self { weight, bias, matmul: DType::F32 }
     }
 
     pub fn out_features(&self) -> usize {
@@ -34,7 +37,7 @@ impl Linear {
         let dims = x.dims().to_vec();
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, x.dim(D::Minus1)?))?;
-        let mut y = crate::linalg::matmul_nt(&x2, &self.weight)?;
+        let mut y = crate::linalg::matmul_nt_in(&x2, &self.weight, self.matmul)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }

@@ -441,6 +441,14 @@ pub trait DecoderLayer: Send + Sync {
     fn linear_mut(&mut self, name: &str) -> Option<&mut Linear>;
     /// Every tensor of the layer under its Hugging Face name (for writing checkpoints).
     fn named_tensors(&self) -> Vec<(String, Tensor)>;
+    /// Multiply the layer's linear maps in `dtype` from here ([`Linear::matmul`]).
+    fn set_matmul_dtype(&mut self, dtype: candle_core::DType) {
+        for name in self.linear_names() {
+            if let Some(l) = self.linear_mut(name) {
+                l.matmul = dtype;
+            }
+        }
+    }
 }
 
 /// A decoder-only language model run layer by layer.

@@ -10,7 +10,7 @@
 use anyhow::Result;
 use candle_core::{D, DType, Tensor};
 
-use super::pipeline::for_each_dense_layer;
+use super::pipeline::{WalkOptions, for_each_dense_layer};
 use crate::linalg::tensor_to_mat;
 use crate::model::CausalLm;
 use crate::util::{Progress, progress_bar};
@@ -60,14 +60,13 @@ pub fn outlier_ratio(scores: &[f32], m: f64) -> f64 {
 pub fn layer_outlier_ratios(
     model: &dyn CausalLm,
     calib: &[Vec<u32>],
-    batch: usize,
-    act_dtype: DType,
+    walk: &WalkOptions,
     m: f64,
     progress: Progress,
 ) -> Result<Vec<f64>> {
     let pb = progress_bar(model.num_layers() as u64, "outliers", progress);
     let mut ratios = Vec::with_capacity(model.num_layers());
-    for_each_dense_layer(model, calib, batch, act_dtype, &mut |i, layer, inputs| {
+    for_each_dense_layer(model, calib, walk, &mut |i, layer, inputs| {
         let groups = layer.input_groups();
         // Σ x_j² per input column of each group.
         let mut sq: Vec<Option<Tensor>> = vec![None; groups.len()];

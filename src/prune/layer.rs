@@ -513,7 +513,8 @@ pub fn prune_layer(
 ) -> Result<PrunedLayer> {
     let (pattern, cap, act_dtype) = (opts.pattern_for(i), opts.walk.token_cap, opts.walk.act_dtype.dtype());
     let mut ledger = Ledger::new();
-    let mut work = model.load_layer(i)?;
+    let matmul = opts.walk.matmul_dtype.dtype();
+    let mut work = super::pipeline::walk_layer(model, i, matmul)?;
     // A NaN or Inf in a weight would only surface later as unusable statistics: name it here.
     for (name, t) in work.named_tensors() {
         check_finite(&t, &format!("decoder layer {i}: weight {name}"))?;
@@ -526,7 +527,7 @@ pub fn prune_layer(
     };
     // A dense copy: the target with error correction, the output error's reference, the next inputs in the
     // dense and corrected walks.
-    let dense = model.load_layer(i)?;
+    let dense = super::pipeline::walk_layer(model, i, matmul)?;
     let groups = work.input_groups();
     let cost = Cost::of(work.as_ref(), inp.ctx.seqlen);
     let tokens = inp.tokens();
