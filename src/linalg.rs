@@ -582,7 +582,7 @@ mod tests {
     #[test]
     fn a_product_in_bf16_or_f16_rounds_its_factors_and_its_result() {
         let (r, k, n) = (5, 300, 7);
-        let v = |len: usize, s: f32| (0..len).map(|i| ((i as f32 * 0.731 + s).sin() * 3.0)).collect::<Vec<f32>>();
+        let v = |len: usize, s: f32| (0..len).map(|i| (i as f32 * 0.731 + s).sin() * 3.0).collect::<Vec<f32>>();
         let x = Tensor::from_vec(v(r * k, 0.0), (r, k), &Device::Cpu).unwrap();
         let w = Tensor::from_vec(v(n * k, 1.0), (n, k), &Device::Cpu).unwrap();
         for (dtype, step) in [(DType::BF16, 2f64.powi(-8)), (DType::F16, 2f64.powi(-11))] {

@@ -83,9 +83,10 @@ fn a_device_this_build_lacks_is_a_clear_error() {
     assert!(!err.contains("panicked"), "{err}");
 }
 
-/// Prune the LLaMA fixture (8 × 64 calibration tokens) with `method` and return (checkpoint bytes, perplexity).
+/// Prune the LLaMA fixture (8 × 64 calibration tokens) with `method` (its name, then any options of its) and
+/// return (checkpoint bytes, perplexity).
 fn pruned(method: &str, generic: bool) -> (Vec<u8>, f64) {
-    let tag = format!("device-prune-{method}-{generic}");
+    let tag = format!("device-prune-{}-{generic}", method.replace(' ', ""));
     let out = prune_on(method, "cpu", generic, &[], &tag).unwrap_or_else(|e| panic!("{tag}: {e}"));
     (std::fs::read(out.join("model.safetensors")).unwrap(), perplexity(&out, false, &format!("{tag}-eval")))
 }
@@ -105,7 +106,9 @@ fn prune_on(
         .args(extra)
         .args(["prune", "--model"])
         .arg(fixture("llama"))
-        .args(["--method", method, "--sparsity", "0.5", "--nsamples", "8", "--seqlen", "64", "--quiet", "--calib"])
+        .arg("--method")
+        .args(method.split_whitespace())
+        .args(["--sparsity", "0.5", "--nsamples", "8", "--seqlen", "64", "--quiet", "--calib"])
         .arg(shared("wikitext-2-raw/wiki.test.raw"))
         .arg("--out")
         .arg(&out)
@@ -150,4 +153,13 @@ fn generic_statistics_prune_as_the_faer_ones_do() {
     assert!((fast - generic).abs() / fast < 1e-6, "sparsegpt: faer {fast}, generic {generic}");
     let (fast, generic) = (pruned("fista", false).1, pruned("fista", true).1);
     assert!((fast - generic).abs() / fast < 5e-3, "fista: faer {fast}, generic {generic}");
+}
+
+/// With the calibration passes in bf16, candle's bf16 product (a GPU's path) and the host's rounding around an
+/// f32 product prune alike: the same rounding, sums in another order.
+#[test]
+fn bf16_passes_prune_alike_through_both_kernels() {
+    let method = "sparsegpt --matmul-dtype bf16";
+    let (fast, generic) = (pruned(method, false).1, pruned(method, true).1);
+    assert!((fast - generic).abs() / fast < 1e-3, "sparsegpt in bf16: faer {fast}, generic {generic}");
 }
