@@ -6,11 +6,13 @@
 # so a run cut short still says what it measured.
 #   1. the device opens and candle's sm_90a kernels load (a fixture's eval on cuda);
 #   2. parity, cuda against cpu with the same binary: eval perplexity on every fixture architecture, greedy
-#      generate, and pruned checkpoints (magnitude, Wanda, SparseGPT, FISTAPruner) on the LLaMA fixture;
+#      generate, and pruned checkpoints (magnitude, Wanda, SparseGPT, FISTAPruner; SparseGPT with the
+#      calibration passes in bf16 too) on the LLaMA fixture;
 #   3. a 2-layer random LLaMA of LLaMA-2-7B's layer shapes: eval perplexity and tokens/s on cuda, on the 16
 #      CPU cores, and through transformers on the same GPU and token ids; peak GPU memory;
 #   4. pruning it with SparseGPT (16 × 2048 calibration tokens) on cuda and on cpu: time and perplexity; then
-#      SparseGPT and Wanda with 128 × 2048 tokens on cuda, ours and the authors' code on the same card and ids
+#      SparseGPT and Wanda with 128 × 2048 tokens on cuda (ours with f32 and with bf16 passes), and the authors'
+#      code on the same card and ids
 #      (when scripts/gpu-prepare.sh copied their code to .gpu/peers/), and one layer of FISTAPruner on cuda;
 #   6. the peak GPU memory of FISTAPruner on one layer of a LLaMA-2-70B-shaped model (goal: under 40 GB);
 #   5. the CPU path's scaling from 4 to 16 threads (scripts/bench-threads.sh).
@@ -155,15 +157,15 @@ model
 t0=$(date +%s.%N)
 with_mem $S/mem-sg128.txt timeout 150 $B --device cuda --threads 16 prune --model $M --method sparsegpt \
   --sparsity 0.5 --calib $W --nsamples 128 --seqlen 2048 --save-calib $S/calib128.json --out $S/sg128 --quiet
-rec "{\"step\":\"speed_7b\",\"who\":\"fistaprune\",\"method\":\"sparsegpt\",\"rc\":$?,\"wall_s\":$(elapsed $t0),\"peak_gpu_mib\":$(peak $S/mem-sg128.txt)}"
+rec "{\"step\":\"speed_7b\",\"who\":\"fistaprune\",\"method\":\"sparsegpt\",\"matmul_dtype\":\"f32\",\"rc\":$?,\"wall_s\":$(elapsed $t0),\"peak_gpu_mib\":$(peak $S/mem-sg128.txt)}"
 t0=$(date +%s.%N)
 timeout 120 $B --device cuda --threads 16 prune --model $M --method wanda --sparsity 0.5 --calib $S/calib128.json \
   --out $S/wd128 --quiet
-rec "{\"step\":\"speed_7b\",\"who\":\"fistaprune\",\"method\":\"wanda\",\"rc\":$?,\"wall_s\":$(elapsed $t0)}"
+rec "{\"step\":\"speed_7b\",\"who\":\"fistaprune\",\"method\":\"wanda\",\"matmul_dtype\":\"f32\",\"rc\":$?,\"wall_s\":$(elapsed $t0)}"
 # The same with the calibration passes multiplying in bf16 (the authors' run in fp16): the tensor cores' rate.
 for meth in sparsegpt wanda; do
   t0=$(date +%s.%N)
-  timeout 120 $B --device cuda --threads 16 prune --model $M --method $meth --sparsity 0.5 --matmul-dtype bf16 \
+  timeout 150 $B --device cuda --threads 16 prune --model $M --method $meth --sparsity 0.5 --matmul-dtype bf16 \
     --calib $S/calib128.json --out $S/$meth-bf16 --quiet
   rec "{\"step\":\"speed_7b\",\"who\":\"fistaprune\",\"method\":\"$meth\",\"matmul_dtype\":\"bf16\",\"rc\":$?,\"wall_s\":$(elapsed $t0)}"
 done

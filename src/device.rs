@@ -33,7 +33,16 @@ pub fn open(spec: &str) -> Result<Device> {
              scripts/build-cuda.sh)"
         );
     }
-    Device::new_cuda(ordinal).map_err(|e| anyhow!("--device {spec}: cannot open GPU {ordinal}: {e}"))
+    let device = Device::new_cuda(ordinal).map_err(|e| anyhow!("--device {spec}: cannot open GPU {ordinal}: {e}"))?;
+    // bf16 and f16 products sum in f32 (`--matmul-dtype`, as the CPU's rounding of them does): candle's default,
+    // pinned here rather than left to whatever else sets candle's process-wide switches.
+    #[cfg(feature = "cuda")]
+    {
+        candle_core::cuda::set_gemm_reduced_precision_bf16(false);
+        candle_core::cuda::set_gemm_reduced_precision_f16(false);
+        candle_core::cuda::set_gemm_reduced_precision_f32(false);
+    }
+    Ok(device)
 }
 
 /// Make `device` the run's device; only before any model is read, once.

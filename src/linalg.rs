@@ -578,7 +578,8 @@ mod tests {
     }
 
     /// A product in bf16 or f16 is the f32 product of the rounded factors, summed in f64 here, rounded: within
-    /// the result type's half step. candle's own product in that type (the GPU's path) gives the same.
+    /// the result type's half step. candle's CPU product in that type (what the generic path runs here) gives
+    /// the same; cuBLAS's, summing in f32 too, is compared by gpu-check's step 2c.
     #[test]
     fn a_product_in_bf16_or_f16_rounds_its_factors_and_its_result() {
         let (r, k, n) = (5, 300, 7);

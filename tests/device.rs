@@ -155,8 +155,9 @@ fn generic_statistics_prune_as_the_faer_ones_do() {
     assert!((fast - generic).abs() / fast < 5e-3, "fista: faer {fast}, generic {generic}");
 }
 
-/// With the calibration passes in bf16, candle's bf16 product (a GPU's path) and the host's rounding around an
-/// f32 product prune alike: the same rounding, sums in another order.
+/// With the calibration passes in bf16, the generic path (candle's bf16 product: the GPU's code, on the CPU) and
+/// the host's rounding around an f32 product prune alike: the same rounding, sums in another order. cuBLAS's
+/// product is compared on a GPU by gpu-check's step 2c.
 #[test]
 fn bf16_passes_prune_alike_through_both_kernels() {
     let method = "sparsegpt --matmul-dtype bf16";

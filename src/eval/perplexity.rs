@@ -126,10 +126,19 @@ impl<'a> LayerCache<'a> {
             let bytes: usize = first.named_tensors().iter().map(|(_, t)| t.elem_count() * 4).sum();
             if bytes * model.num_layers() <= budget_bytes {
                 let mut v = vec![first];
-                for i in 1..model.num_layers() {
+                let all = (1..model.num_layers()).try_for_each(|i| -> Result<()> {
                     v.push(model.load_layer(i)?);
+                    Ok(())
+                });
+                match all {
+                    Ok(()) => Some(v),
+                    // The GPU cannot hold them all: each use reads them instead (a notice: not as asked).
+                    Err(e) if crate::device::out_of_memory(&e) => {
+                        eprintln!("eval: out of GPU memory keeping the layers: reading them again for every batch");
+                        None
+                    }
+                    Err(e) => return Err(e),
                 }
-                Some(v)
             } else {
                 None
             }
@@ -151,10 +160,11 @@ impl<'a> LayerCache<'a> {
     }
 }
 
-/// The sum of the terms `run` gives for the batches of `0..n`, `per` at a time, in order (one term each). Out of GPU memory on a batch, the
-/// run goes on with less on the GPU rather than stopping: first `let_go` frees what is kept between batches (the
-/// layers; `false` where nothing was), then batches are halved, down to one window, for the rest of the run.
-/// A window's likelihood does not depend on its batch (up to the kernels' rounding of a different shape).
+/// The sum of the terms `run` gives for the batches of `0..n`, `per` at a time, in order (one term each). Out
+/// of GPU memory on a batch, the run goes on with less on the GPU rather than stopping: first `let_go` frees
+/// what is kept between batches (the layers; `false` where nothing was), then batches are halved, down to one
+/// window, for the rest of the run. A window's likelihood does not depend on its batch (up to the kernels'
+/// rounding of a different shape).
 fn sum_over_batches(
     n: usize,
     per: usize,
@@ -180,7 +190,7 @@ fn sum_over_batches(
                 continue;
             }
             if range.len() > 1 {
-                per = range.len() / 2;
+                per = range.len().div_ceil(2);
                 eprintln!("eval: out of GPU memory on {} windows at once: {per} at a time from here", range.len());
                 continue;
             }
@@ -287,10 +297,10 @@ mod tests {
         };
         assert_eq!(super::sum_over_batches(7, 3, &let_go, &run).unwrap(), serial);
         assert_eq!((seen.take(), freed.get()), (vec![0..3, 3..6, 6..7], 0));
-        // At most two windows fit: the layers go first, then three windows become one at a time.
+        // At most two windows fit: the layers go first, then three windows become two at a time.
         fits.set(2);
         assert_eq!(super::sum_over_batches(7, 3, &let_go, &run).unwrap(), serial);
-        let once = vec![0..3, 0..3, 0..1, 1..2, 2..3, 3..4, 4..5, 5..6, 6..7];
+        let once = vec![0..3, 0..3, 0..2, 2..4, 4..6, 6..7];
         assert_eq!((seen.take(), freed.get()), (once, 1));
         // Nothing fits, nothing was kept: an error naming the windows, after halving down to one.
         fits.set(0);

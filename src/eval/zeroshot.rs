@@ -428,7 +428,7 @@ pub fn score_all(
         let score = || score_example(model, &cache, tok, eos, e).with_context(|| format!("example {}", i + 1));
         scores.push(match score() {
             // Out of GPU memory: the kept layers go (a notice: the run goes on differently), and the example again.
-            Err(e) if crate::device::out_of_memory(&e) && cache.let_go() => {
+            Err(err) if crate::device::out_of_memory(&err) && cache.let_go() => {
                 eprintln!("{stage}: out of GPU memory: reading the layers again for every example from here");
                 score()?
             }

@@ -39,7 +39,8 @@ pub enum LayerInputs {
     Corrected,
 }
 
-/// Storage type of the activations between layers (computation is in f32 whatever it is).
+/// A float type of the walk's: the activations' storage between layers (`--act-dtype`; they are computed on in
+/// f32 whatever it is) or the calibration passes' products (`--matmul-dtype`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
@@ -76,7 +77,8 @@ pub struct WalkOptions {
     pub act_dtype: ActDType,
     /// Type the calibration passes' linear maps multiply in: bf16 or f16 round each weight and input to it and
     /// sum the products in f32, as the authors' fp16 runs do, for a GPU's tensor cores (about 15× its f32
-    /// rate). The statistics, the pruners' solves, the pruned weights and eval stay f32.
+    /// rate). The statistics, the pruners' solves, the pruned weights and eval stay f32. f16 overflows past
+    /// 65504, which some models' outputs reach (Gemma's): bf16 has f32's range.
     #[cfg_attr(feature = "cli", arg(long, value_enum, default_value = "f32"))]
     #[serde(default = "ActDType::f32")]
     pub matmul_dtype: ActDType,
@@ -642,6 +644,16 @@ mod tests {
     use crate::prune::{OpStats, Pruned};
     use faer::Mat;
     use std::sync::Mutex;
+
+    /// A report or `--resume` fingerprint written before `--matmul-dtype` existed reads as f32: an old run
+    /// resumes, and its walk options equal today's defaults.
+    #[test]
+    fn walk_options_without_a_matmul_dtype_read_as_f32() {
+        let mut old = serde_json::to_value(WalkOptions::default()).unwrap();
+        assert!(old.as_object_mut().unwrap().remove("matmul_dtype").is_some());
+        let read: WalkOptions = serde_json::from_value(old).unwrap();
+        assert_eq!(read, WalkOptions::default());
+    }
 
     /// SparseGPT, except that the operators it is handed at the calls numbered in `fail` fail as CUDA does when
     /// the GPU is out of memory.
