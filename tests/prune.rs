@@ -194,6 +194,39 @@ fn bf16_calibration_passes_move_the_statistics_a_little() {
     assert!(agree > 0.95, "the masks agree on only {agree}");
 }
 
+/// Every way the walk loads its layers multiplies in the asked type: with dense layer inputs in bf16, two
+/// workers, and two parts merged (layer 1's inputs then made by a pass through layer 0 alone), give the bytes of
+/// one worker over all layers, which are not f32's.
+#[test]
+fn bf16_passes_reach_every_layer_the_walk_loads() {
+    let d = tmpdir("p-matmul-walks");
+    let model = fixture("llama");
+    let args = ["--method", "sparsegpt", "--sparsity", "0.5", "--layer-inputs", "dense", "--matmul-dtype", "bf16"];
+    let go = |name: &str, extra: &[&str]| {
+        prune(model.to_str().unwrap(), &d.join(name), &[&args[..], extra].concat());
+    };
+    go("one", &[]);
+    go("two", &["--jobs", "2"]);
+    go("part-a", &["--layers", "0-0"]);
+    go("part-b", &["--layers", "1-1"]);
+    let (ok, _, err) = run(&[
+        "merge",
+        "--model",
+        model.to_str().unwrap(),
+        "--parts",
+        d.join("part-a").to_str().unwrap(),
+        d.join("part-b").to_str().unwrap(),
+        "--out",
+        d.join("merged").to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    prune(model.to_str().unwrap(), &d.join("f32"), &args[..6]);
+    let one = operators(&d.join("one"));
+    assert!(operators(&d.join("two")) == one, "--jobs 2 differs from --jobs 1 under bf16 passes");
+    assert!(operators(&d.join("merged")) == one, "the merged parts differ from the whole walk under bf16 passes");
+    assert!(operators(&d.join("f32")) != one, "bf16 passes gave f32's checkpoint");
+}
+
 #[test]
 fn saved_calibration_reproduces_the_checkpoint_byte_for_byte() {
     let d = tmpdir("p-calib");
