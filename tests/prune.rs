@@ -48,6 +48,18 @@ fn operators(dir: &Path) -> Vec<(String, Vec<Vec<f32>>)> {
     v
 }
 
+/// `fistaprune merge` of the parts in `dir` named `parts` into `dir/out`: (succeeded, stderr).
+fn merge(model: &Path, dir: &Path, parts: &[&str], out: &str) -> (bool, String) {
+    let model = model.to_str().unwrap().to_string();
+    let paths: Vec<String> = parts.iter().map(|p| dir.join(p).to_str().unwrap().to_string()).collect();
+    let out = dir.join(out).to_str().unwrap().to_string();
+    let mut args = vec!["merge", "--model", &model, "--parts"];
+    args.extend(paths.iter().map(String::as_str));
+    args.extend(["--out", &out]);
+    let (ok, _, err) = run(&args);
+    (ok, err)
+}
+
 #[test]
 fn sparsegpt_unstructured_on_llama_meets_target_and_reports() {
     let d = tmpdir("p-sgpt");
@@ -209,16 +221,7 @@ fn bf16_passes_reach_every_layer_the_walk_loads() {
     go("two", &["--jobs", "2"]);
     go("part-a", &["--layers", "0-0"]);
     go("part-b", &["--layers", "1-1"]);
-    let (ok, _, err) = run(&[
-        "merge",
-        "--model",
-        model.to_str().unwrap(),
-        "--parts",
-        d.join("part-a").to_str().unwrap(),
-        d.join("part-b").to_str().unwrap(),
-        "--out",
-        d.join("merged").to_str().unwrap(),
-    ]);
+    let (ok, err) = merge(&model, &d, &["part-a", "part-b"], "merged");
     assert!(ok, "{err}");
     prune(model.to_str().unwrap(), &d.join("f32"), &args[..6]);
     let one = operators(&d.join("one"));
@@ -494,16 +497,7 @@ fn fista_is_byte_identical_whatever_the_parallelism() {
     go("part-b", &["--layers", "1-1"]);
     go("part-a", &["--layers", "0-0"]);
     let merged = d.join("merged");
-    let (ok, _, err) = run(&[
-        "merge",
-        "--model",
-        m.to_str().unwrap(),
-        "--parts",
-        d.join("part-b").to_str().unwrap(),
-        d.join("part-a").to_str().unwrap(),
-        "--out",
-        merged.to_str().unwrap(),
-    ]);
+    let (ok, err) = merge(&m, &d, &["part-b", "part-a"], "merged");
     assert!(ok, "{err}");
     let one = std::fs::read(d.join("one/model.safetensors")).unwrap();
     for other in ["two", "threads1", "merged"] {
@@ -517,39 +511,12 @@ fn fista_is_byte_identical_whatever_the_parallelism() {
     assert_eq!(r["layers"].as_array().unwrap().len(), 2);
     assert!((r["sparsity"].as_f64().unwrap() - 0.5).abs() < 0.01, "{}", r["sparsity"]);
     // Parts that overlap, miss a layer, or disagree are refused.
-    let (ok, _, err) = run(&[
-        "merge",
-        "--model",
-        m.to_str().unwrap(),
-        "--parts",
-        d.join("part-a").to_str().unwrap(),
-        "--out",
-        d.join("bad1").to_str().unwrap(),
-    ]);
+    let (ok, err) = merge(&m, &d, &["part-a"], "bad1");
     assert!(!ok && err.contains("no part holds decoder layer 1"), "{err}");
-    let (ok, _, err) = run(&[
-        "merge",
-        "--model",
-        m.to_str().unwrap(),
-        "--parts",
-        d.join("part-a").to_str().unwrap(),
-        d.join("part-a").to_str().unwrap(),
-        d.join("part-b").to_str().unwrap(),
-        "--out",
-        d.join("bad2").to_str().unwrap(),
-    ]);
+    let (ok, err) = merge(&m, &d, &["part-a", "part-a", "part-b"], "bad2");
     assert!(!ok && err.contains("layer 0 is in both"), "{err}");
     go("part-b-other", &["--layers", "1-1", "--xi", "0.5"]);
-    let (ok, _, err) = run(&[
-        "merge",
-        "--model",
-        m.to_str().unwrap(),
-        "--parts",
-        d.join("part-a").to_str().unwrap(),
-        d.join("part-b-other").to_str().unwrap(),
-        "--out",
-        d.join("bad3").to_str().unwrap(),
-    ]);
+    let (ok, err) = merge(&m, &d, &["part-a", "part-b-other"], "bad3");
     assert!(!ok && err.contains("other options or calibration"), "{err}");
     assert!(!d.join("bad1").exists() && !d.join("bad2").exists() && !d.join("bad3").exists());
 }

@@ -125,13 +125,9 @@ impl<'a> LayerCache<'a> {
             let first = model.load_layer(0)?;
             let bytes: usize = first.named_tensors().iter().map(|(_, t)| t.elem_count() * 4).sum();
             if bytes * model.num_layers() <= budget_bytes {
-                let mut v = vec![first];
-                let all = (1..model.num_layers()).try_for_each(|i| -> Result<()> {
-                    v.push(model.load_layer(i)?);
-                    Ok(())
-                });
-                match all {
-                    Ok(()) => Some(v),
+                let rest = (1..model.num_layers()).map(|i| model.load_layer(i));
+                match std::iter::once(Ok(first)).chain(rest).collect::<Result<Vec<_>>>() {
+                    Ok(v) => Some(v),
                     // The GPU cannot hold them all: each use reads them instead (a notice: not as asked).
                     Err(e) if crate::device::out_of_memory(&e) => {
                         eprintln!("eval: out of GPU memory keeping the layers: reading them again for every batch");

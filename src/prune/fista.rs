@@ -1024,8 +1024,7 @@ mod tests {
         // (50 % of 96).
         let budgets = [4usize, 12, 6, 10, 8, 8];
         let scores = Mat::from_fn(6, 16, |i, j| w[(i, j)].abs());
-        let mut w0 = w.clone();
-        mask::apply(&mut w0, &mask::mask_row_budgets(&scores, &budgets));
+        let w0 = mask::zeroed(&w, &mask::mask_row_budgets(&scores, &budgets));
         let pattern = Pattern::Unstructured(0.5);
         let h = HardThreshold::from_warm(&w0, pattern, true);
         assert_eq!(h.budgets.as_deref(), Some(&budgets[..]));

@@ -464,8 +464,7 @@ mod tests {
         let (w, g, c, k) = problem(1, n, 7);
         let p = Problem { w: &w, g: &g, c: &c, k };
         let pruned = mask::select(&w, Pattern::Unstructured(0.5), true);
-        let mut start = w.clone();
-        mask::apply(&mut start, &pruned);
+        let start = mask::zeroed(&w, &pruned);
         let (gd, inv_gd) = diagonal(&g);
         let residual = |v: &Mat<f32>| {
             let vg = matmul(v.as_ref(), g.as_ref());
@@ -522,8 +521,7 @@ mod tests {
             let (w, g, c, k) = problem(1, n, 11);
             let p = Problem { w: &w, g: &g, c: &c, k };
             let pruned = mask::select(&w, pattern, true);
-            let mut start = w.clone();
-            mask::apply(&mut start, &pruned);
+            let start = mask::zeroed(&w, &pruned);
             let (gd, inv_gd) = diagonal(&g);
             let mut row = Row::of(&p, &gd, &inv_gd, &start, &matmul(start.as_ref(), g.as_ref()), &pruned, 0);
             let made = row.improve(pattern, 1000);
@@ -573,8 +571,7 @@ mod tests {
             let g = Mat::from_fn(n, n, |i, j| if i < j { g[(i, j)] * 1.05 } else { g[(i, j)] });
             let p = Problem { w: &w, g: &g, c: &c, k };
             let pruned = mask::select(&w, pattern, true);
-            let mut start = w.clone();
-            mask::apply(&mut start, &pruned);
+            let start = mask::zeroed(&w, &pruned);
             let (start, start_g) = refit(&p, &start, None, &pruned, 30).unwrap();
             let (gd, inv_gd) = diagonal(&g);
             let cap = match pattern {
@@ -620,8 +617,7 @@ mod tests {
             let (w, g, c, k) = problem(6, 40, 3);
             let p = Problem { w: &w, g: &g, c: &c, k };
             let pruned = mask::select(&w, pattern, true);
-            let mut start = w.clone();
-            mask::apply(&mut start, &pruned);
+            let start = mask::zeroed(&w, &pruned);
             let (start, start_g) = refit(&p, &start, None, &pruned, 60).unwrap();
             let (out, out_mask, rounds) = refine(&p, start.clone(), start_g, pruned.clone(), pattern, 5, 60).unwrap();
             let (before, after) = (errors(&p, &start), errors(&p, &out));
