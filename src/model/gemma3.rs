@@ -624,7 +624,7 @@ impl GemmaLayer {
         let v = heads(self.op("v_proj").forward(x)?, nkv, None)?;
         let scale = c.query_pre_attn_scalar.powf(-0.5) as f32;
         let window = self.sliding().then_some(c.sliding_window);
-        let attn = crate::linalg::causal_attention(&q, &k, &v, scale, window)?;
+        let attn = crate::linalg::causal_attention(&q, &k, &v, scale, window, self.op("q_proj").matmul)?;
         if let Some(f) = hook.as_mut() {
             f("o_proj", &attn)?;
         }

@@ -9,7 +9,8 @@ pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     /// The type its product multiplies in ([`crate::linalg::matmul_nt_in`]): f32, or bf16/f16 for a pruning
-    /// walk's calibration passes under `--matmul-dtype`. The weight itself stays f32.
+    /// walk's calibration passes under `--matmul-dtype` (the layer's attention products follow the query
+    /// projection's). The weight itself stays f32.
     pub matmul: DType,
 }
 

@@ -715,7 +715,8 @@ impl LlamaLayer {
         let v = heads(self.op("v_proj").forward(x)?, nkv, None)?;
         let (q, k) = (ctx.rope[0].apply(&q)?, ctx.rope[0].apply(&k)?);
         let window = c.sliding_window.filter(|_| c.sliding[self.idx]);
-        let attn = crate::linalg::causal_attention(&q, &k, &v, 1.0 / (hd as f32).sqrt(), window)?;
+        let attn =
+            crate::linalg::causal_attention(&q, &k, &v, 1.0 / (hd as f32).sqrt(), window, self.op("q_proj").matmul)?;
         if let Some(f) = hook.as_mut() {
             f("o_proj", &attn)?;
         }

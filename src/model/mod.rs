@@ -441,7 +441,8 @@ pub trait DecoderLayer: Send + Sync {
     fn linear_mut(&mut self, name: &str) -> Option<&mut Linear>;
     /// Every tensor of the layer under its Hugging Face name (for writing checkpoints).
     fn named_tensors(&self) -> Vec<(String, Tensor)>;
-    /// Multiply the layer's linear maps in `dtype` from here ([`Linear::matmul`]).
+    /// Multiply the layer's linear maps in `dtype` from here ([`Linear::matmul`]); its attention's two products
+    /// follow (they take the type of the query projection's).
     fn set_matmul_dtype(&mut self, dtype: candle_core::DType) {
         for name in self.linear_names() {
             if let Some(l) = self.linear_mut(name) {

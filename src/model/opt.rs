@@ -426,7 +426,8 @@ impl OptLayer {
         let q = heads(self.op("q_proj").forward(x)?)?;
         let k = heads(self.op("k_proj").forward(x)?)?;
         let v = heads(self.op("v_proj").forward(x)?)?;
-        let attn = crate::linalg::causal_attention(&q, &k, &v, 1.0 / (hd as f32).sqrt(), None)?;
+        let attn =
+            crate::linalg::causal_attention(&q, &k, &v, 1.0 / (hd as f32).sqrt(), None, self.op("q_proj").matmul)?;
         if let Some(f) = hook.as_mut() {
             f("out_proj", &attn)?;
         }

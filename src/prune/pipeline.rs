@@ -75,10 +75,11 @@ pub struct WalkOptions {
     /// Storage type of the activations between layers.
     #[cfg_attr(feature = "cli", arg(long, value_enum, default_value = "f32"))]
     pub act_dtype: ActDType,
-    /// Type the calibration passes' linear maps multiply in: bf16 or f16 round each weight and input to it and
-    /// sum the products in f32, as the authors' fp16 runs do, for a GPU's tensor cores (about 15× its f32
-    /// rate). The statistics, the pruners' solves, the pruned weights and eval stay f32. f16 overflows past
-    /// 65504, which some models' outputs reach (Gemma's): bf16 has f32's range.
+    /// Type the calibration passes' linear maps and attention products multiply in: bf16 or f16 round each
+    /// factor to it and sum the products in f32, as the authors' fp16 runs do, for a GPU's tensor cores (about
+    /// 15× its f32 rate). The softmax, the norms, the statistics, the pruners' solves, the pruned weights and
+    /// eval stay f32. f16 overflows past 65504, which some models' outputs reach (Gemma's): bf16 has f32's
+    /// range.
     #[cfg_attr(feature = "cli", arg(long, value_enum, default_value = "f32"))]
     #[serde(default = "ActDType::f32")]
     pub matmul_dtype: ActDType,
