@@ -63,8 +63,7 @@ pub fn matmul_nt_in(x: &Tensor, w: &Tensor, dtype: DType) -> Result<Tensor> {
     let y = if crate::device::generic(x) {
         x.to_dtype(dtype)?.contiguous()?.matmul(&w.to_dtype(dtype)?.contiguous()?.t()?)?
     } else {
-        let round = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_dtype(DType::F32)?) };
-        matmul_nt(&round(x)?, &round(w)?)?.to_dtype(dtype)?
+        matmul_nt(&round_to(x, dtype)?, &round_to(w, dtype)?)?.to_dtype(dtype)?
     };
     Ok(y.to_dtype(DType::F32)?)
 }
