@@ -10,7 +10,8 @@
 # aborts loudly if ever loaded). Nothing here sets LD_LIBRARY_PATH.
 #
 # Settings (environment): CUDA_VENV (default ~/.cache/fistaprune/cuda/venv, shared by every clone), CUDA_LINK (default $CUDA_VENV/../link),
-# CUDA_COMPUTE_CAP (default 90: H100/H200, nvcc gets sm_90a), NVCC_APPEND_FLAGS (default --compress-mode=size).
+# CUDA_COMPUTE_CAP (default 90: H100/H200, nvcc gets sm_90a), NVCC_APPEND_FLAGS (default --compress-mode=size),
+# CUDAFORGE_THREADS (default: every core).
 #
 # `set -euo pipefail` applies to all the setup work, which runs in a subshell (_cuda_env_setup below): set at
 # the top level of a sourced file it would leak into the caller's interactive shell.
@@ -107,6 +108,9 @@ if _cuda_cu13="$(_cuda_env_setup "$CUDA_VENV" "$CUDA_LINK")"; then
     *" --compress-mode="*) ;;
     *) export NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:+$NVCC_APPEND_FLAGS }--compress-mode=size" ;;
   esac
+  # candle-kernels' build script (cudaforge) runs nvcc on half the cores by default, one at a time on a 2-core
+  # machine: its GGUF/MoE kernels then take 6 of the `cuda` build's 9 minutes. All of them, unless told.
+  export CUDAFORGE_THREADS="${CUDAFORGE_THREADS:-$(nproc)}"
   unset _cuda_cu13
   echo "cuda-env: nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\),.*/\1/p'), CUDA_ROOT=$CUDA_ROOT, CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP" >&2
 else

@@ -3,7 +3,7 @@
 // another (so a function-level static is the block's shared memory), and arithmetic is the host's IEEE f32,
 // built like the GPU's code without FMA contraction (-ffp-contract=off here, fmad=false there).
 // Kernels may use threadIdx.x, blockIdx.x, __syncthreads(), __shared__ arrays and scalars, min, fmaxf, fabsf,
-// __float_as_int.
+// __float_as_int, __int_as_float, INFINITY.
 #pragma once
 #include <algorithm>
 #include <barrier>
@@ -30,6 +30,12 @@ inline int __float_as_int(float x) {
     int i;
     std::memcpy(&i, &x, sizeof i);
     return i;
+}
+
+inline float __int_as_float(int i) {
+    float x;
+    std::memcpy(&x, &i, sizeof x);
+    return x;
 }
 
 // Run `kernel(args...)` on a grid of `grid` blocks of `block` threads.

@@ -177,7 +177,8 @@ fn forced() -> bool {
     *FORCED.get_or_init(|| std::env::var("FISTAPRUNE_GENERIC").is_ok_and(|v| v == "1"))
 }
 
-/// Kernel `$name` of `src/prune/$file.cu`, as build.rs compiled it to PTX, on CUDA device `$dev`.
+/// Kernel `$name` of the project's kernel file `$file.cu` (by its stem; build.rs lists the paths), as build.rs
+/// compiled it to PTX, on CUDA device `$dev`.
 #[cfg(feature = "cuda")]
 macro_rules! project_kernel {
     ($dev:expr, $file:literal, $name:literal) => {

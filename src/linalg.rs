@@ -463,12 +463,12 @@ fn rounding(dtype: DType) -> Result<fn(&mut [f32])> {
 }
 
 /// [`causal_attention`] in candle's operators, for any device: per sequence of the batch (the scores of one
-/// are `nh·t²` floats), the query heads that share a K/V head as one `(rep·t, d)` block, an additive mask
-/// (−∞ above the diagonal and outside the window), and a softmax over the keys. The scale goes where the host
-/// kernel puts it: on the scores in f32, on the queries before their product in bf16 or f16. There the two
-/// products run in that type (on a GPU, cuBLAS on the tensor cores, summing in f32), the mask is added in it
-/// (exactly: 0 or −∞), and the softmax runs in f32 between them: candle's own bf16 softmax rounds twice on a
-/// GPU and sums in bf16 on the CPU, which would part the devices.
+/// are `nh·t²` floats), the query heads that share a K/V head as one `(rep·t, d)` block, and a softmax over
+/// the keys each query sees ([`causal_softmax`]). The scale goes where the host kernel puts it: on the scores
+/// in f32, on the queries before their product in bf16 or f16. There the two products run in that type (on a
+/// GPU, cuBLAS on the tensor cores, summing in f32), and the softmax runs in f32 between them, read and
+/// written in the type: candle's own bf16 softmax rounds twice on a GPU and sums in bf16 on the CPU, which
+/// would part the devices.
 fn attention_generic(
     q: &Tensor,
     k: &Tensor,
@@ -480,14 +480,6 @@ fn attention_generic(
     let (b, nh, t, d) = q.dims4()?;
     let nkv = k.dim(1)?;
     let rep = nh / nkv;
-    let mask: Vec<f32> = (0..t * t)
-        .map(|i| {
-            let (p, j) = (i / t, i % t);
-            let seen = j <= p && window.is_none_or(|w| p - j < w);
-            if seen { 0.0 } else { f32::NEG_INFINITY }
-        })
-        .collect();
-    let mask = Tensor::from_vec(mask, (t, t), q.device())?.to_dtype(dtype)?;
     let reduced = dtype != DType::F32;
     let mut outs = Vec::with_capacity(b);
     for bi in 0..b {
@@ -495,15 +487,104 @@ fn attention_generic(
         let qb = if reduced { (qb * scale as f64)?.to_dtype(dtype)? } else { qb }.reshape((nkv, rep * t, d))?;
         let (kb, vb) = (k.get(bi)?.contiguous()?.to_dtype(dtype)?, v.get(bi)?.contiguous()?.to_dtype(dtype)?);
         let scores = qb.matmul(&kb.t()?)?;
-        let scores = if reduced { scores } else { (scores * scale as f64)? };
-        let scores = scores.reshape((nkv, rep, t, t))?.broadcast_add(&mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?;
-        let probs = probs.reshape((nkv, rep * t, t))?.to_dtype(dtype)?;
+        let probs = causal_softmax(&scores, if reduced { 1.0 } else { scale }, window)?;
         // (nkv, rep·t, d) → (t, nh·d), query head h = g·rep + r.
         let o = probs.matmul(&vb)?.to_dtype(DType::F32)?.reshape((nh, t, d))?.transpose(0, 1)?.reshape((t, nh * d))?;
         outs.push(o);
     }
     Ok(Tensor::stack(&outs, 0)?)
+}
+
+/// Attention's softmax over the scores `s`, rows of `t` keys in the products' type (f32, bf16 or f16), row `r`
+/// the query at position `r mod t`: the row times `scale`, normalised in f32 over the keys the query sees (up
+/// to its own position, and within the sliding `window`), rounded to the type; the keys it does not see 0. On
+/// a GPU one pass of causal_softmax.cu (4 bytes a score in bf16, where a mask, a softmax and two conversions in
+/// candle's operators take 24); elsewhere those operators: an additive mask (−∞ above the diagonal and outside
+/// the window) and candle's softmax on an f32 copy.
+pub fn causal_softmax(s: &Tensor, scale: f32, window: Option<usize>) -> Result<Tensor> {
+    let s = s.contiguous()?;
+    let t = s.dim(candle_core::D::Minus1)?;
+    ensure!(t > 0 && s.elem_count() % (t * t) == 0, "attention: scores {:?} are not squares of keys", s.dims());
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = s.device() {
+        return gpu::causal_softmax(dev, &s, t, scale, window);
+    }
+    let mask: Vec<f32> = (0..t * t)
+        .map(|i| {
+            let (p, j) = (i / t, i % t);
+            if j <= p && window.is_none_or(|w| p - j < w) { 0.0 } else { f32::NEG_INFINITY }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (t, t), s.device())?;
+    let x = s.to_dtype(DType::F32)?.reshape((s.elem_count() / (t * t), t, t))?;
+    let x = if scale == 1.0 { x } else { (x * scale as f64)? };
+    let p = candle_nn::ops::softmax_last_dim(&x.broadcast_add(&mask)?)?;
+    Ok(p.reshape(s.shape())?.to_dtype(s.dtype())?)
+}
+
+/// causal_softmax.cu on the run's GPU (PTX from build.rs, loaded once): one block of threads per row.
+#[cfg(feature = "cuda")]
+mod gpu {
+    use anyhow::{Result, bail, ensure};
+    use candle_core::cuda::CudaDType;
+    use candle_core::cuda::cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::{CudaDevice, CudaStorage, DType, Storage, Tensor, op::BackpropOp};
+    use half::{bf16, f16};
+
+    /// Threads per block: the kernel's `THREADS`.
+    const THREADS: u32 = 256;
+
+    /// [`super::causal_softmax`] of `s` (contiguous, rows of `t`) on `dev`.
+    pub(super) fn causal_softmax(
+        dev: &CudaDevice,
+        s: &Tensor,
+        t: usize,
+        scale: f32,
+        window: Option<usize>,
+    ) -> Result<Tensor> {
+        use crate::device::project_kernel;
+        let out = match s.dtype() {
+            DType::F32 => {
+                launch::<f32>(dev, project_kernel!(dev, "causal_softmax", "causal_softmax_f32")?, s, t, scale, window)
+            }
+            DType::BF16 => {
+                launch::<bf16>(dev, project_kernel!(dev, "causal_softmax", "causal_softmax_bf16")?, s, t, scale, window)
+            }
+            DType::F16 => {
+                launch::<f16>(dev, project_kernel!(dev, "causal_softmax", "causal_softmax_f16")?, s, t, scale, window)
+            }
+            other => bail!("attention: no softmax in {other:?}"),
+        }?;
+        Ok(Tensor::from_storage(Storage::Cuda(out), s.shape().clone(), BackpropOp::none(), false))
+    }
+
+    /// The kernel `func` for `T` on `s`: its probabilities, rows × t in `T`.
+    fn launch<T: CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        func: CudaFunction,
+        s: &Tensor,
+        t: usize,
+        scale: f32,
+        window: Option<usize>,
+    ) -> Result<CudaStorage> {
+        let (len, rows) = (s.elem_count(), s.elem_count() / t);
+        ensure!(rows <= i32::MAX as usize && t <= i32::MAX as usize, "attention: {rows} rows of {t} scores");
+        let (storage, layout) = s.storage_and_layout();
+        let Storage::Cuda(storage) = &*storage else { bail!("attention's scores are not on the GPU") };
+        let s0 = layout.start_offset();
+        let sv = storage.as_cuda_slice::<T>()?.slice(s0..s0 + len);
+        // SAFETY: the kernel writes every element of every row.
+        let mut out: CudaSlice<T> = unsafe { dev.alloc::<T>(len) }?;
+        let (t32, window) = (t as i32, window.map_or(0, |w| w.min(i32::MAX as usize) as i32));
+        let stream = dev.cuda_stream();
+        let mut launch = stream.launch_builder(&func);
+        launch.arg(&sv).arg(&mut out).arg(&t32).arg(&window).arg(&scale);
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the arguments are causal_softmax.cu's, in its order and types (T's bits as the kernel's);
+        // `sv` and `out` hold rows × t elements.
+        unsafe { launch.launch(cfg) }.map_err(|e| anyhow::anyhow!("attention's softmax kernel: {e:?}"))?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
 }
 
 /// Query rows per attention task.
@@ -837,6 +918,153 @@ mod tests {
                     "{dtype:?}, window {window:?}, generic {generic}: worst error {worst} of the bound"
                 );
             }
+        }
+    }
+
+    /// causal_softmax.cu, run on the host (src/cuda_emu.h, blocks of 32 threads here): each probability is the
+    /// host's expression (`exp_neg`, times the sum's inverse) with the kernel's order of the sum (each thread's
+    /// strided partial sum, then a tree), rounded to the type, bit for bit; within the window of each query,
+    /// rows narrower and wider than a block, scores far enough apart for `exp_neg`'s floor. Against the host's
+    /// [`causal_softmax`] (its own order of the sum) nearly all values in bf16 and f16 are the same bits. And
+    /// its conversions are the `half` crate's, bit for bit: every f16 widened, f32 values of every kind (ties
+    /// between the types' neighbours and either side of them, subnormals, infinities, NaN) rounded.
+    #[test]
+    fn the_gpu_softmax_kernel_gives_the_host_expression() {
+        use crate::device::emu::{Harness, bytes, f32s};
+        let Some(harness) = Harness::build("causal_softmax_test") else { return };
+        let (threads, heads, t) = (32, 3, 70);
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for (kind, dtype, step) in
+            [(0i32, DType::F32, 4.0 * f32::EPSILON), (1, DType::BF16, 2f32.powi(-7)), (2, DType::F16, 2f32.powi(-10))]
+        {
+            let rnd = |x: f32| match dtype {
+                DType::BF16 => half::bf16::from_f32(x).to_f32(),
+                DType::F16 => half::f16::from_f32(x).to_f32(),
+                _ => x,
+            };
+            let bits = |x: f32| -> Vec<u8> {
+                match dtype {
+                    DType::BF16 => half::bf16::from_f32(x).to_bits().to_le_bytes().to_vec(),
+                    DType::F16 => half::f16::from_f32(x).to_bits().to_le_bytes().to_vec(),
+                    _ => x.to_le_bytes().to_vec(),
+                }
+            };
+            for (window, scale) in [(None, 1.0f32), (Some(1), 1.0), (Some(5), 0.125), (Some(40), 1.0), (Some(500), 0.3)]
+            {
+                // Scores of the type, a few of them 100 below their row's others.
+                let s: Vec<f32> = (0..heads * t * t)
+                    .map(|_| {
+                        let u = (next() % 20_001) as f32 / 1000.0 - 10.0;
+                        rnd(if next() % 50 == 0 { u - 100.0 } else { u })
+                    })
+                    .collect();
+                let mut input =
+                    bytes(&[kind, (heads * t) as i32, t as i32, window.map_or(0, |w| w as i32)], i32::to_le_bytes);
+                input.extend(scale.to_le_bytes());
+                input.extend(s.iter().flat_map(|&x| bits(x)));
+                let out = harness.run(&input);
+                let got: Vec<f32> = match dtype {
+                    DType::F32 => f32s(&out, 0, s.len()),
+                    DType::BF16 => out.chunks(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+                    _ => out.chunks(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+                };
+                let host = causal_softmax(
+                    &Tensor::from_vec(s.clone(), (heads * t, t), &Device::Cpu).unwrap().to_dtype(dtype).unwrap(),
+                    scale,
+                    window,
+                )
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+                let (mut same_as_host, mut worst) = (0, 0f32);
+                for (r, (row, got)) in s.chunks(t).zip(got.chunks(t)).enumerate() {
+                    let p = r % t;
+                    let lo = window.map_or(0, |w| (p + 1).saturating_sub(w));
+                    let x: Vec<f32> = row[lo..=p].iter().map(|&v| v * scale).collect();
+                    let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                    let mut part = vec![0f32; threads];
+                    for (i, &v) in x.iter().enumerate() {
+                        part[i % threads] += exp_neg(v - m);
+                    }
+                    let mut width = threads / 2;
+                    while width > 0 {
+                        for i in 0..width {
+                            part[i] += part[i + width];
+                        }
+                        width /= 2;
+                    }
+                    let inv = 1.0 / part[0];
+                    for (j, &g) in got.iter().enumerate() {
+                        let want = if (lo..=p).contains(&j) { rnd(exp_neg(x[j - lo] - m) * inv) } else { 0.0 };
+                        assert_eq!(g.to_bits(), want.to_bits(), "{dtype:?} window {window:?}: row {r}, key {j}");
+                    }
+                    for (a, b) in got.iter().zip(&host[r * t..(r + 1) * t]) {
+                        same_as_host += usize::from(a == b);
+                        // (exp_neg's floor: keys 87 below the row's maximum get e⁻⁸⁷, candle's less.)
+                        worst = worst.max(((a - b).abs() - 2e-38).max(0.0) / b.max(f32::MIN_POSITIVE));
+                    }
+                }
+                eprintln!("{dtype:?} window {window:?}: {same_as_host} of {} as the host's softmax", s.len());
+                // Within a step of the type (f32: four) of candle's softmax, which sums in another order and
+                // divides by the sum.
+                assert!(worst <= step, "{dtype:?} window {window:?}: {worst} from the host's softmax, relative");
+                assert!(
+                    dtype == DType::F32 || same_as_host * 100 >= s.len() * 99,
+                    "{dtype:?} window {window:?}: {same_as_host} of {} as the host's softmax",
+                    s.len()
+                );
+            }
+        }
+
+        // The conversions: every f16 widened; f32 values rounded to bf16 and f16.
+        let mut f: Vec<f32> = Vec::new();
+        for h in 0..0x7c00u16 {
+            // The midpoint between each finite f16 and the next, and either side of it.
+            let (a, b) = (half::f16::from_bits(h).to_f64(), half::f16::from_bits(h + 1).to_f64());
+            let mid = ((a + b) / 2.0) as f32;
+            for x in [mid, f32::from_bits(mid.to_bits() - 1), f32::from_bits(mid.to_bits() + 1), a as f32] {
+                f.extend([x, -x]);
+            }
+        }
+        for _ in 0..40_000 {
+            // bf16's midpoints and either side of them, and any bit pattern at all.
+            let b = (next() as u32) & 0xffff_0000;
+            f.extend([f32::from_bits(b | 0x8000), f32::from_bits(b | 0x8001), f32::from_bits(b | 0x7fff)]);
+            f.push(f32::from_bits(next() as u32));
+        }
+        f.extend([0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 65504.0, 65519.99, 65520.0, 1e-8, 2.9e-8]);
+        let h: Vec<u16> = (0..f.len()).map(|i| (i % 65_536) as u16).collect();
+        let mut input = bytes(&[3i32, f.len() as i32], i32::to_le_bytes);
+        input.extend(bytes(&h, u16::to_le_bytes));
+        input.extend(bytes(&f, f32::to_le_bytes));
+        let out = harness.run(&input);
+        let n = f.len();
+        let wide = f32s(&out, 0, n);
+        let u16s = |at: usize| -> Vec<u16> {
+            out[at..at + 2 * n].chunks(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect()
+        };
+        let (to_bf16, to_f16) = (u16s(4 * n), u16s(6 * n));
+        for i in 0..n {
+            let want = half::f16::from_bits(h[i]).to_f32();
+            assert_eq!(wide[i].to_bits(), want.to_bits(), "f16 {:#06x} widened", h[i]);
+            assert_eq!(
+                to_bf16[i],
+                half::bf16::from_f32(f[i]).to_bits(),
+                "{:e} ({:#010x}) to bf16",
+                f[i],
+                f[i].to_bits()
+            );
+            assert_eq!(to_f16[i], half::f16::from_f32(f[i]).to_bits(), "{:e} ({:#010x}) to f16", f[i], f[i].to_bits());
         }
     }
 }
