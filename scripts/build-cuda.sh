@@ -5,8 +5,8 @@
 # leaves a stripped binary in .gpu/fistaprune to carry over (at most 64 MiB can be carried; we fail above 60).
 # On the GPU machine run it with LD_LIBRARY_PATH=/usr/local/nvidia/lib64:<venv>/.../nvidia/cu13/lib (the real
 # driver and the CUDA 13 libraries); the libcuda link stub from cuda-env.sh never goes there.
-# Settings (environment): JOBS (cargo -j, default 2), CUDAFORGE_THREADS (parallel nvcc runs, default JOBS);
-# the CUDA ones are in scripts/cuda-env.sh.
+# Settings (environment): JOBS (cargo -j, default 2); the CUDA ones (CUDAFORGE_THREADS, the parallel nvcc runs
+# of candle's kernels, among them) are in scripts/cuda-env.sh.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -14,7 +14,6 @@ cd "$root"
 source "$root/scripts/cuda-env.sh"
 
 jobs="${JOBS:-2}"
-export CUDAFORGE_THREADS="${CUDAFORGE_THREADS:-$jobs}"
 export CARGO_TARGET_DIR="$root/target/cuda"
 
 # candle-kernels' build script reruns only when its sources change, not when the nvcc settings do: if they
