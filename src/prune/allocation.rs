@@ -11,6 +11,7 @@ use anyhow::Result;
 use candle_core::{D, DType, Tensor};
 
 use super::pipeline::{WalkOptions, for_each_dense_layer};
+use super::stats::{OpStats, SquareSums};
 use crate::linalg::tensor_to_mat;
 use crate::model::CausalLm;
 use crate::util::{Progress, progress_bar};
@@ -69,17 +70,13 @@ pub fn layer_outlier_ratios(
     for_each_dense_layer(model, calib, walk, &mut |i, layer, inputs| {
         let groups = layer.input_groups();
         // Σ x_j² per input column of each group.
-        let mut sq: Vec<Option<Tensor>> = vec![None; groups.len()];
+        let mut sq: Vec<Option<SquareSums>> = (0..groups.len()).map(|_| None).collect();
         for x in inputs.acts {
             let x = crate::device::fetch(x)?.to_dtype(DType::F32)?;
             let mut hook = |name: &str, inp: &Tensor| -> Result<()> {
                 if let Some(g) = groups.iter().position(|g| g[0] == name) {
                     let n = inp.dim(D::Minus1)?;
-                    let s = inp.reshape(((), n))?.sqr()?.sum(0)?;
-                    sq[g] = Some(match sq[g].take() {
-                        Some(t) => (t + s)?,
-                        None => s,
-                    });
+                    sq[g].get_or_insert_with(|| SquareSums::new(n)).add(inp)?;
                 }
                 Ok(())
             };
@@ -87,8 +84,8 @@ pub fn layer_outlier_ratios(
         }
         let mut scores = Vec::new();
         for (g, names) in groups.iter().enumerate() {
-            let norms: Vec<f32> = match &sq[g] {
-                Some(t) => t.sqrt()?.to_vec1()?,
+            let norms = match sq[g].take() {
+                Some(s) => OpStats::of_square_sums(s.finish()?).norms()?,
                 None => anyhow::bail!("decoder layer {i}: no input reached {}", names[0]),
             };
             for name in names.iter() {

@@ -79,9 +79,10 @@ impl Method for FistaPruner {
         let mut p = st.problem(w, &c)?;
         let damped;
         if self.opts.damp > 0.0 {
-            let n = st.gram.nrows();
-            let d = self.opts.damp * (0..n).map(|j| st.gram[(j, j)] as f64).sum::<f64>() / n as f64;
-            let mut g = st.gram.clone();
+            let gram = st.gram()?;
+            let n = gram.nrows();
+            let d = self.opts.damp * (0..n).map(|j| gram[(j, j)] as f64).sum::<f64>() / n as f64;
+            let mut g = gram.clone();
             for j in 0..n {
                 g[(j, j)] += d as f32;
             }
@@ -905,7 +906,7 @@ mod tests {
                 ..Default::default()
             },
         };
-        let st = crate::prune::OpStats { gram: g.clone(), cross: None, dense: None, outputs: None };
+        let st = crate::prune::OpStats::of_gram(g.clone());
         let a = method(true, 0).prune(&w, Some(&st), pattern).unwrap().w;
         mask::verify(&a, pattern, 6).unwrap();
         for i in 0..6 {

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::Method;
 use super::mask::{self, Pattern};
 use super::pipeline::{LayerInputs, PipelineOptions};
-use super::stats::{Cross, Gram, OpStats, outlier_token_scales, sum_squares};
+use super::stats::{Cross, Gram, OpStats, SquareSums, outlier_token_scales, sum_squares};
 use crate::device::{Stashed, fetch, stash};
 use crate::linalg::{mat_to_tensor, matmul_nt, tensor_to_mat};
 use crate::model::{CausalLm, DecoderLayer, LayerContext};
@@ -31,7 +31,8 @@ pub struct OperatorReport {
     /// Measured fraction of exact zeros.
     pub sparsity: f64,
     /// `‖W' X* − W X‖² / ‖W X‖²` on the calibration inputs: the operator's output error against the dense
-    /// layer's (with error correction, `X*` are the inputs the partially pruned layer gives it).
+    /// layer's (with error correction, `X*` are the inputs the partially pruned layer gives it). Absent for a
+    /// method that reads less than `X*ᵀX*` (magnitude, Wanda).
     pub rel_error: Option<f64>,
     /// The same error for the dense weight under the final mask, without the method's weight update.
     pub rel_error_mask_only: Option<f64>,
@@ -281,36 +282,52 @@ fn capture_input(layer: &dyn DecoderLayer, x: &Tensor, ctx: &LayerContext, leade
     got.ok_or_else(|| anyhow!("the layer never reported an input for {leader}"))
 }
 
-/// Statistics of every group from one pass of the dense layer (no error correction: `X* = X`).
+/// Statistics of every group from one pass of the dense layer (no error correction: `X* = X`): each
+/// feature's sum of squares where the method reads no more (`norms_only`), else the Gram matrix.
 fn collect_dense(
     layer: &dyn DecoderLayer,
     acts: &[Stashed],
     ctx: &LayerContext,
     cap: Option<f64>,
+    norms_only: bool,
 ) -> Result<Vec<OpStats>> {
+    enum Sums {
+        Gram(Gram),
+        Squares(SquareSums),
+    }
     let groups = layer.input_groups();
-    let mut grams: Vec<Option<Gram>> = (0..groups.len()).map(|_| None).collect();
+    let mut sums: Vec<Option<Sums>> = (0..groups.len()).map(|_| None).collect();
     for x in acts {
         let x = fetch(x)?.to_dtype(DType::F32)?;
         let mut hook = |name: &str, inp: &Tensor| -> Result<()> {
             if let Some(gi) = groups.iter().position(|g| g[0] == name) {
                 let n = inp.dim(candle_core::D::Minus1)?;
-                let gram = grams[gi].get_or_insert_with(|| Gram::new(n));
-                match cap {
-                    Some(k) => gram.add(&inp.broadcast_mul(&outlier_token_scales(inp, k)?)?)?,
-                    None => gram.add(inp)?,
+                let scaled;
+                let inp = match cap {
+                    Some(k) => {
+                        scaled = inp.broadcast_mul(&outlier_token_scales(inp, k)?)?;
+                        &scaled
+                    }
+                    None => inp,
+                };
+                match sums[gi].get_or_insert_with(|| {
+                    if norms_only { Sums::Squares(SquareSums::new(n)) } else { Sums::Gram(Gram::new(n)) }
+                }) {
+                    Sums::Gram(g) => g.add(inp)?,
+                    Sums::Squares(s) => s.add(inp)?,
                 }
             }
             Ok(())
         };
         layer.capture(&x, ctx, &mut hook)?;
     }
-    grams
-        .into_iter()
+    sums.into_iter()
         .zip(groups.iter())
-        .map(|(g, names)| {
-            let g = g.ok_or_else(|| anyhow!("no statistics were collected for {}", names[0]))?;
-            let st = OpStats { gram: g.finish()?, cross: None, dense: None, outputs: None };
+        .map(|(s, names)| {
+            let st = match s.ok_or_else(|| anyhow!("no statistics were collected for {}", names[0]))? {
+                Sums::Gram(g) => OpStats::of_gram(g.finish()?),
+                Sums::Squares(s) => OpStats::of_square_sums(s.finish()?),
+            };
             st.check_finite(&format!("input of {}", names.join(", ")))?;
             Ok(st)
         })
@@ -444,7 +461,13 @@ impl Correction<'_> {
             Some(_) => (None, cross.map(Cross::finish).transpose()?.map(|c| (c, k))),
             None => (cross.map(Cross::finish).transpose()?, None),
         };
-        let st = OpStats { gram: g.finish()?, cross, dense: dgram.map(Gram::finish).transpose()?, outputs };
+        let st = OpStats {
+            gram: Some(g.finish()?),
+            square_sums: None,
+            cross,
+            dense: dgram.map(Gram::finish).transpose()?,
+            outputs,
+        };
         st.check_finite(&format!("input of {}", dense.input_groups()[gi].join(", ")))?;
         Ok((st, stepped.get()))
     }
@@ -576,7 +599,7 @@ pub fn prune_layer(
                 .with_context(|| format!("decoder layer {i}"))?;
             // The group's operators share `G*`: one copy of it on the device for all of them (methods and reports).
             operators.extend(ledger.prune(|| {
-                crate::linalg::with_resident(&[&st.gram], || {
+                crate::linalg::with_resident(&st.gram.iter().collect::<Vec<_>>(), || {
                     group.iter().map(|n| prune_operator(work.as_mut(), i, n, Some(&st), method, pattern)).collect()
                 })
             })?);
@@ -591,15 +614,16 @@ pub fn prune_layer(
     } else {
         let stats = ledger
             .stats(|| {
-                let stats = collect_dense(dense.as_ref(), inp.acts, inp.ctx, cap)?;
-                let grams: f64 = cost.widths.iter().map(|n| n * n).sum();
-                Ok((stats, tokens * (cost.prefix[groups.len() - 1] + grams)))
+                let norms_only = method.observes() == super::Observes::Norms;
+                let stats = collect_dense(dense.as_ref(), inp.acts, inp.ctx, cap, norms_only)?;
+                let sums: f64 = cost.widths.iter().map(|n| if norms_only { 2.0 * n } else { n * n }).sum();
+                Ok((stats, tokens * (cost.prefix[groups.len() - 1] + sums)))
             })
             .with_context(|| format!("decoder layer {i}"))?;
         operators = ledger.prune(|| {
             let mut ops = Vec::new();
             for (group, st) in groups.iter().zip(&stats) {
-                crate::linalg::with_resident(&[&st.gram], || -> Result<()> {
+                crate::linalg::with_resident(&st.gram.iter().collect::<Vec<_>>(), || -> Result<()> {
                     for n in group.iter() {
                         ops.push(prune_operator(work.as_mut(), i, n, Some(st), method, pattern)?);
                     }
@@ -664,15 +688,17 @@ pub fn prune_operator(
     }
     let sparsity = mask::verify(pw, pattern, pruned.rounding_units)
         .with_context(|| format!("layer {layer_idx} {name}: the pruned weight misses the pattern {pattern}"))?;
+    // From `G*`: not where only the inputs' norms were collected (Wanda), whose errors would cost it the GEMM
+    // it saves there; its layer's output error is still reported.
     let (rel_error, rel_error_mask_only) = match stats {
-        Some(st) => {
+        Some(st) if st.gram.is_some() => {
             let c = st.target(&w)?;
             let p = st.problem(&w, &c)?;
             let base = p.k.max(f64::MIN_POSITIVE);
             let masked = crate::linalg::mat_from_fn(rows, cols, |i, j| if pw[(i, j)] == 0.0 { 0.0 } else { w[(i, j)] });
             (Some(p.error(pw)? / base), Some(p.error(&masked)? / base))
         }
-        None => (None, None),
+        _ => (None, None),
     };
     layer.linear_mut(name).expect("checked above").set_weight(mat_to_tensor(pw)?)?;
     Ok(OperatorReport {

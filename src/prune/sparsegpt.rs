@@ -178,7 +178,7 @@ impl Method for SparseGpt {
     }
 
     fn prune(&self, w: &Mat<f32>, stats: Option<&OpStats>, pattern: Pattern) -> Result<Pruned> {
-        let g = &needs_stats(stats, "sparsegpt")?.gram;
+        let g = needs_stats(stats, "sparsegpt")?.gram()?;
         let (rows, cols) = w.shape();
         let (m, n, b) = (rows as f64, cols as f64, self.0.blocksize as f64);
         Ok(Pruned {

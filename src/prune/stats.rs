@@ -64,6 +64,67 @@ impl Gram {
     }
 }
 
+/// Running `Σ x_j²` per input feature over the calibration tokens, in f64: all that Wanda and OWL read of an
+/// operator's inputs (`‖X_j‖`). A read of the inputs where the Gram matrix costs a GEMM: for a LLaMA-2-7B
+/// layer's 128 × 2048 tokens that is 9·10¹³ f32 FLOP, about 1.8 s at an H200's f32 GEMM rate, so 57 s over 32
+/// layers against the authors' 30 s for their whole Wanda. Each square is taken in f32 and summed in f64, so
+/// that the norms, rounded to f32, are the same on every device and thread count but for a rounding tie.
+pub struct SquareSums {
+    host: Vec<f64>,
+    /// The sum so far where the inputs are device tensors.
+    on_device: Option<Tensor>,
+}
+
+impl SquareSums {
+    pub fn new(n: usize) -> Self {
+        Self { host: vec![0.0; n], on_device: None }
+    }
+
+    /// Add the rows of `x` (`(..., n)`, f32) to the sums.
+    pub fn add(&mut self, x: &Tensor) -> Result<()> {
+        let n = x.dim(D::Minus1)?;
+        ensure!(n == self.host.len(), "square sums: input width {n}, expected {}", self.host.len());
+        let rows = x.elem_count() / n;
+        if crate::device::generic(x) {
+            // In slices of at most 2²⁶ values: the f64 copy of a 70B MLP's batch would be 7.5 GB at once.
+            return device_square_add(&mut self.on_device, &x.reshape((rows, n))?, ((1usize << 26) / n).max(1));
+        }
+        with_f32(x, |xs| {
+            use rayon::prelude::*;
+            // Blocks of columns on all threads, each column summed in row order (the same bits at any count).
+            const BLOCK: usize = 256;
+            self.host.par_chunks_mut(BLOCK).enumerate().for_each(|(b, acc)| {
+                for row in xs.chunks_exact(n) {
+                    for (a, &v) in acc.iter_mut().zip(&row[b * BLOCK..]) {
+                        *a += (v * v) as f64;
+                    }
+                }
+            });
+        })
+    }
+
+    /// The sums, on the host.
+    pub fn finish(self) -> Result<Vec<f64>> {
+        match self.on_device {
+            Some(t) => Ok(t.to_vec1()?),
+            None => Ok(self.host),
+        }
+    }
+}
+
+/// `acc += Σ x_j²` over the rows of `x` `(rows, n)`, on its device, `step` rows at a time.
+fn device_square_add(acc: &mut Option<Tensor>, x: &Tensor, step: usize) -> Result<()> {
+    let rows = x.dim(0)?;
+    for r0 in (0..rows).step_by(step) {
+        let part = x.narrow(0, r0, step.min(rows - r0))?.sqr()?.to_dtype(candle_core::DType::F64)?.sum(0)?;
+        *acc = Some(match acc.take() {
+            Some(s) => (s + part)?,
+            None => part,
+        });
+    }
+    Ok(())
+}
+
 /// Running cross products `Σ x yᵀ` over the tokens of two streams: dense inputs `x` against the actual ones
 /// `y` of the same operator, or an operator's dense outputs against its actual inputs.
 pub struct Cross {
@@ -155,11 +216,14 @@ pub fn outlier_token_scales(x: &Tensor, cap: f64) -> Result<Tensor> {
 }
 
 /// What a method knows of one operator's inputs over the calibration tokens (rows = tokens):
-/// `gram = X*ᵀX*` of the inputs it actually gets; with intra-layer error correction also `cross = XᵀX*` and
-/// `dense = XᵀX` of the inputs the dense layer gives it (without, all three are the same matrix), or, for an
-/// operator alone in its group and narrower than its input, its target itself (`outputs`).
+/// `gram = X*ᵀX*` of the inputs it actually gets, or only its diagonal (`square_sums`) where the method reads no
+/// more ([`Observes::Norms`](super::Observes::Norms)); with intra-layer error correction also `cross = XᵀX*`
+/// and `dense = XᵀX` of the inputs the dense layer gives it (without, all three are the same matrix), or, for
+/// an operator alone in its group and narrower than its input, its target itself (`outputs`).
 pub struct OpStats {
-    pub gram: Mat<f32>,
+    pub gram: Option<Mat<f32>>,
+    /// `Σ x*_j²` per input feature ([`SquareSums`]) where there is no `gram`.
+    pub square_sums: Option<Vec<f64>>,
     pub cross: Option<Mat<f32>>,
     pub dense: Option<Mat<f32>>,
     /// `(C, K) = (YᵀX*, ‖Y‖²)` from the operator's dense outputs `Y = W X` (no bias): `2 m n` per token
@@ -168,17 +232,38 @@ pub struct OpStats {
 }
 
 impl OpStats {
-    /// Each input feature's norm `‖X*_j‖`, from the Gram diagonal.
-    pub fn norms(&self) -> Vec<f32> {
-        (0..self.gram.ncols()).map(|j| self.gram[(j, j)].max(0.0).sqrt()).collect()
+    /// `G*` alone (no error correction).
+    pub fn of_gram(gram: Mat<f32>) -> Self {
+        Self { gram: Some(gram), square_sums: None, cross: None, dense: None, outputs: None }
     }
 
-    pub fn cross(&self) -> &Mat<f32> {
-        self.cross.as_ref().unwrap_or(&self.gram)
+    /// Each input feature's `Σ x*_j²` alone.
+    pub fn of_square_sums(sums: Vec<f64>) -> Self {
+        Self { gram: None, square_sums: Some(sums), cross: None, dense: None, outputs: None }
     }
 
-    pub fn dense(&self) -> &Mat<f32> {
-        self.dense.as_ref().unwrap_or(&self.gram)
+    /// `G*`, or an error where only the features' norms were collected.
+    pub fn gram(&self) -> Result<&Mat<f32>> {
+        self.gram
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("only the inputs' norms were collected, not their Gram matrix"))
+    }
+
+    /// Each input feature's norm `‖X*_j‖`: from its sum of squares, else from the Gram diagonal.
+    pub fn norms(&self) -> Result<Vec<f32>> {
+        if let Some(s) = &self.square_sums {
+            return Ok(s.iter().map(|&v| v.max(0.0).sqrt() as f32).collect());
+        }
+        let g = self.gram()?;
+        Ok((0..g.ncols()).map(|j| g[(j, j)].max(0.0).sqrt()).collect())
+    }
+
+    pub fn cross(&self) -> Result<&Mat<f32>> {
+        self.cross.as_ref().map_or_else(|| self.gram(), Ok)
+    }
+
+    pub fn dense(&self) -> Result<&Mat<f32>> {
+        self.dense.as_ref().map_or_else(|| self.gram(), Ok)
     }
 
     /// Fail, naming `what` (the layer and its operators), if a NaN or an infinity reached these statistics:
@@ -188,8 +273,11 @@ impl OpStats {
         if let Some((_, k)) = &self.outputs {
             ensure!(k.is_finite(), "{what}: NaN or Inf in the dense layer's outputs of this operator");
         }
+        if let Some(f) = self.square_sums.as_ref().and_then(|s| s.iter().position(|v| !v.is_finite())) {
+            anyhow::bail!("{what}: NaN or Inf in the calibration activations (input feature {f}; its sum of squares)");
+        }
         let streams = [
-            (Some(&self.gram), "X*, the inputs of the partially pruned layer"),
+            (self.gram.as_ref(), "X*, the inputs of the partially pruned layer"),
             (self.cross.as_ref(), "X·X*, dense against pruned inputs"),
             (self.dense.as_ref(), "X, the dense layer's inputs"),
             (self.outputs.as_ref().map(|o| &o.0), "Y·X*, dense outputs against pruned inputs"),
@@ -213,9 +301,9 @@ impl OpStats {
     pub fn problem<'a>(&'a self, w: &'a Mat<f32>, c: &'a Mat<f32>) -> Result<super::fista::Problem<'a>> {
         let k = match &self.outputs {
             Some((_, k)) => *k,
-            None => quad_error(w, self.dense())?,
+            None => quad_error(w, self.dense()?)?,
         };
-        Ok(super::fista::Problem { w, g: &self.gram, c, k })
+        Ok(super::fista::Problem { w, g: self.gram()?, c, k })
     }
 
     /// `C = W XᵀX*` (`w` is the operator's dense weight, which `outputs` already holds the product of).
@@ -224,7 +312,7 @@ impl OpStats {
             assert_eq!(c.shape(), w.shape(), "target: the statistics are of another operator");
             return Ok(c.clone());
         }
-        crate::linalg::product(w, self.cross())
+        crate::linalg::product(w, self.cross()?)
     }
 }
 
@@ -267,6 +355,55 @@ mod tests {
                 assert!((g[(a, b)] as f64 - want).abs() < 1e-4, "({a},{b}) {} vs {want}", g[(a, b)]);
             }
         }
+    }
+
+    /// Each feature's sum of squares on the host is the f64 sum of the f32 squares in row order, to the bit, at
+    /// any number of threads (300 columns: two blocks); the device's, summed in slices, is that sum to f64
+    /// rounding and gives the same f32 norms; and the norms are the Gram diagonal's to f32 rounding.
+    #[test]
+    fn square_sums_are_the_gram_diagonal_in_f64() {
+        let n = 300;
+        let val = |i: usize| ((i * 7919 % 1009) as f32 - 504.0) / 97.0;
+        let batches: Vec<Tensor> = (0..3)
+            .map(|b| {
+                Tensor::from_vec((0..14 * n).map(|i| val(i + 14 * n * b)).collect(), (2, 7, n), &Device::Cpu).unwrap()
+            })
+            .collect();
+        let mut want = vec![0f64; n];
+        for x in &batches {
+            let v: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            for (i, &x) in v.iter().enumerate() {
+                want[i % n] += (x * x) as f64;
+            }
+        }
+        let pool = |threads| rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        for threads in [1, 3] {
+            let mut host = SquareSums::new(n);
+            pool(threads).install(|| batches.iter().for_each(|x| host.add(x).unwrap()));
+            let got = host.finish().unwrap();
+            assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{threads} threads");
+        }
+        let mut on_device = None;
+        for x in &batches {
+            device_square_add(&mut on_device, &x.reshape((14, n)).unwrap(), 3).unwrap();
+        }
+        let device = OpStats::of_square_sums(on_device.unwrap().to_vec1().unwrap());
+        let norms = OpStats::of_square_sums(want.clone()).norms().unwrap();
+        for (j, (d, w)) in device.square_sums.as_ref().unwrap().iter().zip(&want).enumerate() {
+            assert!((d - w).abs() <= 1e-14 * w, "feature {j}: {d} vs {w}");
+        }
+        assert_eq!(device.norms().unwrap(), norms);
+        let mut gram = Gram::new(n);
+        batches.iter().for_each(|x| gram.add(x).unwrap());
+        let diag = OpStats::of_gram(gram.finish().unwrap()).norms().unwrap();
+        for (j, (a, b)) in norms.iter().zip(&diag).enumerate() {
+            assert!((a - b).abs() <= 2e-6 * a, "feature {j}: {a} vs {b}");
+        }
+        // A NaN in the inputs is named by its feature.
+        let mut bad = want;
+        bad[17] = f64::NAN;
+        let err = OpStats::of_square_sums(bad).check_finite("input of q").unwrap_err().to_string();
+        assert!(err.contains("input feature 17"), "{err}");
     }
 
     /// The device's running sum is the batches' products summed on the host (as before it was kept on the
@@ -313,7 +450,8 @@ mod tests {
         dense.add(&x).unwrap();
         let g = gram.finish().unwrap();
         let inputs = OpStats {
-            gram: g.clone(),
+            gram: Some(g.clone()),
+            square_sums: None,
             cross: Some(cross.finish().unwrap()),
             dense: Some(dense.finish().unwrap()),
             outputs: None,
@@ -322,7 +460,8 @@ mod tests {
         let mut yc = Cross::new(m, n);
         yc.add(&y, &xs).unwrap();
         let outputs = OpStats {
-            gram: g,
+            gram: Some(g),
+            square_sums: None,
             cross: None,
             dense: None,
             outputs: Some((yc.finish().unwrap(), sum_squares(&y).unwrap())),
