@@ -676,40 +676,74 @@ pub fn prune_operator(
     pattern: Pattern,
 ) -> Result<OperatorReport> {
     let t0 = Instant::now();
+    let what = format!("layer {layer_idx} {name}");
     let lin = layer.linear(name).ok_or_else(|| anyhow!("layer {layer_idx}: no operator {name}"))?;
-    let w = tensor_to_mat(&lin.weight)?;
+    let (rows, cols) = lin.weight.dims2()?;
+    pattern.check_cols(cols, &what)?;
+    let done = match mask_on_device(&lin.weight, stats, method, pattern).with_context(|| what.clone())? {
+        Some(done) => done,
+        None => prune_on_host(&lin.weight, stats, method, pattern).with_context(|| what.clone())?,
+    };
+    layer.linear_mut(name).expect("checked above").set_weight(done.weight)?;
+    Ok(OperatorReport {
+        layer: layer_idx,
+        name: name.to_string(),
+        shape: [rows, cols],
+        sparsity: done.sparsity,
+        rel_error: done.errors.map(|e| e.0),
+        rel_error_mask_only: done.errors.map(|e| e.1),
+        seconds: t0.elapsed().as_secs_f64(),
+        gflop: done.flops / 1e9,
+        details: done.details,
+    })
+}
+
+/// An operator's pruned weight and what its report says of it.
+struct Done {
+    weight: Tensor,
+    sparsity: f64,
+    /// `(rel_error, rel_error_mask_only)`.
+    errors: Option<(f64, f64)>,
+    flops: f64,
+    details: Option<serde_json::Value>,
+}
+
+/// The weight under the mask the method chooses where it is, on the run's device, for a method whose work is a
+/// mask ([`Method::mask_on_device`]), unless the report wants errors from `G*`; else `None`.
+fn mask_on_device(w: &Tensor, stats: Option<&OpStats>, method: &dyn Method, pattern: Pattern) -> Result<Option<Done>> {
+    if !crate::device::offloaded() || w.dtype() != DType::F32 || stats.is_some_and(|s| s.gram.is_some()) {
+        return Ok(None);
+    }
+    let Some((mask, units)) = method.mask_on_device(w, stats, pattern)? else { return Ok(None) };
+    let weight = super::device_mask::zeroed(w, &mask)?;
+    let sparsity = super::device_mask::verify(&weight, pattern, units)
+        .with_context(|| format!("the pruned weight misses the pattern {pattern}"))?;
+    Ok(Some(Done { weight, sparsity, errors: None, flops: 0.0, details: None }))
+}
+
+/// The method's pruned weight, on the host, checked; with its errors where there is a `G*`.
+fn prune_on_host(w: &Tensor, stats: Option<&OpStats>, method: &dyn Method, pattern: Pattern) -> Result<Done> {
+    let w = tensor_to_mat(w)?;
     let (rows, cols) = w.shape();
-    pattern.check_cols(cols, &format!("layer {layer_idx} {name}"))?;
     // `G*` is on the device already where the GPU path runs: the caller holds it there for the operator's group.
-    let pruned = method.prune(&w, stats, pattern).with_context(|| format!("layer {layer_idx} {name}"))?;
+    let pruned = method.prune(&w, stats, pattern)?;
     let pw = &pruned.w;
     if let Some((i, j)) = crate::linalg::first_non_finite(pw.as_ref()) {
-        bail!("layer {layer_idx} {name}: the method produced a non-finite weight at ({i}, {j})");
+        bail!("the method produced a non-finite weight at ({i}, {j})");
     }
     let sparsity = mask::verify(pw, pattern, pruned.rounding_units)
-        .with_context(|| format!("layer {layer_idx} {name}: the pruned weight misses the pattern {pattern}"))?;
+        .with_context(|| format!("the pruned weight misses the pattern {pattern}"))?;
     // From `G*`: not where only the inputs' norms were collected (Wanda), whose errors would cost it the GEMM
     // it saves there; its layer's output error is still reported.
-    let (rel_error, rel_error_mask_only) = match stats {
+    let errors = match stats {
         Some(st) if st.gram.is_some() => {
             let c = st.target(&w)?;
             let p = st.problem(&w, &c)?;
             let base = p.k.max(f64::MIN_POSITIVE);
             let masked = crate::linalg::mat_from_fn(rows, cols, |i, j| if pw[(i, j)] == 0.0 { 0.0 } else { w[(i, j)] });
-            (Some(p.error(pw)? / base), Some(p.error(&masked)? / base))
+            Some((p.error(pw)? / base, p.error(&masked)? / base))
         }
-        _ => (None, None),
+        _ => None,
     };
-    layer.linear_mut(name).expect("checked above").set_weight(mat_to_tensor(pw)?)?;
-    Ok(OperatorReport {
-        layer: layer_idx,
-        name: name.to_string(),
-        shape: [rows, cols],
-        sparsity,
-        rel_error,
-        rel_error_mask_only,
-        seconds: t0.elapsed().as_secs_f64(),
-        gflop: pruned.flops / 1e9,
-        details: pruned.details,
-    })
+    Ok(Done { weight: mat_to_tensor(pw)?, sparsity, errors, flops: pruned.flops, details: pruned.details })
 }

@@ -2,6 +2,7 @@
 //! output row. No calibration data, no weight update.
 
 use anyhow::Result;
+use candle_core::Tensor;
 use faer::Mat;
 use serde::{Deserialize, Serialize};
 
@@ -35,5 +36,15 @@ impl Method for Magnitude {
     fn prune(&self, w: &Mat<f32>, _stats: Option<&OpStats>, pattern: Pattern) -> Result<Pruned> {
         let out = mask::zeroed(w, &mask::select(&mask::magnitudes(w), pattern, self.per_row));
         Ok(Pruned { rounding_units: if self.per_row { w.nrows() } else { 1 }, ..Pruned::per_row(out) })
+    }
+
+    fn mask_on_device(
+        &self,
+        w: &Tensor,
+        _stats: Option<&OpStats>,
+        pattern: Pattern,
+    ) -> Result<Option<(Tensor, usize)>> {
+        let mask = super::device_mask::select(&w.abs()?, pattern, self.per_row)?;
+        Ok(Some((mask, if self.per_row { w.dim(0)? } else { 1 })))
     }
 }

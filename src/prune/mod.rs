@@ -6,6 +6,7 @@
 //! in [`METHODS`].
 
 pub mod allocation;
+pub mod device_mask;
 pub mod fista;
 pub mod layer;
 pub mod magnitude;
@@ -80,6 +81,17 @@ pub trait Method: Send + Sync {
     /// The dense weight `w` `(out, in)` on `pattern`, given the statistics of its inputs (present unless the
     /// method observes nothing).
     fn prune(&self, w: &Mat<f32>, stats: Option<&OpStats>, pattern: Pattern) -> Result<Pruned>;
+    /// For a method whose result is `w` under a mask: that mask (u8, 1 = prune) chosen where `w` is, on the
+    /// run's device ([`device_mask`]), with the units its zeros were counted in; `None` (the default): prune
+    /// on the host.
+    fn mask_on_device(
+        &self,
+        _w: &candle_core::Tensor,
+        _stats: Option<&OpStats>,
+        _pattern: Pattern,
+    ) -> Result<Option<(candle_core::Tensor, usize)>> {
+        Ok(None)
+    }
 }
 
 /// A pruned weight and what the method tells about it.

@@ -3,6 +3,7 @@
 //! ([`super::stats::SquareSums`]) unless another method needs the whole Gram matrix (FISTAPruner's warm start).
 
 use anyhow::Result;
+use candle_core::Tensor;
 use faer::Mat;
 
 use super::mask::{self, Pattern};
@@ -27,6 +28,13 @@ impl Method for Wanda {
         let scores = crate::linalg::mat_from_fn(w.nrows(), w.ncols(), |i, j| w[(i, j)].abs() * norms[j]);
         let out = mask::zeroed(w, &mask::select(&scores, pattern, true));
         Ok(Pruned::per_row(out))
+    }
+
+    fn mask_on_device(&self, w: &Tensor, stats: Option<&OpStats>, pattern: Pattern) -> Result<Option<(Tensor, usize)>> {
+        let norms = needs_stats(stats, "wanda")?.norms()?;
+        let norms = Tensor::from_vec(norms, (1, w.dim(1)?), w.device())?;
+        let mask = super::device_mask::select(&w.abs()?.broadcast_mul(&norms)?, pattern, true)?;
+        Ok(Some((mask, w.dim(0)?)))
     }
 }
 
