@@ -13,7 +13,7 @@
 use anyhow::{Result, ensure};
 use candle_core::{D, DType, Tensor};
 
-use super::mask::{Pattern, count_for};
+use super::mask::{self, Pattern, count_for};
 
 /// The mask (u8, 1 = prune) `pattern` gives the non-negative, finite `scores` `(rows, cols)`: `k` of each
 /// row's lowest (`per_row`), of the whole matrix's, or `n` of every `m` consecutive.
@@ -113,16 +113,7 @@ pub fn verify(w: &Tensor, pattern: Pattern, units: usize) -> Result<f64> {
     let zero = w.eq(0f32)?;
     let z = zero.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()? as usize;
     match pattern {
-        Pattern::Unstructured(s) => {
-            let want = count_for(rows * cols, s);
-            ensure!(
-                z + units >= want,
-                "{z} zeros of {} ({:.4}), below the {want} the {:.1}% target asks",
-                rows * cols,
-                z as f64 / (rows * cols) as f64,
-                s * 100.0
-            );
-        }
+        Pattern::Unstructured(s) => mask::check_zeros(z, rows * cols, s, units)?,
         Pattern::NM { n, m } => {
             let per_group = zero.reshape((rows, cols / m, m))?.to_dtype(DType::U32)?.sum(D::Minus1)?;
             if (per_group.min_all()?.to_scalar::<u32>()? as usize) < n {
@@ -130,10 +121,10 @@ pub fn verify(w: &Tensor, pattern: Pattern, units: usize) -> Result<f64> {
                 let (i, g, zg) = counts
                     .iter()
                     .enumerate()
-                    .flat_map(|(i, r)| r.iter().enumerate().map(move |(g, &zg)| (i, g * m, zg)))
-                    .find(|&(_, _, zg)| (zg as usize) < n)
+                    .flat_map(|(i, r)| r.iter().enumerate().map(move |(g, &zg)| (i, g * m, zg as usize)))
+                    .find(|&(_, _, zg)| zg < n)
                     .expect("a group below n");
-                anyhow::bail!("row {i}, inputs {g}..{}: {zg} zeros, the {n}:{m} pattern needs {n}", g + m);
+                anyhow::bail!(mask::group_short(i, g, zg, n, m));
             }
         }
     }

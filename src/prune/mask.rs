@@ -276,27 +276,34 @@ pub fn verify(w: &Mat<f32>, pattern: Pattern, units: usize) -> Result<f64> {
     let (r, c) = w.shape();
     let z = zeros(w);
     match pattern {
-        Pattern::Unstructured(s) => {
-            let want = count_for(r * c, s);
-            ensure!(
-                z + units >= want,
-                "{z} zeros of {} ({:.4}), below the {} the {:.1}% target asks",
-                r * c,
-                z as f64 / (r * c) as f64,
-                want,
-                s * 100.0
-            );
-        }
+        Pattern::Unstructured(s) => check_zeros(z, r * c, s, units)?,
         Pattern::NM { n, m } => {
             for i in 0..r {
                 for g in (0..c).step_by(m) {
                     let zg = (g..(g + m).min(c)).filter(|&j| w[(i, j)] == 0.0).count();
-                    ensure!(zg >= n, "row {i}, inputs {g}..{}: {zg} zeros, the {n}:{m} pattern needs {n}", g + m);
+                    ensure!(zg >= n, group_short(i, g, zg, n, m));
                 }
             }
         }
     }
     Ok(z as f64 / (r * c) as f64)
+}
+
+/// [`verify`]'s unstructured check: `z` zeros of `total` against the target `s`, less `units` of rounding.
+pub fn check_zeros(z: usize, total: usize, s: f64, units: usize) -> Result<()> {
+    let want = count_for(total, s);
+    ensure!(
+        z + units >= want,
+        "{z} zeros of {total} ({:.4}), below the {want} the {:.1}% target asks",
+        z as f64 / total as f64,
+        s * 100.0
+    );
+    Ok(())
+}
+
+/// [`verify`]'s N:M failure: row `i`'s group from input `g` has only `zg` zeros.
+pub fn group_short(i: usize, g: usize, zg: usize, n: usize, m: usize) -> String {
+    format!("row {i}, inputs {g}..{}: {zg} zeros, the {n}:{m} pattern needs {n}", g + m)
 }
 
 #[cfg(test)]
