@@ -98,9 +98,9 @@ fn baselines_match_the_authors_code_on_a_slice() {
         }
         // Against the authors: within 1 %, except where their masks and ours differ only by how exact ties of
         // the score are broken (magnitude on 4-bit weights), which the reference file records; widened by the
-        // spread that one-ulp changes of Wanda's norms give our own figure on this slice (`ulp_spread`: a near
-        // tie flipped in one layer cascades through the pruned-input walk).
-        let tolerance = 0.01 + run_ref["ulp_spread"].as_f64().unwrap_or(0.0);
+        // spread that one-ulp changes of Wanda's norms give our own figure on this slice where that is wider
+        // (`ulp_spread`: a near tie flipped in one layer cascades through the pruned-input walk).
+        let tolerance = run_ref["ulp_spread"].as_f64().unwrap_or(0.0).max(0.01);
         if run_ref["ties_only"].as_bool() != Some(true) && (ours / theirs - 1.0).abs() > tolerance {
             failures.push(format!("{tag}: {ours} is not within {tolerance} of the authors' {theirs}"));
         }

@@ -84,10 +84,10 @@ pub fn layer_outlier_ratios(
         }
         let mut scores = Vec::new();
         for (g, names) in groups.iter().enumerate() {
-            let norms = match sq[g].take() {
-                Some(s) => OpStats::of_square_sums(s.finish()?).norms()?,
-                None => anyhow::bail!("decoder layer {i}: no input reached {}", names[0]),
-            };
+            let Some(s) = sq[g].take() else { anyhow::bail!("decoder layer {i}: no input reached {}", names[0]) };
+            let st = OpStats::of_square_sums(s.finish()?);
+            st.check_finite(&format!("decoder layer {i}: input of {}", names.join(", ")))?;
+            let norms = st.norms()?;
             for name in names.iter() {
                 let w = tensor_to_mat(&layer.linear(name).expect("grouped operators exist").weight)?;
                 for j in 0..w.ncols() {

@@ -5,8 +5,8 @@
 //! and a selection over its 202M scores between): by estimate 0.2–0.4 s a layer, against the 0.9 s a layer
 //! the authors' whole Wanda takes. Here the `k`-th lowest score of each row (or of the matrix) is found by
 //! bisection on its bit pattern (the scores are non-negative, and such floats order as their bits do), 31
-//! counting passes, and the ties at it by bisection on the position, 12 to 28 more; only the counts cross the
-//! bus. The mask is the host's to the bit: the lowest scores, ties to the lower position (per matrix, in
+//! counting passes, and the ties at it by bisection on the column, about 13 more; only per-row counts cross
+//! the bus. The mask is the host's to the bit: the lowest scores, ties to the lower position (per matrix, in
 //! column-major order). On the CPU the same code runs under `FISTAPRUNE_GENERIC=1`; the tests compare it with
 //! the host's selection there.
 
@@ -30,63 +30,84 @@ pub fn select(scores: &Tensor, pattern: Pattern, per_row: bool) -> Result<Tensor
     }
 }
 
-/// The `k` lowest of each row, or (`whole`) of the whole matrix in row-major order. Counts are summed per row on
-/// the device (a single sum over a whole matrix would be one thread block's work) and over the rows on the host.
+/// The `k` lowest of each row, or (`whole`) of the whole matrix in row-major order. Every count is a sum per
+/// row on the device (one sum over a whole matrix would be one thread block's work), added up on the host.
 fn lowest(scores: &Tensor, k: usize, whole: bool) -> Result<Tensor> {
     let (rows, cols) = scores.dims2()?;
     let dev = scores.device();
+    if k == 0 || k >= if whole { rows * cols } else { cols } {
+        return Ok(Tensor::full(u8::from(k > 0), (rows, cols), dev)?);
+    }
+    let per_row = |t: Tensor| -> Result<Vec<u64>> {
+        Ok(t.to_dtype(DType::U32)?
+            .sum_keepdim(1)?
+            .flatten_all()?
+            .to_vec1::<u32>()?
+            .into_iter()
+            .map(u64::from)
+            .collect())
+    };
     let segments = if whole { 1 } else { rows };
-    let count = |t: Tensor| -> Result<Vec<u64>> {
-        let per_row = t.to_dtype(DType::U32)?.sum_keepdim(1)?.flatten_all()?.to_vec1::<u32>()?;
-        Ok(if whole {
-            vec![per_row.iter().map(|&c| c as u64).sum()]
-        } else {
-            per_row.into_iter().map(u64::from).collect()
-        })
+    let per_segment = |t: Tensor| -> Result<Vec<u64>> {
+        let c = per_row(t)?;
+        Ok(if whole { vec![c.iter().sum()] } else { c })
     };
-    // One value per segment, as a column its rows broadcast.
-    let column = |v: Vec<f32>| Tensor::from_vec(v, (segments, 1), dev);
-    // The lowest bit pattern t with at least k scores ≤ t: the k-th lowest score (0 where k is 0).
     let k = k as u64;
-    let bisect = |hi: u32, count_at: &dyn Fn(&[u32]) -> Result<Vec<u64>>, want: &[u64]| -> Result<Vec<u32>> {
-        let (mut lo, mut hi) = (vec![0u32; segments], vec![hi; segments]);
-        while lo.iter().zip(&hi).any(|(l, h)| l < h) {
-            let mid: Vec<u32> = lo.iter().zip(&hi).map(|(&l, &h)| l + (h - l) / 2).collect();
-            for (r, c) in count_at(&mid)?.into_iter().enumerate() {
-                if lo[r] < hi[r] {
-                    if c >= want[r] { hi[r] = mid[r] } else { lo[r] = mid[r] + 1 }
-                }
-            }
-        }
-        Ok(lo)
-    };
-    let bits = |b: &[u32]| column(b.iter().map(|&b| f32::from_bits(b)).collect());
-    let t = bisect(f32::INFINITY.to_bits(), &|mid| count(scores.broadcast_le(&bits(mid)?)?), &vec![k; segments])?;
+    // The k-th lowest score of each segment: the lowest bit pattern t with at least k scores ≤ t.
+    let bits = |b: &[u32]| Tensor::from_vec(b.iter().map(|&b| f32::from_bits(b)).collect(), (segments, 1), dev);
+    let t = bisect(f32::INFINITY.to_bits(), &vec![k; segments], |mid| per_segment(scores.broadcast_le(&bits(mid)?)?))?;
     let t = bits(&t)?;
     let less = scores.broadcast_lt(&t)?;
     let equal = scores.broadcast_eq(&t)?;
-    // Of the scores equal to t, the first k − (scores below t) by position: the lowest p with that many
-    // before position p.
-    let ties: Vec<u64> = count(less.clone())?.into_iter().map(|below| k.saturating_sub(below)).collect();
-    let position = if whole {
-        Tensor::arange(0u32, (rows * cols) as u32, dev)?.reshape((rows, cols))?
+    // Of the scores equal to t, the first k − (scores below t) by position: each row's quota of them (in row
+    // order over a whole matrix), then in each row the lowest column p with its quota before it.
+    let below = per_row(less.clone())?;
+    let quotas: Vec<u64> = if whole {
+        let mut left = k - below.iter().sum::<u64>();
+        per_row(equal.clone())?
+            .into_iter()
+            .map(|e| {
+                let q = e.min(left);
+                left -= q;
+                q
+            })
+            .collect()
     } else {
-        Tensor::arange(0u32, cols as u32, dev)?.reshape((1, cols))?
+        below.iter().map(|&b| k - b).collect()
     };
+    let column = Tensor::arange(0u32, cols as u32, dev)?.reshape((1, cols))?;
     let before = |p: &[u32]| -> Result<Tensor> {
-        let p = Tensor::from_vec(p.to_vec(), (segments, 1), dev)?;
-        Ok((&equal * position.broadcast_lt(&p)?)?)
+        let p = Tensor::from_vec(p.to_vec(), (rows, 1), dev)?;
+        Ok((&equal * column.broadcast_lt(&p)?)?)
     };
-    let end = if whole { rows * cols } else { cols } as u32;
-    let p = bisect(end, &|mid| count(before(mid)?), &ties)?;
+    let p = bisect(cols as u32, &quotas, |mid| per_row(before(mid)?))?;
     Ok((less + before(&p)?)?)
 }
+
+/// For each of `want`'s entries, the lowest `x` in `0..=top` with `count(x) ≥ want`, `count` being monotone
+/// and evaluated for all entries at once.
+fn bisect(top: u32, want: &[u64], count: impl Fn(&[u32]) -> Result<Vec<u64>>) -> Result<Vec<u32>> {
+    let (mut lo, mut hi) = (vec![0u32; want.len()], vec![top; want.len()]);
+    while lo.iter().zip(&hi).any(|(l, h)| l < h) {
+        let mid: Vec<u32> = lo.iter().zip(&hi).map(|(&l, &h)| l + (h - l) / 2).collect();
+        for (r, c) in count(&mid)?.into_iter().enumerate() {
+            if lo[r] < hi[r] {
+                if c >= want[r] { hi[r] = mid[r] } else { lo[r] = mid[r] + 1 }
+            }
+        }
+    }
+    Ok(lo)
+}
+
+/// The widest N:M group chosen on the device: its ranks are counted in u8, and its work grows as `m²`.
+pub const MAX_GROUP: usize = 32;
 
 /// In each row, the `n` lowest of every `m` consecutive: a score's rank in its group is the number of
 /// others below it, or equal to it and before it.
 fn lowest_in_groups(scores: &Tensor, n: usize, m: usize) -> Result<Tensor> {
     let (rows, cols) = scores.dims2()?;
     ensure!(cols.is_multiple_of(m), "{n}:{m}: {cols} inputs, not a multiple of {m}");
+    ensure!(m <= MAX_GROUP, "{n}:{m}: groups wider than {MAX_GROUP} are chosen on the host");
     let g = scores.reshape((rows, cols / m, m))?;
     let at = |j: usize| g.narrow(2, j, 1);
     let mut pruned = Vec::with_capacity(m);
@@ -104,19 +125,23 @@ fn lowest_in_groups(scores: &Tensor, n: usize, m: usize) -> Result<Tensor> {
 
 /// `w` with the weights `mask` marks exactly zero (positive zero, as the host writes them).
 pub fn zeroed(w: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    Ok(mask.where_cond(&w.zeros_like()?, w)?)
+    Ok(mask.where_cond(&Tensor::zeros((), w.dtype(), w.device())?.broadcast_as(w.shape())?, w)?)
 }
 
 /// [`mask::verify`](super::mask::verify) of a device weight: its measured sparsity, or the host's error.
 pub fn verify(w: &Tensor, pattern: Pattern, units: usize) -> Result<f64> {
     let (rows, cols) = w.dims2()?;
     let zero = w.eq(0f32)?;
-    let z = zero.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()? as usize;
+    // Sums per row, added up here (see `lowest`).
+    let per_row = |t: Tensor| -> Result<u64> {
+        Ok(t.to_dtype(DType::U32)?.sum_keepdim(1)?.flatten_all()?.to_vec1::<u32>()?.into_iter().map(u64::from).sum())
+    };
+    let z = per_row(zero.clone())? as usize;
     match pattern {
         Pattern::Unstructured(s) => mask::check_zeros(z, rows * cols, s, units)?,
         Pattern::NM { n, m } => {
             let per_group = zero.reshape((rows, cols / m, m))?.to_dtype(DType::U32)?.sum(D::Minus1)?;
-            if (per_group.min_all()?.to_scalar::<u32>()? as usize) < n {
+            if per_row(per_group.lt(n as u32)?)? > 0 {
                 let counts = per_group.to_vec2::<u32>()?;
                 let (i, g, zg) = counts
                     .iter()

@@ -31,8 +31,8 @@ pub struct OperatorReport {
     /// Measured fraction of exact zeros.
     pub sparsity: f64,
     /// `‖W' X* − W X‖² / ‖W X‖²` on the calibration inputs: the operator's output error against the dense
-    /// layer's (with error correction, `X*` are the inputs the partially pruned layer gives it). Absent for a
-    /// method that reads less than `X*ᵀX*` (magnitude, Wanda).
+    /// layer's (with error correction, `X*` are the inputs the partially pruned layer gives it). Absent where
+    /// no `X*ᵀX*` was collected (magnitude; Wanda without error correction).
     pub rel_error: Option<f64>,
     /// The same error for the dense weight under the final mask, without the method's weight update.
     pub rel_error_mask_only: Option<f64>,
@@ -711,7 +711,8 @@ struct Done {
 /// The weight under the mask the method chooses where it is, on the run's device, for a method whose work is a
 /// mask ([`Method::mask_on_device`]), unless the report wants errors from `G*`; else `None`.
 fn mask_on_device(w: &Tensor, stats: Option<&OpStats>, method: &dyn Method, pattern: Pattern) -> Result<Option<Done>> {
-    if !crate::device::offloaded() || w.dtype() != DType::F32 || stats.is_some_and(|s| s.gram.is_some()) {
+    let wide = matches!(pattern, Pattern::NM { m, .. } if m > super::device_mask::MAX_GROUP);
+    if !crate::device::offloaded() || w.dtype() != DType::F32 || stats.is_some_and(|s| s.gram.is_some()) || wide {
         return Ok(None);
     }
     let Some((mask, units)) = method.mask_on_device(w, stats, pattern)? else { return Ok(None) };

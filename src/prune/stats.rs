@@ -67,8 +67,9 @@ impl Gram {
 /// Running `Σ x_j²` per input feature over the calibration tokens, in f64: all that Wanda and OWL read of an
 /// operator's inputs (`‖X_j‖`). A read of the inputs where the Gram matrix costs a GEMM: for a LLaMA-2-7B
 /// layer's 128 × 2048 tokens that is 9·10¹³ f32 FLOP, about 1.8 s at an H200's f32 GEMM rate, so 57 s over 32
-/// layers against the authors' 30 s for their whole Wanda. Each square is taken in f32 and summed in f64, so
-/// that the norms, rounded to f32, are the same on every device and thread count but for a rounding tie.
+/// layers against the authors' 30 s for their whole Wanda. Each square is taken in f32 and summed in f64: the
+/// host's sums are the same at any thread count, and a device's, summed in another order, round to the same
+/// f32 norms but for a rounding tie.
 pub struct SquareSums {
     host: Vec<f64>,
     /// The sum so far where the inputs are device tensors.
@@ -84,6 +85,7 @@ impl SquareSums {
     pub fn add(&mut self, x: &Tensor) -> Result<()> {
         let n = x.dim(D::Minus1)?;
         ensure!(n == self.host.len(), "square sums: input width {n}, expected {}", self.host.len());
+        ensure!(x.dtype() == candle_core::DType::F32, "square sums: expected f32 inputs, got {:?}", x.dtype());
         let rows = x.elem_count() / n;
         if crate::device::generic(x) {
             // In slices of at most 2²⁶ values: the f64 copy of a 70B MLP's batch would be 7.5 GB at once.

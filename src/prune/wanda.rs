@@ -1,6 +1,7 @@
 //! Wanda (Sun et al. 2023): score `|W_ij| · ‖X_j‖₂`, drop the lowest scores of each output row (N:M: the
 //! lowest n of every m consecutive inputs); no weight update. `‖X_j‖²` is the Gram diagonal, collected alone
-//! ([`super::stats::SquareSums`]) unless another method needs the whole Gram matrix (FISTAPruner's warm start).
+//! ([`super::stats::SquareSums`]) unless the whole Gram matrix is collected anyway (error correction, or
+//! FISTAPruner's warm start).
 
 use anyhow::Result;
 use candle_core::Tensor;
