@@ -30,23 +30,15 @@ pub fn select(scores: &Tensor, pattern: Pattern, per_row: bool) -> Result<Tensor
     }
 }
 
-/// The `k` lowest of each row, or (`whole`) of the whole matrix in row-major order. Every count is a sum per
-/// row on the device (one sum over a whole matrix would be one thread block's work), added up on the host.
+/// The `k` lowest of each row, or (`whole`) of the whole matrix in row-major order; every count by
+/// [`row_counts`].
 fn lowest(scores: &Tensor, k: usize, whole: bool) -> Result<Tensor> {
     let (rows, cols) = scores.dims2()?;
     let dev = scores.device();
     if k == 0 || k >= if whole { rows * cols } else { cols } {
         return Ok(Tensor::full(u8::from(k > 0), (rows, cols), dev)?);
     }
-    let per_row = |t: Tensor| -> Result<Vec<u64>> {
-        Ok(t.to_dtype(DType::U32)?
-            .sum_keepdim(1)?
-            .flatten_all()?
-            .to_vec1::<u32>()?
-            .into_iter()
-            .map(u64::from)
-            .collect())
-    };
+    let per_row = |t: Tensor| row_counts(&t);
     let segments = if whole { 1 } else { rows };
     let per_segment = |t: Tensor| -> Result<Vec<u64>> {
         let c = per_row(t)?;
@@ -82,6 +74,13 @@ fn lowest(scores: &Tensor, k: usize, whole: bool) -> Result<Tensor> {
     };
     let p = bisect(cols as u32, &quotas, |mid| per_row(before(mid)?))?;
     Ok((less + before(&p)?)?)
+}
+
+/// Each row's count of the non-zero entries of `t` `(rows, cols)`: summed per row on the device (candle's CUDA
+/// sum to a single value is one thread block's work), so that a whole matrix's count is added up on the host.
+fn row_counts(t: &Tensor) -> Result<Vec<u64>> {
+    let counts = t.to_dtype(DType::U32)?.sum_keepdim(1)?.flatten_all()?.to_vec1::<u32>()?;
+    Ok(counts.into_iter().map(u64::from).collect())
 }
 
 /// For each of `want`'s entries, the lowest `x` in `0..=top` with `count(x) ≥ want`, `count` being monotone
@@ -132,16 +131,13 @@ pub fn zeroed(w: &Tensor, mask: &Tensor) -> Result<Tensor> {
 pub fn verify(w: &Tensor, pattern: Pattern, units: usize) -> Result<f64> {
     let (rows, cols) = w.dims2()?;
     let zero = w.eq(0f32)?;
-    // Sums per row, added up here (see `lowest`).
-    let per_row = |t: Tensor| -> Result<u64> {
-        Ok(t.to_dtype(DType::U32)?.sum_keepdim(1)?.flatten_all()?.to_vec1::<u32>()?.into_iter().map(u64::from).sum())
-    };
-    let z = per_row(zero.clone())? as usize;
+    let total = |t: &Tensor| -> Result<u64> { Ok(row_counts(t)?.iter().sum()) };
+    let z = total(&zero)? as usize;
     match pattern {
         Pattern::Unstructured(s) => mask::check_zeros(z, rows * cols, s, units)?,
         Pattern::NM { n, m } => {
             let per_group = zero.reshape((rows, cols / m, m))?.to_dtype(DType::U32)?.sum(D::Minus1)?;
-            if per_row(per_group.lt(n as u32)?)? > 0 {
+            if total(&per_group.lt(n as u32)?)? > 0 {
                 let counts = per_group.to_vec2::<u32>()?;
                 let (i, g, zg) = counts
                     .iter()

@@ -461,13 +461,8 @@ impl Correction<'_> {
             Some(_) => (None, cross.map(Cross::finish).transpose()?.map(|c| (c, k))),
             None => (cross.map(Cross::finish).transpose()?, None),
         };
-        let st = OpStats {
-            gram: Some(g.finish()?),
-            square_sums: None,
-            cross,
-            dense: dgram.map(Gram::finish).transpose()?,
-            outputs,
-        };
+        let st =
+            OpStats { cross, dense: dgram.map(Gram::finish).transpose()?, outputs, ..OpStats::of_gram(g.finish()?) };
         st.check_finite(&format!("input of {}", dense.input_groups()[gi].join(", ")))?;
         Ok((st, stepped.get()))
     }

@@ -35,7 +35,7 @@ impl Method for Magnitude {
 
     fn prune(&self, w: &Mat<f32>, _stats: Option<&OpStats>, pattern: Pattern) -> Result<Pruned> {
         let out = mask::zeroed(w, &mask::select(&mask::magnitudes(w), pattern, self.per_row));
-        Ok(Pruned { rounding_units: if self.per_row { w.nrows() } else { 1 }, ..Pruned::per_row(out) })
+        Ok(Pruned { rounding_units: self.units(w.nrows()), ..Pruned::per_row(out) })
     }
 
     fn mask_on_device(
@@ -45,6 +45,13 @@ impl Method for Magnitude {
         pattern: Pattern,
     ) -> Result<Option<(Tensor, usize)>> {
         let mask = super::device_mask::select(&w.abs()?, pattern, self.per_row)?;
-        Ok(Some((mask, if self.per_row { w.dim(0)? } else { 1 })))
+        Ok(Some((mask, self.units(w.dim(0)?))))
+    }
+}
+
+impl Magnitude {
+    /// The units the zero count is rounded in: each row, or the matrix.
+    fn units(&self, rows: usize) -> usize {
+        if self.per_row { rows } else { 1 }
     }
 }

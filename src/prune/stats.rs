@@ -118,12 +118,17 @@ impl SquareSums {
 fn device_square_add(acc: &mut Option<Tensor>, x: &Tensor, step: usize) -> Result<()> {
     let rows = x.dim(0)?;
     for r0 in (0..rows).step_by(step) {
-        let part = x.narrow(0, r0, step.min(rows - r0))?.sqr()?.to_dtype(candle_core::DType::F64)?.sum(0)?;
-        *acc = Some(match acc.take() {
-            Some(s) => (s + part)?,
-            None => part,
-        });
+        accumulate(acc, x.narrow(0, r0, step.min(rows - r0))?.sqr()?.to_dtype(candle_core::DType::F64)?.sum(0)?)?;
     }
+    Ok(())
+}
+
+/// `acc += part`, the first part being the sum itself.
+fn accumulate(acc: &mut Option<Tensor>, part: Tensor) -> Result<()> {
+    *acc = Some(match acc.take() {
+        Some(sum) => (sum + part)?,
+        None => part,
+    });
     Ok(())
 }
 
@@ -178,12 +183,7 @@ impl Cross {
 fn device_add(acc: &mut Option<Tensor>, x: &Tensor, y: &Tensor) -> Result<()> {
     let (p, n) = (x.dim(D::Minus1)?, y.dim(D::Minus1)?);
     let rows = x.elem_count() / p;
-    let prod = x.reshape((rows, p))?.t()?.matmul(&y.reshape((rows, n))?)?;
-    *acc = Some(match acc.take() {
-        Some(sum) => (sum + prod)?,
-        None => prod,
-    });
-    Ok(())
+    accumulate(acc, x.reshape((rows, p))?.t()?.matmul(&y.reshape((rows, n))?)?)
 }
 
 /// `Σ y²` over a tensor, in f64.
@@ -452,22 +452,15 @@ mod tests {
         dense.add(&x).unwrap();
         let g = gram.finish().unwrap();
         let inputs = OpStats {
-            gram: Some(g.clone()),
-            square_sums: None,
             cross: Some(cross.finish().unwrap()),
             dense: Some(dense.finish().unwrap()),
-            outputs: None,
+            ..OpStats::of_gram(g.clone())
         };
         let y = crate::linalg::matmul_nt(&x.flatten_to(1).unwrap(), &w).unwrap();
         let mut yc = Cross::new(m, n);
         yc.add(&y, &xs).unwrap();
-        let outputs = OpStats {
-            gram: Some(g),
-            square_sums: None,
-            cross: None,
-            dense: None,
-            outputs: Some((yc.finish().unwrap(), sum_squares(&y).unwrap())),
-        };
+        let outputs =
+            OpStats { outputs: Some((yc.finish().unwrap(), sum_squares(&y).unwrap())), ..OpStats::of_gram(g) };
         let (ca, cb) = (inputs.target(&wm).unwrap(), outputs.target(&wm).unwrap());
         for i in 0..m {
             for j in 0..n {
