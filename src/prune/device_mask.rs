@@ -1,5 +1,6 @@
 //! [`mask::select`](super::mask::select) and [`mask::verify`](super::mask::verify) on the run's device, by
-//! candle's operators, for the methods whose whole work is a mask (magnitude, Wanda without a Gram matrix).
+//! candle's operators, for the methods whose whole work is a mask (magnitude, Wanda without a Gram matrix), and
+//! for FISTAPruner's hard threshold where its iterates are on the device (`--projected`).
 //!
 //! On the host their weights made a round trip per operator (a LLaMA-2-7B layer's 0.8 GB down and up again,
 //! and a selection over its 202M scores between): by estimate 0.2–0.4 s a layer, against the 0.9 s a layer
@@ -20,34 +21,51 @@ use super::mask::{self, Pattern, count_for};
 pub fn select(scores: &Tensor, pattern: Pattern, per_row: bool) -> Result<Tensor> {
     let (rows, cols) = scores.dims2()?;
     match pattern {
-        Pattern::Unstructured(s) if per_row => lowest(scores, count_for(cols, s), false),
+        Pattern::Unstructured(s) if per_row => lowest(scores, Count::Rows(vec![count_for(cols, s) as u64; rows])),
         Pattern::Unstructured(s) => {
             // In column-major order, as the host flattens a matrix: the transpose's rows.
-            let mask = lowest(&scores.t()?.contiguous()?, count_for(rows * cols, s), true)?;
+            let mask = lowest(&scores.t()?.contiguous()?, Count::Whole(count_for(rows * cols, s) as u64))?;
             Ok(mask.t()?.contiguous()?)
         }
         Pattern::NM { n, m } => lowest_in_groups(scores, n, m),
     }
 }
 
-/// The `k` lowest of each row, or (`whole`) of the whole matrix in row-major order; every count by
+/// [`mask::mask_row_budgets`](super::mask::mask_row_budgets) on the device: the `budgets[i]` lowest of row `i`.
+pub fn select_budgets(scores: &Tensor, budgets: &[usize]) -> Result<Tensor> {
+    ensure!(budgets.len() == scores.dims2()?.0, "one budget per row");
+    lowest(scores, Count::Rows(budgets.iter().map(|&b| b as u64).collect()))
+}
+
+/// How many of the lowest scores [`lowest`] marks: each row's own count, or a count over the whole matrix in
+/// row-major order.
+enum Count {
+    Rows(Vec<u64>),
+    Whole(u64),
+}
+
+/// The lowest scores of each row or of the whole matrix, as many as `count` says; every count by
 /// [`row_counts`].
-fn lowest(scores: &Tensor, k: usize, whole: bool) -> Result<Tensor> {
+fn lowest(scores: &Tensor, count: Count) -> Result<Tensor> {
     let (rows, cols) = scores.dims2()?;
     let dev = scores.device();
-    if k == 0 || k >= if whole { rows * cols } else { cols } {
+    let whole = matches!(count, Count::Whole(_));
+    let want = match count {
+        Count::Rows(k) => k.into_iter().map(|k| k.min(cols as u64)).collect(),
+        Count::Whole(k) => vec![k.min((rows * cols) as u64)],
+    };
+    let top = if whole { (rows * cols) as u64 } else { cols as u64 };
+    if let Some(&k) = want.first().filter(|&&k| (k == 0 || k == top) && want.iter().all(|&w| w == k)) {
         return Ok(Tensor::full(u8::from(k > 0), (rows, cols), dev)?);
     }
     let per_row = |t: Tensor| row_counts(&t);
-    let segments = if whole { 1 } else { rows };
     let per_segment = |t: Tensor| -> Result<Vec<u64>> {
         let c = per_row(t)?;
         Ok(if whole { vec![c.iter().sum()] } else { c })
     };
-    let k = k as u64;
     // The k-th lowest score of each segment: the lowest bit pattern t with at least k scores ≤ t.
-    let bits = |b: &[u32]| Tensor::from_vec(b.iter().map(|&b| f32::from_bits(b)).collect(), (segments, 1), dev);
-    let t = bisect(f32::INFINITY.to_bits(), &vec![k; segments], |mid| per_segment(scores.broadcast_le(&bits(mid)?)?))?;
+    let bits = |b: &[u32]| Tensor::from_vec(b.iter().map(|&b| f32::from_bits(b)).collect(), (b.len(), 1), dev);
+    let t = bisect(f32::INFINITY.to_bits(), &want, |mid| per_segment(scores.broadcast_le(&bits(mid)?)?))?;
     let t = bits(&t)?;
     let less = scores.broadcast_lt(&t)?;
     let equal = scores.broadcast_eq(&t)?;
@@ -55,7 +73,7 @@ fn lowest(scores: &Tensor, k: usize, whole: bool) -> Result<Tensor> {
     // order over a whole matrix), then in each row the lowest column p with its quota before it.
     let below = per_row(less.clone())?;
     let quotas: Vec<u64> = if whole {
-        let mut left = k - below.iter().sum::<u64>();
+        let mut left = want[0] - below.iter().sum::<u64>();
         per_row(equal.clone())?
             .into_iter()
             .map(|e| {
@@ -65,7 +83,7 @@ fn lowest(scores: &Tensor, k: usize, whole: bool) -> Result<Tensor> {
             })
             .collect()
     } else {
-        below.iter().map(|&b| k - b).collect()
+        below.iter().zip(&want).map(|(&b, &k)| k - b).collect()
     };
     let column = Tensor::arange(0u32, cols as u32, dev)?.reshape((1, cols))?;
     let before = |p: &[u32]| -> Result<Tensor> {
@@ -192,6 +210,24 @@ mod tests {
                     assert_eq!(got, want, "{rows}×{cols}, {levels} levels, {pattern:?}, per row {per_row}");
                 }
             }
+        }
+    }
+
+    /// Row budgets (FISTAPruner's warm rows) too, with rows that keep all or nothing.
+    #[test]
+    fn device_row_budgets_give_the_hosts_masks() {
+        for (rows, cols, levels, seed) in [(7, 24, 5, 6), (9, 40, 3, 7), (5, 16, 1000, 8)] {
+            let s = scores(rows, cols, levels, seed);
+            let budgets: Vec<usize> = (0..rows).map(|i| [0, cols, 1, cols / 2, cols - 1, 3][i % 6]).collect();
+            let want = host_mask(&mask::mask_row_budgets(&s, &budgets));
+            let got = select_budgets(&on_cpu(&s), &budgets).unwrap().to_vec2::<u8>().unwrap();
+            assert_eq!(got, want, "{rows}×{cols}, {levels} levels, budgets {budgets:?}");
+        }
+        // All rows alike at the ends.
+        let s = scores(4, 8, 3, 9);
+        for b in [0, 8] {
+            let got = select_budgets(&on_cpu(&s), &[b; 4]).unwrap().to_vec2::<u8>().unwrap();
+            assert_eq!(got, host_mask(&mask::mask_row_budgets(&s, &[b; 4])));
         }
     }
 

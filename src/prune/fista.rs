@@ -397,6 +397,25 @@ impl HardThreshold {
         };
         (mask::zeroed(w, &m), m)
     }
+
+    /// [`Self::apply`] to a tensor where it is (the run's device): the same weights, and the mask as u8 (1 =
+    /// pruned). N:M groups wider than [`device_mask::MAX_GROUP`] go through the host.
+    pub fn apply_tensor(&self, w: &candle_core::Tensor) -> Result<(candle_core::Tensor, candle_core::Tensor)> {
+        use super::device_mask;
+        use candle_core::Tensor;
+        let scores = w.abs()?;
+        let m = match (&self.budgets, self.pattern) {
+            (Some(b), _) => device_mask::select_budgets(&scores, b)?,
+            (None, Pattern::NM { m, .. }) if m > device_mask::MAX_GROUP => {
+                let (_, m) = self.apply(&crate::linalg::tensor_to_mat(w)?);
+                let (rows, cols) = m.shape();
+                let flags = (0..rows).flat_map(|i| (0..cols).map(move |j| (i, j))).map(|(i, j)| u8::from(m[(i, j)]));
+                Tensor::from_vec(flags.collect(), (rows, cols), w.device())?
+            }
+            (None, pattern) => device_mask::select(&scores, pattern, self.per_row)?,
+        };
+        Ok((device_mask::zeroed(w, &m)?, m))
+    }
 }
 
 fn soft(z: f32, tau: f32) -> f32 {
@@ -482,8 +501,8 @@ fn fista_host(p: &Problem, w0: &Mat<f32>, Steps { lambda, l, iters, tol, project
 
 /// [`fista_host`] with `G*`, `C` and the iterates on the device: one GEMM and a few element-wise passes a step,
 /// the soft threshold as `relu(z − τ) − relu(−z − τ)` (the host's three branches, to the bit), and two sums
-/// read back for the stopping test. A projection (`--projected`) takes the iterate through the host's hard
-/// threshold.
+/// read back for the stopping test. A projection (`--projected`) is the host's hard threshold, made on the
+/// device ([`HardThreshold::apply_tensor`]).
 fn fista_on_device(
     p: &Problem,
     w0: &Mat<f32>,
@@ -505,7 +524,7 @@ fn fista_on_device(
         let z = (&y - ((y.matmul(&g)? - &c)? * inv_l)?)?;
         let mut w = ((&z - tau)?.relu()? - (z.neg()? - tau)?.relu()?)?;
         if let Some(h) = project {
-            w = mat_to_device(&h.apply(&tensor_to_mat(&w)?).0, dev)?;
+            w = h.apply_tensor(&w)?.0;
         }
         let t_next = (1.0 + (1.0 + 4.0 * t * t).sqrt()) / 2.0;
         let beta = ((t - 1.0) / t_next) as f32 as f64;
@@ -1004,6 +1023,37 @@ mod tests {
                 }
             }
             assert!(zeros >= 10 && differ <= 2, "{} zeros, {differ} placed differently", zeros);
+        }
+    }
+
+    /// The hard threshold made where the tensor is (here the CPU, through candle's operators) is the host's,
+    /// weights and mask bit for bit, for every way it counts; N:M groups too wide for the device's ranks go
+    /// through the host.
+    #[test]
+    fn hard_threshold_on_a_tensor_is_the_hosts() {
+        let (w, _, _, _) = problem(6, 64, 10, 12);
+        // Ties and zeros, as a pruned warm start and 4-bit weights have.
+        let w = Mat::from_fn(6, 64, |i, j| if (i + j) % 5 == 0 { 0.0 } else { (w[(i, j)] * 8.0).round() / 8.0 });
+        let budgets = vec![0, 64, 20, 31, 33, 7];
+        let unstructured = Pattern::Unstructured(0.5);
+        let cases = [
+            HardThreshold { pattern: unstructured, per_row: true, budgets: None },
+            HardThreshold { pattern: unstructured, per_row: false, budgets: None },
+            HardThreshold { pattern: unstructured, per_row: true, budgets: Some(budgets) },
+            HardThreshold { pattern: Pattern::NM { n: 2, m: 4 }, per_row: true, budgets: None },
+            HardThreshold { pattern: Pattern::NM { n: 40, m: 64 }, per_row: true, budgets: None },
+        ];
+        let t = crate::linalg::mat_to_tensor(&w).unwrap();
+        for h in cases {
+            let (hw, hm) = h.apply(&w);
+            let (tw, tm) = h.apply_tensor(&t).unwrap();
+            let (tw, tm) = (crate::linalg::tensor_to_mat(&tw).unwrap(), tm.to_vec2::<u8>().unwrap());
+            for i in 0..6 {
+                for j in 0..64 {
+                    assert_eq!(tw[(i, j)].to_bits(), hw[(i, j)].to_bits(), "{h:?} at ({i}, {j})");
+                    assert_eq!(tm[i][j] == 1, hm[(i, j)], "{h:?}: mask at ({i}, {j})");
+                }
+            }
         }
     }
 
