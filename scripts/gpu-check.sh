@@ -45,6 +45,9 @@ with_mem() {
   return $rc
 }
 peak() { sort -n "$1" | tail -1 | grep . || echo null; }
+# The most the run's tensors held on the GPU in any layer, from report.json (the driver's pool), in MiB.
+pool_peak() { python3 -c "import json,sys; print(max(l['gpu_peak_bytes'] for l in json.load(open(sys.argv[1]))['layers']) >> 20)" \
+  "$1" 2>/dev/null || echo null; }
 elapsed() { python3 -c "import time, sys; print(round(time.time() - float(sys.argv[1]), 3))" "$1"; }
 # STEPS="3 4b" runs only those steps (a run of them all can outlast one call on the machine).
 want() { [[ " ${STEPS:-1 2 3 4 4b 4c 6 6b 5} " == *" $1 "* ]]; }
@@ -209,7 +212,7 @@ rc=$?
 # Whether the walk ran out of memory with the activations on the GPU and moved them to host memory itself.
 spilled=$(python3 -c "import json,sys; print(sum(l.get('spilled', False) for l in json.load(open(sys.argv[1]))['layers']))" \
   $S/fista-70b-l0/report.json 2>/dev/null || echo null)
-rec "{\"step\":\"memory_70b_layer\",\"rc\":$rc,\"wall_s\":$(elapsed $t0),\"peak_gpu_mib\":$(peak $S/mem-70b.txt),\"spilled_layers\":$spilled}"
+rec "{\"step\":\"memory_70b_layer\",\"rc\":$rc,\"wall_s\":$(elapsed $t0),\"peak_gpu_mib\":$(peak $S/mem-70b.txt),\"pool_peak_mib\":$(pool_peak $S/fista-70b-l0/report.json),\"spilled_layers\":$spilled}"
 rm -rf $S/fista-70b-l0
 want 6b || rm -rf $M70
 }
@@ -223,7 +226,8 @@ t0=$(date +%s.%N)
 with_mem $S/mem-70b-off.txt timeout 300 $B --device cuda --threads 16 --offload-activations prune --model $M70 \
   --method fista --sparsity 0.5 --act-dtype bf16 --factor-dtype f32 --calib $W --nsamples ${NSAMPLES70:-128} \
   --seqlen 2048 --layer-inputs dense --layers 0-0 --out $S/fista-70b-off --quiet
-rec "{\"step\":\"memory_70b_layer_offloaded\",\"rc\":$?,\"wall_s\":$(elapsed $t0),\"peak_gpu_mib\":$(peak $S/mem-70b-off.txt)}"
+rc=$?
+rec "{\"step\":\"memory_70b_layer_offloaded\",\"rc\":$rc,\"wall_s\":$(elapsed $t0),\"peak_gpu_mib\":$(peak $S/mem-70b-off.txt),\"pool_peak_mib\":$(pool_peak $S/fista-70b-off/report.json)}"
 rm -rf $M70 $S/fista-70b-off
 }
 

@@ -222,12 +222,60 @@ pub fn memory() -> Option<(usize, usize)> {
     None
 }
 
+/// The most bytes the run's GPU tensors held at once since the last [`reset_peak`]: the high-water mark of the
+/// driver's memory pool that candle allocates from (`None` on the CPU, or where the driver keeps no pool). What a
+/// layer needed, to size a run or to read an out-of-memory error by: the allocation that failed is not known
+/// (the driver's error does not carry its size), how far the layer had got is.
+pub fn peak_bytes() -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    return pool::attribute(pool::Attr::CU_MEMPOOL_ATTR_USED_MEM_HIGH, None);
+    #[cfg(not(feature = "cuda"))]
+    None
+}
+
+/// Start [`peak_bytes`]'s count again from what the run holds now.
+pub fn reset_peak() {
+    #[cfg(feature = "cuda")]
+    pool::attribute(pool::Attr::CU_MEMPOOL_ATTR_USED_MEM_HIGH, Some(0));
+}
+
+/// The run's GPU's memory pool (stream-ordered allocation, which cudarc uses where the GPU has it).
+#[cfg(feature = "cuda")]
+mod pool {
+    use candle_core::Device;
+    use candle_core::cuda::cudarc::driver::{result, sys};
+
+    pub use sys::CUmemPool_attribute as Attr;
+
+    /// Pool attribute `attr` (a byte count), read, or set to `to` (the high-water mark takes only 0: reset).
+    pub fn attribute(attr: Attr, to: Option<u64>) -> Option<u64> {
+        let Device::Cuda(dev) = super::current() else { return None };
+        let ctx = dev.cuda_stream().context().clone();
+        if !ctx.has_async_alloc() {
+            return None;
+        }
+        let mut value: u64 = to.unwrap_or(0);
+        let at = (&mut value as *mut u64).cast();
+        // SAFETY: the device is the context's own; both attributes of this module are `cuuint64_t`, which `at`
+        // points to.
+        unsafe {
+            let pool = result::device::get_mem_pool(ctx.cu_device()).ok()?;
+            match to {
+                Some(_) => result::mem_pool::set_attribute(pool, attr, at).ok()?,
+                None => result::mem_pool::get_attribute(pool, attr, at).ok()?,
+            }
+        }
+        Some(value)
+    }
+}
+
 /// `e`, an out-of-memory error ([`out_of_memory`]) of `what`, with `held` (what the run held on the GPU, in
-/// words) and, where the driver says, the GPU's free and total memory once the failed step's own tensors were
-/// freed.
+/// words), the most the run's tensors had held at once since `what` began ([`peak_bytes`]) and, where the driver
+/// says, the GPU's free and total memory once the failed step's own tensors were freed.
 pub fn out_of_memory_in(e: anyhow::Error, what: &str, held: &str) -> anyhow::Error {
+    let peak = peak_bytes().map_or(String::new(), |p| format!("; its tensors had reached {}", gib(p as usize)));
     let free = memory().map_or(String::new(), |(f, t)| format!(", {} free of {}", gib(f), gib(t)));
-    e.context(format!("{what}: out of GPU memory ({held}{free})"))
+    e.context(format!("{what}: out of GPU memory ({held}{peak}{free})"))
 }
 
 /// `bytes` in GiB, for messages.

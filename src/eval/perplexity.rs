@@ -170,6 +170,7 @@ fn sum_over_batches(
     let (mut per, mut done, mut total, mut kept) = (per, 0, 0.0, true);
     while done < n {
         let range = done..(done + per).min(n);
+        crate::device::reset_peak();
         let e = match run(range.clone()) {
             Ok(terms) => {
                 // One by one, whatever the batches: the sum's association does not change with them.

@@ -65,6 +65,10 @@ pub struct LayerReport {
     /// (as `--offload-activations` does, for this layer and the rest) and pruned the layer again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub spilled: bool,
+    /// On a GPU, the most bytes the run's tensors held there at once while this layer was pruned and run
+    /// forward, the calibration activations on it included ([`crate::device::peak_bytes`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_peak_bytes: Option<u64>,
 }
 
 impl LayerReport {
@@ -141,6 +145,7 @@ impl Ledger {
             output_rel_error,
             operators,
             spilled: false,
+            gpu_peak_bytes: None,
         }
     }
 }

@@ -252,11 +252,13 @@ pub fn prune_model(
                     s.advance(model, i, None, None, None)?;
                 }
             } else {
+                crate::device::reset_peak();
                 let mut p = prune_or_spill(model, i, streams.as_mut(), method, opts)?;
                 if let Some(s) = streams.as_mut().filter(|_| next) {
                     let (work, dense, known) = (p.work.as_ref(), p.dense.as_deref(), p.outputs.as_ref());
                     p.report.forward(|| s.advance(model, i, Some(work), dense, known))?;
                 }
+                p.report.gpu_peak_bytes = crate::device::peak_bytes();
                 walk.pruned(i, p.work.as_ref(), p.report)?;
             }
             if let Some(w) = &workers {
@@ -303,6 +305,7 @@ fn prune_or_spill(
     );
     crate::device::set_offload(true);
     s.spill()?;
+    crate::device::reset_peak();
     let mut p = attempt(Some(s)).map_err(|e| with_oom_context(e, &what))?;
     p.report.spilled = true;
     Ok(p)
@@ -329,8 +332,10 @@ struct Walk<'s, 'p> {
 impl Walk<'_, '_> {
     /// A layer pruned now: logged, sunk, counted.
     fn pruned(&mut self, i: usize, layer: &dyn DecoderLayer, report: LayerReport) -> Result<()> {
+        let peak =
+            report.gpu_peak_bytes.map_or(String::new(), |b| format!(", GPU peak {}", crate::device::gib(b as usize)));
         log::info!(
-            "layer {i}: {:.1} s (statistics {:.1} s, pruning {:.1} s), output error {:?}",
+            "layer {i}: {:.1} s (statistics {:.1} s, pruning {:.1} s), output error {:?}{peak}",
             report.seconds,
             report.stats_seconds,
             report.prune_seconds,
