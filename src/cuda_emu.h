@@ -3,9 +3,10 @@
 // another (so a function-level static is the block's shared memory), and arithmetic is the host's IEEE f32,
 // built like the GPU's code without FMA contraction (-ffp-contract=off here, fmad=false there).
 // Kernels may use threadIdx.x, blockIdx.x, __syncthreads(), __shared__ arrays and scalars, min, fmaxf, fabsf,
-// __float_as_int, __int_as_float, INFINITY.
+// __float_as_int, __int_as_float, INFINITY, atomicAdd on unsigned.
 #pragma once
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdio>
@@ -36,6 +37,10 @@ inline float __int_as_float(int i) {
     float x;
     std::memcpy(&x, &i, sizeof x);
     return x;
+}
+
+inline unsigned atomicAdd(unsigned* at, unsigned v) {
+    return std::atomic_ref<unsigned>(*at).fetch_add(v);
 }
 
 // Run `kernel(args...)` on a grid of `grid` blocks of `block` threads.

@@ -534,7 +534,10 @@ pub(crate) mod emu {
     impl Harness {
         pub fn build(harness: &str) -> Option<Harness> {
             let name = harness.replace('/', "-");
-            let dir = std::env::temp_dir().join(format!("fistaprune-{name}-{}", std::process::id()));
+            // One folder per harness built: tests of one harness run side by side.
+            static BUILT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let nth = BUILT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let dir = std::env::temp_dir().join(format!("fistaprune-{name}-{}-{nth}", std::process::id()));
             std::fs::create_dir_all(&dir).unwrap();
             let exe = dir.join(&name);
             let src = format!("{}/src/{harness}.cpp", env!("CARGO_MANIFEST_DIR"));
@@ -556,9 +559,14 @@ pub(crate) mod emu {
 
         /// The harness's output on `input`.
         pub fn run(&self, input: &[u8]) -> Vec<u8> {
+            self.run_with(input, &[])
+        }
+
+        /// The same with the harness's further arguments `args` (which kernel, for a harness of several).
+        pub fn run_with(&self, input: &[u8], args: &[&str]) -> Vec<u8> {
             let (fin, fout) = (self.dir.join("in.bin"), self.dir.join("out.bin"));
             std::fs::write(&fin, input).unwrap();
-            let run = std::process::Command::new(&self.exe).arg(&fin).arg(&fout).status().unwrap();
+            let run = std::process::Command::new(&self.exe).arg(&fin).arg(&fout).args(args).status().unwrap();
             assert!(run.success(), "{}: the host build of the kernel failed", self.exe.display());
             std::fs::read(&fout).unwrap()
         }

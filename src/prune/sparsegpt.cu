@@ -12,6 +12,9 @@
 // unstructured mask (rows × count, 1 = prune; unused for N:M, where nm_m > 0 and each group of nm_m columns
 // gets its nm_n lowest scores w² / U_jj² as the sweep reaches it). Outputs: q, the swept block, and err, the
 // scaled errors (w − q) / U_ii, both rows × count. Blocks wider than MAX_COLS are the host's.
+//
+// An unstructured block's mask spans all its rows, so it is chosen before the sweep, by sparsegpt_block_mask
+// (the host's `block_mask`, to the bit): on the GPU, so that no block waits for a round trip to the host.
 
 #ifndef THREADS
 #define THREADS 128
@@ -72,4 +75,86 @@ extern "C" __global__ void sparsegpt_sweep(const float* wb, const float* u, cons
         __syncthreads();
     }
     for (int c = threadIdx.x; c < count; c += THREADS) q[row + c] = w[c];
+}
+
+#ifndef MASK_THREADS
+#define MASK_THREADS 1024
+#endif
+
+// The `k` lowest scores w² / U_jj² of the whole block (0 < k ≤ rows · count), marked in `mask` (rows × count,
+// row-major, 1 = prune), ties to the lower position in column-major order: the host's `mask::mask_per_matrix`.
+// One thread block: a radix select on the scores' `total_cmp` keys, 8 bits a pass (four passes over the block,
+// which stays in L2 between them), then one pass that marks; only where the k-th lowest score is tied with
+// scores that stay does a count of the ties, per thread over a stretch of column-major positions, settle which
+// go. No order of the threads' work changes the result.
+extern "C" __global__ void sparsegpt_block_mask(const float* wb, const float* u, int rows, int count, unsigned k,
+                                                unsigned char* mask) {
+    __shared__ float dd[MAX_COLS];
+    __shared__ unsigned hist[256];
+    __shared__ unsigned ties[MASK_THREADS];
+    // The k-th lowest key's bits found so far, its rank among the keys that share them, and whether every key
+    // equal to it is among the k.
+    __shared__ unsigned prefix, want, all_equal;
+    const unsigned n = (unsigned)rows * (unsigned)count, t = threadIdx.x;
+    for (int c = t; c < count; c += MASK_THREADS) {
+        const float d = u[(unsigned long long)c * count + c];
+        dd[c] = d * d;
+    }
+    if (t == 0) {
+        prefix = 0;
+        want = k;
+    }
+    __syncthreads();
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int b = t; b < 256; b += MASK_THREADS) hist[b] = 0;
+        __syncthreads();
+        const unsigned high = shift == 24 ? 0u : 0xFFFFFFFFu << (shift + 8), known = prefix & high;
+        for (unsigned e = t; e < n; e += MASK_THREADS) {
+            const float w = wb[e];
+            const unsigned key = (unsigned)total_key(w * w / dd[e % count]) ^ 0x80000000u;
+            if ((key & high) == known) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+        }
+        __syncthreads();
+        if (t == 0) {
+            unsigned below = 0, b = 0;
+            while (b < 255 && below + hist[b] < want) below += hist[b++];
+            want -= below;
+            prefix |= b << shift;
+            all_equal = want == hist[b];
+        }
+        __syncthreads();
+    }
+    const unsigned kth = prefix, quota = want;
+    if (all_equal) {
+        for (unsigned e = t; e < n; e += MASK_THREADS) {
+            const float w = wb[e];
+            mask[e] = ((unsigned)total_key(w * w / dd[e % count]) ^ 0x80000000u) <= kth;
+        }
+        return;
+    }
+    // Ties to settle: each thread's stretch of column-major positions p = c · rows + r, its count of keys equal
+    // to the k-th, the counts before it, then the first `quota` of them by position.
+    const unsigned chunk = (n + MASK_THREADS - 1) / MASK_THREADS, p0 = min(n, t * chunk), p1 = min(n, p0 + chunk);
+    unsigned equal = 0;
+    for (unsigned p = p0; p < p1; p++) {
+        const unsigned e = (p % rows) * count + p / rows;
+        const float w = wb[e];
+        equal += ((unsigned)total_key(w * w / dd[p / rows]) ^ 0x80000000u) == kth;
+    }
+    ties[t] = equal;
+    __syncthreads();
+    if (t == 0)
+        for (unsigned i = 0, before = 0; i < MASK_THREADS; i++) {
+            const unsigned here = ties[i];
+            ties[i] = before;
+            before += here;
+        }
+    __syncthreads();
+    unsigned rank = ties[t];
+    for (unsigned p = p0; p < p1; p++) {
+        const unsigned e = (p % rows) * count + p / rows;
+        const float w = wb[e];
+        const unsigned key = (unsigned)total_key(w * w / dd[p / rows]) ^ 0x80000000u;
+        mask[e] = key < kth || (key == kth && rank++ < quota);
+    }
 }

@@ -218,8 +218,8 @@ fn sweep(w: &mut Mat<f32>, u: &Mat<f32>, pattern: Pattern, blocksize: usize) {
 }
 
 /// The same sweep with `U` and the columns not yet swept on the device, where the `n³` factorisation and the
-/// `m n²` lazy updates run, and on a GPU each block's in-block sweep too (sparsegpt.cu, the host's bits). The
-/// swept blocks come to the host once, at the end.
+/// `m n²` lazy updates run, and on a GPU each block's mask and in-block sweep too (sparsegpt.cu, the host's
+/// bits): no block waits on the host. The swept blocks come to the host once, at the end.
 fn sweep_on_device(w: &mut Mat<f32>, u: &Tensor, pattern: Pattern, blocksize: usize) -> Result<()> {
     use crate::linalg::{mat_to_device, tensor_to_mat};
     let cols = w.ncols();
@@ -271,16 +271,19 @@ fn block_mask(wb: faer::MatRef<f32>, d: &[f32], pattern: Pattern) -> Option<mask
     }
 }
 
-/// sparsegpt.cu on the run's GPU (PTX from build.rs, loaded once): one block of 128 threads per row.
+/// sparsegpt.cu on the run's GPU (PTX from build.rs, loaded once): an unstructured block's mask by one thread
+/// block, then the sweep by one block of 128 threads per row; nothing comes back to the host.
 #[cfg(feature = "cuda")]
 mod gpu {
-    use super::{Pattern, block_mask};
+    use super::{Pattern, mask};
     use anyhow::{Result, bail};
     use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::{CudaDevice, CudaStorage, Storage, Tensor, op::BackpropOp};
 
     /// The widest block the kernel sweeps (its `MAX_COLS`).
     const MAX_COLS: usize = 1024;
+    /// The block mask kernel's threads (its `MASK_THREADS`): one thread block chooses a whole block's mask.
+    const MASK_THREADS: u32 = 1024;
 
     /// The swept block and its scaled errors, on the GPU; `None` for blocks wider than the kernel takes.
     pub(super) fn sweep_block(
@@ -293,19 +296,14 @@ mod gpu {
         if count > MAX_COLS {
             return Ok(None);
         }
-        // An unstructured mask spans the whole block, all rows: chosen on the host by the host's code.
-        let (nm_n, nm_m, mask) = match pattern {
-            Pattern::NM { n, m } => (n as i32, m as i32, vec![0u8]),
-            Pattern::Unstructured(_) => {
-                let u = crate::linalg::tensor_to_mat(ub)?;
-                let d: Vec<f32> = (0..count).map(|j| u[(j, j)]).collect();
-                let w = crate::linalg::tensor_to_mat(wb)?;
-                let mask = block_mask(w.as_ref(), &d, pattern).expect("an unstructured block mask");
-                (0, 0, crate::linalg::row_major(mask.as_ref(), u8::from))
-            }
+        // N:M groups are chosen in the sweep; an unstructured mask spans the whole block, all rows: chosen first,
+        // by its own kernel (k = 0 prunes nothing: the zeros stand).
+        let (nm_n, nm_m, k) = match pattern {
+            Pattern::NM { n, m } => (n as i32, m as i32, 0),
+            Pattern::Unstructured(s) => (0, 0, mask::count_for(rows * count, s) as u32),
         };
-        let func = crate::device::project_kernel!(dev, "sparsegpt", "sparsegpt_sweep")?;
-        let mask = dev.clone_htod(&mask)?;
+        let sweep = crate::device::project_kernel!(dev, "sparsegpt", "sparsegpt_sweep")?;
+        let mut mask = dev.alloc_zeros::<u8>(if nm_m > 0 { 1 } else { rows * count })?;
         let (mut q, mut err) = (dev.alloc_zeros::<f32>(rows * count)?, dev.alloc_zeros::<f32>(rows * count)?);
         {
             let ((ws, wl), (us, ul)) = (wb.storage_and_layout(), ub.storage_and_layout());
@@ -315,7 +313,16 @@ mod gpu {
             let uv = us.as_cuda_slice::<f32>()?.slice(u0..u0 + count * count);
             let (r, c) = (rows as i32, count as i32);
             let stream = dev.cuda_stream();
-            let mut launch = stream.launch_builder(&func);
+            if k > 0 {
+                let choose = crate::device::project_kernel!(dev, "sparsegpt", "sparsegpt_block_mask")?;
+                let mut launch = stream.launch_builder(&choose);
+                launch.arg(&wv).arg(&uv).arg(&r).arg(&c).arg(&k).arg(&mut mask);
+                let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (MASK_THREADS, 1, 1), shared_mem_bytes: 0 };
+                // SAFETY: the arguments are sparsegpt_block_mask's, in its order and types; wb, ub and the mask
+                // are contiguous and hold rows × count, count × count and rows × count values; k ≤ rows × count.
+                unsafe { launch.launch(cfg) }.map_err(|e| anyhow::anyhow!("SparseGPT's block mask kernel: {e:?}"))?;
+            }
+            let mut launch = stream.launch_builder(&sweep);
             launch.arg(&wv).arg(&uv).arg(&mask).arg(&r).arg(&c).arg(&nm_n).arg(&nm_m).arg(&mut q).arg(&mut err);
             let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: the arguments are sparsegpt.cu's, in its order and types; every buffer holds what it indexes
@@ -590,6 +597,50 @@ mod tests {
                 assert!(host[(0, 0)] != 0.0 && host[(0, 3)] != 0.0, "{pattern:?}: ties to the lower column");
             }
         }
+    }
+
+    /// sparsegpt.cu's block mask, run on the host (32 threads here), is the host's `block_mask` to the bit: at
+    /// several sparsities (k = 1 and k = all among them), on blocks smaller and larger than a thread's stretch,
+    /// with scores tied across the threshold (equal weights in columns of equal `U_jj`) and zeros.
+    #[test]
+    fn the_gpu_kernel_chooses_a_block_mask_as_the_host() {
+        use crate::device::emu::{Harness, bytes};
+        let Some(harness) = Harness::build("prune/sparsegpt_test") else { return };
+        let (rows, cols) = (9, 70);
+        let (mut w, g) = problem(rows, cols, 29);
+        let u = inverse_cholesky_upper(damped_hessian(&g, &mut w, 0.01), FactorDtype::F64).unwrap();
+        let mut tied = 0;
+        for (count, s, ties) in [(3, 0.5, false), (20, 0.5, true), (70, 0.7, true), (70, 0.5, false), (33, 0.25, true)]
+        {
+            let mut wb = w.submatrix(0, 0, rows, count).to_owned();
+            let mut ub = u.submatrix(0, 0, count, count).to_owned();
+            if ties {
+                // Columns of one U_jj, with weights of a few magnitudes (signs mixed), and some zeros.
+                for j in 0..count {
+                    ub[(j, j)] = 0.5;
+                    for i in 0..rows {
+                        let level = ((i * 7 + j * 3) % 4) as f32 * 0.25;
+                        wb[(i, j)] = if (i + j) % 2 == 0 { level } else { -level };
+                    }
+                }
+            }
+            let d: Vec<f32> = (0..count).map(|j| ub[(j, j)]).collect();
+            for s in [s, 1.0 / (rows * count) as f64, 1.0] {
+                let want = block_mask(wb.as_ref(), &d, Pattern::Unstructured(s)).unwrap();
+                let k = mask::count_for(rows * count, s);
+                let mut input = bytes(&[rows as i32, count as i32, k as i32, 0], i32::to_le_bytes);
+                input.extend(bytes(&crate::linalg::row_major(wb.as_ref(), |x| x), f32::to_le_bytes));
+                input.extend(bytes(&crate::linalg::row_major(ub.as_ref(), |x| x), f32::to_le_bytes));
+                let got = harness.run_with(&input, &["mask"]);
+                assert_eq!(got, crate::linalg::row_major(want.as_ref(), u8::from), "{count} columns, {s}");
+                // Whether the threshold cut through equal scores (the ties' own pass ran).
+                let score = |i: usize, j: usize| wb[(i, j)] * wb[(i, j)] / (d[j] * d[j]);
+                let cells = (0..rows).flat_map(|i| (0..count).map(move |j| (i, j)));
+                let kth = cells.clone().filter(|&(i, j)| want[(i, j)]).map(|(i, j)| score(i, j)).fold(0.0, f32::max);
+                tied += cells.filter(|&(i, j)| !want[(i, j)] && score(i, j) == kth).count().min(1);
+            }
+        }
+        assert!(tied >= 2, "the cases cut through ties {tied} times");
     }
 
     #[test]
