@@ -55,8 +55,11 @@ fn lowest(scores: &Tensor, count: Count) -> Result<Tensor> {
         Count::Whole(k) => vec![k.min((rows * cols) as u64)],
     };
     let top = if whole { (rows * cols) as u64 } else { cols as u64 };
-    if let Some(&k) = want.first().filter(|&&k| (k == 0 || k == top) && want.iter().all(|&w| w == k)) {
-        return Ok(Tensor::full(u8::from(k > 0), (rows, cols), dev)?);
+    // Nothing or everything (or no rows): no counting.
+    for (all, flag) in [(0, 0u8), (top, 1)] {
+        if want.iter().all(|&k| k == all) {
+            return Ok(Tensor::full(flag, (rows, cols), dev)?);
+        }
     }
     let per_row = |t: Tensor| row_counts(&t);
     let per_segment = |t: Tensor| -> Result<Vec<u64>> {
@@ -138,6 +141,13 @@ fn lowest_in_groups(scores: &Tensor, n: usize, m: usize) -> Result<Tensor> {
         pruned.push(rank.lt(n as u8)?);
     }
     Ok(Tensor::cat(&pruned, 2)?.reshape((rows, cols))?)
+}
+
+/// A device mask (u8, 1 = prune) as the host's [`mask::Mask`].
+pub fn to_host(mask: &Tensor) -> Result<mask::Mask> {
+    let (rows, cols) = mask.dims2()?;
+    let flags = mask.flatten_all()?.to_vec1::<u8>()?;
+    Ok(crate::linalg::mat_from_fn(rows, cols, |i, j| flags[i * cols + j] != 0))
 }
 
 /// `w` with the weights `mask` marks exactly zero (positive zero, as the host writes them).

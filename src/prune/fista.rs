@@ -399,7 +399,8 @@ impl HardThreshold {
     }
 
     /// [`Self::apply`] to a tensor where it is (the run's device): the same weights, and the mask as u8 (1 =
-    /// pruned). N:M groups wider than [`device_mask::MAX_GROUP`] go through the host.
+    /// pruned), for finite weights (an iterate gone to NaN ends in the operator's non-finite check either way).
+    /// N:M groups wider than [`device_mask::MAX_GROUP`] go through the host.
     pub fn apply_tensor(&self, w: &candle_core::Tensor) -> Result<(candle_core::Tensor, candle_core::Tensor)> {
         use super::device_mask;
         use candle_core::Tensor;
@@ -503,19 +504,26 @@ fn fista_host(p: &Problem, w0: &Mat<f32>, Steps { lambda, l, iters, tol, project
 /// the soft threshold as `relu(z − τ) − relu(−z − τ)` (the host's three branches, to the bit), and two sums
 /// read back for the stopping test. A projection (`--projected`) is the host's hard threshold, made on the
 /// device ([`HardThreshold::apply_tensor`]).
-fn fista_on_device(
+fn fista_on_device(p: &Problem, w0: &Mat<f32>, s: Steps) -> Result<(Mat<f32>, usize)> {
+    let (w, done) = fista_tensor(p, &crate::linalg::mat_to_device(w0, crate::device::current())?, s)?;
+    Ok((crate::linalg::tensor_to_mat(&w)?, done))
+}
+
+/// [`fista_on_device`] from and to tensors on the run's device.
+fn fista_tensor(
     p: &Problem,
-    w0: &Mat<f32>,
+    w0: &candle_core::Tensor,
     Steps { lambda, l, iters, tol, project }: Steps,
-) -> Result<(Mat<f32>, usize)> {
-    use crate::linalg::{mat_to_device, tensor_to_mat};
-    use candle_core::{DType, Tensor};
+) -> Result<(candle_core::Tensor, usize)> {
+    use crate::linalg::mat_to_device;
+    use candle_core::DType;
     let dev = crate::device::current();
     let (g, c) = (mat_to_device(p.g, dev)?, mat_to_device(p.c, dev)?);
     // The host's f32 constants.
     let (tau, inv_l) = ((lambda / l) as f32 as f64, (1.0 / l) as f32 as f64);
-    let sum = |t: &Tensor| -> Result<f64> { Ok(t.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
-    let mut w_prev = mat_to_device(w0, dev)?;
+    let sum =
+        |t: &candle_core::Tensor| -> Result<f64> { Ok(t.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+    let mut w_prev = w0.clone();
     let mut y = w_prev.clone();
     let mut t = 1f64;
     let mut done = 0;
@@ -537,7 +545,7 @@ fn fista_on_device(
             break;
         }
     }
-    Ok((tensor_to_mat(&w_prev)?, done))
+    Ok((w_prev, done))
 }
 
 /// Minimise the smooth part over the weights `pruned` leaves free (the masked ones stay zero), from `w`:
@@ -689,6 +697,54 @@ fn refit_on_device(
     Ok((tensor_to_mat(&x)?, tensor_to_mat(&xg)?))
 }
 
+/// What one λ round gave: the errors of its hard-thresholded result and of FISTA's own iterate, the iterations
+/// run, and the thresholded result (with its `G*` product and mask) where it beat the best so far.
+struct Round {
+    e_total: f64,
+    e_fista: f64,
+    iters: usize,
+    better: Option<(Mat<f32>, Mat<f32>, mask::Mask)>,
+}
+
+/// One λ round from `best` (error `best_err`): FISTA, the hard threshold `h` of its iterate, both errors. Where
+/// the pruners' dense work is on a device the round stays there ([`round_on_device`]).
+fn round(p: &Problem, best: &Mat<f32>, steps: Steps, h: &HardThreshold, best_err: f64) -> Result<Round> {
+    if crate::device::offloaded() {
+        return round_on_device(p, best, steps, h, best_err);
+    }
+    let (wk, iters) = fista(p, best, steps)?;
+    let (ht, hm) = h.apply(&wk);
+    let htg = crate::linalg::product(&ht, p.g)?;
+    let e_total = p.error_with(&ht, &htg);
+    let e_fista = p.error(&wk)?;
+    Ok(Round { e_total, e_fista, iters, better: (e_total < best_err).then_some((ht, htg, hm)) })
+}
+
+/// [`round`] on the device: the iterate, its threshold and their products with `G*` stay there, and only a
+/// result that beats the best comes to the host. The errors sum each column in f32 as the host does, in
+/// another order.
+fn round_on_device(p: &Problem, best: &Mat<f32>, steps: Steps, h: &HardThreshold, best_err: f64) -> Result<Round> {
+    use crate::linalg::{mat_to_device, tensor_to_mat};
+    let dev = crate::device::current();
+    let (g, c2) = (mat_to_device(p.g, dev)?, (mat_to_device(p.c, dev)? * 2.0)?);
+    // ‖W'X* − WX‖² as Problem::error_with: Σ_j (Σ_i w (wG* − 2c) in f32) in f64, plus K.
+    let error = |w: &candle_core::Tensor, wg: &candle_core::Tensor| -> Result<f64> {
+        let per_column = (w * (wg - &c2)?)?.sum_keepdim(0)?.to_dtype(candle_core::DType::F64)?;
+        Ok((per_column.sum_all()?.to_scalar::<f64>()? + p.k).max(0.0))
+    };
+    let (wk, iters) = fista_tensor(p, &mat_to_device(best, dev)?, steps)?;
+    let (ht, hm) = h.apply_tensor(&wk)?;
+    let htg = ht.matmul(&g)?;
+    let e_total = error(&ht, &htg)?;
+    let e_fista = error(&wk, &wk.matmul(&g)?)?;
+    let better = if e_total < best_err {
+        Some((tensor_to_mat(&ht)?, tensor_to_mat(&htg)?, super::device_mask::to_host(&hm)?))
+    } else {
+        None
+    };
+    Ok(Round { e_total, e_fista, iters, better })
+}
+
 /// FISTAPruner for one operator: from the warm start `w0` (already on the pattern, or dense), a result on the
 /// exact pattern.
 pub fn solve(p: &Problem, w0: &Mat<f32>, pattern: Pattern, o: &Options) -> Result<(Mat<f32>, SolveReport)> {
@@ -719,19 +775,15 @@ pub fn solve(p: &Problem, w0: &Mat<f32>, pattern: Pattern, o: &Options) -> Resul
     let mut alpha = o.alpha.clamp(lo, hi);
     let project = o.projected.then_some(&h);
     for _ in 0..o.rounds {
-        let lambda = alpha * l * rms;
-        let (wk, its) = fista(p, &best, Steps { lambda, l, iters: o.iters, tol: o.tol, project })?;
-        let (ht, hm) = h.apply(&wk);
-        let htg = crate::linalg::product(&ht, p.g)?;
-        let e_total = p.error_with(&ht, &htg);
-        let e_fista = p.error(&wk)?;
-        let ratio = if e_total > 0.0 { (e_total - e_fista) / e_total } else { 0.0 };
-        report.rounds.push((alpha, e_total / base, ratio, its));
-        if e_total < best_err {
+        let steps = Steps { lambda: alpha * l * rms, l, iters: o.iters, tol: o.tol, project };
+        let r = round(p, &best, steps, &h, best_err)?;
+        let ratio = if r.e_total > 0.0 { (r.e_total - r.e_fista) / r.e_total } else { 0.0 };
+        report.rounds.push((alpha, r.e_total / base, ratio, r.iters));
+        if let Some((ht, htg, hm)) = r.better {
             best = ht;
             best_g = htg;
             best_mask = hm;
-            best_err = e_total;
+            best_err = r.e_total;
             report.improved = true;
         }
         // Rounding dominates: more λ makes the FISTA solution sparser by itself.
@@ -1023,6 +1075,54 @@ mod tests {
                 }
             }
             assert!(zeros >= 10 && differ <= 2, "{} zeros, {differ} placed differently", zeros);
+        }
+    }
+
+    /// A λ round on the device (candle's operators; here on the CPU) is the host's: the same iterations, the
+    /// errors to f32 summation order, the thresholded result to f32 rounding with its zeros in place but a few
+    /// at the edge, and the same verdict against the best so far.
+    #[test]
+    fn a_device_round_is_the_hosts() {
+        let (w, g, c, k) = problem(6, 16, 100, 13);
+        let p = Problem { w: &w, g: &g, c: &c, k };
+        let l = lambda_max_host(g.as_ref(), 50);
+        let h = HardThreshold { pattern: Pattern::Unstructured(0.5), per_row: true, budgets: None };
+        let steps = Steps { lambda: 0.02 * l, l, iters: 30, tol: 0.0, project: None };
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * a.abs().max(b.abs());
+        for best_err in [f64::INFINITY, 0.0] {
+            let host = {
+                let (wk, iters) = fista_host(&p, &w, steps);
+                let (ht, hm) = h.apply(&wk);
+                let htg = matmul(ht.as_ref(), g.as_ref());
+                let (e_total, e_fista) = (p.error_with(&ht, &htg), p.error(&wk).unwrap());
+                Round { e_total, e_fista, iters, better: (e_total < best_err).then_some((ht, htg, hm)) }
+            };
+            let dev = round_on_device(&p, &w, steps, &h, best_err).unwrap();
+            assert!(close(host.e_total, dev.e_total) && close(host.e_fista, dev.e_fista), "errors");
+            assert_eq!(host.iters, dev.iters);
+            assert!(host.e_fista < host.e_total, "FISTA's own iterate fits better than its threshold");
+            match (host.better, dev.better) {
+                (None, None) => assert_eq!(best_err, 0.0),
+                (Some((a, ag, am)), Some((b, bg, bm))) => {
+                    let cells = || (0..16).flat_map(|j| (0..6).map(move |i| (i, j)));
+                    let top = |m: &Mat<f32>| cells().map(|(i, j)| m[(i, j)].abs()).fold(0.0, f32::max);
+                    let (scale, gscale) = (top(&a), top(&ag));
+                    assert!(cells().filter(|&(i, j)| am[(i, j)] != bm[(i, j)]).count() <= 2, "masks");
+                    for (i, j) in cells() {
+                        if bm[(i, j)] {
+                            assert_eq!(b[(i, j)], 0.0, "({i}, {j}): masked, not zero");
+                        }
+                        if am[(i, j)] == bm[(i, j)] {
+                            assert!((a[(i, j)] - b[(i, j)]).abs() <= 1e-4 * scale, "({i}, {j})");
+                        }
+                    }
+                    // Where the masks agree, the products with G* do too.
+                    if cells().all(|(i, j)| am[(i, j)] == bm[(i, j)]) {
+                        assert!(cells().all(|(i, j)| (ag[(i, j)] - bg[(i, j)]).abs() <= 1e-4 * gscale), "G* product");
+                    }
+                }
+                _ => panic!("the verdicts differ"),
+            }
         }
     }
 
