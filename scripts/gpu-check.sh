@@ -156,6 +156,16 @@ for d in cuda cpu; do
   rec "{\"step\":\"sparsegpt_7b\",\"device\":\"$d\",\"rc\":$rc,\"wall_s\":$wall,\"perplexity\":$(ppl_of $S/sg-$d.json),\"peak_gpu_mib\":$(peak $S/mem-prune-$d.txt)}"
   python3 -c "import json; r=json.load(open('$S/sg-$d/report.json')); print(json.dumps({k: r[k] for k in r if 'time' in k or 'second' in k}))" 2>/dev/null | tee -a "$R"
 done
+# The unstructured block masks chosen on the host instead of by their kernel: the same checkpoint bytes (both are
+# the host's rule to the bit), and the layers' pruning seconds of each.
+t0=$(date +%s.%N)
+FISTAPRUNE_HOST_BLOCK_MASK=1 timeout 120 $B --device cuda --threads 16 prune --model $M --method sparsegpt \
+  --sparsity 0.5 --calib $W --nsamples 16 --seqlen 2048 --out $S/sg-hostmask --quiet
+rc=$?
+prune_s() { python3 -c "import json,sys; print(sum(l['prune_seconds'] for l in json.load(open(sys.argv[1]))['layers']))" \
+  "$1" 2>/dev/null || echo null; }
+same=$(cmp -s $S/sg-cuda/model.safetensors $S/sg-hostmask/model.safetensors && echo true || echo false)
+rec "{\"step\":\"sparsegpt_block_masks\",\"rc\":$rc,\"wall_s\":$(elapsed $t0),\"same_bytes\":$same,\"prune_s_kernel\":$(prune_s $S/sg-cuda/report.json),\"prune_s_host\":$(prune_s $S/sg-hostmask/report.json)}"
 }
 
 want 4b && {

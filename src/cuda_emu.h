@@ -3,7 +3,7 @@
 // another (so a function-level static is the block's shared memory), and arithmetic is the host's IEEE f32,
 // built like the GPU's code without FMA contraction (-ffp-contract=off here, fmad=false there).
 // Kernels may use threadIdx.x, blockIdx.x, __syncthreads(), __shared__ arrays and scalars, min, fmaxf, fabsf,
-// __float_as_int, __int_as_float, INFINITY, atomicAdd on unsigned.
+// __float_as_int, __int_as_float, INFINITY, atomicAdd on unsigned, __launch_bounds__ (ignored).
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -23,6 +23,7 @@ inline std::barrier<>* emu_barrier = nullptr;
 using std::min;
 
 #define __global__
+#define __launch_bounds__(threads)
 #define __device__
 #define __shared__ static
 #define __syncthreads() emu_barrier->arrive_and_wait()

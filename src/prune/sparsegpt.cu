@@ -77,84 +77,105 @@ extern "C" __global__ void sparsegpt_sweep(const float* wb, const float* u, cons
     for (int c = threadIdx.x; c < count; c += THREADS) q[row + c] = w[c];
 }
 
+// Threads of sparsegpt_block_mask: sparsegpt.rs's `MASK_THREADS` says the same.
 #ifndef MASK_THREADS
 #define MASK_THREADS 1024
 #endif
+#define MASK_WARPS (MASK_THREADS / 32)
 
-// The `k` lowest scores w² / U_jj² of the whole block (0 < k ≤ rows · count), marked in `mask` (rows × count,
-// row-major, 1 = prune), ties to the lower position in column-major order: the host's `mask::mask_per_matrix`.
-// One thread block: a radix select on the scores' `total_cmp` keys, 8 bits a pass (four passes over the block,
-// which stays in L2 between them), then one pass that marks; only where the k-th lowest score is tied with
-// scores that stay does a count of the ties, per thread over a stretch of column-major positions, settle which
-// go. No order of the threads' work changes the result.
-extern "C" __global__ void sparsegpt_block_mask(const float* wb, const float* u, int rows, int count, unsigned k,
-                                                unsigned char* mask) {
-    __shared__ float dd[MAX_COLS];
-    __shared__ unsigned hist[256];
-    __shared__ unsigned ties[MASK_THREADS];
+// Rust's f32::total_cmp order of the score w² / dd (dd = U_jj², the host's `block_mask` expression), as an
+// unsigned key. The scores are not NaN: U_jj > 0 (a factor of a damped H).
+__device__ unsigned score_key(float w, float dd) {
+    return (unsigned)total_key(w * w / dd) ^ 0x80000000u;
+}
+
+// The `k` lowest scores of the whole block (0 < k ≤ rows · count), marked in `mask` (rows × count, row-major,
+// 1 = prune), ties to the lower position in column-major order: the host's `mask::mask_per_matrix`.
+//
+// One thread block. Each thread takes a column (every MASK_THREADS-th one where the block is wider) and a
+// stretch of its rows, so a warp reads consecutive columns of a row and (column, stretch) orders as column-major
+// positions do. A radix select on the keys, 8 bits a pass (a histogram per warp, summed per bin), finds the k-th
+// lowest key; one pass marks the keys below it. Only where that key is tied with keys that stay does a count of
+// the ties per (column, stretch), summed over the positions before, settle which go. No order of the threads'
+// work changes the result.
+extern "C" __global__ void __launch_bounds__(MASK_THREADS)
+    sparsegpt_block_mask(const float* wb, const float* u, int rows, int count, unsigned k, unsigned char* mask) {
+    __shared__ unsigned hist[MASK_WARPS][256];
+    __shared__ unsigned ties[MAX_COLS];
     // The k-th lowest key's bits found so far, its rank among the keys that share them, and whether every key
     // equal to it is among the k.
     __shared__ unsigned prefix, want, all_equal;
-    const unsigned n = (unsigned)rows * (unsigned)count, t = threadIdx.x;
-    for (int c = t; c < count; c += MASK_THREADS) {
-        const float d = u[(unsigned long long)c * count + c];
-        dd[c] = d * d;
-    }
+    const unsigned t = threadIdx.x, cols = count, step = min(cols, (unsigned)MASK_THREADS);
+    const unsigned groups = MASK_THREADS / step, g = t / cols, first = t % cols;
+    const unsigned per = (rows + groups - 1) / groups, r0 = min((unsigned)rows, g * per);
+    const unsigned r1 = g < groups ? min((unsigned)rows, r0 + per) : r0;
+    unsigned* mine = hist[t / 32];
     if (t == 0) {
         prefix = 0;
         want = k;
     }
-    __syncthreads();
     for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int b = t; b < 256; b += MASK_THREADS) hist[b] = 0;
+        for (unsigned b = t; b < MASK_WARPS * 256; b += MASK_THREADS) hist[b / 256][b % 256] = 0;
         __syncthreads();
         const unsigned high = shift == 24 ? 0u : 0xFFFFFFFFu << (shift + 8), known = prefix & high;
-        for (unsigned e = t; e < n; e += MASK_THREADS) {
-            const float w = wb[e];
-            const unsigned key = (unsigned)total_key(w * w / dd[e % count]) ^ 0x80000000u;
-            if ((key & high) == known) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+        for (unsigned c = first; c < cols; c += step) {
+            const float d = u[(unsigned long long)c * cols + c], dd = d * d;
+            for (unsigned r = r0; r < r1; r++) {
+                const unsigned key = score_key(wb[(unsigned long long)r * cols + c], dd);
+                if ((key & high) == known) atomicAdd(&mine[(key >> shift) & 255u], 1u);
+            }
+        }
+        __syncthreads();
+        for (unsigned b = t; b < 256; b += MASK_THREADS) {
+            unsigned sum = 0;
+            for (int w = 0; w < MASK_WARPS; w++) sum += hist[w][b];
+            hist[0][b] = sum;
         }
         __syncthreads();
         if (t == 0) {
             unsigned below = 0, b = 0;
-            while (b < 255 && below + hist[b] < want) below += hist[b++];
+            while (b < 255 && below + hist[0][b] < want) below += hist[0][b++];
             want -= below;
             prefix |= b << shift;
-            all_equal = want == hist[b];
+            all_equal = want == hist[0][b];
         }
         __syncthreads();
     }
     const unsigned kth = prefix, quota = want;
     if (all_equal) {
-        for (unsigned e = t; e < n; e += MASK_THREADS) {
-            const float w = wb[e];
-            mask[e] = ((unsigned)total_key(w * w / dd[e % count]) ^ 0x80000000u) <= kth;
+        for (unsigned c = first; c < cols; c += step) {
+            const float d = u[(unsigned long long)c * cols + c], dd = d * d;
+            for (unsigned r = r0; r < r1; r++) {
+                const unsigned long long e = (unsigned long long)r * cols + c;
+                mask[e] = score_key(wb[e], dd) <= kth;
+            }
         }
         return;
     }
-    // Ties to settle: each thread's stretch of column-major positions p = c · rows + r, its count of keys equal
-    // to the k-th, the counts before it, then the first `quota` of them by position.
-    const unsigned chunk = (n + MASK_THREADS - 1) / MASK_THREADS, p0 = min(n, t * chunk), p1 = min(n, p0 + chunk);
-    unsigned equal = 0;
-    for (unsigned p = p0; p < p1; p++) {
-        const unsigned e = (p % rows) * count + p / rows;
-        const float w = wb[e];
-        equal += ((unsigned)total_key(w * w / dd[p / rows]) ^ 0x80000000u) == kth;
+    // Ties to settle: the keys equal to the k-th in each (column, stretch), in column-major order (slot c ·
+    // groups + g), the counts before each slot, then the first `quota` of them by position.
+    for (unsigned c = first; c < cols; c += step) {
+        const float d = u[(unsigned long long)c * cols + c], dd = d * d;
+        unsigned equal = 0;
+        for (unsigned r = r0; r < r1; r++) equal += score_key(wb[(unsigned long long)r * cols + c], dd) == kth;
+        if (g < groups) ties[c * groups + g] = equal;
     }
-    ties[t] = equal;
     __syncthreads();
     if (t == 0)
-        for (unsigned i = 0, before = 0; i < MASK_THREADS; i++) {
+        for (unsigned i = 0, before = 0; i < cols * groups; i++) {
             const unsigned here = ties[i];
             ties[i] = before;
             before += here;
         }
     __syncthreads();
-    unsigned rank = ties[t];
-    for (unsigned p = p0; p < p1; p++) {
-        const unsigned e = (p % rows) * count + p / rows;
-        const float w = wb[e];
-        const unsigned key = (unsigned)total_key(w * w / dd[p / rows]) ^ 0x80000000u;
-        mask[e] = key < kth || (key == kth && rank++ < quota);
+    for (unsigned c = first; c < cols; c += step) {
+        if (g >= groups) break;
+        const float d = u[(unsigned long long)c * cols + c], dd = d * d;
+        unsigned rank = ties[c * groups + g];
+        for (unsigned r = r0; r < r1; r++) {
+            const unsigned long long e = (unsigned long long)r * cols + c;
+            const unsigned key = score_key(wb[e], dd);
+            mask[e] = key < kth || (key == kth && rank++ < quota);
+        }
     }
 }

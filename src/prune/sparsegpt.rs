@@ -282,8 +282,16 @@ mod gpu {
 
     /// The widest block the kernel sweeps (its `MAX_COLS`).
     const MAX_COLS: usize = 1024;
-    /// The block mask kernel's threads (its `MASK_THREADS`): one thread block chooses a whole block's mask.
+    /// The block mask kernel's threads (sparsegpt.cu's `MASK_THREADS`, which says the same): one thread block
+    /// chooses a whole block's mask.
     const MASK_THREADS: u32 = 1024;
+
+    /// `FISTAPRUNE_HOST_BLOCK_MASK=1`: unstructured block masks chosen on the host, as before their kernel, so
+    /// that scripts/gpu-check.sh can time the two ways and compare their checkpoints (the same bytes).
+    fn host_block_masks() -> bool {
+        static HOST: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HOST.get_or_init(|| std::env::var("FISTAPRUNE_HOST_BLOCK_MASK").is_ok_and(|v| v == "1"))
+    }
 
     /// The swept block and its scaled errors, on the GPU; `None` for blocks wider than the kernel takes.
     pub(super) fn sweep_block(
@@ -297,13 +305,22 @@ mod gpu {
             return Ok(None);
         }
         // N:M groups are chosen in the sweep; an unstructured mask spans the whole block, all rows: chosen first,
-        // by its own kernel (k = 0 prunes nothing: the zeros stand).
-        let (nm_n, nm_m, k) = match pattern {
+        // by its own kernel (k = 0 prunes nothing: the zeros stand), or on the host where asked.
+        let (nm_n, nm_m, mut k) = match pattern {
             Pattern::NM { n, m } => (n as i32, m as i32, 0),
             Pattern::Unstructured(s) => (0, 0, mask::count_for(rows * count, s) as u32),
         };
         let sweep = crate::device::project_kernel!(dev, "sparsegpt", "sparsegpt_sweep")?;
-        let mut mask = dev.alloc_zeros::<u8>(if nm_m > 0 { 1 } else { rows * count })?;
+        let mut mask = if k > 0 && host_block_masks() {
+            let u = crate::linalg::tensor_to_mat(ub)?;
+            let d: Vec<f32> = (0..count).map(|j| u[(j, j)]).collect();
+            let w = crate::linalg::tensor_to_mat(wb)?;
+            let chosen = super::block_mask(w.as_ref(), &d, pattern).expect("an unstructured block mask");
+            k = 0;
+            dev.clone_htod(&crate::linalg::row_major(chosen.as_ref(), u8::from))?
+        } else {
+            dev.alloc_zeros::<u8>(if nm_m > 0 { 1 } else { rows * count })?
+        };
         let (mut q, mut err) = (dev.alloc_zeros::<f32>(rows * count)?, dev.alloc_zeros::<f32>(rows * count)?);
         {
             let ((ws, wl), (us, ul)) = (wb.storage_and_layout(), ub.storage_and_layout());
@@ -599,27 +616,32 @@ mod tests {
         }
     }
 
-    /// sparsegpt.cu's block mask, run on the host (32 threads here), is the host's `block_mask` to the bit: at
+    /// sparsegpt.cu's block mask, run on the host (64 threads here), is the host's `block_mask` to the bit: at
     /// several sparsities (k = 1 and k = all among them), on blocks smaller and larger than a thread's stretch,
     /// with scores tied across the threshold (equal weights in columns of equal `U_jj`) and zeros.
     #[test]
     fn the_gpu_kernel_chooses_a_block_mask_as_the_host() {
         use crate::device::emu::{Harness, bytes};
         let Some(harness) = Harness::build("prune/sparsegpt_test") else { return };
-        let (rows, cols) = (9, 70);
+        let (rows, cols) = (24, 70);
         let (mut w, g) = problem(rows, cols, 29);
         let u = inverse_cholesky_upper(damped_hessian(&g, &mut w, 0.01), FactorDtype::F64).unwrap();
-        let mut tied = 0;
-        for (count, s, ties) in [(3, 0.5, false), (20, 0.5, true), (70, 0.7, true), (70, 0.5, false), (33, 0.25, true)]
-        {
+        // Blocks whose threshold cut through equal scores (the ties' own pass ran), narrow and wide.
+        let (mut narrow, mut wide) = (0, 0);
+        // Against the harness's 64 threads: narrow blocks (several stretches of rows per column, some threads
+        // idle), one stretch per column, and blocks wider than the thread block (two columns a thread).
+        let cases =
+            [(3, 0.5, false), (20, 0.4, true), (32, 0.6, true), (33, 0.35, true), (70, 0.4, true), (70, 0.5, false)];
+        for (count, s, ties) in cases {
             let mut wb = w.submatrix(0, 0, rows, count).to_owned();
             let mut ub = u.submatrix(0, 0, count, count).to_owned();
             if ties {
-                // Columns of one U_jj, with weights of a few magnitudes (signs mixed), and some zeros.
+                // Columns of one U_jj, with weights of four magnitudes (signs mixed, zeros among them) unevenly
+                // spread over the rows, so that the sparsities above cut through one of them.
                 for j in 0..count {
                     ub[(j, j)] = 0.5;
                     for i in 0..rows {
-                        let level = ((i * 7 + j * 3) % 4) as f32 * 0.25;
+                        let level = (((i * 131 + j * 71) ^ (i * j)) % 4) as f32 * 0.25;
                         wb[(i, j)] = if (i + j) % 2 == 0 { level } else { -level };
                     }
                 }
@@ -633,14 +655,14 @@ mod tests {
                 input.extend(bytes(&crate::linalg::row_major(ub.as_ref(), |x| x), f32::to_le_bytes));
                 let got = harness.run_with(&input, &["mask"]);
                 assert_eq!(got, crate::linalg::row_major(want.as_ref(), u8::from), "{count} columns, {s}");
-                // Whether the threshold cut through equal scores (the ties' own pass ran).
                 let score = |i: usize, j: usize| wb[(i, j)] * wb[(i, j)] / (d[j] * d[j]);
                 let cells = (0..rows).flat_map(|i| (0..count).map(move |j| (i, j)));
                 let kth = cells.clone().filter(|&(i, j)| want[(i, j)]).map(|(i, j)| score(i, j)).fold(0.0, f32::max);
-                tied += cells.filter(|&(i, j)| !want[(i, j)] && score(i, j) == kth).count().min(1);
+                let cut = cells.clone().any(|(i, j)| !want[(i, j)] && score(i, j) == kth);
+                *if count <= 32 { &mut narrow } else { &mut wide } += usize::from(cut && kth > 0.0);
             }
         }
-        assert!(tied >= 2, "the cases cut through ties {tied} times");
+        assert!(narrow >= 2 && wide >= 2, "ties cut in {narrow} narrow and {wide} wide blocks");
     }
 
     #[test]

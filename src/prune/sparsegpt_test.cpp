@@ -2,7 +2,8 @@
 // argv[1] and writes its results to argv[2]. Input, little-endian: i32 rows, count, a, b; f32 wb (rows × count),
 // u (count × count); for the sweep (a, b = nm_n, nm_m) then u8 mask (rows × count). Output: f32 q, err (rows ×
 // count each). With argv[3] = "mask", sparsegpt_block_mask with k = a instead: output u8 mask (rows × count).
-#define MASK_THREADS 32
+// Two warps: the per-warp histograms are summed.
+#define MASK_THREADS 64
 #include "../cuda_emu.h"
 #include "sparsegpt.cu"
 
