@@ -559,17 +559,38 @@ mod tests {
         }
     }
 
+    /// sparsegpt_test's harness (sparsegpt.cu built for the host), and weights and a factor `U` of
+    /// `rows × cols` to cut blocks from; `None` where there is no g++.
+    fn kernel_problem(
+        rows: usize,
+        cols: usize,
+        seed: u64,
+    ) -> Option<(crate::device::emu::Harness, Mat<f32>, Mat<f32>)> {
+        let harness = crate::device::emu::Harness::build("prune/sparsegpt_test")?;
+        let (mut w, g) = problem(rows, cols, seed);
+        let u = inverse_cholesky_upper(damped_hessian(&g, &mut w, 0.01), FactorDtype::F64).unwrap();
+        Some((harness, w, u))
+    }
+
+    /// The harness's input for block `wb` and its `ub`: the header (rows, count, then `ab`), the two matrices.
+    fn kernel_input(ab: [usize; 2], wb: &Mat<f32>, ub: &Mat<f32>) -> Vec<u8> {
+        use crate::device::emu::bytes;
+        let head = [wb.nrows(), wb.ncols(), ab[0], ab[1]].map(|v| v as i32);
+        let mut input = bytes(&head, i32::to_le_bytes);
+        input.extend(bytes(&crate::linalg::row_major(wb.as_ref(), |x| x), f32::to_le_bytes));
+        input.extend(bytes(&crate::linalg::row_major(ub.as_ref(), |x| x), f32::to_le_bytes));
+        input
+    }
+
     /// sparsegpt.cu, run on the host (src/cuda_emu.h: an OS thread per CUDA thread, blocks of 32 here), sweeps
     /// a block as the host does, to the bit: unstructured with the host's block mask, N:M with its groups chosen
     /// in the kernel (three equal lowest scores in one group, a group cut by the block's end), blocks narrower
     /// and wider than a thread block.
     #[test]
     fn the_gpu_kernel_sweeps_a_block_as_the_host() {
-        use crate::device::emu::{Harness, bytes, f32s};
-        let Some(harness) = Harness::build("prune/sparsegpt_test") else { return };
+        use crate::device::emu::f32s;
         let (rows, cols) = (6, 120);
-        let (mut w, g) = problem(rows, cols, 23);
-        let u = inverse_cholesky_upper(damped_hessian(&g, &mut w, 0.01), FactorDtype::F64).unwrap();
+        let Some((harness, w, u)) = kernel_problem(rows, cols, 23) else { return };
         let cases = [
             (Pattern::Unstructured(0.5), 10, 40),
             (Pattern::Unstructured(0.7), 40, 70),
@@ -588,12 +609,8 @@ mod tests {
             (wb[(0, 1)], wb[(0, 2)], wb[(0, 3)]) = (1e-3, -1e-3, 1e-3);
             let d: Vec<f32> = (0..count).map(|j| ub[(j, j)]).collect();
             let mask = block_mask(wb.as_ref(), &d, pattern).unwrap_or_else(|| Mat::from_fn(rows, count, |_, _| false));
-            let mut input = bytes(&[rows as i32, count as i32, 0, 0], i32::to_le_bytes);
-            if let Pattern::NM { n, m } = pattern {
-                input = bytes(&[rows as i32, count as i32, n as i32, m as i32], i32::to_le_bytes);
-            }
-            input.extend(bytes(&crate::linalg::row_major(wb.as_ref(), |x| x), f32::to_le_bytes));
-            input.extend(bytes(&crate::linalg::row_major(ub.as_ref(), |x| x), f32::to_le_bytes));
+            let (n, m) = if let Pattern::NM { n, m } = pattern { (n, m) } else { (0, 0) };
+            let mut input = kernel_input([n, m], &wb, &ub);
             input.extend(crate::linalg::row_major(mask.as_ref(), u8::from));
             let out = harness.run(&input);
             let (q, err) = (f32s(&out, 0, rows * count), f32s(&out, 4 * rows * count, rows * count));
@@ -621,11 +638,8 @@ mod tests {
     /// with scores tied across the threshold (equal weights in columns of equal `U_jj`) and zeros.
     #[test]
     fn the_gpu_kernel_chooses_a_block_mask_as_the_host() {
-        use crate::device::emu::{Harness, bytes};
-        let Some(harness) = Harness::build("prune/sparsegpt_test") else { return };
         let (rows, cols) = (24, 70);
-        let (mut w, g) = problem(rows, cols, 29);
-        let u = inverse_cholesky_upper(damped_hessian(&g, &mut w, 0.01), FactorDtype::F64).unwrap();
+        let Some((harness, w, u)) = kernel_problem(rows, cols, 29) else { return };
         // Blocks whose threshold cut through equal scores (the ties' own pass ran), narrow and wide.
         let (mut narrow, mut wide) = (0, 0);
         // Against the harness's 64 threads: narrow blocks (several stretches of rows per column, some threads
@@ -650,10 +664,7 @@ mod tests {
             for s in [s, 1.0 / (rows * count) as f64, 1.0] {
                 let want = block_mask(wb.as_ref(), &d, Pattern::Unstructured(s)).unwrap();
                 let k = mask::count_for(rows * count, s);
-                let mut input = bytes(&[rows as i32, count as i32, k as i32, 0], i32::to_le_bytes);
-                input.extend(bytes(&crate::linalg::row_major(wb.as_ref(), |x| x), f32::to_le_bytes));
-                input.extend(bytes(&crate::linalg::row_major(ub.as_ref(), |x| x), f32::to_le_bytes));
-                let got = harness.run_with(&input, &["mask"]);
+                let got = harness.run_with(&kernel_input([k, 0], &wb, &ub), &["mask"]);
                 assert_eq!(got, crate::linalg::row_major(want.as_ref(), u8::from), "{count} columns, {s}");
                 let score = |i: usize, j: usize| wb[(i, j)] * wb[(i, j)] / (d[j] * d[j]);
                 let cells = (0..rows).flat_map(|i| (0..count).map(move |j| (i, j)));
