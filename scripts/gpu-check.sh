@@ -46,7 +46,7 @@ with_mem() {
 }
 peak() { sort -n "$1" | tail -1 | grep . || echo null; }
 # The most the run's tensors held on the GPU in any layer, from report.json (the driver's pool), in MiB.
-pool_peak() { python3 -c "import json,sys; print(max(l['gpu_peak_bytes'] for l in json.load(open(sys.argv[1]))['layers']) >> 20)" \
+pool_peak() { python3 -c "import json,sys; print(max(l['gpu_peak_bytes'] for l in json.load(open(sys.argv[1]))['layers'] if 'gpu_peak_bytes' in l) >> 20)" \
   "$1" 2>/dev/null || echo null; }
 elapsed() { python3 -c "import time, sys; print(round(time.time() - float(sys.argv[1]), 3))" "$1"; }
 # STEPS="3 4b" runs only those steps (a run of them all can outlast one call on the machine).
