@@ -510,7 +510,7 @@ fn fista_on_device(p: &Problem, w0: &Mat<f32>, s: Steps) -> Result<(Mat<f32>, us
 }
 
 /// [`fista_on_device`] from and to tensors on the run's device.
-fn fista_tensor(
+pub(super) fn fista_tensor(
     p: &Problem,
     w0: &candle_core::Tensor,
     Steps { lambda, l, iters, tol, project }: Steps,
@@ -663,25 +663,39 @@ fn refit_on_device(
     iters: usize,
 ) -> Result<(Mat<f32>, Mat<f32>)> {
     use crate::linalg::{mat_to_device, tensor_to_mat};
-    use candle_core::Tensor;
     let dev = crate::device::current();
     let up = |m: &Mat<f32>| mat_to_device(m, dev);
-    let (g, c) = (up(p.g)?, up(p.c)?);
     let keep = up(&crate::linalg::mat_from_fn(w.nrows(), w.ncols(), |i, j| if pruned[(i, j)] { 0.0 } else { 1.0 }))?;
+    let wg = wg.map(|wg| up(&wg)).transpose()?;
+    let (x, xg) = refit_tensors(&up(p.g)?, &up(p.c)?, &up(w)?, wg, &keep, iters)?;
+    Ok((tensor_to_mat(&x)?, tensor_to_mat(&xg)?))
+}
+
+/// [`refit_on_device`] on tensors where they are: `G*`, `C`, the weights `w` (with `wg = w G*` where the caller
+/// has it) and `keep` (1 where a weight is free, 0 where pruned).
+pub(super) fn refit_tensors(
+    g: &candle_core::Tensor,
+    c: &candle_core::Tensor,
+    w: &candle_core::Tensor,
+    wg: Option<candle_core::Tensor>,
+    keep: &candle_core::Tensor,
+    iters: usize,
+) -> Result<(candle_core::Tensor, candle_core::Tensor)> {
+    use candle_core::Tensor;
     // a / b per row where b > 0, else 0 (as the host's α and β).
     let ratio = |a: &Tensor, b: &Tensor| -> Result<Tensor> { Ok(b.gt(0.0)?.where_cond(&(a / b)?, &a.zeros_like()?)?) };
-    let mut x = up(w)?;
+    let mut x = w.clone();
     let xg = match wg {
-        Some(wg) => up(&wg)?,
-        None => x.matmul(&g)?,
+        Some(wg) => wg,
+        None => x.matmul(g)?,
     };
     // r = P(C − X G*), and ‖r‖² per row.
-    let mut r = ((c - xg)? * &keep)?;
+    let mut r = ((c - xg)? * keep)?;
     let mut rr = r.sqr()?.sum_keepdim(1)?;
     let rr0: Vec<f32> = rr.flatten_all()?.to_vec1()?;
     let mut d = r.clone();
     for _ in 0..iters {
-        let q = (d.matmul(&g)? * &keep)?;
+        let q = (d.matmul(g)? * keep)?;
         let alpha = ratio(&rr, &(&d * &q)?.sum_keepdim(1)?)?;
         x = (x + d.broadcast_mul(&alpha)?)?;
         r = (r - q.broadcast_mul(&alpha)?)?;
@@ -693,61 +707,27 @@ fn refit_on_device(
         }
         rr = rr_new;
     }
-    let xg = x.matmul(&g)?;
-    Ok((tensor_to_mat(&x)?, tensor_to_mat(&xg)?))
-}
-
-/// What one λ round gave: the errors of its hard-thresholded result and of FISTA's own iterate, the iterations
-/// run, and the thresholded result (with its `G*` product and mask) where it beat the best so far.
-struct Round {
-    e_total: f64,
-    e_fista: f64,
-    iters: usize,
-    better: Option<(Mat<f32>, Mat<f32>, mask::Mask)>,
-}
-
-/// One λ round from `best` (error `best_err`): FISTA, the hard threshold `h` of its iterate, both errors. Where
-/// the pruners' dense work is on a device the round stays there ([`round_on_device`]).
-fn round(p: &Problem, best: &Mat<f32>, steps: Steps, h: &HardThreshold, best_err: f64) -> Result<Round> {
-    if crate::device::offloaded() {
-        return round_on_device(p, best, steps, h, best_err);
-    }
-    let (wk, iters) = fista(p, best, steps)?;
-    let (ht, hm) = h.apply(&wk);
-    let htg = crate::linalg::product(&ht, p.g)?;
-    let e_total = p.error_with(&ht, &htg);
-    let e_fista = p.error(&wk)?;
-    Ok(Round { e_total, e_fista, iters, better: (e_total < best_err).then_some((ht, htg, hm)) })
-}
-
-/// [`round`] on the device: the iterate, its threshold and their products with `G*` stay there, and only a
-/// result that beats the best comes to the host. The errors sum each column in f32 as the host does, in
-/// another order.
-fn round_on_device(p: &Problem, best: &Mat<f32>, steps: Steps, h: &HardThreshold, best_err: f64) -> Result<Round> {
-    use crate::linalg::{mat_to_device, tensor_to_mat};
-    let dev = crate::device::current();
-    let (g, c2) = (mat_to_device(p.g, dev)?, (mat_to_device(p.c, dev)? * 2.0)?);
-    // ‖W'X* − WX‖² as Problem::error_with: Σ_j (Σ_i w (wG* − 2c) in f32) in f64, plus K.
-    let error = |w: &candle_core::Tensor, wg: &candle_core::Tensor| -> Result<f64> {
-        let per_column = (w * (wg - &c2)?)?.sum_keepdim(0)?.to_dtype(candle_core::DType::F64)?;
-        Ok((per_column.sum_all()?.to_scalar::<f64>()? + p.k).max(0.0))
-    };
-    let (wk, iters) = fista_tensor(p, &mat_to_device(best, dev)?, steps)?;
-    let (ht, hm) = h.apply_tensor(&wk)?;
-    let htg = ht.matmul(&g)?;
-    let e_total = error(&ht, &htg)?;
-    let e_fista = error(&wk, &wk.matmul(&g)?)?;
-    let better = if e_total < best_err {
-        Some((tensor_to_mat(&ht)?, tensor_to_mat(&htg)?, super::device_mask::to_host(&hm)?))
-    } else {
-        None
-    };
-    Ok(Round { e_total, e_fista, iters, better })
+    let xg = x.matmul(g)?;
+    Ok((x, xg))
 }
 
 /// FISTAPruner for one operator: from the warm start `w0` (already on the pattern, or dense), a result on the
-/// exact pattern.
+/// exact pattern. On the run's device where the pruners' dense work goes there ([`super::side`]).
 pub fn solve(p: &Problem, w0: &Mat<f32>, pattern: Pattern, o: &Options) -> Result<(Mat<f32>, SolveReport)> {
+    if crate::device::offloaded() {
+        return solve_on(&super::side::OnDevice::new(p)?, p, w0, pattern, o);
+    }
+    solve_on(&super::side::Host(p), p, w0, pattern, o)
+}
+
+/// [`solve`] on `side`: the warm start, the λ rounds, the re-fit and the swaps, the iterate kept on `side`.
+fn solve_on<S: super::side::Side>(
+    side: &S,
+    p: &Problem,
+    w0: &Mat<f32>,
+    pattern: Pattern,
+    o: &Options,
+) -> Result<(Mat<f32>, SolveReport)> {
     let (m, n) = p.w.shape();
     ensure!(w0.shape() == (m, n) && p.g.shape() == (n, n) && p.c.shape() == (m, n), "fista: shapes disagree");
     let base = p.k.max(f64::MIN_POSITIVE);
@@ -766,24 +746,28 @@ pub fn solve(p: &Problem, w0: &Mat<f32>, pattern: Pattern, o: &Options) -> Resul
     } else {
         HardThreshold { pattern, per_row, budgets: None }
     };
-    let (mut best, mut best_mask) = h.apply(w0);
+    let (mut best, mut best_mask) = side.threshold(&h, &side.load(w0)?)?;
     // `best G*` travels with `best`: the error, the re-fit's first residual and the swaps' start share it.
-    let mut best_g = crate::linalg::product(&best, p.g)?;
-    let mut best_err = p.error_with(&best, &best_g);
+    let mut best_g = side.times_g(&best)?;
+    let mut best_err = side.error(&best, &best_g)?;
     report.warm_error = best_err / base;
     let (mut lo, mut hi) = (o.alpha_min, o.alpha_max);
     let mut alpha = o.alpha.clamp(lo, hi);
     let project = o.projected.then_some(&h);
     for _ in 0..o.rounds {
-        let steps = Steps { lambda: alpha * l * rms, l, iters: o.iters, tol: o.tol, project };
-        let r = round(p, &best, steps, &h, best_err)?;
-        let ratio = if r.e_total > 0.0 { (r.e_total - r.e_fista) / r.e_total } else { 0.0 };
-        report.rounds.push((alpha, r.e_total / base, ratio, r.iters));
-        if let Some((ht, htg, hm)) = r.better {
+        let lambda = alpha * l * rms;
+        let (wk, its) = side.fista(&best, Steps { lambda, l, iters: o.iters, tol: o.tol, project })?;
+        let (ht, hm) = side.threshold(&h, &wk)?;
+        let htg = side.times_g(&ht)?;
+        let e_total = side.error(&ht, &htg)?;
+        let e_fista = side.error(&wk, &side.times_g(&wk)?)?;
+        let ratio = if e_total > 0.0 { (e_total - e_fista) / e_total } else { 0.0 };
+        report.rounds.push((alpha, e_total / base, ratio, its));
+        if e_total < best_err {
             best = ht;
             best_g = htg;
             best_mask = hm;
-            best_err = r.e_total;
+            best_err = e_total;
             report.improved = true;
         }
         // Rounding dominates: more λ makes the FISTA solution sparser by itself.
@@ -796,8 +780,8 @@ pub fn solve(p: &Problem, w0: &Mat<f32>, pattern: Pattern, o: &Options) -> Resul
         }
     }
     if o.refit_iters > 0 {
-        let (r, rg) = refit(p, &best, Some(best_g.clone()), &best_mask, o.refit_iters)?;
-        let e = p.error_with(&r, &rg);
+        let (r, rg) = side.refit(&best, Some(best_g.clone()), &best_mask, o.refit_iters)?;
+        let e = side.error(&r, &rg)?;
         report.refit_error = Some(e / base);
         if e < best_err {
             best = r;
@@ -808,13 +792,13 @@ pub fn solve(p: &Problem, w0: &Mat<f32>, pattern: Pattern, o: &Options) -> Resul
     if o.swap_rounds > 0 {
         ensure!(o.swap_refit_iters > 0, "--swap-rounds re-fits every swap: it needs --swap-refit-iters above 0");
         let (w, _, rounds) =
-            super::swap::refine(p, best, best_g, best_mask, pattern, o.swap_rounds, o.swap_refit_iters)?;
+            super::swap::refine(side, p, best, best_g, best_mask, pattern, o.swap_rounds, o.swap_refit_iters)?;
         best = w;
         best_err = rounds.last().map_or(best_err, |r| r.error * base);
         report.swaps = rounds;
     }
     report.error = best_err / base;
-    Ok((best, report))
+    Ok((side.store(&best)?, report))
 }
 
 #[cfg(test)]
@@ -1078,51 +1062,33 @@ mod tests {
         }
     }
 
-    /// A λ round on the device (candle's operators; here on the CPU) is the host's: the same iterations, the
-    /// errors to f32 summation order, the thresholded result to f32 rounding with its zeros in place but a few
-    /// at the edge, and the same verdict against the best so far.
+    /// FISTAPruner's solve on the device (candle's operators; here on the CPU) is the host's: with its defaults
+    /// (re-fit, swaps) and with λ rounds, the same path through the rounds, errors to f32 summation order, the
+    /// result to f32 rounding with its zeros in place but a few at the edge.
     #[test]
-    fn a_device_round_is_the_hosts() {
+    fn the_device_side_solves_as_the_host() {
+        use crate::prune::side::{Host, OnDevice};
         let (w, g, c, k) = problem(6, 16, 100, 13);
         let p = Problem { w: &w, g: &g, c: &c, k };
-        let l = lambda_max_host(g.as_ref(), 50);
-        let h = HardThreshold { pattern: Pattern::Unstructured(0.5), per_row: true, budgets: None };
-        let steps = Steps { lambda: 0.02 * l, l, iters: 30, tol: 0.0, project: None };
-        let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * a.abs().max(b.abs());
-        for best_err in [f64::INFINITY, 0.0] {
-            let host = {
-                let (wk, iters) = fista_host(&p, &w, steps);
-                let (ht, hm) = h.apply(&wk);
-                let htg = matmul(ht.as_ref(), g.as_ref());
-                let (e_total, e_fista) = (p.error_with(&ht, &htg), p.error(&wk).unwrap());
-                Round { e_total, e_fista, iters, better: (e_total < best_err).then_some((ht, htg, hm)) }
-            };
-            let dev = round_on_device(&p, &w, steps, &h, best_err).unwrap();
-            assert!(close(host.e_total, dev.e_total) && close(host.e_fista, dev.e_fista), "errors");
-            assert_eq!(host.iters, dev.iters);
-            assert!(host.e_fista < host.e_total, "FISTA's own iterate fits better than its threshold");
-            match (host.better, dev.better) {
-                (None, None) => assert_eq!(best_err, 0.0),
-                (Some((a, ag, am)), Some((b, bg, bm))) => {
-                    let cells = || (0..16).flat_map(|j| (0..6).map(move |i| (i, j)));
-                    let top = |m: &Mat<f32>| cells().map(|(i, j)| m[(i, j)].abs()).fold(0.0, f32::max);
-                    let (scale, gscale) = (top(&a), top(&ag));
-                    assert!(cells().filter(|&(i, j)| am[(i, j)] != bm[(i, j)]).count() <= 2, "masks");
-                    for (i, j) in cells() {
-                        if bm[(i, j)] {
-                            assert_eq!(b[(i, j)], 0.0, "({i}, {j}): masked, not zero");
-                        }
-                        if am[(i, j)] == bm[(i, j)] {
-                            assert!((a[(i, j)] - b[(i, j)]).abs() <= 1e-4 * scale, "({i}, {j})");
-                        }
-                    }
-                    // Where the masks agree, the products with G* do too.
-                    if cells().all(|(i, j)| am[(i, j)] == bm[(i, j)]) {
-                        assert!(cells().all(|(i, j)| (ag[(i, j)] - bg[(i, j)]).abs() <= 1e-4 * gscale), "G* product");
-                    }
-                }
-                _ => panic!("the verdicts differ"),
+        let pattern = Pattern::Unstructured(0.5);
+        let w0 = hard_threshold(&w, pattern, true);
+        let with_rounds = Options { rounds: 2, iters: 30, ..Default::default() };
+        for o in [Options::default(), with_rounds] {
+            let (a, ra) = solve_on(&Host(&p), &p, &w0, pattern, &o).unwrap();
+            let (b, rb) = solve_on(&OnDevice::new(&p).unwrap(), &p, &w0, pattern, &o).unwrap();
+            let close = |x: f64, y: f64| (x - y).abs() <= 1e-4 * x.abs().max(y.abs());
+            assert!(close(ra.warm_error, rb.warm_error) && close(ra.error, rb.error), "{ra:?} vs {rb:?}");
+            assert_eq!(ra.rounds.len(), rb.rounds.len());
+            for (x, y) in ra.rounds.iter().zip(&rb.rounds) {
+                assert!(close(x.0, y.0) && close(x.1, y.1) && x.3 == y.3, "rounds: {x:?} vs {y:?}");
             }
+            assert_eq!(ra.improved, rb.improved);
+            let cells = || (0..16).flat_map(|j| (0..6).map(move |i| (i, j)));
+            let scale = cells().map(|(i, j)| a[(i, j)].abs()).fold(0.0, f32::max);
+            assert!(cells().filter(|&(i, j)| (a[(i, j)] == 0.0) != (b[(i, j)] == 0.0)).count() <= 2, "masks");
+            let agree = cells().filter(|&(i, j)| (a[(i, j)] == 0.0) == (b[(i, j)] == 0.0));
+            assert!(agree.clone().all(|(i, j)| (a[(i, j)] - b[(i, j)]).abs() <= 1e-3 * scale), "weights");
+            mask::verify(&b, pattern, 6).unwrap();
         }
     }
 

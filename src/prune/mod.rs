@@ -13,6 +13,7 @@ pub mod magnitude;
 pub mod mask;
 pub mod pipeline;
 pub mod random;
+pub mod side;
 pub mod sparsegpt;
 pub mod stats;
 pub mod swap;

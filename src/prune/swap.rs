@@ -18,8 +18,9 @@ use faer::Mat;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::fista::{Problem, refit};
+use super::fista::Problem;
 use super::mask::{Mask, Pattern};
+use super::side::{Searched, Side};
 
 /// One round: swaps made, the search's floating-point operations (the re-fit's GEMMs apart), rows whose error
 /// went down (kept), and the relative error after it.
@@ -32,7 +33,7 @@ pub struct SwapRound {
 }
 
 /// Each row's `w_i (w_i G*)ᵀ − 2 c_i w_iᵀ`: its error less the constant `k_i`, in f64.
-fn row_errors(w: &Mat<f32>, wg: &Mat<f32>, c: &Mat<f32>) -> Vec<f64> {
+pub(super) fn row_errors(w: &Mat<f32>, wg: &Mat<f32>, c: &Mat<f32>) -> Vec<f64> {
     let mut e = vec![0f64; w.nrows()];
     for j in 0..w.ncols() {
         let (wc, gc, cc) = (w.col_as_slice(j), wg.col_as_slice(j), c.col_as_slice(j));
@@ -231,28 +232,50 @@ struct Round<'a> {
     cap: usize,
 }
 
-/// Every row's search, in row order: on the run's GPU where it has one (swap.cu, the same decisions to the
-/// bit), else each row on its own task on the host.
-fn search(r: &Round) -> anyhow::Result<Vec<Found>> {
-    #[cfg(feature = "cuda")]
-    if let candle_core::Device::Cuda(dev) = crate::device::current()
-        && let Some(found) = gpu::search(dev, &Kernel::new(r), r.p.g)?
-    {
-        return Ok(found);
-    }
-    Ok((0..r.w.nrows())
+/// Every row's search on the host, in row order, each row on its own task.
+fn search(r: &Round) -> Vec<Found> {
+    (0..r.w.nrows())
         .into_par_iter()
         .map(|i| {
             let mut row = Row::of(r.p, r.gd, r.inv_gd, r.w, r.wg, r.pruned, i);
             let made = row.improve(r.pattern, r.cap);
             Found { made, flops: row.flops, row: (made > 0).then_some((row.w, row.free)) }
         })
-        .collect())
+        .collect()
 }
 
-/// swap.cu's arguments but `G*` ([`kernel_g`]): `w`, `r = w G* − c` and the mask row-major. (The GPU's, and the
-/// tests' that run swap.cu on the host.)
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+/// [`Side::search`] on the host: every row's search, the rows that made swaps put in place.
+pub(super) fn search_host(
+    p: &Problem,
+    w: &Mat<f32>,
+    wg: &Mat<f32>,
+    pruned: &Mask,
+    pattern: Pattern,
+    cap: usize,
+) -> Searched<Mat<f32>, Mask> {
+    let (gd, inv_gd) = diagonal(p.g);
+    let found = search(&Round { p, gd: &gd, inv_gd: &inv_gd, w, wg, pruned, pattern, cap });
+    let (mut sw, mut sm) = (w.clone(), pruned.clone());
+    for (i, f) in found.iter().enumerate() {
+        if let Some((row_w, row_free)) = &f.row {
+            for j in 0..w.ncols() {
+                sw[(i, j)] = row_w[j];
+                sm[(i, j)] = row_free[j] != 0.0;
+            }
+        }
+    }
+    Searched {
+        w: sw,
+        pruned: sm,
+        made: found.iter().map(|f| f.made).collect(),
+        flops: found.iter().map(|f| f.flops).collect(),
+    }
+}
+
+/// swap.cu's arguments but `G*` ([`kernel_g`]) made on the host from a search round: `w`, `r = w G* − c` and
+/// the mask row-major, for the tests that run swap.cu on the host (on a GPU they come from tensors there:
+/// `search_on_gpu`).
+#[cfg(test)]
 struct Kernel {
     m: usize,
     n: usize,
@@ -267,20 +290,20 @@ struct Kernel {
 }
 
 /// swap.cu's `g`: `G*` with row `j` its column `j`, as the host reads it (for the tests that run swap.cu on the
-/// host; the GPU makes it with [`kernel_g_on`]).
+/// host; the GPU makes it with [`kernel_g_of`]).
 #[cfg(test)]
 fn kernel_g(g: &Mat<f32>) -> Vec<f32> {
     (0..g.ncols()).flat_map(|j| g.col_as_slice(j)).copied().collect()
 }
 
-/// [`kernel_g`] on `device`, transposed there from `G*`'s resident copy ([`crate::linalg::with_resident`]): no
-/// host copy of `n²` values and no upload per swap round.
+/// [`kernel_g`] where `g` is (`G*` on the device, its resident copy): transposed there, no host copy of `n²`
+/// values and no upload per swap round.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-fn kernel_g_on(g: &Mat<f32>, device: &candle_core::Device) -> anyhow::Result<candle_core::Tensor> {
-    Ok(crate::linalg::mat_to_device(g, device)?.t()?.contiguous()?)
+fn kernel_g_of(g: &candle_core::Tensor) -> anyhow::Result<candle_core::Tensor> {
+    Ok(g.t()?.contiguous()?)
 }
 
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+#[cfg(test)]
 impl Kernel {
     fn new(&Round { p, gd, inv_gd, w, wg, pruned, pattern, cap }: &Round) -> Self {
         use crate::linalg::row_major;
@@ -320,50 +343,86 @@ impl Kernel {
     }
 }
 
-/// swap.cu on the run's GPU (PTX from build.rs, loaded once): one block of 256 threads per row.
+/// [`Side::search`] on the run's GPU (swap.cu, PTX from build.rs, loaded once; one block of 256 threads per
+/// row), from tensors there: `G*`, `r = w G* − c`, the weights and their mask (u8). The rows and their masks
+/// stay on the GPU; only each row's swaps and flops come back. `None` off a GPU, or where the kernel refuses the
+/// pattern (N:M groups wider than its shared memory holds).
 #[cfg(feature = "cuda")]
-mod gpu {
-    use super::{Found, Kernel};
+#[allow(clippy::type_complexity)]
+pub(super) fn search_on_gpu(
+    p: &Problem,
+    g: &candle_core::Tensor,
+    r: &candle_core::Tensor,
+    w: &candle_core::Tensor,
+    pruned: &candle_core::Tensor,
+    pattern: Pattern,
+    cap: usize,
+) -> anyhow::Result<Option<Searched<candle_core::Tensor, candle_core::Tensor>>> {
     use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
-
-    pub(super) fn search(
-        dev: &candle_core::CudaDevice,
-        k: &Kernel,
-        g: &faer::Mat<f32>,
-    ) -> anyhow::Result<Option<Vec<Found>>> {
-        let func = crate::device::project_kernel!(dev, "swap", "swap_search")?;
-        let gt = super::kernel_g_on(g, crate::device::current())?;
-        let (gs, gl) = gt.storage_and_layout();
-        let candle_core::Storage::Cuda(gs) = &*gs else { anyhow::bail!("G* is not on the GPU") };
-        let g = gs.as_cuda_slice::<f32>()?.slice(gl.start_offset()..gl.start_offset() + k.n * k.n);
-        let (gd, inv_gd) = (dev.clone_htod(&k.gd)?, dev.clone_htod(&k.inv_gd)?);
-        let (mut w, mut r, mut free) = (dev.clone_htod(&k.w)?, dev.clone_htod(&k.r)?, dev.clone_htod(&k.free)?);
-        let (mut made, mut flops) = (dev.alloc_zeros::<i32>(k.m)?, dev.alloc_zeros::<f64>(k.m)?);
-        let (m, n) = (k.m as i32, k.n as i32);
-        let stream = dev.cuda_stream();
-        let mut launch = stream.launch_builder(&func);
-        launch.arg(&g).arg(&gd).arg(&inv_gd).arg(&mut w).arg(&mut r).arg(&mut free);
-        launch.arg(&m).arg(&n).arg(&k.group).arg(&k.cap).arg(&mut made).arg(&mut flops);
-        let cfg = LaunchConfig { grid_dim: (k.m as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: the arguments are swap.cu's, in its order and types; every buffer holds what it indexes.
-        unsafe { launch.launch(cfg) }.map_err(|e| anyhow::anyhow!("the swap search's kernel: {e:?}"))?;
-        Ok(k.found(dev.clone_dtoh(&w)?, dev.clone_dtoh(&free)?, dev.clone_dtoh(&made)?, dev.clone_dtoh(&flops)?))
+    use candle_core::{CudaStorage, DType, Storage, Tensor, op::BackpropOp};
+    let candle_core::Device::Cuda(dev) = w.device() else { return Ok(None) };
+    let (m, n) = w.dims2()?;
+    let func = crate::device::project_kernel!(dev, "swap", "swap_search")?;
+    let stream = dev.cuda_stream();
+    // A copy of a tensor's f32 values that the kernel may write.
+    let own = |t: &Tensor| -> anyhow::Result<_> {
+        let t = t.to_dtype(DType::F32)?.contiguous()?;
+        let (st, l) = t.storage_and_layout();
+        let Storage::Cuda(st) = &*st else { anyhow::bail!("the swap search's input is not on the GPU") };
+        let view = st.as_cuda_slice::<f32>()?.slice(l.start_offset()..l.start_offset() + t.elem_count());
+        Ok(stream.clone_dtod(&view)?)
+    };
+    let gt = kernel_g_of(g)?;
+    let (gs, gl) = gt.storage_and_layout();
+    let Storage::Cuda(gs) = &*gs else { anyhow::bail!("G* is not on the GPU") };
+    let g_all = gs.as_cuda_slice::<f32>()?.slice(gl.start_offset()..gl.start_offset() + n * n);
+    let (gd, inv_gd) = diagonal(p.g);
+    let (gd, inv_gd) = (dev.clone_htod(&gd)?, dev.clone_htod(&inv_gd)?);
+    let (mut wv, mut rv, mut free) = (own(w)?, own(r)?, own(pruned)?);
+    let (mut made, mut flops) = (dev.alloc_zeros::<i32>(m)?, dev.alloc_zeros::<f64>(m)?);
+    let group = match pattern {
+        Pattern::NM { m, .. } => m as i32,
+        Pattern::Unstructured(_) => 0,
+    };
+    let (mi, ni, cap) = (m as i32, n as i32, cap as i32);
+    let mut launch = stream.launch_builder(&func);
+    launch.arg(&g_all).arg(&gd).arg(&inv_gd).arg(&mut wv).arg(&mut rv).arg(&mut free);
+    launch.arg(&mi).arg(&ni).arg(&group).arg(&cap).arg(&mut made).arg(&mut flops);
+    let cfg = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: the arguments are swap.cu's, in its order and types; every buffer holds what it indexes (G* n × n,
+    // its diagonal n, the rows m × n, the counts m).
+    unsafe { launch.launch(cfg) }.map_err(|e| anyhow::anyhow!("the swap search's kernel: {e:?}"))?;
+    let made = dev.clone_dtoh(&made)?;
+    if made.iter().any(|&x| x < 0) {
+        return Ok(None);
     }
+    let wrap = |s| {
+        let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone()));
+        Tensor::from_storage(storage, (m, n), BackpropOp::none(), false)
+    };
+    Ok(Some(Searched {
+        w: wrap(wv),
+        pruned: wrap(free).ne(0f32)?,
+        made: made.into_iter().map(|x| x as usize).collect(),
+        flops: dev.clone_dtoh(&flops)?,
+    }))
 }
 
-/// Refine `w` (re-fitted on the support `pruned` leaves, on `pattern`; `wg = w G*`) by up to `rounds` rounds of swaps, each
-/// re-fitted with `refit_iters` conjugate-gradient steps. Returns the weights, their mask and each round.
-pub fn refine(
+/// Refine `w` (re-fitted on the support `pruned` leaves, on `pattern`; `wg = w G*`) by up to `rounds` rounds
+/// of swaps, each re-fitted with `refit_iters` conjugate-gradient steps, on `side`. Returns the weights, their
+/// mask and each round.
+#[allow(clippy::too_many_arguments)]
+pub fn refine<S: Side>(
+    side: &S,
     p: &Problem,
-    mut w: Mat<f32>,
-    mut wg: Mat<f32>,
-    mut pruned: Mask,
+    mut w: S::W,
+    mut wg: S::W,
+    mut pruned: S::M,
     pattern: Pattern,
     rounds: usize,
     refit_iters: usize,
-) -> anyhow::Result<(Mat<f32>, Mask, Vec<SwapRound>)> {
-    let (m, n) = w.shape();
-    let (gd, inv_gd) = diagonal(p.g);
+) -> anyhow::Result<(S::W, S::M, Vec<SwapRound>)> {
+    let (m, n) = p.w.shape();
     let base = p.k.max(f64::MIN_POSITIVE);
     // Swaps per row and round: unstructured, a share of the row (the re-fit between rounds moves the rest);
     // N:M, sweeps over the groups.
@@ -371,43 +430,33 @@ pub fn refine(
         Pattern::NM { .. } => 4,
         Pattern::Unstructured(_) => n.div_ceil(16),
     };
-    let mut err = row_errors(&w, &wg, p.c);
+    let mut err = side.row_errors(&w, &wg)?;
     let total = |err: &[f64]| (err.iter().sum::<f64>() + p.k).max(0.0) / base;
     let mut report = Vec::new();
     for _ in 0..rounds {
-        let (mut cand, mut cmask) = (w.clone(), pruned.clone());
-        let (mut proposed, mut search_flops) = (0, 0.0);
-        let round = Round { p, gd: &gd, inv_gd: &inv_gd, w: &w, wg: &wg, pruned: &pruned, pattern, cap };
-        for (i, found) in search(&round)?.into_iter().enumerate() {
-            search_flops += found.flops;
-            if let Some((row_w, row_free)) = found.row {
-                proposed += found.made;
-                for j in 0..n {
-                    cand[(i, j)] = row_w[j];
-                    cmask[(i, j)] = row_free[j] != 0.0;
-                }
-            }
-        }
+        let found = side.search(&w, &wg, &pruned, pattern, cap)?;
+        let (proposed, search_flops) = (found.made.iter().sum(), found.flops.iter().sum());
         if proposed == 0 {
             // A search that found nothing: no re-fit, the last round.
             report.push(SwapRound { proposed, search_flops, rows_kept: 0, error: total(&err) });
             break;
         }
-        let (cand, cg) = refit(p, &cand, None, &cmask, refit_iters)?;
-        let cerr = row_errors(&cand, &cg, p.c);
-        let better: Vec<usize> = (0..m).filter(|&i| cerr[i] < err[i]).collect();
-        for j in 0..n {
-            for &i in &better {
-                w[(i, j)] = cand[(i, j)];
-                pruned[(i, j)] = cmask[(i, j)];
-                wg[(i, j)] = cg[(i, j)];
+        let moved: Vec<bool> = found.made.iter().map(|&k| k > 0).collect();
+        let (cand, cmask) = (side.rows(&moved, &found.w, &w)?, side.mask_rows(&moved, &found.pruned, &pruned)?);
+        let (cand, cg) = side.refit(&cand, None, &cmask, refit_iters)?;
+        let cerr = side.row_errors(&cand, &cg)?;
+        let better: Vec<bool> = (0..m).map(|i| cerr[i] < err[i]).collect();
+        w = side.rows(&better, &cand, &w)?;
+        pruned = side.mask_rows(&better, &cmask, &pruned)?;
+        wg = side.rows(&better, &cg, &wg)?;
+        for (e, (&c, &b)) in err.iter_mut().zip(cerr.iter().zip(&better)) {
+            if b {
+                *e = c;
             }
         }
-        for &i in &better {
-            err[i] = cerr[i];
-        }
-        report.push(SwapRound { proposed, search_flops, rows_kept: better.len(), error: total(&err) });
-        if better.is_empty() {
+        let rows_kept = better.iter().filter(|&&b| b).count();
+        report.push(SwapRound { proposed, search_flops, rows_kept, error: total(&err) });
+        if rows_kept == 0 {
             break;
         }
     }
@@ -417,19 +466,18 @@ pub fn refine(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::prune::fista::matmul;
+    use crate::prune::fista::{matmul, refit};
     use crate::prune::mask;
+    use crate::prune::side::{Host, OnDevice};
     use faer::Accum;
 
-    /// The GPU's `G*` for the kernel, made by transposing the resident copy on the device, is the host's
+    /// The GPU's `G*` for the kernel, made by transposing its copy on the device, is the host's
     /// [`kernel_g`] exactly (an asymmetric `G*`, so that a missing transpose shows).
     #[test]
     fn the_kernels_g_made_on_the_device_is_the_hosts() {
         let g = Mat::from_fn(5, 5, |i, j| (i * 5 + j) as f32 + if i < j { 0.25 } else { 0.0 });
-        let on = kernel_g_on(&g, &candle_core::Device::Cpu).unwrap();
+        let on = kernel_g_of(&crate::linalg::mat_to_tensor(&g).unwrap()).unwrap();
         assert_eq!(on.flatten_all().unwrap().to_vec1::<f32>().unwrap(), kernel_g(&g));
-        let held = crate::linalg::with_resident(&[&g], || kernel_g_on(&g, &candle_core::Device::Cpu).unwrap());
-        assert_eq!(held.flatten_all().unwrap().to_vec1::<f32>().unwrap(), kernel_g(&g));
     }
 
     /// A random operator with correlated inputs: (W, G*, C = W XᵀX*, K), X* a perturbed X.
@@ -580,7 +628,7 @@ mod tests {
             };
             let round =
                 Round { p: &p, gd: &gd, inv_gd: &inv_gd, w: &start, wg: &start_g, pruned: &pruned, pattern, cap };
-            let host = search(&round).unwrap();
+            let host = search(&round);
             let kern = Kernel::new(&round);
             let mut input = bytes(&[m as i32, n as i32, kern.group, kern.cap], i32::to_le_bytes);
             for v in [&kernel_g(&g), &kern.gd, &kern.inv_gd, &kern.w, &kern.r, &kern.free] {
@@ -619,7 +667,9 @@ mod tests {
             let pruned = mask::select(&w, pattern, true);
             let start = mask::zeroed(&w, &pruned);
             let (start, start_g) = refit(&p, &start, None, &pruned, 60).unwrap();
-            let (out, out_mask, rounds) = refine(&p, start.clone(), start_g, pruned.clone(), pattern, 5, 60).unwrap();
+            let side = Host(&p);
+            let (out, out_mask, rounds) =
+                refine(&side, &p, start.clone(), start_g, pruned.clone(), pattern, 5, 60).unwrap();
             let (before, after) = (errors(&p, &start), errors(&p, &out));
             for i in 0..6 {
                 assert!(after[i] <= before[i], "{pattern:?} row {i}: {} > {}", after[i], before[i]);
@@ -637,6 +687,41 @@ mod tests {
             );
             let last = rounds.last().unwrap().error * k;
             assert!((last - total(&after)).abs() < 1e-6 * k, "{pattern:?}: reported {last}");
+        }
+    }
+
+    /// The swaps on the device (candle's operators; here on the CPU, with the host's search) refine as the host
+    /// does: the same first round, the errors to f32 summation order every round, and the same rows but where
+    /// the re-fit's rounding tips a row's keep-or-not (its error all but unchanged) the other way.
+    #[test]
+    fn device_swaps_follow_the_host() {
+        for pattern in [Pattern::Unstructured(0.5), Pattern::NM { n: 2, m: 4 }] {
+            let (w, g, c, k) = problem(6, 40, 7);
+            let p = Problem { w: &w, g: &g, c: &c, k };
+            let pruned = mask::select(&w, pattern, true);
+            let (start, start_g) = refit(&p, &mask::zeroed(&w, &pruned), None, &pruned, 60).unwrap();
+            let (hw, hm, hr) =
+                refine(&Host(&p), &p, start.clone(), start_g.clone(), pruned.clone(), pattern, 3, 20).unwrap();
+            let up = |m: &Mat<f32>| crate::linalg::mat_to_tensor(m).unwrap();
+            let flags = crate::linalg::row_major(pruned.as_ref(), u8::from);
+            let mask = candle_core::Tensor::from_vec(flags, (6, 40), &candle_core::Device::Cpu).unwrap();
+            let dev = OnDevice::new(&p).unwrap();
+            let (dw, dm, dr) = refine(&dev, &p, up(&start), up(&start_g), mask, pattern, 3, 20).unwrap();
+            let (dw, dm) =
+                (crate::linalg::tensor_to_mat(&dw).unwrap(), crate::prune::device_mask::to_host(&dm).unwrap());
+            assert!(hr[0].proposed > 0, "{pattern:?}: no swaps to compare");
+            assert_eq!((hr[0].proposed, hr[0].rows_kept), (dr[0].proposed, dr[0].rows_kept), "{pattern:?}");
+            for (h, d) in hr.iter().zip(&dr) {
+                assert!((h.error - d.error).abs() <= 1e-4 * h.error, "{pattern:?}: {} vs {}", h.error, d.error);
+            }
+            let same = |i: usize| (0..40).all(|j| hm[(i, j)] == dm[(i, j)]);
+            assert!((0..6).filter(|&i| !same(i)).count() <= 1, "{pattern:?}: {hr:?} against {dr:?}");
+            let hw_ref = &hw;
+            let scale = (0..6).flat_map(|i| (0..40).map(move |j| hw_ref[(i, j)].abs())).fold(0.0, f32::max);
+            for i in (0..6).filter(|&i| same(i)) {
+                assert!((0..40).all(|j| (hw[(i, j)] - dw[(i, j)]).abs() <= 1e-3 * scale), "{pattern:?}: row {i}");
+            }
+            mask::verify(&dw, pattern, 6).unwrap();
         }
     }
 }

@@ -1,0 +1,223 @@
+//! Where FISTAPruner's dense work is done: on the host, in faer matrices ([`Host`]), or on the run's device, in
+//! candle tensors ([`OnDevice`]). [`super::fista::solve`] and [`super::swap::refine`] are written once over
+//! [`Side`], so the method's logic has one implementation and each side only its arithmetic.
+//!
+//! On a device the iterate, its product with `G*` and its mask stay there from the warm start to the result.
+//! When they crossed to the host between steps, an operator made about twenty round trips of `m × n` values
+//! with the defaults (the products, each re-fit and each swap round), each a transpose on the host too: for a
+//! LLaMA-2-7B layer 0.8 GB a trip, by estimate some 2 s a layer.
+
+use anyhow::Result;
+use candle_core::{DType, Tensor};
+use faer::Mat;
+
+use super::fista::{HardThreshold, Problem, Steps};
+use super::mask::{Mask, Pattern};
+
+/// One side's arithmetic on an operator's [`Problem`].
+pub trait Side {
+    /// An `(m, n)` f32 matrix of the operator's shape: weights, or their product with `G*`.
+    type W: Clone;
+    /// A mask of that shape (pruned: true, or 1).
+    type M: Clone;
+
+    /// A host matrix here.
+    fn load(&self, w: &Mat<f32>) -> Result<Self::W>;
+    /// A matrix here on the host.
+    fn store(&self, w: &Self::W) -> Result<Mat<f32>>;
+    /// The hard threshold `h` of `w`, and its mask.
+    fn threshold(&self, h: &HardThreshold, w: &Self::W) -> Result<(Self::W, Self::M)>;
+    /// `w G*`.
+    fn times_g(&self, w: &Self::W) -> Result<Self::W>;
+    /// `‖W'X* − WX‖²` given `wg = W' G*` ([`Problem::error_with`]): each column summed in f32, the columns in
+    /// f64.
+    fn error(&self, w: &Self::W, wg: &Self::W) -> Result<f64>;
+    /// Each row's error less its constant: `Σ_j w (wG* − 2c)`, each term in f32, summed in f64.
+    fn row_errors(&self, w: &Self::W, wg: &Self::W) -> Result<Vec<f64>>;
+    /// FISTA from `w0` ([`super::fista::Steps`]): the last iterate and the iterations run.
+    fn fista(&self, w0: &Self::W, s: Steps) -> Result<(Self::W, usize)>;
+    /// The masked re-fit ([`super::fista::refit`]): the weights and their product with `G*`.
+    fn refit(&self, w: &Self::W, wg: Option<Self::W>, pruned: &Self::M, iters: usize) -> Result<(Self::W, Self::W)>;
+    /// One round of the swap search from `w` (`wg = w G*`, mask `pruned`): every row as the search left it
+    /// (unchanged where it made no swap) with its mask, and each row's swaps and floating-point operations.
+    fn search(
+        &self,
+        w: &Self::W,
+        wg: &Self::W,
+        pruned: &Self::M,
+        pattern: Pattern,
+        cap: usize,
+    ) -> Result<Searched<Self::W, Self::M>>;
+    /// `a`'s rows where `take`, `b`'s elsewhere.
+    fn rows(&self, take: &[bool], a: &Self::W, b: &Self::W) -> Result<Self::W>;
+    /// The same for masks.
+    fn mask_rows(&self, take: &[bool], a: &Self::M, b: &Self::M) -> Result<Self::M>;
+}
+
+/// What a swap search round gives ([`Side::search`]): every row as the search left it, their mask, and each
+/// row's swaps and floating-point operations.
+pub struct Searched<W, M> {
+    pub w: W,
+    pub pruned: M,
+    pub made: Vec<usize>,
+    pub flops: Vec<f64>,
+}
+
+/// The host: faer matrices, the host's functions.
+pub struct Host<'a>(pub &'a Problem<'a>);
+
+impl Side for Host<'_> {
+    type W = Mat<f32>;
+    type M = Mask;
+
+    fn load(&self, w: &Mat<f32>) -> Result<Mat<f32>> {
+        Ok(w.clone())
+    }
+
+    fn store(&self, w: &Mat<f32>) -> Result<Mat<f32>> {
+        Ok(w.clone())
+    }
+
+    fn threshold(&self, h: &HardThreshold, w: &Mat<f32>) -> Result<(Mat<f32>, Mask)> {
+        Ok(h.apply(w))
+    }
+
+    fn times_g(&self, w: &Mat<f32>) -> Result<Mat<f32>> {
+        crate::linalg::product(w, self.0.g)
+    }
+
+    fn error(&self, w: &Mat<f32>, wg: &Mat<f32>) -> Result<f64> {
+        Ok(self.0.error_with(w, wg))
+    }
+
+    fn row_errors(&self, w: &Mat<f32>, wg: &Mat<f32>) -> Result<Vec<f64>> {
+        Ok(super::swap::row_errors(w, wg, self.0.c))
+    }
+
+    fn fista(&self, w0: &Mat<f32>, s: Steps) -> Result<(Mat<f32>, usize)> {
+        super::fista::fista(self.0, w0, s)
+    }
+
+    fn refit(&self, w: &Mat<f32>, wg: Option<Mat<f32>>, pruned: &Mask, iters: usize) -> Result<(Mat<f32>, Mat<f32>)> {
+        super::fista::refit(self.0, w, wg, pruned, iters)
+    }
+
+    fn search(
+        &self,
+        w: &Mat<f32>,
+        wg: &Mat<f32>,
+        pruned: &Mask,
+        pattern: Pattern,
+        cap: usize,
+    ) -> Result<Searched<Mat<f32>, Mask>> {
+        Ok(super::swap::search_host(self.0, w, wg, pruned, pattern, cap))
+    }
+
+    fn rows(&self, take: &[bool], a: &Mat<f32>, b: &Mat<f32>) -> Result<Mat<f32>> {
+        Ok(crate::linalg::mat_from_fn(b.nrows(), b.ncols(), |i, j| if take[i] { a[(i, j)] } else { b[(i, j)] }))
+    }
+
+    fn mask_rows(&self, take: &[bool], a: &Mask, b: &Mask) -> Result<Mask> {
+        Ok(crate::linalg::mat_from_fn(b.nrows(), b.ncols(), |i, j| if take[i] { a[(i, j)] } else { b[(i, j)] }))
+    }
+}
+
+/// The run's device: tensors there (masks as u8), `G*` and `C` held there for the operator.
+pub struct OnDevice<'a> {
+    pub p: &'a Problem<'a>,
+    g: Tensor,
+    c: Tensor,
+    /// `2 C`, for the errors.
+    c2: Tensor,
+}
+
+impl<'a> OnDevice<'a> {
+    /// `p`'s `G*` and `C` on the run's device (their resident copies where the caller holds them there).
+    pub fn new(p: &'a Problem<'a>) -> Result<Self> {
+        let dev = crate::device::current();
+        let (g, c) = (crate::linalg::mat_to_device(p.g, dev)?, crate::linalg::mat_to_device(p.c, dev)?);
+        let c2 = (&c * 2.0)?;
+        Ok(Self { p, g, c, c2 })
+    }
+
+    /// `w (wG* − 2C)`, each term in f32.
+    fn terms(&self, w: &Tensor, wg: &Tensor) -> Result<Tensor> {
+        Ok((w * (wg - &self.c2)?)?)
+    }
+
+    /// `take` as a `(m, 1)` u8 column, to choose rows by.
+    fn take(&self, take: &[bool]) -> Result<Tensor> {
+        let flags: Vec<u8> = take.iter().map(|&t| u8::from(t)).collect();
+        Ok(Tensor::from_vec(flags, (take.len(), 1), crate::device::current())?)
+    }
+}
+
+impl Side for OnDevice<'_> {
+    type W = Tensor;
+    type M = Tensor;
+
+    fn load(&self, w: &Mat<f32>) -> Result<Tensor> {
+        crate::linalg::mat_to_device(w, crate::device::current())
+    }
+
+    fn store(&self, w: &Tensor) -> Result<Mat<f32>> {
+        crate::linalg::tensor_to_mat(w)
+    }
+
+    fn threshold(&self, h: &HardThreshold, w: &Tensor) -> Result<(Tensor, Tensor)> {
+        h.apply_tensor(w)
+    }
+
+    fn times_g(&self, w: &Tensor) -> Result<Tensor> {
+        Ok(w.matmul(&self.g)?)
+    }
+
+    fn error(&self, w: &Tensor, wg: &Tensor) -> Result<f64> {
+        let per_column = self.terms(w, wg)?.sum_keepdim(0)?.to_dtype(DType::F64)?;
+        Ok((per_column.sum_all()?.to_scalar::<f64>()? + self.p.k).max(0.0))
+    }
+
+    fn row_errors(&self, w: &Tensor, wg: &Tensor) -> Result<Vec<f64>> {
+        let per_row = self.terms(w, wg)?.to_dtype(DType::F64)?.sum_keepdim(1)?;
+        Ok(per_row.flatten_all()?.to_vec1::<f64>()?)
+    }
+
+    fn fista(&self, w0: &Tensor, s: Steps) -> Result<(Tensor, usize)> {
+        super::fista::fista_tensor(self.p, w0, s)
+    }
+
+    fn refit(&self, w: &Tensor, wg: Option<Tensor>, pruned: &Tensor, iters: usize) -> Result<(Tensor, Tensor)> {
+        let keep = pruned.eq(0u8)?.to_dtype(DType::F32)?;
+        super::fista::refit_tensors(&self.g, &self.c, w, wg, &keep, iters)
+    }
+
+    fn search(
+        &self,
+        w: &Tensor,
+        wg: &Tensor,
+        pruned: &Tensor,
+        pattern: Pattern,
+        cap: usize,
+    ) -> Result<Searched<Tensor, Tensor>> {
+        #[cfg(feature = "cuda")]
+        if let Some(found) = super::swap::search_on_gpu(self.p, &self.g, &(wg - &self.c)?, w, pruned, pattern, cap)? {
+            return Ok(found);
+        }
+        // Elsewhere (the device path on the CPU, or N:M groups too wide for the kernel): the host's search.
+        let (wm, wgm) = (self.store(w)?, self.store(wg)?);
+        let pm = super::device_mask::to_host(pruned)?;
+        let s = super::swap::search_host(self.p, &wm, &wgm, &pm, pattern, cap);
+        let mask = crate::linalg::row_major(s.pruned.as_ref(), u8::from);
+        let dev = crate::device::current();
+        let pruned = Tensor::from_vec(mask, s.pruned.shape(), dev)?;
+        Ok(Searched { w: self.load(&s.w)?, pruned, made: s.made, flops: s.flops })
+    }
+
+    fn rows(&self, take: &[bool], a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        Ok(self.take(take)?.broadcast_as(a.shape())?.where_cond(a, b)?)
+    }
+
+    fn mask_rows(&self, take: &[bool], a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        self.rows(take, a, b)
+    }
+}
