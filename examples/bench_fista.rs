@@ -11,7 +11,7 @@ use std::time::Instant;
 use faer::{Accum, Mat};
 use fistaprune::linalg::par;
 use fistaprune::prune::Pattern;
-use fistaprune::prune::fista::{Options as FistaOptions, Problem, Steps, fista, lambda_max, solve};
+use fistaprune::prune::fista::{Options as FistaOptions, Problem, Steps, fista_host, lambda_max, solve};
 
 fn rand_mat(m: usize, n: usize, seed: u64) -> Mat<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -68,7 +68,7 @@ fn main() {
         let l = lambda_max(&g, 30).unwrap();
         let iters = 20;
         let t_fista = best(3, || {
-            std::hint::black_box(fista(&p, &w, Steps { lambda: 1e-3 * l, l, iters, tol: 0.0, project: None }).unwrap());
+            std::hint::black_box(fista_host(&p, &w, Steps { lambda: 1e-3 * l, l, iters, tol: 0.0, project: None }));
         });
         let o = FistaOptions { tol: 0.0, refit_iters: 20, ..Default::default() };
         let pattern: Pattern = "2:4".parse().unwrap();

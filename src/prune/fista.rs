@@ -444,16 +444,9 @@ pub struct Steps<'a> {
     pub project: Option<&'a HardThreshold>,
 }
 
-/// FISTA on `½‖W'X* − WX‖² + λ‖W'‖₁` from `w0`; returns the last iterate and the iterations run. On the run's
-/// device where the pruners' dense work goes there ([`fista_on_device`]), else on the host.
-pub fn fista(p: &Problem, w0: &Mat<f32>, s: Steps) -> Result<(Mat<f32>, usize)> {
-    if crate::device::offloaded() {
-        return fista_on_device(p, w0, s);
-    }
-    Ok(fista_host(p, w0, s))
-}
-
-fn fista_host(p: &Problem, w0: &Mat<f32>, Steps { lambda, l, iters, tol, project }: Steps) -> (Mat<f32>, usize) {
+/// FISTA on `½‖W'X* − WX‖² + λ‖W'‖₁` from `w0` on the host; returns the last iterate and the iterations run.
+/// On a device, [`fista_on_device`].
+pub fn fista_host(p: &Problem, w0: &Mat<f32>, Steps { lambda, l, iters, tol, project }: Steps) -> (Mat<f32>, usize) {
     let (m, n) = w0.shape();
     let tau = (lambda / l) as f32;
     let inv_l = (1.0 / l) as f32;
@@ -500,17 +493,11 @@ fn fista_host(p: &Problem, w0: &Mat<f32>, Steps { lambda, l, iters, tol, project
     (w_prev, done)
 }
 
-/// [`fista_host`] with `G*`, `C` and the iterates on the device: one GEMM and a few element-wise passes a step,
-/// the soft threshold as `relu(z − τ) − relu(−z − τ)` (the host's three branches, to the bit), and two sums
-/// read back for the stopping test. A projection (`--projected`) is the host's hard threshold, made on the
-/// device ([`HardThreshold::apply_tensor`]).
-fn fista_on_device(p: &Problem, w0: &Mat<f32>, s: Steps) -> Result<(Mat<f32>, usize)> {
-    let (w, done) = fista_tensor(p, &crate::linalg::mat_to_device(w0, crate::device::current())?, s)?;
-    Ok((crate::linalg::tensor_to_mat(&w)?, done))
-}
-
-/// [`fista_on_device`] from and to tensors on the run's device.
-pub(super) fn fista_tensor(
+/// [`fista_host`] with `G*`, `C` and the iterates on the device, from and to tensors there: one GEMM and a few
+/// element-wise passes a step, the soft threshold as `relu(z − τ) − relu(−z − τ)` (the host's three branches, to
+/// the bit), and two sums read back for the stopping test. A projection (`--projected`) is the host's hard
+/// threshold, made on the device ([`HardThreshold::apply_tensor`]).
+pub(super) fn fista_on_device(
     p: &Problem,
     w0: &candle_core::Tensor,
     Steps { lambda, l, iters, tol, project }: Steps,
@@ -551,7 +538,7 @@ pub(super) fn fista_tensor(
 /// Minimise the smooth part over the weights `pruned` leaves free (the masked ones stay zero), from `w`:
 /// per row, conjugate gradient on `G*` restricted to the row's support, all rows at once (one GEMM per step).
 /// `wg` is `w G*` where the caller has it (else it is computed here). Returns the result `x` and `x G*`, which
-/// every caller needs next. On a GPU the whole of it runs there ([`refit_on_device`]).
+/// every caller needs next. On a device, [`refit_on_device`].
 pub fn refit(
     p: &Problem,
     w: &Mat<f32>,
@@ -559,9 +546,6 @@ pub fn refit(
     pruned: &mask::Mask,
     iters: usize,
 ) -> Result<(Mat<f32>, Mat<f32>)> {
-    if crate::device::offloaded() {
-        return refit_on_device(p, w, wg, pruned, iters);
-    }
     let x = refit_host(p, w, wg, pruned, iters);
     let xg = matmul(x.as_ref(), p.g.as_ref());
     Ok((x, xg))
@@ -651,29 +635,10 @@ fn refit_host(p: &Problem, w: &Mat<f32>, wg: Option<Mat<f32>>, pruned: &mask::Ma
     x
 }
 
-/// [`refit_host`]'s conjugate gradient with every matrix a candle tensor on the run's device, so that neither
-/// the GEMMs nor the vector work leave it: `G*`, `C`, the mask and the start go up once, the result and its
-/// product with `G*` come down once, and each step reads back only the `m` squared residuals of its stopping
-/// test. The per-row dot products sum in f32 here (f64 on the host).
-fn refit_on_device(
-    p: &Problem,
-    w: &Mat<f32>,
-    wg: Option<Mat<f32>>,
-    pruned: &mask::Mask,
-    iters: usize,
-) -> Result<(Mat<f32>, Mat<f32>)> {
-    use crate::linalg::{mat_to_device, tensor_to_mat};
-    let dev = crate::device::current();
-    let up = |m: &Mat<f32>| mat_to_device(m, dev);
-    let keep = up(&crate::linalg::mat_from_fn(w.nrows(), w.ncols(), |i, j| if pruned[(i, j)] { 0.0 } else { 1.0 }))?;
-    let wg = wg.map(|wg| up(&wg)).transpose()?;
-    let (x, xg) = refit_tensors(&up(p.g)?, &up(p.c)?, &up(w)?, wg, &keep, iters)?;
-    Ok((tensor_to_mat(&x)?, tensor_to_mat(&xg)?))
-}
-
-/// [`refit_on_device`] on tensors where they are: `G*`, `C`, the weights `w` (with `wg = w G*` where the caller
-/// has it) and `keep` (1 where a weight is free, 0 where pruned).
-pub(super) fn refit_tensors(
+/// [`refit`] on the device, from and to tensors there: `G*`, `C`, the weights `w` (with `wg = w G*` where the
+/// caller has it) and `keep` (1 where a weight is free, 0 where pruned). Every matrix stays there; the per-row
+/// dot products sum in f32 (f64 on the host), and one per-row sum comes back each step for the stopping test.
+pub(super) fn refit_on_device(
     g: &candle_core::Tensor,
     c: &candle_core::Tensor,
     w: &candle_core::Tensor,
@@ -883,7 +848,7 @@ mod tests {
         let p = Problem { w: &w, g: &g, c: &c, k };
         let l = lambda_max(&g, 100).unwrap();
         let lambda = 0.05 * l * 0.3;
-        let (wf, _) = fista(&p, &w, Steps { lambda, l, iters: 20000, tol: 0.0, project: None }).unwrap();
+        let (wf, _) = fista_host(&p, &w, Steps { lambda, l, iters: 20000, tol: 0.0, project: None });
         let wcd = lasso_cd(&w, &g, &c, lambda);
         let wcd32 = Mat::from_fn(4, 12, |i, j| wcd[(i, j)] as f32);
         let (a, b) = (objective(&p, wf.as_ref(), lambda), objective(&p, wcd32.as_ref(), lambda));
@@ -900,7 +865,7 @@ mod tests {
         let p = Problem { w: &w, g: &g, c: &c, k };
         let l = lambda_max(&g, 100).unwrap();
         let steps = Steps { lambda: 0.0, l, iters: 5000, tol: 0.0, project: None };
-        let (wf, _) = fista(&p, &Mat::zeros(3, 8), steps).unwrap();
+        let (wf, _) = fista_host(&p, &Mat::zeros(3, 8), steps);
         // Least squares: W' G* = C.
         let gd = Mat::<f64>::from_fn(8, 8, |i, j| g[(i, j)] as f64);
         let inv = faer::linalg::solvers::DenseSolveCore::inverse(&gd.llt(faer::Side::Lower).unwrap());
@@ -1011,7 +976,10 @@ mod tests {
         let want = matmul(r.as_ref(), g.as_ref());
         assert!((0..12).all(|j| (0..5).all(|i| rg[(i, j)] == want[(i, j)])), "x G* is not the result's");
         // The device's conjugate gradient (candle's operators; here on the CPU) takes the same steps.
-        let (d, dg) = refit_on_device(&p, &h, None, &hm, 30).unwrap();
+        let up = |m: &Mat<f32>| crate::linalg::mat_to_tensor(m).unwrap();
+        let keep = up(&Mat::from_fn(5, 12, |i, j| if hm[(i, j)] { 0.0 } else { 1.0 }));
+        let (d, dg) = refit_on_device(&up(&g), &up(&c), &up(&h), None, &keep, 30).unwrap();
+        let (d, dg) = (crate::linalg::tensor_to_mat(&d).unwrap(), crate::linalg::tensor_to_mat(&dg).unwrap());
         let scale = (0..12).flat_map(|j| (0..5).map(move |i| (i, j))).map(|(i, j)| r[(i, j)].abs()).fold(0.0, f32::max);
         for j in 0..12 {
             for i in 0..5 {
@@ -1041,7 +1009,8 @@ mod tests {
         for project in [None, Some(&h)] {
             let steps = Steps { lambda: 0.02 * l, l, iters: 60, tol: 0.0, project };
             let (a, na) = fista_host(&p, &w, steps);
-            let (b, nb) = fista_on_device(&p, &w, steps).unwrap();
+            let (b, nb) = fista_on_device(&p, &crate::linalg::mat_to_tensor(&w).unwrap(), steps).unwrap();
+            let b = crate::linalg::tensor_to_mat(&b).unwrap();
             assert_eq!(na, nb);
             let scale =
                 (0..16).flat_map(|j| (0..6).map(move |i| (i, j))).map(|(i, j)| a[(i, j)].abs()).fold(0.0, f32::max);

@@ -95,7 +95,7 @@ impl Side for Host<'_> {
     }
 
     fn fista(&self, w0: &Mat<f32>, s: Steps) -> Result<(Mat<f32>, usize)> {
-        super::fista::fista(self.0, w0, s)
+        Ok(super::fista::fista_host(self.0, w0, s))
     }
 
     fn refit(&self, w: &Mat<f32>, wg: Option<Mat<f32>>, pruned: &Mask, iters: usize) -> Result<(Mat<f32>, Mat<f32>)> {
@@ -183,12 +183,12 @@ impl Side for OnDevice<'_> {
     }
 
     fn fista(&self, w0: &Tensor, s: Steps) -> Result<(Tensor, usize)> {
-        super::fista::fista_tensor(self.p, w0, s)
+        super::fista::fista_on_device(self.p, w0, s)
     }
 
     fn refit(&self, w: &Tensor, wg: Option<Tensor>, pruned: &Tensor, iters: usize) -> Result<(Tensor, Tensor)> {
         let keep = pruned.eq(0u8)?.to_dtype(DType::F32)?;
-        super::fista::refit_tensors(&self.g, &self.c, w, wg, &keep, iters)
+        super::fista::refit_on_device(&self.g, &self.c, w, wg, &keep, iters)
     }
 
     fn search(
