@@ -286,8 +286,8 @@ thread_local! {
 }
 
 /// Run `f` with each of `ms` copied to the device at most once, however often [`mat_to_device`] (on this
-/// thread) is asked for it: a pruner asks for an operator's `G*` about eight times (the warm start, the errors,
-/// each re-fit and swap round), and a 7B model's down_proj `G*` is 485 MB. Sound because `ms` are borrowed until
+/// thread) is asked for it: an operator's `G*` is asked for by the warm start, FISTAPruner's solve, the
+/// power iteration and the report's errors, and a 7B model's down_proj `G*` is 485 MB. Sound because `ms` are borrowed until
 /// `f` returns, so they neither change nor move, and no other matrix can lie where they do.
 pub fn with_resident<R>(ms: &[&faer::Mat<f32>], f: impl FnOnce() -> R) -> R {
     /// Closes the scope, also when `f` panics.

@@ -723,8 +723,8 @@ fn mask_on_device(w: &Tensor, stats: Option<&OpStats>, method: &dyn Method, patt
 }
 
 /// The method's pruned weight, on the host, checked; with its errors where there is a `G*`.
-fn prune_on_host(w: &Tensor, stats: Option<&OpStats>, method: &dyn Method, pattern: Pattern) -> Result<Done> {
-    let w = tensor_to_mat(w)?;
+fn prune_on_host(dense: &Tensor, stats: Option<&OpStats>, method: &dyn Method, pattern: Pattern) -> Result<Done> {
+    let w = tensor_to_mat(dense)?;
     let (rows, cols) = w.shape();
     // `G*` is on the device already where the GPU path runs: the caller holds it there for the operator's group.
     let pruned = method.prune(&w, stats, pattern)?;
@@ -734,9 +734,13 @@ fn prune_on_host(w: &Tensor, stats: Option<&OpStats>, method: &dyn Method, patte
     }
     let sparsity = mask::verify(pw, pattern, pruned.rounding_units)
         .with_context(|| format!("the pruned weight misses the pattern {pattern}"))?;
+    // The weight goes back where it came from; on a device now, where the errors are measured.
+    let on_device = crate::device::offloaded();
+    let weight = if on_device { crate::linalg::mat_to_device(pw, dense.device())? } else { mat_to_tensor(pw)? };
     // From `G*`: not where only the inputs' norms were collected (Wanda), whose errors would cost it the GEMM
     // it saves there; its layer's output error is still reported.
     let errors = match stats {
+        Some(st) if st.gram.is_some() && on_device => Some(errors_on_device(st, dense, &weight)?),
         Some(st) if st.gram.is_some() => {
             let c = st.target(&w)?;
             let p = st.problem(&w, &c)?;
@@ -746,5 +750,69 @@ fn prune_on_host(w: &Tensor, stats: Option<&OpStats>, method: &dyn Method, patte
         }
         _ => None,
     };
-    Ok(Done { weight: mat_to_tensor(pw)?, sparsity, errors, flops: pruned.flops, details: pruned.details })
+    Ok(Done { weight, sparsity, errors, flops: pruned.flops, details: pruned.details })
+}
+
+/// The report's `(rel_error, rel_error_mask_only)` of the pruned weight `pw` against the dense `w`, both on the
+/// device, as the host measures them (`C` and `K` as [`OpStats::target`] and [`OpStats::problem`] make them):
+/// only the two numbers come back, where the host's way took five products of the operator's size down and up.
+fn errors_on_device(st: &OpStats, w: &Tensor, pw: &Tensor) -> Result<(f64, f64)> {
+    let dev = w.device();
+    let up = |m: &faer::Mat<f32>| crate::linalg::mat_to_device(m, dev);
+    let w = w.to_dtype(DType::F32)?;
+    let g = up(st.gram()?)?;
+    let (c, k) = match &st.outputs {
+        Some((c, k)) => (up(c)?, *k),
+        None => {
+            // K = ‖W X‖² = Σ w (w XᵀX), each term in f32, summed in f64.
+            let wd = w.matmul(&up(st.dense()?)?)?;
+            let k = (&w * wd)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+            (w.matmul(&up(st.cross()?)?)?, k)
+        }
+    };
+    let (c2, base) = ((c * 2.0)?, k.max(f64::MIN_POSITIVE));
+    let error = |x: &Tensor| super::side::error_on_device(x, &x.matmul(&g)?, &c2, k);
+    let masked = pw.eq(0f32)?.where_cond(&w.zeros_like()?, &w)?;
+    Ok((error(pw)? / base, error(&masked)? / base))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use faer::Mat;
+
+    /// The report's errors measured on the device (candle's operators; here on the CPU) are the host's, to f32
+    /// summation order: from `G*` alone, with error correction's cross and dense terms, and from the dense
+    /// outputs' `(C, K)`.
+    #[test]
+    fn device_errors_are_the_hosts() {
+        let mut s = 7u64;
+        let mut next = || {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 33) as f64 / (1u64 << 31) as f64 - 0.5) as f32
+        };
+        let (m, n, t) = (6, 12, 40);
+        let x = Mat::from_fn(t, n, |_, _| next());
+        let xs = Mat::from_fn(t, n, |i, j| x[(i, j)] + 0.1 * next());
+        let w = Mat::from_fn(m, n, |_, _| next());
+        let pw = Mat::from_fn(m, n, |i, j| if (i + j) % 3 == 0 { 0.0 } else { w[(i, j)] + 0.05 * next() });
+        let gram = |a: &Mat<f32>, b: &Mat<f32>| crate::linalg::product(&a.transpose().to_owned(), b).unwrap();
+        let corrected =
+            OpStats { cross: Some(gram(&x, &xs)), dense: Some(gram(&x, &x)), ..OpStats::of_gram(gram(&xs, &xs)) };
+        let c = corrected.target(&w).unwrap();
+        let k = corrected.problem(&w, &c).unwrap().k;
+        let from_outputs = OpStats { outputs: Some((c, k)), ..OpStats::of_gram(gram(&xs, &xs)) };
+        for st in [OpStats::of_gram(gram(&xs, &xs)), corrected, from_outputs] {
+            let c = st.target(&w).unwrap();
+            let p = st.problem(&w, &c).unwrap();
+            let base = p.k.max(f64::MIN_POSITIVE);
+            let masked = Mat::from_fn(m, n, |i, j| if pw[(i, j)] == 0.0 { 0.0 } else { w[(i, j)] });
+            let host = (p.error(&pw).unwrap() / base, p.error(&masked).unwrap() / base);
+            let dev = errors_on_device(&st, &mat_to_tensor(&w).unwrap(), &mat_to_tensor(&pw).unwrap()).unwrap();
+            for (h, d) in [(host.0, dev.0), (host.1, dev.1)] {
+                assert!((h - d).abs() <= 1e-5 * h.abs().max(1e-3), "host {host:?}, device {dev:?}");
+            }
+            assert!(host.0 > 1e-3 && (host.1 - host.0).abs() > 1e-3, "not a telling case: {host:?}");
+        }
+    }
 }

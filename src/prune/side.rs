@@ -1,11 +1,11 @@
 //! Where FISTAPruner's dense work is done: on the host, in faer matrices ([`Host`]), or on the run's device, in
-//! candle tensors ([`OnDevice`]). [`super::fista::solve`] and [`super::swap::refine`] are written once over
+//! candle tensors ([`OnDevice`]). FISTAPruner's solve and [`super::swap::refine`] are written once over
 //! [`Side`], so the method's logic has one implementation and each side only its arithmetic.
 //!
 //! On a device the iterate, its product with `G*` and its mask stay there from the warm start to the result.
-//! When they crossed to the host between steps, an operator made about twenty round trips of `m × n` values
-//! with the defaults (the products, each re-fit and each swap round), each a transpose on the host too: for a
-//! LLaMA-2-7B layer 0.8 GB a trip, by estimate some 2 s a layer.
+//! When they crossed to the host between steps, an operator made 34 transfers of `m × n` values with the
+//! defaults (the products, each re-fit and each swap round's search and re-fit), each with a transpose on the
+//! host: for a LLaMA-2-7B layer 0.8 GB a transfer.
 
 use anyhow::Result;
 use candle_core::{DType, Tensor};
@@ -122,6 +122,13 @@ impl Side for Host<'_> {
     }
 }
 
+/// [`Problem::error_with`] on tensors where they are, given `c2 = 2 C` and `K`: `Σ w (wG* − 2C) + K`, each
+/// column summed in f32, the columns in f64.
+pub fn error_on_device(w: &Tensor, wg: &Tensor, c2: &Tensor, k: f64) -> Result<f64> {
+    let per_column = (w * (wg - c2)?)?.sum_keepdim(0)?.to_dtype(DType::F64)?;
+    Ok((per_column.sum_all()?.to_scalar::<f64>()? + k).max(0.0))
+}
+
 /// The run's device: tensors there (masks as u8), `G*` and `C` held there for the operator.
 pub struct OnDevice<'a> {
     pub p: &'a Problem<'a>,
@@ -173,8 +180,7 @@ impl Side for OnDevice<'_> {
     }
 
     fn error(&self, w: &Tensor, wg: &Tensor) -> Result<f64> {
-        let per_column = self.terms(w, wg)?.sum_keepdim(0)?.to_dtype(DType::F64)?;
-        Ok((per_column.sum_all()?.to_scalar::<f64>()? + self.p.k).max(0.0))
+        error_on_device(w, wg, &self.c2, self.p.k)
     }
 
     fn row_errors(&self, w: &Tensor, wg: &Tensor) -> Result<Vec<f64>> {
@@ -200,7 +206,7 @@ impl Side for OnDevice<'_> {
         cap: usize,
     ) -> Result<Searched<Tensor, Tensor>> {
         #[cfg(feature = "cuda")]
-        if let Some(found) = super::swap::search_on_gpu(self.p, &self.g, &(wg - &self.c)?, w, pruned, pattern, cap)? {
+        if let Some(found) = super::swap::search_on_gpu(self.p, &self.g, &self.c, wg, w, pruned, pattern, cap)? {
             return Ok(found);
         }
         // Elsewhere (the device path on the CPU, or N:M groups too wide for the kernel): the host's search.

@@ -296,8 +296,8 @@ fn kernel_g(g: &Mat<f32>) -> Vec<f32> {
     (0..g.ncols()).flat_map(|j| g.col_as_slice(j)).copied().collect()
 }
 
-/// [`kernel_g`] where `g` is (`G*` on the device, its resident copy): transposed there, no host copy of `n²`
-/// values and no upload per swap round.
+/// [`kernel_g`] made from `G*` on the device (its resident copy), transposed there: no host copy of `n²` values
+/// and no upload per swap round.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn kernel_g_of(g: &candle_core::Tensor) -> anyhow::Result<candle_core::Tensor> {
     Ok(g.t()?.contiguous()?)
@@ -344,15 +344,16 @@ impl Kernel {
 }
 
 /// [`Side::search`] on the run's GPU (swap.cu, PTX from build.rs, loaded once; one block of 256 threads per
-/// row), from tensors there: `G*`, `r = w G* − c`, the weights and their mask (u8). The rows and their masks
+/// row), from tensors there: `G*`, `C`, `w G*`, the weights and their mask (u8). The rows and their masks
 /// stay on the GPU; only each row's swaps and flops come back. `None` off a GPU, or where the kernel refuses the
 /// pattern (N:M groups wider than its shared memory holds).
 #[cfg(feature = "cuda")]
-#[allow(clippy::type_complexity)]
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
 pub(super) fn search_on_gpu(
     p: &Problem,
     g: &candle_core::Tensor,
-    r: &candle_core::Tensor,
+    c: &candle_core::Tensor,
+    wg: &candle_core::Tensor,
     w: &candle_core::Tensor,
     pruned: &candle_core::Tensor,
     pattern: Pattern,
@@ -378,7 +379,7 @@ pub(super) fn search_on_gpu(
     let g_all = gs.as_cuda_slice::<f32>()?.slice(gl.start_offset()..gl.start_offset() + n * n);
     let (gd, inv_gd) = diagonal(p.g);
     let (gd, inv_gd) = (dev.clone_htod(&gd)?, dev.clone_htod(&inv_gd)?);
-    let (mut wv, mut rv, mut free) = (own(w)?, own(r)?, own(pruned)?);
+    let (mut wv, mut rv, mut free) = (own(w)?, own(&(wg - c)?)?, own(pruned)?);
     let (mut made, mut flops) = (dev.alloc_zeros::<i32>(m)?, dev.alloc_zeros::<f64>(m)?);
     let group = match pattern {
         Pattern::NM { m, .. } => m as i32,
