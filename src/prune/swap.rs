@@ -658,16 +658,24 @@ mod tests {
         }
     }
 
+    /// A random 6 × 40 operator and the swaps' start on it: magnitude's mask on `pattern`, re-fitted (with that
+    /// start's product with `G*`).
+    #[allow(clippy::type_complexity)]
+    fn swap_start(pattern: Pattern, seed: u64) -> ((Mat<f32>, Mat<f32>, Mat<f32>, f64), Mask, Mat<f32>, Mat<f32>) {
+        let (w, g, c, k) = problem(6, 40, seed);
+        let pruned = mask::select(&w, pattern, true);
+        let p = Problem { w: &w, g: &g, c: &c, k };
+        let (start, start_g) = refit(&p, &mask::zeroed(&w, &pruned), None, &pruned, 60).unwrap();
+        ((w, g, c, k), pruned, start, start_g)
+    }
+
     /// From magnitude's mask re-fitted, the swaps lower the error (every row no worse, the total clearly
     /// lower) and keep the pattern: the same zeros per row (unstructured) or per group (2:4).
     #[test]
     fn swaps_lower_the_refitted_error_and_keep_the_pattern() {
         for pattern in [Pattern::Unstructured(0.5), Pattern::NM { n: 2, m: 4 }] {
-            let (w, g, c, k) = problem(6, 40, 3);
+            let ((w, g, c, k), pruned, start, start_g) = swap_start(pattern, 3);
             let p = Problem { w: &w, g: &g, c: &c, k };
-            let pruned = mask::select(&w, pattern, true);
-            let start = mask::zeroed(&w, &pruned);
-            let (start, start_g) = refit(&p, &start, None, &pruned, 60).unwrap();
             let side = Host(&p);
             let (out, out_mask, rounds) =
                 refine(&side, &p, start.clone(), start_g, pruned.clone(), pattern, 5, 60).unwrap();
@@ -697,10 +705,8 @@ mod tests {
     #[test]
     fn device_swaps_follow_the_host() {
         for pattern in [Pattern::Unstructured(0.5), Pattern::NM { n: 2, m: 4 }] {
-            let (w, g, c, k) = problem(6, 40, 7);
+            let ((w, g, c, k), pruned, start, start_g) = swap_start(pattern, 7);
             let p = Problem { w: &w, g: &g, c: &c, k };
-            let pruned = mask::select(&w, pattern, true);
-            let (start, start_g) = refit(&p, &mask::zeroed(&w, &pruned), None, &pruned, 60).unwrap();
             let (hw, hm, hr) =
                 refine(&Host(&p), &p, start.clone(), start_g.clone(), pruned.clone(), pattern, 3, 20).unwrap();
             let up = |m: &Mat<f32>| crate::linalg::mat_to_tensor(m).unwrap();
