@@ -3,9 +3,9 @@
 //! [`Side`], so the method's logic has one implementation and each side only its arithmetic.
 //!
 //! On a device the iterate, its product with `G*` and its mask stay there from the warm start to the result.
-//! When they crossed to the host between steps, an operator made 34 transfers of `m × n` values with the
-//! defaults (the products, each re-fit and each swap round's search and re-fit), each with a transpose on the
-//! host: for a LLaMA-2-7B layer 0.8 GB a transfer.
+//! When they crossed to the host between steps, an operator made 35 transfers of `m × n` values with the
+//! defaults, its report's errors included (9 now, docs/BENCHMARKS.md), each with a transpose on the host: for a
+//! LLaMA-2-7B layer 0.8 GB a transfer.
 
 use anyhow::Result;
 use candle_core::{DType, Tensor};
