@@ -88,12 +88,14 @@ g2=$($B --device cuda generate --model tests/fixtures/llama --prompt "The tower 
 rec "{\"step\":\"generate\",\"same\":$([ "$g1" == "$g2" ] && echo true || echo false)}"
 
 echo "== 2c. pruned checkpoints, cuda against cpu (LLaMA fixture, 8 × 64 calibration tokens)"
-# fista-2:4 runs the swap search's N:M branch (swap.cu), fista its unstructured one; wanda-owl OWL's allocation;
-# sparsegpt-bf16 the calibration passes in bf16 (cuBLAS's bf16 product against the CPU's rounded f32 one).
-for meth in magnitude wanda sparsegpt fista fista-2:4 wanda-owl sparsegpt-bf16; do
+# fista-2:4 runs the swap search's N:M branch (swap.cu), fista its unstructured one; fista-rounds a λ round
+# with the hard threshold every FISTA step (both on the device); wanda-owl OWL's allocation; sparsegpt-bf16 the
+# calibration passes in bf16 (cuBLAS's bf16 product against the CPU's rounded f32 one).
+for meth in magnitude wanda sparsegpt fista fista-2:4 fista-rounds wanda-owl sparsegpt-bf16; do
   case $meth in
     sparsegpt-bf16) target="--method sparsegpt --sparsity 0.5 --matmul-dtype bf16" ;;
     fista-2:4) target="--method fista --pattern 2:4" ;;
+    fista-rounds) target="--method fista --sparsity 0.5 --rounds 1 --iters 8 --projected" ;;
     wanda-owl) target="--method wanda --sparsity 0.5 --owl" ;;
     *) target="--method $meth --sparsity 0.5" ;;
   esac
