@@ -150,6 +150,16 @@ pub fn to_host(mask: &Tensor) -> Result<mask::Mask> {
     Ok(crate::linalg::mat_from_fn(rows, cols, |i, j| flags[i * cols + j] != 0))
 }
 
+/// The host's [`mask::Mask`] as a mask on `device` (u8, 1 = prune).
+pub fn from_host(mask: &mask::Mask, device: &candle_core::Device) -> Result<Tensor> {
+    Ok(Tensor::from_vec(crate::linalg::row_major(mask.as_ref(), u8::from), mask.shape(), device)?)
+}
+
+/// Whether [`select`] takes `pattern` on the device: N:M groups up to [`MAX_GROUP`] wide.
+pub fn takes(pattern: Pattern) -> bool {
+    !matches!(pattern, Pattern::NM { m, .. } if m > MAX_GROUP)
+}
+
 /// `w` with the weights `mask` marks exactly zero (positive zero, as the host writes them).
 pub fn zeroed(w: &Tensor, mask: &Tensor) -> Result<Tensor> {
     Ok(mask.where_cond(&Tensor::zeros((), w.dtype(), w.device())?.broadcast_as(w.shape())?, w)?)

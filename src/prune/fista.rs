@@ -403,17 +403,13 @@ impl HardThreshold {
     /// N:M groups wider than [`device_mask::MAX_GROUP`] go through the host.
     pub fn apply_tensor(&self, w: &candle_core::Tensor) -> Result<(candle_core::Tensor, candle_core::Tensor)> {
         use super::device_mask;
-        use candle_core::Tensor;
         let scores = w.abs()?;
-        let m = match (&self.budgets, self.pattern) {
-            (Some(b), _) => device_mask::select_budgets(&scores, b)?,
-            (None, Pattern::NM { m, .. }) if m > device_mask::MAX_GROUP => {
-                let (_, m) = self.apply(&crate::linalg::tensor_to_mat(w)?);
-                let (rows, cols) = m.shape();
-                let flags = (0..rows).flat_map(|i| (0..cols).map(move |j| (i, j))).map(|(i, j)| u8::from(m[(i, j)]));
-                Tensor::from_vec(flags.collect(), (rows, cols), w.device())?
+        let m = match &self.budgets {
+            Some(b) => device_mask::select_budgets(&scores, b)?,
+            None if !device_mask::takes(self.pattern) => {
+                device_mask::from_host(&self.apply(&crate::linalg::tensor_to_mat(w)?).1, w.device())?
             }
-            (None, pattern) => device_mask::select(&scores, pattern, self.per_row)?,
+            None => device_mask::select(&scores, self.pattern, self.per_row)?,
         };
         Ok((device_mask::zeroed(w, &m)?, m))
     }

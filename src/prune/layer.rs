@@ -711,8 +711,8 @@ struct Done {
 /// The weight under the mask the method chooses where it is, on the run's device, for a method whose work is a
 /// mask ([`Method::mask_on_device`]), unless the report wants errors from `G*`; else `None`.
 fn mask_on_device(w: &Tensor, stats: Option<&OpStats>, method: &dyn Method, pattern: Pattern) -> Result<Option<Done>> {
-    let wide = matches!(pattern, Pattern::NM { m, .. } if m > super::device_mask::MAX_GROUP);
-    if !crate::device::offloaded() || w.dtype() != DType::F32 || stats.is_some_and(|s| s.gram.is_some()) || wide {
+    let host_only = !super::device_mask::takes(pattern);
+    if !crate::device::offloaded() || w.dtype() != DType::F32 || stats.is_some_and(|s| s.gram.is_some()) || host_only {
         return Ok(None);
     }
     let Some((mask, units)) = method.mask_on_device(w, stats, pattern)? else { return Ok(None) };

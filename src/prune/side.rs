@@ -114,19 +114,29 @@ impl Side for Host<'_> {
     }
 
     fn rows(&self, take: &[bool], a: &Mat<f32>, b: &Mat<f32>) -> Result<Mat<f32>> {
-        Ok(crate::linalg::mat_from_fn(b.nrows(), b.ncols(), |i, j| if take[i] { a[(i, j)] } else { b[(i, j)] }))
+        Ok(take_rows(take, a, b))
     }
 
     fn mask_rows(&self, take: &[bool], a: &Mask, b: &Mask) -> Result<Mask> {
-        Ok(crate::linalg::mat_from_fn(b.nrows(), b.ncols(), |i, j| if take[i] { a[(i, j)] } else { b[(i, j)] }))
+        Ok(take_rows(take, a, b))
     }
+}
+
+/// `a`'s rows where `take`, `b`'s elsewhere (the host's [`Side::rows`] and [`Side::mask_rows`]).
+fn take_rows<T: Copy + Send + Sync>(take: &[bool], a: &Mat<T>, b: &Mat<T>) -> Mat<T> {
+    crate::linalg::mat_from_fn(b.nrows(), b.ncols(), |i, j| if take[i] { a[(i, j)] } else { b[(i, j)] })
 }
 
 /// [`Problem::error_with`] on tensors where they are, given `c2 = 2 C` and `K`: `Σ w (wG* − 2C) + K`, each
 /// column summed in f32, the columns in f64.
 pub fn error_on_device(w: &Tensor, wg: &Tensor, c2: &Tensor, k: f64) -> Result<f64> {
-    let per_column = (w * (wg - c2)?)?.sum_keepdim(0)?.to_dtype(DType::F64)?;
+    let per_column = terms(w, wg, c2)?.sum_keepdim(0)?.to_dtype(DType::F64)?;
     Ok((per_column.sum_all()?.to_scalar::<f64>()? + k).max(0.0))
+}
+
+/// `w (wG* − 2C)` given `c2 = 2 C`, each term in f32: the errors' terms.
+fn terms(w: &Tensor, wg: &Tensor, c2: &Tensor) -> Result<Tensor> {
+    Ok((w * (wg - c2)?)?)
 }
 
 /// The run's device: tensors there (masks as u8), `G*` and `C` held there for the operator.
@@ -145,11 +155,6 @@ impl<'a> OnDevice<'a> {
         let (g, c) = (crate::linalg::mat_to_device(p.g, dev)?, crate::linalg::mat_to_device(p.c, dev)?);
         let c2 = (&c * 2.0)?;
         Ok(Self { p, g, c, c2 })
-    }
-
-    /// `w (wG* − 2C)`, each term in f32.
-    fn terms(&self, w: &Tensor, wg: &Tensor) -> Result<Tensor> {
-        Ok((w * (wg - &self.c2)?)?)
     }
 
     /// `take` as a `(m, 1)` u8 column, to choose rows by.
@@ -184,7 +189,7 @@ impl Side for OnDevice<'_> {
     }
 
     fn row_errors(&self, w: &Tensor, wg: &Tensor) -> Result<Vec<f64>> {
-        let per_row = self.terms(w, wg)?.to_dtype(DType::F64)?.sum_keepdim(1)?;
+        let per_row = terms(w, wg, &self.c2)?.to_dtype(DType::F64)?.sum_keepdim(1)?;
         Ok(per_row.flatten_all()?.to_vec1::<f64>()?)
     }
 
@@ -213,9 +218,7 @@ impl Side for OnDevice<'_> {
         let (wm, wgm) = (self.store(w)?, self.store(wg)?);
         let pm = super::device_mask::to_host(pruned)?;
         let s = super::swap::search_host(self.p, &wm, &wgm, &pm, pattern, cap);
-        let mask = crate::linalg::row_major(s.pruned.as_ref(), u8::from);
-        let dev = crate::device::current();
-        let pruned = Tensor::from_vec(mask, s.pruned.shape(), dev)?;
+        let pruned = super::device_mask::from_host(&s.pruned, crate::device::current())?;
         Ok(Searched { w: self.load(&s.w)?, pruned, made: s.made, flops: s.flops })
     }
 

@@ -710,8 +710,7 @@ mod tests {
             let (hw, hm, hr) =
                 refine(&Host(&p), &p, start.clone(), start_g.clone(), pruned.clone(), pattern, 3, 20).unwrap();
             let up = |m: &Mat<f32>| crate::linalg::mat_to_tensor(m).unwrap();
-            let flags = crate::linalg::row_major(pruned.as_ref(), u8::from);
-            let mask = candle_core::Tensor::from_vec(flags, (6, 40), &candle_core::Device::Cpu).unwrap();
+            let mask = crate::prune::device_mask::from_host(&pruned, &candle_core::Device::Cpu).unwrap();
             let dev = OnDevice::new(&p).unwrap();
             let (dw, dm, dr) = refine(&dev, &p, up(&start), up(&start_g), mask, pattern, 3, 20).unwrap();
             let (dw, dm) =
