@@ -134,6 +134,16 @@ pub fn first_non_finite(m: MatRef<f32>) -> Option<(usize, usize)> {
     (0..m.ncols()).into_par_iter().find_map_first(|j| (0..m.nrows()).find(|&i| !m[(i, j)].is_finite()).map(|i| (i, j)))
 }
 
+/// [`first_non_finite`] of a `(rows, cols)` tensor wherever it is: one sum there says whether there is any
+/// (`0 · x` is NaN for an infinity or a NaN, 0 otherwise); only then does the matrix come to the host.
+pub fn tensor_non_finite(t: &Tensor) -> Result<Option<(usize, usize)>> {
+    let flag = (t * 0.0)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    if flag == 0.0 {
+        return Ok(None);
+    }
+    Ok(first_non_finite(tensor_to_mat(t)?.as_ref()))
+}
+
 /// A `(rows, cols)` f32 tensor as a faer matrix.
 pub fn tensor_to_mat(t: &Tensor) -> Result<faer::Mat<f32>> {
     let (r, c) = t.dims2()?;

@@ -680,7 +680,7 @@ pub fn prune_operator(
     let lin = layer.linear(name).ok_or_else(|| anyhow!("layer {layer_idx}: no operator {name}"))?;
     let (rows, cols) = lin.weight.dims2()?;
     pattern.check_cols(cols, &what)?;
-    let done = match mask_on_device(&lin.weight, stats, method, pattern).with_context(|| what.clone())? {
+    let done = match prune_on_device(&lin.weight, stats, method, pattern).with_context(|| what.clone())? {
         Some(done) => done,
         None => prune_on_host(&lin.weight, stats, method, pattern).with_context(|| what.clone())?,
     };
@@ -708,18 +708,26 @@ struct Done {
     details: Option<serde_json::Value>,
 }
 
-/// The weight under the mask the method chooses where it is, on the run's device, for a method whose work is a
-/// mask ([`Method::mask_on_device`]), unless the report wants errors from `G*`; else `None`.
-fn mask_on_device(w: &Tensor, stats: Option<&OpStats>, method: &dyn Method, pattern: Pattern) -> Result<Option<Done>> {
-    let host_only = !super::device_mask::takes(pattern);
-    if !crate::device::offloaded() || w.dtype() != DType::F32 || stats.is_some_and(|s| s.gram.is_some()) || host_only {
+/// The method's pruned weight made where the weight is, on the run's device ([`Method::prune_on_device`]),
+/// checked there, with its errors measured there where there is a `G*`; `None` where the method (or this
+/// pattern of it) prunes on the host only.
+fn prune_on_device(w: &Tensor, stats: Option<&OpStats>, method: &dyn Method, pattern: Pattern) -> Result<Option<Done>> {
+    if !crate::device::offloaded() {
         return Ok(None);
     }
-    let Some((mask, units)) = method.mask_on_device(w, stats, pattern)? else { return Ok(None) };
-    let weight = super::device_mask::zeroed(w, &mask)?;
-    let sparsity = super::device_mask::verify(&weight, pattern, units)
+    let dense = w.to_dtype(DType::F32)?;
+    let Some(pruned) = method.prune_on_device(&dense, stats, pattern)? else { return Ok(None) };
+    let pw = pruned.w;
+    if let Some((i, j)) = crate::linalg::tensor_non_finite(&pw)? {
+        bail!("the method produced a non-finite weight at ({i}, {j})");
+    }
+    let sparsity = super::device_mask::verify(&pw, pattern, pruned.rounding_units)
         .with_context(|| format!("the pruned weight misses the pattern {pattern}"))?;
-    Ok(Some(Done { weight, sparsity, errors: None, flops: 0.0, details: None }))
+    let errors = match stats {
+        Some(st) if st.gram.is_some() => Some(errors_on_device(st, &dense, &pw)?),
+        _ => None,
+    };
+    Ok(Some(Done { weight: pw, sparsity, errors, flops: pruned.flops, details: pruned.details }))
 }
 
 /// The method's pruned weight, on the host, checked; with its errors where there is a `G*`.

@@ -6,6 +6,7 @@ use candle_core::Tensor;
 use faer::Mat;
 use serde::{Deserialize, Serialize};
 
+use super::device_mask;
 use super::mask::{self, Pattern};
 use super::{Method, MethodOptions, Observes, OpStats, Pruned, Registered};
 
@@ -35,17 +36,20 @@ impl Method for Magnitude {
 
     fn prune(&self, w: &Mat<f32>, _stats: Option<&OpStats>, pattern: Pattern) -> Result<Pruned> {
         let out = mask::zeroed(w, &mask::select(&mask::magnitudes(w), pattern, self.per_row));
-        Ok(Pruned { rounding_units: self.units(w.nrows()), ..Pruned::per_row(out) })
+        Ok(Pruned::masked(out, self.units(w.nrows())))
     }
 
-    fn mask_on_device(
+    fn prune_on_device(
         &self,
         w: &Tensor,
         _stats: Option<&OpStats>,
         pattern: Pattern,
-    ) -> Result<Option<(Tensor, usize)>> {
-        let mask = super::device_mask::select(&w.abs()?, pattern, self.per_row)?;
-        Ok(Some((mask, self.units(w.dim(0)?))))
+    ) -> Result<Option<Pruned<Tensor>>> {
+        if !device_mask::takes(pattern) {
+            return Ok(None);
+        }
+        let mask = device_mask::select(&w.abs()?, pattern, self.per_row)?;
+        Ok(Some(Pruned::masked(device_mask::zeroed(w, &mask)?, self.units(w.dim(0)?))))
     }
 }
 

@@ -82,22 +82,23 @@ pub trait Method: Send + Sync {
     /// The dense weight `w` `(out, in)` on `pattern`, given the statistics of its inputs (present unless the
     /// method observes nothing).
     fn prune(&self, w: &Mat<f32>, stats: Option<&OpStats>, pattern: Pattern) -> Result<Pruned>;
-    /// For a method whose result is `w` under a mask: that mask (u8, 1 = prune) chosen where `w` is, on the
-    /// run's device ([`device_mask`]), with the units its zeros were counted in; `None` (the default): prune
-    /// on the host.
-    fn mask_on_device(
+    /// [`Self::prune`] where `w` (f32) is, on the run's device, with the statistics as they are: the pruned
+    /// weight stays there, so an operator's `m × n` weight crosses the bus neither way. `None` (the default):
+    /// this method prunes on the host only, or not this pattern on the device.
+    fn prune_on_device(
         &self,
         _w: &candle_core::Tensor,
         _stats: Option<&OpStats>,
         _pattern: Pattern,
-    ) -> Result<Option<(candle_core::Tensor, usize)>> {
+    ) -> Result<Option<Pruned<candle_core::Tensor>>> {
         Ok(None)
     }
 }
 
-/// A pruned weight and what the method tells about it.
-pub struct Pruned {
-    pub w: Mat<f32>,
+/// A pruned weight (on the host, or a tensor where [`Method::prune_on_device`] made it) and what the method
+/// tells about it.
+pub struct Pruned<W = Mat<f32>> {
+    pub w: W,
     /// The units the unstructured zero count was rounded in (per row, per matrix, per block of columns), so
     /// that the pattern check allows that rounding and nothing more.
     pub rounding_units: usize,
@@ -107,10 +108,18 @@ pub struct Pruned {
     pub details: Option<serde_json::Value>,
 }
 
+impl<W> Pruned<W> {
+    /// A weight under a mask whose zeros were counted in `units`, at negligible cost.
+    pub fn masked(w: W, units: usize) -> Self {
+        Self { w, rounding_units: units, flops: 0.0, details: None }
+    }
+}
+
 impl Pruned {
     /// A weight whose zeros were counted per row, at negligible cost.
     pub fn per_row(w: Mat<f32>) -> Self {
-        Self { rounding_units: w.nrows(), w, flops: 0.0, details: None }
+        let rows = w.nrows();
+        Self::masked(w, rows)
     }
 }
 

@@ -71,7 +71,12 @@ pub struct SparseGpt(pub Options);
 
 /// `H = G + damping` with dead inputs handled; returns H (f64) and zeroes the dead columns of `w`.
 pub fn damped_hessian(g: &Mat<f32>, w: &mut Mat<f32>, percdamp: f64) -> Mat<f64> {
-    let add = diagonal_damping(g, w, percdamp);
+    let (dead, add) = diagonal_damping(g, percdamp);
+    for j in (0..g.nrows()).filter(|&j| dead[j]) {
+        for i in 0..w.nrows() {
+            w[(i, j)] = 0.0;
+        }
+    }
     let mut h = crate::linalg::mat_from_fn(g.nrows(), g.ncols(), |i, j| g[(i, j)] as f64);
     for (j, a) in add.into_iter().enumerate() {
         h[(j, j)] += a;
@@ -79,18 +84,14 @@ pub fn damped_hessian(g: &Mat<f32>, w: &mut Mat<f32>, percdamp: f64) -> Mat<f64>
     h
 }
 
-/// What `H` adds to the diagonal of `G`: 1 on a dead input (`G_jj = 0`; its column of `w` is zeroed), then
-/// `λ = percdamp · mean(diag)` on every input.
-fn diagonal_damping(g: &Mat<f32>, w: &mut Mat<f32>, percdamp: f64) -> Vec<f64> {
+/// The dead inputs (`G_jj = 0`, whose columns of `w` are zeroed) and what `H` adds to the diagonal of `G`: 1
+/// on a dead input, then `λ = percdamp · mean(diag)` on every input.
+fn diagonal_damping(g: &Mat<f32>, percdamp: f64) -> (Vec<bool>, Vec<f64>) {
     let n = g.nrows();
     let dead: Vec<bool> = (0..n).map(|j| g[(j, j)] == 0.0).collect();
-    for j in (0..n).filter(|&j| dead[j]) {
-        for i in 0..w.nrows() {
-            w[(i, j)] = 0.0;
-        }
-    }
     let damp = percdamp * (0..n).map(|j| if dead[j] { 1.0 } else { g[(j, j)] as f64 }).sum::<f64>() / n as f64;
-    dead.into_iter().map(|d| if d { 1.0 + damp } else { damp }).collect()
+    let add = dead.iter().map(|&d| if d { 1.0 + damp } else { damp }).collect();
+    (dead, add)
 }
 
 /// Upper Cholesky factor `U` of `H⁻¹` (`H⁻¹ = Uᵀ U`), in f32, computed in `dtype`; `h` is used up.
@@ -155,20 +156,46 @@ impl SparseGpt {
         self.prune_gram_on(w, g, pattern, crate::device::offloaded())
     }
 
-    /// [`Self::prune_gram`], with the factorisation and the lazy updates on the run's device or not.
+    /// [`Self::prune_gram`], with the factorisation and the sweep on the run's device or not.
     fn prune_gram_on(&self, w: &Mat<f32>, g: &Mat<f32>, pattern: Pattern, on_device: bool) -> Result<Mat<f32>> {
-        let mut w = w.clone();
-        let blocksize = self.0.blocksize.max(1);
         if on_device {
-            let add = diagonal_damping(g, &mut w, self.0.percdamp);
-            let u = device_inverse_cholesky_upper(g, add, self.0.factor_dtype).context("sparsegpt")?;
-            sweep_on_device(&mut w, &u, pattern, blocksize)?;
-        } else {
-            let h = damped_hessian(g, &mut w, self.0.percdamp);
-            let u = inverse_cholesky_upper(h, self.0.factor_dtype).context("sparsegpt")?;
-            sweep(&mut w, &u, pattern, blocksize);
+            let w = crate::linalg::mat_to_device(w, crate::device::current())?;
+            return crate::linalg::tensor_to_mat(&self.prune_gram_tensor(&w, g, pattern)?);
         }
+        let mut w = w.clone();
+        let h = damped_hessian(g, &mut w, self.0.percdamp);
+        let u = inverse_cholesky_upper(h, self.0.factor_dtype).context("sparsegpt")?;
+        sweep(&mut w, &u, pattern, self.0.blocksize.max(1));
         Ok(w)
+    }
+
+    /// [`Self::prune_gram`] of the f32 tensor `w`, on its device: the factorisation, the lazy updates, and on
+    /// a GPU each block's mask and sweep there; the result stays there.
+    fn prune_gram_tensor(&self, w: &Tensor, g: &Mat<f32>, pattern: Pattern) -> Result<Tensor> {
+        let (dead, add) = diagonal_damping(g, self.0.percdamp);
+        let w = if dead.iter().any(|&d| d) {
+            let live: Vec<u8> = dead.iter().map(|&d| u8::from(!d)).collect();
+            let live = Tensor::from_vec(live, (1, dead.len()), w.device())?.broadcast_as(w.shape())?;
+            live.where_cond(w, &w.zeros_like()?)?
+        } else {
+            w.clone()
+        };
+        let u = device_inverse_cholesky_upper(g, add, self.0.factor_dtype).context("sparsegpt")?;
+        sweep_on_device(&w, &u, pattern, self.0.blocksize.max(1))
+    }
+
+    /// What the report says of pruning a `(rows, cols)` weight, whichever verb pruned it.
+    fn pruned<W>(&self, w: W, (rows, cols): (usize, usize)) -> Pruned<W> {
+        let (m, n, b) = (rows as f64, cols as f64, self.0.blocksize as f64);
+        Pruned {
+            w,
+            // The zero count is rounded per block of columns.
+            rounding_units: cols.div_ceil(self.0.blocksize.max(1)),
+            // Two Cholesky factorisations and an inverse (4/3 n³), the lazy block updates (m n²) and the
+            // in-block rank-1 updates (m n B).
+            flops: 4.0 / 3.0 * n * n * n + m * n * n + m * n * b,
+            details: None,
+        }
     }
 }
 
@@ -179,17 +206,12 @@ impl Method for SparseGpt {
 
     fn prune(&self, w: &Mat<f32>, stats: Option<&OpStats>, pattern: Pattern) -> Result<Pruned> {
         let g = needs_stats(stats, "sparsegpt")?.gram()?;
-        let (rows, cols) = w.shape();
-        let (m, n, b) = (rows as f64, cols as f64, self.0.blocksize as f64);
-        Ok(Pruned {
-            w: self.prune_gram(w, g, pattern)?,
-            // The zero count is rounded per block of columns.
-            rounding_units: cols.div_ceil(self.0.blocksize.max(1)),
-            // Two Cholesky factorisations and an inverse (4/3 n³), the lazy block updates (m n²) and the
-            // in-block rank-1 updates (m n B).
-            flops: 4.0 / 3.0 * n * n * n + m * n * n + m * n * b,
-            details: None,
-        })
+        Ok(self.pruned(self.prune_gram(w, g, pattern)?, w.shape()))
+    }
+
+    fn prune_on_device(&self, w: &Tensor, stats: Option<&OpStats>, pattern: Pattern) -> Result<Option<Pruned<Tensor>>> {
+        let g = needs_stats(stats, "sparsegpt")?.gram()?;
+        Ok(Some(self.pruned(self.prune_gram_tensor(w, g, pattern)?, w.dims2()?)))
     }
 }
 
@@ -217,13 +239,12 @@ fn sweep(w: &mut Mat<f32>, u: &Mat<f32>, pattern: Pattern, blocksize: usize) {
     }
 }
 
-/// The same sweep with `U` and the columns not yet swept on the device, where the `n³` factorisation and the
-/// `m n²` lazy updates run, and on a GPU each block's mask and in-block sweep too (sparsegpt.cu, the host's
-/// bits): no block waits on the host. The swept blocks come to the host once, at the end.
-fn sweep_on_device(w: &mut Mat<f32>, u: &Tensor, pattern: Pattern, blocksize: usize) -> Result<()> {
-    use crate::linalg::{mat_to_device, tensor_to_mat};
-    let cols = w.ncols();
-    let mut rest = mat_to_device(w, u.device())?; // W[:, i1:]
+/// The same sweep with `W`, `U` and the columns not yet swept on the device, where the `n³` factorisation and
+/// the `m n²` lazy updates run, and on a GPU each block's mask and in-block sweep too (sparsegpt.cu, the
+/// host's bits): no block waits on the host, and the swept weight stays there.
+fn sweep_on_device(w: &Tensor, u: &Tensor, pattern: Pattern, blocksize: usize) -> Result<Tensor> {
+    let cols = w.dim(1)?;
+    let mut rest = w.clone(); // W[:, i1:]
     let mut swept = Vec::new();
     let mut i1 = 0;
     while i1 < cols {
@@ -239,8 +260,7 @@ fn sweep_on_device(w: &mut Mat<f32>, u: &Tensor, pattern: Pattern, blocksize: us
         }
         i1 = i2;
     }
-    w.copy_from(tensor_to_mat(&Tensor::cat(&swept, 1)?)?);
-    Ok(())
+    Ok(Tensor::cat(&swept, 1)?)
 }
 
 /// [`sweep_block`] on a block and its `U` where they are: the swept block and its scaled errors, there. On a

@@ -7,6 +7,7 @@ use anyhow::Result;
 use candle_core::Tensor;
 use faer::Mat;
 
+use super::device_mask;
 use super::mask::{self, Pattern};
 use super::{Method, MethodOptions, Observes, OpStats, Pruned, Registered, needs_stats};
 
@@ -31,11 +32,14 @@ impl Method for Wanda {
         Ok(Pruned::per_row(out))
     }
 
-    fn mask_on_device(&self, w: &Tensor, stats: Option<&OpStats>, pattern: Pattern) -> Result<Option<(Tensor, usize)>> {
+    fn prune_on_device(&self, w: &Tensor, stats: Option<&OpStats>, pattern: Pattern) -> Result<Option<Pruned<Tensor>>> {
+        if !device_mask::takes(pattern) {
+            return Ok(None);
+        }
         let norms = needs_stats(stats, "wanda")?.norms()?;
         let norms = Tensor::from_vec(norms, (1, w.dim(1)?), w.device())?;
-        let mask = super::device_mask::select(&w.abs()?.broadcast_mul(&norms)?, pattern, true)?;
-        Ok(Some((mask, w.dim(0)?)))
+        let mask = device_mask::select(&w.abs()?.broadcast_mul(&norms)?, pattern, true)?;
+        Ok(Some(Pruned::masked(device_mask::zeroed(w, &mask)?, w.dim(0)?)))
     }
 }
 
