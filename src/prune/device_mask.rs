@@ -99,7 +99,7 @@ fn lowest(scores: &Tensor, count: Count) -> Result<Tensor> {
 
 /// Each row's count of the non-zero entries of `t` `(rows, cols)`: summed per row on the device (candle's CUDA
 /// sum to a single value is one thread block's work), so that a whole matrix's count is added up on the host.
-fn row_counts(t: &Tensor) -> Result<Vec<u64>> {
+pub(super) fn row_counts(t: &Tensor) -> Result<Vec<u64>> {
     let counts = t.to_dtype(DType::U32)?.sum_keepdim(1)?.flatten_all()?.to_vec1::<u32>()?;
     Ok(counts.into_iter().map(u64::from).collect())
 }

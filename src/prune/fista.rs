@@ -22,6 +22,7 @@
 //! `α` is searched in log space inside `alpha_bracket`.
 
 use anyhow::{Context, Result, bail, ensure};
+use candle_core::Tensor;
 use faer::{Accum, Mat, MatRef};
 use serde::{Deserialize, Serialize};
 
@@ -64,6 +65,15 @@ impl Method for Dense {
     fn prune(&self, w: &Mat<f32>, _stats: Option<&OpStats>, _pattern: Pattern) -> Result<Pruned> {
         Ok(Pruned::per_row(w.clone()))
     }
+
+    fn prune_on_device(
+        &self,
+        w: &Tensor,
+        _stats: Option<&OpStats>,
+        _pattern: Pattern,
+    ) -> Result<Option<Pruned<Tensor>>> {
+        Ok(Some(Pruned::masked(w.clone(), w.dim(0)?)))
+    }
 }
 
 impl Method for FistaPruner {
@@ -74,24 +84,60 @@ impl Method for FistaPruner {
     fn prune(&self, w: &Mat<f32>, stats: Option<&OpStats>, pattern: Pattern) -> Result<Pruned> {
         let st = needs_stats(stats, "fista")?;
         let warm = self.warm.prune(w, Some(st), pattern).context("warm start")?;
-        let w0 = warm.w;
         let c = st.target(w)?;
         let mut p = st.problem(w, &c)?;
-        let damped;
-        if self.opts.damp > 0.0 {
-            let gram = st.gram()?;
-            let n = gram.nrows();
-            let d = self.opts.damp * (0..n).map(|j| gram[(j, j)] as f64).sum::<f64>() / n as f64;
-            let mut g = gram.clone();
-            for j in 0..n {
-                g[(j, j)] += d as f32;
-            }
-            damped = g;
-            p.g = &damped;
+        let damped = self.damped(st)?;
+        if let Some(g) = &damped {
+            p.g = g;
         }
         // `C` (and a damped `G*`) go to the device once for every re-fit (prune_operator keeps `G*` there).
-        let (out, report) = crate::linalg::with_resident(&[p.g, p.c], || self.solve(&p, &w0, pattern))?;
-        let (rows, cols) = w.shape();
+        let (out, report) = crate::linalg::with_resident(&[p.g, p.c], || self.solve(&p, &warm.w, pattern))?;
+        self.pruned(out, w.shape(), &warm, report)
+    }
+
+    /// The same with the weights, `C` and the iterates on the device from the warm start to the result: only
+    /// `G*` (held there by prune_operator) and the statistics' other `n × n` matrices cross the bus.
+    fn prune_on_device(&self, w: &Tensor, stats: Option<&OpStats>, pattern: Pattern) -> Result<Option<Pruned<Tensor>>> {
+        let st = needs_stats(stats, "fista")?;
+        let warm = match self.warm.prune_on_device(w, Some(st), pattern).context("warm start")? {
+            Some(warm) => warm,
+            None => {
+                let h = self.warm.prune(&crate::linalg::tensor_to_mat(w)?, Some(st), pattern).context("warm start")?;
+                let w = crate::linalg::mat_to_device(&h.w, w.device())?;
+                Pruned { w, rounding_units: h.rounding_units, flops: h.flops, details: h.details }
+            }
+        };
+        let (c, k) = st.target_on_device(w)?;
+        let damped = self.damped(st)?;
+        let g = damped.as_ref().map_or_else(|| st.gram(), Ok)?;
+        let (out, report) = crate::linalg::with_resident(&[g], || self.solve_tensors(g, w, &c, k, &warm.w, pattern))?;
+        Ok(Some(self.pruned(out, w.dims2()?, &warm, report)?))
+    }
+}
+
+impl FistaPruner {
+    /// `G*` damped by `--damp` (its mean diagonal times that), or `None` where it is not.
+    fn damped(&self, st: &OpStats) -> Result<Option<Mat<f32>>> {
+        if self.opts.damp <= 0.0 {
+            return Ok(None);
+        }
+        let mut g = st.gram()?.clone();
+        let n = g.nrows();
+        let d = self.opts.damp * (0..n).map(|j| g[(j, j)] as f64).sum::<f64>() / n as f64;
+        for j in 0..n {
+            g[(j, j)] += d as f32;
+        }
+        Ok(Some(g))
+    }
+
+    /// What the report says of the result `w` of a `(rows, cols)` operator from `warm`, whichever verb made it.
+    fn pruned<W, V>(
+        &self,
+        w: W,
+        (rows, cols): (usize, usize),
+        warm: &Pruned<V>,
+        report: SolveReport,
+    ) -> Result<Pruned<W>> {
         let o = &self.opts;
         // Power iteration, every FISTA iteration and error evaluation, and the re-fit: each a GEMM with `G*`.
         let gemm = 2.0 * rows as f64 * (cols * cols) as f64;
@@ -104,23 +150,16 @@ impl Method for FistaPruner {
         let own = if o.threshold == Threshold::PerMatrix { 1 } else { rows };
         // With the warm start's row budgets the count is the warm start's (or per row, when it had none).
         let rounding_units = if o.threshold == Threshold::WarmRows { rows.max(warm.rounding_units) } else { own };
-        Ok(Pruned { w: out, rounding_units, flops, details: Some(serde_json::to_value(report)?) })
+        Ok(Pruned { w, rounding_units, flops, details: Some(serde_json::to_value(report)?) })
     }
-}
 
-impl FistaPruner {
     /// [`solve`] in the chosen basis.
     fn solve(&self, p: &Problem, w0: &Mat<f32>, pattern: Pattern) -> Result<(Mat<f32>, SolveReport)> {
         if self.opts.basis == Basis::Raw {
             return solve(p, w0, pattern, &self.opts);
         }
-        // Solve for V = W' S with S = diag(√G*ⱼⱼ): the Gram of the scaled inputs has a unit diagonal (a far
-        // better conditioned problem for 20 steps of 1/L), the L1 term becomes Σ |w'ᵢⱼ| ‖x*ⱼ‖ and the hard
-        // threshold ranks |w'ᵢⱼ| ‖x*ⱼ‖, Wanda's score, instead of |w'ᵢⱼ|.
-        let n = p.g.nrows();
-        let top = (0..n).map(|j| p.g[(j, j)]).fold(0f32, f32::max).max(f32::MIN_POSITIVE).sqrt();
-        let s: Vec<f32> = (0..n).map(|j| p.g[(j, j)].max(0.0).sqrt().max(1e-12 * top)).collect();
-        let g = Mat::from_fn(n, n, |i, j| p.g[(i, j)] / (s[i] * s[j]));
+        let (s, g) = normalized(p.g);
+        let n = g.nrows();
         let c = Mat::from_fn(p.c.nrows(), n, |i, j| p.c[(i, j)] / s[j]);
         let w = Mat::from_fn(p.w.nrows(), n, |i, j| p.w[(i, j)] * s[j]);
         let w0 = Mat::from_fn(w0.nrows(), n, |i, j| w0[(i, j)] * s[j]);
@@ -128,6 +167,51 @@ impl FistaPruner {
         let (v, report) = crate::linalg::with_resident(&[&g, &c], || solve(&scaled, &w0, pattern, &self.opts))?;
         Ok((Mat::from_fn(v.nrows(), n, |i, j| if v[(i, j)] == 0.0 { 0.0 } else { v[(i, j)] / s[j] }), report))
     }
+
+    /// [`Self::solve`] on the device's tensors: the dense weight `w`, `C`, the warm start `w0`; `G*` and `K`
+    /// as the host has them.
+    fn solve_tensors(
+        &self,
+        g: &Mat<f32>,
+        w: &Tensor,
+        c: &Tensor,
+        k: f64,
+        w0: &Tensor,
+        pattern: Pattern,
+    ) -> Result<(Tensor, SolveReport)> {
+        use super::side::OnDevice;
+        let on = |g: &Mat<f32>, w: &Tensor, c: Tensor, w0: Tensor| -> Result<(Tensor, SolveReport)> {
+            let g_dev = crate::linalg::mat_to_device(g, w.device())?;
+            let side = OnDevice::of(Facts::of(w.dims2()?, g, k, frob_tensor(w)?), g_dev, c)?;
+            solve_on(&side, w0, pattern, &self.opts)
+        };
+        if self.opts.basis == Basis::Raw {
+            return on(g, w, c.clone(), w0.clone());
+        }
+        let (s, g) = normalized(g);
+        let s = Tensor::from_vec(s, (1, g.nrows()), w.device())?;
+        let (c, w, w0) = (c.broadcast_div(&s)?, w.broadcast_mul(&s)?, w0.broadcast_mul(&s)?);
+        let (v, report) = crate::linalg::with_resident(&[&g], || on(&g, &w, c, w0))?;
+        Ok((v.eq(0f32)?.where_cond(&v.zeros_like()?, &v.broadcast_div(&s)?)?, report))
+    }
+}
+
+/// The normalized basis (`--basis normalized`): solve for `V = W' S` with `S = diag(√G*ⱼⱼ)`. The Gram of the
+/// scaled inputs has a unit diagonal (a far better conditioned problem for 20 steps of 1/L), the L1 term
+/// becomes `Σ |w'ᵢⱼ| ‖x*ⱼ‖` and the hard threshold ranks `|w'ᵢⱼ| ‖x*ⱼ‖`, Wanda's score, instead of `|w'ᵢⱼ|`.
+/// Returns `S`'s diagonal and `S⁻¹ G* S⁻¹`.
+fn normalized(g: &Mat<f32>) -> (Vec<f32>, Mat<f32>) {
+    let n = g.nrows();
+    let top = (0..n).map(|j| g[(j, j)]).fold(0f32, f32::max).max(f32::MIN_POSITIVE).sqrt();
+    let s: Vec<f32> = (0..n).map(|j| g[(j, j)].max(0.0).sqrt().max(1e-12 * top)).collect();
+    let scaled = Mat::from_fn(n, n, |i, j| g[(i, j)] / (s[i] * s[j]));
+    (s, scaled)
+}
+
+/// [`frob`] of a tensor where it is: each column summed in f32, the columns in f64.
+fn frob_tensor(a: &Tensor) -> Result<f64> {
+    let per_column = a.sqr()?.sum_keepdim(0)?.to_dtype(candle_core::DType::F64)?;
+    Ok(per_column.sum_all()?.to_scalar::<f64>()?.sqrt())
 }
 
 /// `--warm-start` values: the registry's methods, or the dense weights.
@@ -260,6 +344,26 @@ pub struct Problem<'a> {
     pub k: f64,
 }
 
+/// What the solve reads of an operator on either side besides that side's matrices.
+pub struct Facts<'a> {
+    /// The weight's shape `(m, n)`.
+    pub shape: (usize, usize),
+    /// `G*` on the host: the step's power iteration, the swap search's diagonal.
+    pub g: &'a Mat<f32>,
+    /// `K = ‖W X‖²`.
+    pub k: f64,
+    /// The dense weight's root mean square: λ's scale.
+    pub rms: f64,
+}
+
+impl<'a> Facts<'a> {
+    /// The facts of a dense weight of `shape` with Frobenius norm `frob`.
+    fn of(shape: (usize, usize), g: &'a Mat<f32>, k: f64, frob: f64) -> Self {
+        let rms = (frob / ((shape.0 * shape.1) as f64).sqrt()).max(f64::MIN_POSITIVE);
+        Self { shape, g, k, rms }
+    }
+}
+
 /// What the solver did, for the report.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct SolveReport {
@@ -279,7 +383,12 @@ pub struct SolveReport {
     pub swaps: Vec<super::swap::SwapRound>,
 }
 
-impl Problem<'_> {
+impl<'a> Problem<'a> {
+    /// What either side's solve reads of it besides its matrices.
+    pub fn facts(&self) -> Facts<'a> {
+        Facts::of(self.w.shape(), self.g, self.k, frob(self.w))
+    }
+
     /// `‖W' X* − W X‖² = tr(W' G* W'ᵀ) − 2 tr(W' Cᵀ) + K`, accumulated in f64.
     pub fn error(&self, w: &Mat<f32>) -> Result<f64> {
         Ok(self.error_with(w, &crate::linalg::product(w, self.g)?))
@@ -373,14 +482,13 @@ pub struct HardThreshold {
 }
 
 impl HardThreshold {
-    /// The row budgets of `w0` when it is on the unstructured `pattern` (its zeros per row, as long as their
-    /// sum reaches the target less one per row); else the plain per-row or per-matrix count.
-    pub fn from_warm(w0: &Mat<f32>, pattern: Pattern, per_row: bool) -> Self {
+    /// The row budgets of a warm start with `zeros` per row of `cols` when it is on the unstructured `pattern`
+    /// (as long as their sum reaches the target less one per row); else the plain per-row or per-matrix count.
+    pub fn from_warm(zeros: Vec<usize>, cols: usize, pattern: Pattern, per_row: bool) -> Self {
         let budgets = match pattern {
             Pattern::Unstructured(s) => {
-                let (r, c) = w0.shape();
-                let b: Vec<usize> = (0..r).map(|i| (0..c).filter(|&j| w0[(i, j)] == 0.0).count()).collect();
-                (b.iter().sum::<usize>() + r >= mask::count_for(r * c, s)).then_some(b)
+                let r = zeros.len();
+                (zeros.iter().sum::<usize>() + r >= mask::count_for(r * cols, s)).then_some(zeros)
             }
             Pattern::NM { .. } => None,
         };
@@ -489,30 +597,29 @@ pub fn fista_host(p: &Problem, w0: &Mat<f32>, Steps { lambda, l, iters, tol, pro
     (w_prev, done)
 }
 
-/// [`fista_host`] with `G*`, `C` and the iterates on the device, from and to tensors there: one GEMM and a few
+/// [`fista_host`] with `G*`, `C` and the iterates on the device, all tensors there: one GEMM and a few
 /// element-wise passes a step, the soft threshold as `relu(z − τ) − relu(−z − τ)` (the host's three branches, to
 /// the bit), and two sums read back for the stopping test. A projection (`--projected`) is the host's hard
 /// threshold, made on the device ([`HardThreshold::apply_tensor`]).
 pub(super) fn fista_on_device(
-    p: &Problem,
+    g: &candle_core::Tensor,
+    c: &candle_core::Tensor,
     w0: &candle_core::Tensor,
     Steps { lambda, l, iters, tol, project }: Steps,
 ) -> Result<(candle_core::Tensor, usize)> {
-    use crate::linalg::mat_to_device;
     use candle_core::DType;
-    let dev = crate::device::current();
-    let (g, c) = (mat_to_device(p.g, dev)?, mat_to_device(p.c, dev)?);
     // The host's f32 constants.
     let (tau, inv_l) = ((lambda / l) as f32 as f64, (1.0 / l) as f32 as f64);
-    let sum =
-        |t: &candle_core::Tensor| -> Result<f64> { Ok(t.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+    let sum = |t: &Tensor| -> Result<f64> {
+        Ok(crate::linalg::sum_by_rows(&t.sqr()?)?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+    };
     let mut w_prev = w0.clone();
     let mut y = w_prev.clone();
     let mut t = 1f64;
     let mut done = 0;
     for _ in 0..iters {
         done += 1;
-        let z = (&y - ((y.matmul(&g)? - &c)? * inv_l)?)?;
+        let z = (&y - ((y.matmul(g)? - c)? * inv_l)?)?;
         let mut w = ((&z - tau)?.relu()? - (z.neg()? - tau)?.relu()?)?;
         if let Some(h) = project {
             w = h.apply_tensor(&w)?.0;
@@ -675,27 +782,23 @@ pub(super) fn refit_on_device(
 /// FISTAPruner for one operator: from the warm start `w0` (already on the pattern, or dense), a result on the
 /// exact pattern. On the run's device where the pruners' dense work goes there ([`super::side`]).
 pub fn solve(p: &Problem, w0: &Mat<f32>, pattern: Pattern, o: &Options) -> Result<(Mat<f32>, SolveReport)> {
+    use super::side::Side;
     if crate::device::offloaded() {
-        return solve_on(&super::side::OnDevice::new(p)?, p, w0, pattern, o);
+        let side = super::side::OnDevice::new(p)?;
+        let (w, report) = solve_on(&side, side.load(w0)?, pattern, o)?;
+        return Ok((side.store(&w)?, report));
     }
-    solve_on(&super::side::Host(p), p, w0, pattern, o)
+    solve_on(&super::side::Host::new(p), w0.clone(), pattern, o)
 }
 
 /// [`solve`] on `side`: the warm start, the λ rounds, the re-fit and the swaps, the iterate kept on `side`.
-fn solve_on<S: super::side::Side>(
-    side: &S,
-    p: &Problem,
-    w0: &Mat<f32>,
-    pattern: Pattern,
-    o: &Options,
-) -> Result<(Mat<f32>, SolveReport)> {
-    let (m, n) = p.w.shape();
-    ensure!(w0.shape() == (m, n) && p.g.shape() == (n, n) && p.c.shape() == (m, n), "fista: shapes disagree");
-    let base = p.k.max(f64::MIN_POSITIVE);
+fn solve_on<S: super::side::Side>(side: &S, w0: S::W, pattern: Pattern, o: &Options) -> Result<(S::W, SolveReport)> {
+    let Facts { shape: (_, n), g, k, rms } = *side.facts();
+    ensure!(g.shape() == (n, n), "fista: shapes disagree");
+    let base = k.max(f64::MIN_POSITIVE);
     // The step 1/L only where FISTA runs: its power iteration streams G* from memory `power_iters` times, a
     // second or more per large operator on the host (7B's down_proj: 30 × 485 MB), for nothing at --rounds 0.
-    let l = if o.rounds > 0 { lambda_max(p.g, o.power_iters)?.max(f64::MIN_POSITIVE) } else { 0.0 };
-    let rms = (frob(p.w) / ((m * n) as f64).sqrt()).max(f64::MIN_POSITIVE);
+    let l = if o.rounds > 0 { lambda_max(g, o.power_iters)?.max(f64::MIN_POSITIVE) } else { 0.0 };
     let mut report = SolveReport { lipschitz: (o.rounds > 0).then_some(l), ..Default::default() };
 
     // The warm start on the pattern is the first candidate.
@@ -703,11 +806,11 @@ fn solve_on<S: super::side::Side>(
     // and forcing its result to an even count costs it most of its quality) unless told to count per row.
     let per_row = o.threshold != Threshold::PerMatrix;
     let h = if o.threshold == Threshold::WarmRows {
-        HardThreshold::from_warm(w0, pattern, per_row)
+        HardThreshold::from_warm(side.zeros_per_row(&w0)?, n, pattern, per_row)
     } else {
         HardThreshold { pattern, per_row, budgets: None }
     };
-    let (mut best, mut best_mask) = side.threshold(&h, &side.load(w0)?)?;
+    let (mut best, mut best_mask) = side.threshold(&h, &w0)?;
     // `best G*` travels with `best`: the error, the re-fit's first residual and the swaps' start share it.
     let mut best_g = side.times_g(&best)?;
     let mut best_err = side.error(&best, &best_g)?;
@@ -753,13 +856,13 @@ fn solve_on<S: super::side::Side>(
     if o.swap_rounds > 0 {
         ensure!(o.swap_refit_iters > 0, "--swap-rounds re-fits every swap: it needs --swap-refit-iters above 0");
         let (w, _, rounds) =
-            super::swap::refine(side, p, best, best_g, best_mask, pattern, o.swap_rounds, o.swap_refit_iters)?;
+            super::swap::refine(side, best, best_g, best_mask, pattern, o.swap_rounds, o.swap_refit_iters)?;
         best = w;
         best_err = rounds.last().map_or(best_err, |r| r.error * base);
         report.swaps = rounds;
     }
     report.error = best_err / base;
-    Ok((side.store(&best)?, report))
+    Ok((best, report))
 }
 
 #[cfg(test)]
@@ -1005,7 +1108,8 @@ mod tests {
         for project in [None, Some(&h)] {
             let steps = Steps { lambda: 0.02 * l, l, iters: 60, tol: 0.0, project };
             let (a, na) = fista_host(&p, &w, steps);
-            let (b, nb) = fista_on_device(&p, &crate::linalg::mat_to_tensor(&w).unwrap(), steps).unwrap();
+            let up = |m: &Mat<f32>| crate::linalg::mat_to_tensor(m).unwrap();
+            let (b, nb) = fista_on_device(&up(&g), &up(&c), &up(&w), steps).unwrap();
             let b = crate::linalg::tensor_to_mat(&b).unwrap();
             assert_eq!(na, nb);
             let scale =
@@ -1032,15 +1136,17 @@ mod tests {
     /// result to f32 rounding with its zeros in place but a few at the edge.
     #[test]
     fn the_device_side_solves_as_the_host() {
-        use crate::prune::side::{Host, OnDevice};
+        use crate::prune::side::{Host, OnDevice, Side};
         let (w, g, c, k) = problem(6, 16, 100, 13);
         let p = Problem { w: &w, g: &g, c: &c, k };
         let pattern = Pattern::Unstructured(0.5);
         let w0 = hard_threshold(&w, pattern, true);
         let with_rounds = Options { rounds: 2, iters: 30, ..Default::default() };
         for o in [Options::default(), with_rounds] {
-            let (a, ra) = solve_on(&Host(&p), &p, &w0, pattern, &o).unwrap();
-            let (b, rb) = solve_on(&OnDevice::new(&p).unwrap(), &p, &w0, pattern, &o).unwrap();
+            let (a, ra) = solve_on(&Host::new(&p), w0.clone(), pattern, &o).unwrap();
+            let dev = OnDevice::new(&p).unwrap();
+            let (b, rb) = solve_on(&dev, dev.load(&w0).unwrap(), pattern, &o).unwrap();
+            let b = dev.store(&b).unwrap();
             let close = |x: f64, y: f64| (x - y).abs() <= 1e-4 * x.abs().max(y.abs());
             assert!(close(ra.warm_error, rb.warm_error) && close(ra.error, rb.error), "{ra:?} vs {rb:?}");
             assert_eq!(ra.rounds.len(), rb.rounds.len());
@@ -1108,7 +1214,9 @@ mod tests {
         let scores = Mat::from_fn(6, 16, |i, j| w[(i, j)].abs());
         let w0 = mask::zeroed(&w, &mask::mask_row_budgets(&scores, &budgets));
         let pattern = Pattern::Unstructured(0.5);
-        let h = HardThreshold::from_warm(&w0, pattern, true);
+        use crate::prune::side::{Host, Side};
+        let zeros = |w: &Mat<f32>| Host::new(&p).zeros_per_row(w).unwrap();
+        let h = HardThreshold::from_warm(zeros(&w0), 16, pattern, true);
         assert_eq!(h.budgets.as_deref(), Some(&budgets[..]));
         let (out, rep) = solve(&p, &w0, pattern, &Options::default()).unwrap();
         for (i, &b) in budgets.iter().enumerate() {
@@ -1116,8 +1224,8 @@ mod tests {
         }
         assert!(rep.error <= rep.warm_error, "{} > {}", rep.error, rep.warm_error);
         // Without its own budgets (dense, or N:M) the threshold counts as usual.
-        assert!(HardThreshold::from_warm(&w, pattern, true).budgets.is_none());
-        assert!(HardThreshold::from_warm(&w0, Pattern::NM { n: 2, m: 4 }, true).budgets.is_none());
+        assert!(HardThreshold::from_warm(zeros(&w), 16, pattern, true).budgets.is_none());
+        assert!(HardThreshold::from_warm(zeros(&w0), 16, Pattern::NM { n: 2, m: 4 }, true).budgets.is_none());
         // And the paper's per-row threshold forces 8 per row.
         let (even, _) =
             solve(&p, &w0, pattern, &Options { threshold: Threshold::PerRow, ..Default::default() }).unwrap();

@@ -18,7 +18,7 @@ use super::mask::{self, Pattern};
 use super::pipeline::{LayerInputs, PipelineOptions};
 use super::stats::{Cross, Gram, OpStats, SquareSums, outlier_token_scales, sum_squares};
 use crate::device::{Stashed, fetch, stash};
-use crate::linalg::{mat_to_tensor, matmul_nt, tensor_to_mat};
+use crate::linalg::{mat_to_tensor, matmul_nt, sum_by_rows, tensor_to_mat};
 use crate::model::{CausalLm, DecoderLayer, LayerContext};
 use crate::util::{available_memory, check_finite};
 
@@ -233,8 +233,9 @@ fn output_error(acts: &[Stashed], out: &Outputs) -> Result<f64> {
     let (mut num, mut den) = (0f64, 0f64);
     for ((x, yd), yp) in acts.iter().zip(&out.dense).zip(&out.pruned).take(error_batches(acts)) {
         let (x, yd, yp) = (fetch(x)?.to_dtype(DType::F32)?, fetch(yd)?, fetch(yp)?);
-        num += (&yp - &yd)?.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        den += (yd - x)?.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let sum = |t: Tensor| -> Result<f64> { Ok(sum_by_rows(&t.sqr()?)?.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+        num += sum((&yp - &yd)?)?;
+        den += sum((yd - x)?)?;
     }
     Ok(num / den.max(f64::MIN_POSITIVE))
 }
@@ -765,19 +766,9 @@ fn prune_on_host(dense: &Tensor, stats: Option<&OpStats>, method: &dyn Method, p
 /// device, as the host measures them (`C` and `K` as [`OpStats::target`] and [`OpStats::problem`] make them):
 /// only the two numbers come back, where the host's way took five products of the operator's size down and up.
 fn errors_on_device(st: &OpStats, w: &Tensor, pw: &Tensor) -> Result<(f64, f64)> {
-    let dev = w.device();
-    let up = |m: &faer::Mat<f32>| crate::linalg::mat_to_device(m, dev);
     let w = w.to_dtype(DType::F32)?;
-    let g = up(st.gram()?)?;
-    let (c, k) = match &st.outputs {
-        Some((c, k)) => (up(c)?, *k),
-        None => {
-            // K = ‖W X‖² = Σ w (w XᵀX), each term in f32, summed in f64.
-            let wd = w.matmul(&up(st.dense()?)?)?;
-            let k = (&w * wd)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
-            (w.matmul(&up(st.cross()?)?)?, k)
-        }
-    };
+    let g = crate::linalg::mat_to_device(st.gram()?, w.device())?;
+    let (c, k) = st.target_on_device(&w)?;
     let (c2, base) = ((c * 2.0)?, k.max(f64::MIN_POSITIVE));
     let error = |x: &Tensor| super::side::error_on_device(x, &x.matmul(&g)?, &c2, k);
     let masked = pw.eq(0f32)?.where_cond(&w.zeros_like()?, &w)?;

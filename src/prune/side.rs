@@ -11,20 +11,24 @@ use anyhow::Result;
 use candle_core::{DType, Tensor};
 use faer::Mat;
 
-use super::fista::{HardThreshold, Problem, Steps};
+use super::fista::{Facts, HardThreshold, Problem, Steps};
 use super::mask::{Mask, Pattern};
 
-/// One side's arithmetic on an operator's [`Problem`].
+/// One side's arithmetic on an operator: its matrices there, and the [`Facts`] both sides share.
 pub trait Side {
     /// An `(m, n)` f32 matrix of the operator's shape: weights, or their product with `G*`.
     type W: Clone;
     /// A mask of that shape (pruned: true, or 1).
     type M: Clone;
 
+    /// The operator's shape, `K`, `G*` on the host, the dense weight's scale.
+    fn facts(&self) -> &Facts<'_>;
     /// A host matrix here.
     fn load(&self, w: &Mat<f32>) -> Result<Self::W>;
     /// A matrix here on the host.
     fn store(&self, w: &Self::W) -> Result<Mat<f32>>;
+    /// The zeros of each row of `w`.
+    fn zeros_per_row(&self, w: &Self::W) -> Result<Vec<usize>>;
     /// The hard threshold `h` of `w`, and its mask.
     fn threshold(&self, h: &HardThreshold, w: &Self::W) -> Result<(Self::W, Self::M)>;
     /// `w G*`.
@@ -64,11 +68,24 @@ pub struct Searched<W, M> {
 }
 
 /// The host: faer matrices, the host's functions.
-pub struct Host<'a>(pub &'a Problem<'a>);
+pub struct Host<'a> {
+    p: &'a Problem<'a>,
+    facts: Facts<'a>,
+}
+
+impl<'a> Host<'a> {
+    pub fn new(p: &'a Problem<'a>) -> Self {
+        Self { p, facts: p.facts() }
+    }
+}
 
 impl Side for Host<'_> {
     type W = Mat<f32>;
     type M = Mask;
+
+    fn facts(&self) -> &Facts<'_> {
+        &self.facts
+    }
 
     fn load(&self, w: &Mat<f32>) -> Result<Mat<f32>> {
         Ok(w.clone())
@@ -78,28 +95,32 @@ impl Side for Host<'_> {
         Ok(w.clone())
     }
 
+    fn zeros_per_row(&self, w: &Mat<f32>) -> Result<Vec<usize>> {
+        Ok((0..w.nrows()).map(|i| (0..w.ncols()).filter(|&j| w[(i, j)] == 0.0).count()).collect())
+    }
+
     fn threshold(&self, h: &HardThreshold, w: &Mat<f32>) -> Result<(Mat<f32>, Mask)> {
         Ok(h.apply(w))
     }
 
     fn times_g(&self, w: &Mat<f32>) -> Result<Mat<f32>> {
-        crate::linalg::product(w, self.0.g)
+        crate::linalg::product(w, self.p.g)
     }
 
     fn error(&self, w: &Mat<f32>, wg: &Mat<f32>) -> Result<f64> {
-        Ok(self.0.error_with(w, wg))
+        Ok(self.p.error_with(w, wg))
     }
 
     fn row_errors(&self, w: &Mat<f32>, wg: &Mat<f32>) -> Result<Vec<f64>> {
-        Ok(super::swap::row_errors(w, wg, self.0.c))
+        Ok(super::swap::row_errors(w, wg, self.p.c))
     }
 
     fn fista(&self, w0: &Mat<f32>, s: Steps) -> Result<(Mat<f32>, usize)> {
-        Ok(super::fista::fista_host(self.0, w0, s))
+        Ok(super::fista::fista_host(self.p, w0, s))
     }
 
     fn refit(&self, w: &Mat<f32>, wg: Option<Mat<f32>>, pruned: &Mask, iters: usize) -> Result<(Mat<f32>, Mat<f32>)> {
-        super::fista::refit(self.0, w, wg, pruned, iters)
+        super::fista::refit(self.p, w, wg, pruned, iters)
     }
 
     fn search(
@@ -110,7 +131,7 @@ impl Side for Host<'_> {
         pattern: Pattern,
         cap: usize,
     ) -> Result<Searched<Mat<f32>, Mask>> {
-        Ok(super::swap::search_host(self.0, w, wg, pruned, pattern, cap))
+        Ok(super::swap::search_host(self.p.g, self.p.c, w, wg, pruned, pattern, cap))
     }
 
     fn rows(&self, take: &[bool], a: &Mat<f32>, b: &Mat<f32>) -> Result<Mat<f32>> {
@@ -141,7 +162,7 @@ fn terms(w: &Tensor, wg: &Tensor, c2: &Tensor) -> Result<Tensor> {
 
 /// The run's device: tensors there (masks as u8), `G*` and `C` held there for the operator.
 pub struct OnDevice<'a> {
-    pub p: &'a Problem<'a>,
+    facts: Facts<'a>,
     g: Tensor,
     c: Tensor,
     /// `2 C`, for the errors.
@@ -153,8 +174,13 @@ impl<'a> OnDevice<'a> {
     pub fn new(p: &'a Problem<'a>) -> Result<Self> {
         let dev = crate::device::current();
         let (g, c) = (crate::linalg::mat_to_device(p.g, dev)?, crate::linalg::mat_to_device(p.c, dev)?);
+        Self::of(p.facts(), g, c)
+    }
+
+    /// An operator whose `G*` and `C` are on the device already.
+    pub fn of(facts: Facts<'a>, g: Tensor, c: Tensor) -> Result<Self> {
         let c2 = (&c * 2.0)?;
-        Ok(Self { p, g, c, c2 })
+        Ok(Self { facts, g, c, c2 })
     }
 
     /// `take` as a `(m, 1)` u8 column, to choose rows by.
@@ -168,12 +194,20 @@ impl Side for OnDevice<'_> {
     type W = Tensor;
     type M = Tensor;
 
+    fn facts(&self) -> &Facts<'_> {
+        &self.facts
+    }
+
     fn load(&self, w: &Mat<f32>) -> Result<Tensor> {
         crate::linalg::mat_to_device(w, crate::device::current())
     }
 
     fn store(&self, w: &Tensor) -> Result<Mat<f32>> {
         crate::linalg::tensor_to_mat(w)
+    }
+
+    fn zeros_per_row(&self, w: &Tensor) -> Result<Vec<usize>> {
+        Ok(super::device_mask::row_counts(&w.eq(0f32)?)?.into_iter().map(|c| c as usize).collect())
     }
 
     fn threshold(&self, h: &HardThreshold, w: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -185,7 +219,7 @@ impl Side for OnDevice<'_> {
     }
 
     fn error(&self, w: &Tensor, wg: &Tensor) -> Result<f64> {
-        error_on_device(w, wg, &self.c2, self.p.k)
+        error_on_device(w, wg, &self.c2, self.facts.k)
     }
 
     fn row_errors(&self, w: &Tensor, wg: &Tensor) -> Result<Vec<f64>> {
@@ -194,7 +228,7 @@ impl Side for OnDevice<'_> {
     }
 
     fn fista(&self, w0: &Tensor, s: Steps) -> Result<(Tensor, usize)> {
-        super::fista::fista_on_device(self.p, w0, s)
+        super::fista::fista_on_device(&self.g, &self.c, w0, s)
     }
 
     fn refit(&self, w: &Tensor, wg: Option<Tensor>, pruned: &Tensor, iters: usize) -> Result<(Tensor, Tensor)> {
@@ -211,13 +245,13 @@ impl Side for OnDevice<'_> {
         cap: usize,
     ) -> Result<Searched<Tensor, Tensor>> {
         #[cfg(feature = "cuda")]
-        if let Some(found) = super::swap::search_on_gpu(self.p, &self.g, &self.c, wg, w, pruned, pattern, cap)? {
+        if let Some(found) = super::swap::search_on_gpu(self.facts.g, &self.g, &self.c, wg, w, pruned, pattern, cap)? {
             return Ok(found);
         }
         // Elsewhere (the device path on the CPU, or N:M groups too wide for the kernel): the host's search.
-        let (wm, wgm) = (self.store(w)?, self.store(wg)?);
+        let (wm, wgm, cm) = (self.store(w)?, self.store(wg)?, self.store(&self.c)?);
         let pm = super::device_mask::to_host(pruned)?;
-        let s = super::swap::search_host(self.p, &wm, &wgm, &pm, pattern, cap);
+        let s = super::swap::search_host(self.facts.g, &cm, &wm, &wgm, &pm, pattern, cap);
         let pruned = super::device_mask::from_host(&s.pruned, crate::device::current())?;
         Ok(Searched { w: self.load(&s.w)?, pruned, made: s.made, flops: s.flops })
     }

@@ -189,7 +189,7 @@ fn device_add(acc: &mut Option<Tensor>, x: &Tensor, y: &Tensor) -> Result<()> {
 /// `Σ y²` over a tensor, in f64.
 pub fn sum_squares(y: &Tensor) -> Result<f64> {
     if !y.device().is_cpu() {
-        return Ok(y.to_dtype(candle_core::DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?);
+        return Ok(crate::linalg::sum_by_rows(&y.to_dtype(candle_core::DType::F64)?.sqr()?)?.to_scalar::<f64>()?);
     }
     with_f32(y, |ys| ys.iter().map(|&v| v as f64 * v as f64).sum())
 }
@@ -315,6 +315,18 @@ impl OpStats {
             return Ok(c.clone());
         }
         crate::linalg::product(w, self.cross()?)
+    }
+
+    /// [`Self::target`] and `K` for the dense f32 weight `w` where it is, on the run's device: `K = ‖W X‖² =
+    /// Σ w (w XᵀX)`, each term in f32, summed in f64.
+    pub fn target_on_device(&self, w: &candle_core::Tensor) -> Result<(candle_core::Tensor, f64)> {
+        let up = |m: &Mat<f32>| crate::linalg::mat_to_device(m, w.device());
+        if let Some((c, k)) = &self.outputs {
+            return Ok((up(c)?, *k));
+        }
+        let wd = w.matmul(&up(self.dense()?)?)?;
+        let k = crate::linalg::sum_by_rows(&(w * wd)?.to_dtype(candle_core::DType::F64)?)?.to_scalar::<f64>()?;
+        Ok((w.matmul(&up(self.cross()?)?)?, k))
     }
 }
 

@@ -18,7 +18,6 @@ use faer::Mat;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::fista::Problem;
 use super::mask::{Mask, Pattern};
 use super::side::{Searched, Side};
 
@@ -64,7 +63,7 @@ impl<'a> Row<'a> {
     /// Row `i` of `w` (with `wg = w G*`), its mask taken from `pruned`.
     #[allow(clippy::too_many_arguments)]
     fn of(
-        p: &Problem<'a>,
+        (g, c): (&'a Mat<f32>, &Mat<f32>),
         gd: &'a [f32],
         inv_gd: &'a [f32],
         w: &Mat<f32>,
@@ -74,11 +73,11 @@ impl<'a> Row<'a> {
     ) -> Self {
         let n = w.ncols();
         Row {
-            g: p.g,
+            g,
             gd,
             inv_gd,
             w: (0..n).map(|j| w[(i, j)]).collect(),
-            r: (0..n).map(|j| wg[(i, j)] - p.c[(i, j)]).collect(),
+            r: (0..n).map(|j| wg[(i, j)] - c[(i, j)]).collect(),
             free: (0..n).map(|j| if pruned[(i, j)] { 1.0 } else { 0.0 }).collect(),
             flops: 0.0,
         }
@@ -222,7 +221,8 @@ struct Found {
 /// What a round's search starts from: the operator, `G*`'s diagonal (kept off zero) and its inverse, the
 /// weights with `w G*` and their mask, the pattern, and the most swaps a row may make.
 struct Round<'a> {
-    p: &'a Problem<'a>,
+    g: &'a Mat<f32>,
+    c: &'a Mat<f32>,
     gd: &'a [f32],
     inv_gd: &'a [f32],
     w: &'a Mat<f32>,
@@ -237,7 +237,7 @@ fn search(r: &Round) -> Vec<Found> {
     (0..r.w.nrows())
         .into_par_iter()
         .map(|i| {
-            let mut row = Row::of(r.p, r.gd, r.inv_gd, r.w, r.wg, r.pruned, i);
+            let mut row = Row::of((r.g, r.c), r.gd, r.inv_gd, r.w, r.wg, r.pruned, i);
             let made = row.improve(r.pattern, r.cap);
             Found { made, flops: row.flops, row: (made > 0).then_some((row.w, row.free)) }
         })
@@ -246,15 +246,16 @@ fn search(r: &Round) -> Vec<Found> {
 
 /// [`Side::search`] on the host: every row's search, the rows that made swaps put in place.
 pub(super) fn search_host(
-    p: &Problem,
+    g: &Mat<f32>,
+    c: &Mat<f32>,
     w: &Mat<f32>,
     wg: &Mat<f32>,
     pruned: &Mask,
     pattern: Pattern,
     cap: usize,
 ) -> Searched<Mat<f32>, Mask> {
-    let (gd, inv_gd) = diagonal(p.g);
-    let found = search(&Round { p, gd: &gd, inv_gd: &inv_gd, w, wg, pruned, pattern, cap });
+    let (gd, inv_gd) = diagonal(g);
+    let found = search(&Round { g, c, gd: &gd, inv_gd: &inv_gd, w, wg, pruned, pattern, cap });
     let (mut sw, mut sm) = (w.clone(), pruned.clone());
     for (i, f) in found.iter().enumerate() {
         if let Some((row_w, row_free)) = &f.row {
@@ -305,10 +306,10 @@ fn kernel_g_of(g: &candle_core::Tensor) -> anyhow::Result<candle_core::Tensor> {
 
 #[cfg(test)]
 impl Kernel {
-    fn new(&Round { p, gd, inv_gd, w, wg, pruned, pattern, cap }: &Round) -> Self {
+    fn new(&Round { c, gd, inv_gd, w, wg, pruned, pattern, cap, .. }: &Round) -> Self {
         use crate::linalg::row_major;
         let mut r = row_major(wg.as_ref(), |x| x);
-        r.par_iter_mut().zip(row_major(p.c.as_ref(), |x| x)).for_each(|(r, c)| *r -= c);
+        r.par_iter_mut().zip(row_major(c.as_ref(), |x| x)).for_each(|(r, c)| *r -= c);
         Kernel {
             m: w.nrows(),
             n: w.ncols(),
@@ -350,7 +351,7 @@ impl Kernel {
 #[cfg(feature = "cuda")]
 #[allow(clippy::type_complexity, clippy::too_many_arguments)]
 pub(super) fn search_on_gpu(
-    p: &Problem,
+    g_host: &Mat<f32>,
     g: &candle_core::Tensor,
     c: &candle_core::Tensor,
     wg: &candle_core::Tensor,
@@ -377,7 +378,7 @@ pub(super) fn search_on_gpu(
     let (gs, gl) = gt.storage_and_layout();
     let Storage::Cuda(gs) = &*gs else { anyhow::bail!("G* is not on the GPU") };
     let g_all = gs.as_cuda_slice::<f32>()?.slice(gl.start_offset()..gl.start_offset() + n * n);
-    let (gd, inv_gd) = diagonal(p.g);
+    let (gd, inv_gd) = diagonal(g_host);
     let (gd, inv_gd) = (dev.clone_htod(&gd)?, dev.clone_htod(&inv_gd)?);
     let (mut wv, mut rv, mut free) = (own(w)?, own(&(wg - c)?)?, own(pruned)?);
     let (mut made, mut flops) = (dev.alloc_zeros::<i32>(m)?, dev.alloc_zeros::<f64>(m)?);
@@ -415,7 +416,6 @@ pub(super) fn search_on_gpu(
 #[allow(clippy::too_many_arguments)]
 pub fn refine<S: Side>(
     side: &S,
-    p: &Problem,
     mut w: S::W,
     mut wg: S::W,
     mut pruned: S::M,
@@ -423,8 +423,8 @@ pub fn refine<S: Side>(
     rounds: usize,
     refit_iters: usize,
 ) -> anyhow::Result<(S::W, S::M, Vec<SwapRound>)> {
-    let (m, n) = p.w.shape();
-    let base = p.k.max(f64::MIN_POSITIVE);
+    let ((m, n), k) = (side.facts().shape, side.facts().k);
+    let base = k.max(f64::MIN_POSITIVE);
     // Swaps per row and round: unstructured, a share of the row (the re-fit between rounds moves the rest);
     // N:M, sweeps over the groups.
     let cap = match pattern {
@@ -432,7 +432,7 @@ pub fn refine<S: Side>(
         Pattern::Unstructured(_) => n.div_ceil(16),
     };
     let mut err = side.row_errors(&w, &wg)?;
-    let total = |err: &[f64]| (err.iter().sum::<f64>() + p.k).max(0.0) / base;
+    let total = |err: &[f64]| (err.iter().sum::<f64>() + k).max(0.0) / base;
     let mut report = Vec::new();
     for _ in 0..rounds {
         let found = side.search(&w, &wg, &pruned, pattern, cap)?;
@@ -467,7 +467,7 @@ pub fn refine<S: Side>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::prune::fista::{matmul, refit};
+    use crate::prune::fista::{Problem, matmul, refit};
     use crate::prune::mask;
     use crate::prune::side::{Host, OnDevice};
     use faer::Accum;
@@ -519,7 +519,7 @@ mod tests {
             let vg = matmul(v.as_ref(), g.as_ref());
             (0..n).map(|j| vg[(0, j)] - c[(0, j)]).collect::<Vec<f32>>()
         };
-        let mut row = Row::of(&p, &gd, &inv_gd, &start, &matmul(start.as_ref(), g.as_ref()), &pruned, 0);
+        let mut row = Row::of((&g, &c), &gd, &inv_gd, &start, &matmul(start.as_ref(), g.as_ref()), &pruned, 0);
         let e0 = errors(&p, &start)[0];
         let scale = e0.abs().max(k);
         let (mut tried, mut lower) = (0, 0);
@@ -572,7 +572,7 @@ mod tests {
             let pruned = mask::select(&w, pattern, true);
             let start = mask::zeroed(&w, &pruned);
             let (gd, inv_gd) = diagonal(&g);
-            let mut row = Row::of(&p, &gd, &inv_gd, &start, &matmul(start.as_ref(), g.as_ref()), &pruned, 0);
+            let mut row = Row::of((&g, &c), &gd, &inv_gd, &start, &matmul(start.as_ref(), g.as_ref()), &pruned, 0);
             let made = row.improve(pattern, 1000);
             let end = Mat::from_fn(1, n, |_, j| row.w[j]);
             let e = errors(&p, &end)[0];
@@ -627,8 +627,17 @@ mod tests {
                 Pattern::NM { .. } => 4,
                 Pattern::Unstructured(_) => n.div_ceil(16),
             };
-            let round =
-                Round { p: &p, gd: &gd, inv_gd: &inv_gd, w: &start, wg: &start_g, pruned: &pruned, pattern, cap };
+            let round = Round {
+                g: &g,
+                c: &c,
+                gd: &gd,
+                inv_gd: &inv_gd,
+                w: &start,
+                wg: &start_g,
+                pruned: &pruned,
+                pattern,
+                cap,
+            };
             let host = search(&round);
             let kern = Kernel::new(&round);
             let mut input = bytes(&[m as i32, n as i32, kern.group, kern.cap], i32::to_le_bytes);
@@ -676,9 +685,9 @@ mod tests {
         for pattern in [Pattern::Unstructured(0.5), Pattern::NM { n: 2, m: 4 }] {
             let ((w, g, c, k), pruned, start, start_g) = swap_start(pattern, 3);
             let p = Problem { w: &w, g: &g, c: &c, k };
-            let side = Host(&p);
+            let side = Host::new(&p);
             let (out, out_mask, rounds) =
-                refine(&side, &p, start.clone(), start_g, pruned.clone(), pattern, 5, 60).unwrap();
+                refine(&side, start.clone(), start_g, pruned.clone(), pattern, 5, 60).unwrap();
             let (before, after) = (errors(&p, &start), errors(&p, &out));
             for i in 0..6 {
                 assert!(after[i] <= before[i], "{pattern:?} row {i}: {} > {}", after[i], before[i]);
@@ -708,11 +717,11 @@ mod tests {
             let ((w, g, c, k), pruned, start, start_g) = swap_start(pattern, 7);
             let p = Problem { w: &w, g: &g, c: &c, k };
             let (hw, hm, hr) =
-                refine(&Host(&p), &p, start.clone(), start_g.clone(), pruned.clone(), pattern, 3, 20).unwrap();
+                refine(&Host::new(&p), start.clone(), start_g.clone(), pruned.clone(), pattern, 3, 20).unwrap();
             let up = |m: &Mat<f32>| crate::linalg::mat_to_tensor(m).unwrap();
             let mask = crate::prune::device_mask::from_host(&pruned, &candle_core::Device::Cpu).unwrap();
             let dev = OnDevice::new(&p).unwrap();
-            let (dw, dm, dr) = refine(&dev, &p, up(&start), up(&start_g), mask, pattern, 3, 20).unwrap();
+            let (dw, dm, dr) = refine(&dev, up(&start), up(&start_g), mask, pattern, 3, 20).unwrap();
             let (dw, dm) =
                 (crate::linalg::tensor_to_mat(&dw).unwrap(), crate::prune::device_mask::to_host(&dm).unwrap());
             assert!(hr[0].proposed > 0, "{pattern:?}: no swaps to compare");
