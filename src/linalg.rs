@@ -155,6 +155,8 @@ pub fn tensor_non_finite(t: &Tensor) -> Result<Option<(usize, usize)>> {
 /// A `(rows, cols)` f32 tensor as a faer matrix.
 pub fn tensor_to_mat(t: &Tensor) -> Result<faer::Mat<f32>> {
     let (r, c) = t.dims2()?;
+    #[cfg(test)]
+    MOVED.with_borrow_mut(|m| m.push((r, c)));
     with_f32(t, |s| mat_from_fn(r, c, |i, j| s[i * c + j]))
 }
 
@@ -284,6 +286,8 @@ pub fn mat_to_device(m: &faer::Mat<f32>, device: &Device) -> Result<Tensor> {
         return Ok(t);
     }
     UPLOADS.set(UPLOADS.get() + 1);
+    #[cfg(test)]
+    MOVED.with_borrow_mut(|v| v.push(m.shape()));
     let t = mat_to_tensor(m)?.to_device(device)?;
     RESIDENT.with_borrow_mut(|r| r.iter_mut().filter(|e| e.0 == key).for_each(|e| e.1 = Some(t.clone())));
     Ok(t)
@@ -301,6 +305,9 @@ thread_local! {
     static RESIDENT: std::cell::RefCell<Vec<(ResidentKey, Option<Tensor>)>> = const { std::cell::RefCell::new(Vec::new()) };
     /// [`mat_to_device`]'s copies made on this thread, for the tests.
     static UPLOADS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// The shapes of the matrices [`mat_to_device`] and [`tensor_to_mat`] moved on this thread, for the tests.
+    #[cfg(test)]
+    pub static MOVED: std::cell::RefCell<Vec<(usize, usize)>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Run `f` with each of `ms` copied to the device at most once, however often [`mat_to_device`] (on this

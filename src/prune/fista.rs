@@ -1204,6 +1204,39 @@ mod tests {
         assert!(est >= top * (1.0 - 1e-4) && est <= top * 1.02, "{est} vs {top}");
     }
 
+    /// FISTAPruner's device verb (here on the CPU's tensors) moves no `m × n` matrix between host and device:
+    /// SparseGPT's warm start, `C` and `K`, the solve and the re-fit stay there; only the statistics go up
+    /// (`n × n`). Its result is the host verb's to f32 rounding, on the pattern. (Swaps apart: on the CPU their
+    /// search is the host's, a GPU's kernel reads tensors.)
+    #[test]
+    fn the_device_verb_moves_no_weight_matrix() {
+        use crate::linalg::{MOVED, mat_to_tensor, tensor_to_mat};
+        let (m, n, tokens) = (6, 32, 120);
+        let mut r = Rng(31);
+        let w = Mat::from_fn(m, n, |_, _| r.next());
+        let x = Mat::from_fn(tokens, n, |_, _| r.next());
+        let xs = Mat::from_fn(tokens, n, |t, j| x[(t, j)] + 0.1 * r.next());
+        let gram = |a: &Mat<f32>, b: &Mat<f32>| matmul(a.transpose(), b.as_ref());
+        let st = OpStats { cross: Some(gram(&x, &xs)), dense: Some(gram(&x, &x)), ..OpStats::of_gram(gram(&xs, &xs)) };
+        let mut o = MethodOptions::default();
+        o.fista.swap_rounds = 0;
+        o.sparsegpt.blocksize = 8; // blocks of 6 × 8, which the CPU sweeps on the host
+        let method = build(&o).unwrap();
+        let pattern = Pattern::Unstructured(0.5);
+        let dense = mat_to_tensor(&w).unwrap();
+        MOVED.with_borrow_mut(|v| v.clear());
+        let on = method.prune_on_device(&dense, Some(&st), pattern).unwrap().expect("a device verb");
+        let moved = MOVED.with_borrow(|v| v.clone());
+        assert!(!moved.contains(&(m, n)), "m × n matrices crossed: {moved:?}");
+        assert!(moved.contains(&(n, n)), "the statistics did not go up: {moved:?}");
+        let host = method.prune(&w, Some(&st), pattern).unwrap();
+        let error = |d: &Option<serde_json::Value>| d.as_ref().unwrap()["error"].as_f64().unwrap();
+        let (a, b) = (error(&on.details), error(&host.details));
+        assert!((a - b).abs() <= 1e-4 * b, "device {a} vs host {b}");
+        let on = tensor_to_mat(&on.w).unwrap();
+        mask::verify(&on, pattern, on.nrows()).unwrap();
+    }
+
     #[test]
     fn warm_rows_keep_the_warm_starts_zeros_per_row() {
         let (w, g, c, k) = problem(6, 16, 120, 11);

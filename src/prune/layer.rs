@@ -598,9 +598,10 @@ pub fn prune_layer(
                     Ok((st, tokens * per_token))
                 })
                 .with_context(|| format!("decoder layer {i}"))?;
-            // The group's operators share `G*`: one copy of it on the device for all of them (methods and reports).
+            // The group's operators share its statistics: one copy of each on the device for all of them (methods
+            // and reports).
             operators.extend(ledger.prune(|| {
-                crate::linalg::with_resident(&st.gram.iter().collect::<Vec<_>>(), || {
+                crate::linalg::with_resident(&st.matrices(), || {
                     group.iter().map(|n| prune_operator(work.as_mut(), i, n, Some(&st), method, pattern)).collect()
                 })
             })?);
@@ -624,7 +625,7 @@ pub fn prune_layer(
         operators = ledger.prune(|| {
             let mut ops = Vec::new();
             for (group, st) in groups.iter().zip(&stats) {
-                crate::linalg::with_resident(&st.gram.iter().collect::<Vec<_>>(), || -> Result<()> {
+                crate::linalg::with_resident(&st.matrices(), || -> Result<()> {
                     for n in group.iter() {
                         ops.push(prune_operator(work.as_mut(), i, n, Some(st), method, pattern)?);
                     }

@@ -244,6 +244,12 @@ impl OpStats {
         Self { gram: None, square_sums: Some(sums), cross: None, dense: None, outputs: None }
     }
 
+    /// The matrices it holds, to keep on the device while an operator group uses them.
+    pub fn matrices(&self) -> Vec<&Mat<f32>> {
+        let outputs = self.outputs.as_ref().map(|o| &o.0);
+        [self.gram.as_ref(), self.cross.as_ref(), self.dense.as_ref(), outputs].into_iter().flatten().collect()
+    }
+
     /// `G*`, or an error where only the features' norms were collected.
     pub fn gram(&self) -> Result<&Mat<f32>> {
         self.gram
