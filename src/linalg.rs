@@ -315,6 +315,12 @@ thread_local! {
 /// power iteration and the report's errors, and a 7B model's down_proj `G*` is 485 MB. Sound because `ms` are borrowed until
 /// `f` returns, so they neither change nor move, and no other matrix can lie where they do.
 pub fn with_resident<R>(ms: &[&faer::Mat<f32>], f: impl FnOnce() -> R) -> R {
+    with_resident_copies(&ms.iter().map(|&m| (m, None)).collect::<Vec<_>>(), f)
+}
+
+/// [`with_resident`], with the device copy of a matrix where the caller has one already (the same values: a
+/// sum made on the device and brought to the host), so that it does not go up at all.
+pub fn with_resident_copies<R>(ms: &[(&faer::Mat<f32>, Option<&Tensor>)], f: impl FnOnce() -> R) -> R {
     /// Closes the scope, also when `f` panics.
     struct Scope(usize);
     impl Drop for Scope {
@@ -324,7 +330,7 @@ pub fn with_resident<R>(ms: &[&faer::Mat<f32>], f: impl FnOnce() -> R) -> R {
     }
     let _scope = Scope(RESIDENT.with_borrow_mut(|r| {
         let open = r.len();
-        r.extend(ms.iter().map(|m| (resident_key(m), None)));
+        r.extend(ms.iter().map(|(m, t)| (resident_key(m), t.cloned())));
         open
     }));
     f()

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::Method;
 use super::mask::{self, Pattern};
 use super::pipeline::{LayerInputs, PipelineOptions};
-use super::stats::{Cross, Gram, OpStats, SquareSums, outlier_token_scales, sum_squares};
+use super::stats::{Copies, Cross, Gram, OpStats, SquareSums, outlier_token_scales, sum_squares};
 use crate::device::{Stashed, fetch, stash};
 use crate::linalg::{mat_to_tensor, matmul_nt, sum_by_rows, tensor_to_mat};
 use crate::model::{CausalLm, DecoderLayer, LayerContext};
@@ -228,6 +228,11 @@ fn error_batches(acts: &[Stashed]) -> usize {
         .count()
 }
 
+/// A finished sum that may be missing, and its device copy.
+fn split<T>(sum: Option<(T, Option<Tensor>)>) -> (Option<T>, Option<Tensor>) {
+    sum.map_or((None, None), |(s, c)| (Some(s), c))
+}
+
 /// See [`LayerReport::output_rel_error`]: from the layers' outputs on the first batches of `acts`.
 fn output_error(acts: &[Stashed], out: &Outputs) -> Result<f64> {
     let (mut num, mut den) = (0f64, 0f64);
@@ -331,7 +336,10 @@ fn collect_dense(
         .zip(groups.iter())
         .map(|(s, names)| {
             let st = match s.ok_or_else(|| anyhow!("no statistics were collected for {}", names[0]))? {
-                Sums::Gram(g) => OpStats::of_gram(g.finish()?),
+                Sums::Gram(g) => {
+                    let (gram, copy) = g.finish_summed()?;
+                    OpStats { copies: Copies { gram: copy, ..Default::default() }, ..OpStats::of_gram(gram) }
+                }
                 Sums::Squares(s) => OpStats::of_square_sums(s.finish()?),
             };
             st.check_finite(&format!("input of {}", names.join(", ")))?;
@@ -463,12 +471,15 @@ impl Correction<'_> {
         }
         self.prev = next;
         let g = gram.ok_or_else(|| anyhow!("no calibration batches"))?;
-        let (cross, outputs) = match via {
-            Some(_) => (None, cross.map(Cross::finish).transpose()?.map(|c| (c, k))),
-            None => (cross.map(Cross::finish).transpose()?, None),
+        let (cross, cross_copy) = split(cross.map(Cross::finish_summed).transpose()?);
+        let (dgram, dense_copy) = split(dgram.map(Gram::finish_summed).transpose()?);
+        let (gram, gram_copy) = g.finish_summed()?;
+        let (cross, outputs, copies) = match via {
+            Some(_) => (None, cross.map(|c| (c, k)), Copies { outputs: cross_copy, ..Default::default() }),
+            None => (cross, None, Copies { cross: cross_copy, ..Default::default() }),
         };
-        let st =
-            OpStats { cross, dense: dgram.map(Gram::finish).transpose()?, outputs, ..OpStats::of_gram(g.finish()?) };
+        let copies = Copies { gram: gram_copy, dense: dense_copy, ..copies };
+        let st = OpStats { cross, dense: dgram, outputs, copies, ..OpStats::of_gram(gram) };
         st.check_finite(&format!("input of {}", dense.input_groups()[gi].join(", ")))?;
         Ok((st, stepped.get()))
     }
@@ -601,7 +612,7 @@ pub fn prune_layer(
             // The group's operators share its statistics: one copy of each on the device for all of them (methods
             // and reports).
             operators.extend(ledger.prune(|| {
-                crate::linalg::with_resident(&st.matrices(), || {
+                crate::linalg::with_resident_copies(&st.matrices(), || {
                     group.iter().map(|n| prune_operator(work.as_mut(), i, n, Some(&st), method, pattern)).collect()
                 })
             })?);
@@ -624,10 +635,11 @@ pub fn prune_layer(
             .with_context(|| format!("decoder layer {i}"))?;
         operators = ledger.prune(|| {
             let mut ops = Vec::new();
-            for (group, st) in groups.iter().zip(&stats) {
-                crate::linalg::with_resident(&st.matrices(), || -> Result<()> {
+            // Each group's statistics, and their copies on the device, go when its operators are pruned.
+            for (group, st) in groups.iter().zip(stats) {
+                crate::linalg::with_resident_copies(&st.matrices(), || -> Result<()> {
                     for n in group.iter() {
-                        ops.push(prune_operator(work.as_mut(), i, n, Some(st), method, pattern)?);
+                        ops.push(prune_operator(work.as_mut(), i, n, Some(&st), method, pattern)?);
                     }
                     Ok(())
                 })?;
