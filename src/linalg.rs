@@ -192,7 +192,12 @@ pub fn upper_inverse_cholesky(h: Tensor, block: usize) -> Result<Tensor> {
     let n = h.dim(0)?;
     ensure!(h.dims2()? == (n, n), "expected a square matrix, got {:?}", h.dims());
     let rev = Tensor::from_vec((0..n as u32).rev().collect::<Vec<_>>(), n, h.device())?;
-    let flip = |t: Tensor| -> Result<Tensor> { Ok(t.index_select(&rev, 0)?.index_select(&rev, 1)?) };
+    // Rows, then columns, the input dropped between: two n × n matrices at once, not three.
+    let flip = |t: Tensor| -> Result<Tensor> {
+        let rows = t.index_select(&rev, 0)?;
+        drop(t);
+        Ok(rows.index_select(&rev, 1)?)
+    };
     let l = cholesky_lower(flip(h)?, block)?;
     let x = invert_lower(&l, block)?;
     drop(l);

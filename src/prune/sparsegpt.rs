@@ -142,9 +142,13 @@ fn device_inverse_cholesky_upper(g: &Mat<f32>, add: Vec<f64>, dtype: FactorDtype
         FactorDtype::F64 => DType::F64,
         FactorDtype::F32 => DType::F32,
     };
-    let g = crate::linalg::mat_to_device(g, dev)?.to_dtype(DType::F64)?;
-    let add = Tensor::eye(n, DType::F64, dev)?.broadcast_mul(&Tensor::from_vec(add, (1, n), dev)?)?;
-    let h = (g + add)?.to_dtype(dt)?;
+    // `add` onto the diagonal of the flattened `G` (positions j (n + 1)): two n × n matrices at once, not four.
+    anyhow::ensure!(n * (n + 1) <= u32::MAX as usize, "sparsegpt: {n} inputs are too many for the device's factor");
+    let g = crate::linalg::mat_to_device(g, dev)?.to_dtype(DType::F64)?.flatten_all()?;
+    let diagonal = Tensor::from_vec((0..n).map(|j| (j * (n + 1)) as u32).collect::<Vec<_>>(), n, dev)?;
+    let h = g.index_add(&diagonal, &Tensor::from_vec(add, n, dev)?, 0)?;
+    drop(g);
+    let h = h.reshape((n, n))?.to_dtype(dt)?;
     let u = crate::linalg::upper_inverse_cholesky(h, 256)
         .map_err(|e| anyhow!("the damped Hessian is not positive definite ({e:#}); raise --percdamp"))?;
     Ok(u.to_dtype(DType::F32)?)
