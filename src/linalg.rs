@@ -186,8 +186,8 @@ pub fn row_major<T: Copy + Sync, U: Copy + Default + Send>(m: MatRef<T>, f: impl
 /// Both go in blocks of `block` columns: the diagonal blocks are factored and inverted on the host in f64,
 /// everything else is GEMMs on the device. candle's GEMM wants exact strides on the GPU, so every operand
 /// that is a view is made contiguous first. `h` is taken, and each `n × n` intermediate dropped as soon as the
-/// next exists: at most about three are held at once (for a 70B model's down_proj, 28,672 inputs, 6.6 GB each
-/// in f64).
+/// next exists: two are held at once (for a 70B model's down_proj, 28,672 inputs, 6.6 GB each in f64), and
+/// blocks of `block` columns or rows.
 pub fn upper_inverse_cholesky(h: Tensor, block: usize) -> Result<Tensor> {
     let n = h.dim(0)?;
     ensure!(h.dims2()? == (n, n), "expected a square matrix, got {:?}", h.dims());
@@ -204,61 +204,74 @@ pub fn upper_inverse_cholesky(h: Tensor, block: usize) -> Result<Tensor> {
     flip(x)
 }
 
-/// Lower `L` with `a = L Lᵀ`, right-looking by blocks of columns.
+/// Lower `L` with `a = L Lᵀ`, left-looking by blocks of columns, each written into `L` in place: with `a`, two
+/// `n × n` matrices at once (right-looking, the trailing update held three). A block's update takes `L`'s rows
+/// whole, contiguous as a GPU's product wants them; their columns not yet written are zero and add nothing.
 fn cholesky_lower(a: Tensor, block: usize) -> Result<Tensor> {
     let n = a.dim(0)?;
     let (dtype, device) = (a.dtype(), a.device().clone());
-    let mut trailing = a;
-    let mut columns = Vec::new();
+    let l = Tensor::zeros((n, n), dtype, &device)?;
     let mut k0 = 0;
     while k0 < n {
         let b = block.min(n - k0);
-        let rest = n - k0 - b;
-        let lkk = to_host_f64(&trailing.narrow(0, 0, b)?.narrow(1, 0, b)?)?
+        let below = n - k0;
+        // S = A[k0.., k0..k0+b] − L[k0.., ..k0] L[k0..k0+b, ..k0]ᵀ
+        let mut s = a.narrow(0, k0, below)?.narrow(1, k0, b)?.contiguous()?;
+        if k0 > 0 {
+            let done = l.narrow(0, k0, below)?;
+            s = (s - done.matmul(&l.narrow(0, k0, b)?.t()?)?)?;
+        }
+        let lkk = to_host_f64(&s.narrow(0, 0, b)?)?
             .llt(faer::Side::Lower)
             .map_err(|e| anyhow::anyhow!("the matrix is not positive definite near column {k0} ({e:?})"))?
             .L()
             .to_owned();
         // (No zero-sized tensors: not every device allocates them.)
-        let mut parts = Vec::new();
+        let mut column = Vec::new();
         if k0 > 0 {
-            parts.push(Tensor::zeros((k0, b), dtype, &device)?);
+            column.push(Tensor::zeros((k0, b), dtype, &device)?);
         }
-        parts.push(to_device_like(&lkk, &trailing)?);
-        if rest > 0 {
-            // L_rk = A_rk L_kk⁻ᵀ, and the trailing block loses L_rk L_rkᵀ.
-            let a_rk = trailing.narrow(0, b, rest)?.narrow(1, 0, b)?.contiguous()?;
-            let l_rk = a_rk.matmul(&to_device_like(&invert_lower_host(&lkk), &trailing)?.t()?)?;
-            trailing = (trailing.narrow(0, b, rest)?.narrow(1, b, rest)? - l_rk.matmul(&l_rk.t()?)?)?;
-            parts.push(l_rk);
+        column.push(to_device_like(&lkk, &l)?);
+        if below > b {
+            // L_rk = S_rk L_kk⁻ᵀ
+            let s_rk = s.narrow(0, b, below - b)?;
+            column.push(s_rk.matmul(&to_device_like(&invert_lower_host(&lkk), &l)?.t()?)?);
         }
-        columns.push(Tensor::cat(&parts, 0)?);
+        l.slice_set(&Tensor::cat(&column, 0)?, 1, k0)?;
         k0 += b;
     }
-    Ok(Tensor::cat(&columns, 1)?)
+    Ok(l)
 }
 
 /// `L⁻¹` of a lower triangular `l`, by blocks of rows: `X_ii = L_ii⁻¹` and `X_i,<i = −L_ii⁻¹ L_i,<i X_<i,<i`.
+/// `X` is filled in place, a block of rows at a time: with `l`, two `n × n` matrices at once (growing it by
+/// concatenation held three at the end: 20 GB in f64 for a 70B model's down_proj).
 fn invert_lower(l: &Tensor, block: usize) -> Result<Tensor> {
     let n = l.dim(0)?;
-    let mut done: Option<Tensor> = None; // X[..r0, ..r0]
+    ensure!(n > 0, "an empty matrix has no inverse");
+    let x = Tensor::zeros((n, n), l.dtype(), l.device())?;
     let mut r0 = 0;
     while r0 < n {
         let b = block.min(n - r0);
         let lii = to_host_f64(&l.narrow(0, r0, b)?.narrow(1, r0, b)?)?;
         let xii = to_device_like(&invert_lower_host(&lii), l)?;
-        done = Some(match done {
-            None => xii,
-            Some(x) => {
-                let li = l.narrow(0, r0, b)?.narrow(1, 0, r0)?.contiguous()?;
-                let xi = xii.matmul(&li.matmul(&x)?)?.neg()?;
-                let top = Tensor::cat(&[x, Tensor::zeros((r0, b), l.dtype(), l.device())?], 1)?;
-                Tensor::cat(&[top, Tensor::cat(&[xi, xii], 1)?], 0)?
-            }
-        });
+        // (No zero-sized tensors: not every device allocates them.)
+        let mut row = Vec::new();
+        if r0 > 0 {
+            // X's rows above, whole (contiguous, as a GPU's product takes them): zero beyond column r0, so the
+            // product's first r0 columns are X_i,<i.
+            let li = l.narrow(0, r0, b)?.narrow(1, 0, r0)?.contiguous()?;
+            let xi = xii.matmul(&li.matmul(&x.narrow(0, 0, r0)?)?)?.neg()?;
+            row.push(xi.narrow(1, 0, r0)?);
+        }
+        row.push(xii);
+        if r0 + b < n {
+            row.push(Tensor::zeros((b, n - r0 - b), l.dtype(), l.device())?);
+        }
+        x.slice_set(&Tensor::cat(&row, 1)?, 0, r0)?;
         r0 += b;
     }
-    done.ok_or_else(|| anyhow::anyhow!("an empty matrix has no inverse"))
+    Ok(x)
 }
 
 /// The inverse of a small lower triangular matrix, on the host.
