@@ -205,8 +205,8 @@ pub fn upper_inverse_cholesky(h: Tensor, block: usize) -> Result<Tensor> {
 }
 
 /// Lower `L` with `a = L Lᵀ`, left-looking by blocks of columns, each written into `L` in place: with `a`, two
-/// `n × n` matrices at once (right-looking, the trailing update held three). A block's update takes `L`'s rows
-/// whole, contiguous as a GPU's product wants them; their columns not yet written are zero and add nothing.
+/// `n × n` matrices at once and a copy of the columns done below the block (at most a quarter of one), where
+/// right-looking's trailing update held three.
 fn cholesky_lower(a: Tensor, block: usize) -> Result<Tensor> {
     let n = a.dim(0)?;
     let (dtype, device) = (a.dtype(), a.device().clone());
@@ -218,8 +218,8 @@ fn cholesky_lower(a: Tensor, block: usize) -> Result<Tensor> {
         // S = A[k0.., k0..k0+b] − L[k0.., ..k0] L[k0..k0+b, ..k0]ᵀ
         let mut s = a.narrow(0, k0, below)?.narrow(1, k0, b)?.contiguous()?;
         if k0 > 0 {
-            let done = l.narrow(0, k0, below)?;
-            s = (s - done.matmul(&l.narrow(0, k0, b)?.t()?)?)?;
+            let done = l.narrow(0, k0, below)?.narrow(1, 0, k0)?.contiguous()?;
+            s = (&s - done.matmul(&done.narrow(0, 0, b)?.t()?)?)?;
         }
         let lkk = to_host_f64(&s.narrow(0, 0, b)?)?
             .llt(faer::Side::Lower)
