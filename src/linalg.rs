@@ -134,10 +134,16 @@ pub fn first_non_finite(m: MatRef<f32>) -> Option<(usize, usize)> {
     (0..m.ncols()).into_par_iter().find_map_first(|j| (0..m.nrows()).find(|&i| !m[(i, j)].is_finite()).map(|i| (i, j)))
 }
 
-/// The sum of all of `t`'s elements (a 0-d tensor in its dtype), per row of its last dimension first:
-/// candle's CUDA sum to a single value is one thread block's work, one SM for the whole tensor (a 7B
-/// operator's outputs on a batch, 180 MB in f64: milliseconds), where a sum per row spreads over the GPU.
+/// The sum of all of `t`'s elements (a 0-d tensor in its dtype), off the CPU per row of its last dimension
+/// first ([`sum_rows_first`]): candle's CUDA sum to a single value is one thread block's work, one SM for the
+/// whole tensor (a 7B operator's outputs on a batch, 180 MB in f64: milliseconds), where a sum per row spreads
+/// over the GPU. On the CPU one sum, as before (the host path's reports to the bit).
 pub fn sum_by_rows(t: &Tensor) -> Result<Tensor> {
+    if t.device().is_cpu() { Ok(t.sum_all()?) } else { sum_rows_first(t) }
+}
+
+/// Each row's sum (rows of the last dimension), then theirs.
+fn sum_rows_first(t: &Tensor) -> Result<Tensor> {
     let cols = t.dims().last().copied().unwrap_or(1).max(1);
     Ok(t.reshape((t.elem_count() / cols, cols))?.sum_keepdim(1)?.sum_all()?)
 }
@@ -156,7 +162,7 @@ pub fn tensor_non_finite(t: &Tensor) -> Result<Option<(usize, usize)>> {
 pub fn tensor_to_mat(t: &Tensor) -> Result<faer::Mat<f32>> {
     let (r, c) = t.dims2()?;
     #[cfg(test)]
-    MOVED.with_borrow_mut(|m| m.push((r, c)));
+    MOVED.with_borrow_mut(|m| m.push(Moved::Down(r, c)));
     with_f32(t, |s| mat_from_fn(r, c, |i, j| s[i * c + j]))
 }
 
@@ -303,9 +309,8 @@ pub fn mat_to_device(m: &faer::Mat<f32>, device: &Device) -> Result<Tensor> {
     if let Some(t) = RESIDENT.with_borrow(|r| r.iter().filter(|e| e.0 == key).find_map(here)) {
         return Ok(t);
     }
-    UPLOADS.set(UPLOADS.get() + 1);
     #[cfg(test)]
-    MOVED.with_borrow_mut(|v| v.push(m.shape()));
+    MOVED.with_borrow_mut(|v| v.push(Moved::Up(m.nrows(), m.ncols())));
     let t = mat_to_tensor(m)?.to_device(device)?;
     RESIDENT.with_borrow_mut(|r| r.iter_mut().filter(|e| e.0 == key).for_each(|e| e.1 = Some(t.clone())));
     Ok(t)
@@ -318,14 +323,20 @@ fn resident_key(m: &faer::Mat<f32>) -> ResidentKey {
     (m.as_ptr() as usize, m.nrows(), m.ncols(), m.col_stride())
 }
 
+/// A matrix [`mat_to_device`] sent up or [`tensor_to_mat`] brought down (rows, columns), for the tests.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Moved {
+    Up(usize, usize),
+    Down(usize, usize),
+}
+
 thread_local! {
     /// The matrices of the open [`with_resident`] scopes, with their device copies once made.
     static RESIDENT: std::cell::RefCell<Vec<(ResidentKey, Option<Tensor>)>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// [`mat_to_device`]'s copies made on this thread, for the tests.
-    static UPLOADS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-    /// The shapes of the matrices [`mat_to_device`] and [`tensor_to_mat`] moved on this thread, for the tests.
+    /// The matrices [`mat_to_device`] and [`tensor_to_mat`] moved on this thread, for the tests.
     #[cfg(test)]
-    pub static MOVED: std::cell::RefCell<Vec<(usize, usize)>> = const { std::cell::RefCell::new(Vec::new()) };
+    pub static MOVED: std::cell::RefCell<Vec<Moved>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Run `f` with each of `ms` copied to the device at most once, however often [`mat_to_device`] (on this
@@ -811,7 +822,8 @@ mod tests {
         let a = faer::Mat::from_fn(3, 4, |i, j| (i * 4 + j) as f32);
         let b = faer::Mat::from_fn(3, 4, |i, j| (i + 2 * j) as f32);
         let up = |m: &faer::Mat<f32>| tensor_to_mat(&mat_to_device(m, &Device::Cpu).unwrap()).unwrap();
-        let start = UPLOADS.get();
+        let ups = || MOVED.with_borrow(|v| v.iter().filter(|m| matches!(m, Moved::Up(..))).count());
+        let start = ups();
         with_resident(&[&a], || {
             with_resident(&[&a], || assert_eq!(up(&a), a));
             for _ in 0..3 {
@@ -819,9 +831,25 @@ mod tests {
             }
             assert_eq!((up(&b), up(&b)), (b.clone(), b.clone()));
         });
-        assert_eq!(UPLOADS.get() - start, 3, "a once, b twice");
+        assert_eq!(ups() - start, 3, "a once, b twice");
         assert_eq!(up(&a), a);
-        assert_eq!(UPLOADS.get() - start, 4, "the scope outlived with_resident");
+        assert_eq!(ups() - start, 4, "the scope outlived with_resident");
+    }
+
+    /// The GPU's sum, rows first, is the sum of every element, for tensors of rank 1 to 3 (and a 0-d one).
+    #[test]
+    fn rows_first_is_the_whole_sum() {
+        for dims in [vec![7], vec![3, 5], vec![2, 3, 4], vec![]] {
+            let count: usize = dims.iter().product();
+            let t = Tensor::from_vec(
+                (0..count).map(|i| i as f64 * 0.5 - 1.0).collect::<Vec<_>>(),
+                dims.clone(),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let want: f64 = (0..count).map(|i| i as f64 * 0.5 - 1.0).sum();
+            assert_eq!(sum_rows_first(&t).unwrap().to_scalar::<f64>().unwrap(), want, "{dims:?}");
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! [`mask::select`](super::mask::select) and [`mask::verify`](super::mask::verify) on the run's device, by
-//! candle's operators, for the methods whose whole work is a mask (magnitude, Wanda without a Gram matrix), and
-//! for FISTAPruner's hard threshold where its iterates are on the device (`--projected`).
+//! candle's operators, for the methods whose whole work is a mask (magnitude, Wanda), and for FISTAPruner's
+//! hard thresholds where its iterates are on the device.
 //!
 //! On the host their weights made a round trip per operator (a LLaMA-2-7B layer's 0.8 GB down and up again,
 //! and a selection over its 202M scores between): by estimate 0.2–0.4 s a layer, against the 0.9 s a layer

@@ -90,13 +90,14 @@ impl Method for FistaPruner {
         if let Some(g) = &damped {
             p.g = g;
         }
-        // `C` (and a damped `G*`) go to the device once for every re-fit (prune_operator keeps `G*` there).
+        // On the host; `C` and a damped `G*` resident for the products that run on the device where the run
+        // has one.
         let (out, report) = crate::linalg::with_resident(&[p.g, p.c], || self.solve(&p, &warm.w, pattern))?;
         self.pruned(out, w.shape(), &warm, report)
     }
 
-    /// The same with the weights, `C` and the iterates on the device from the warm start to the result: only
-    /// `G*` (held there by prune_operator) and the statistics' other `n × n` matrices cross the bus.
+    /// The same with the weights, `C` and the iterates on the device from the warm start to the result: no
+    /// `m × n` matrix crosses the bus, and the statistics are their device copies where `prune_layer` holds them.
     fn prune_on_device(&self, w: &Tensor, stats: Option<&OpStats>, pattern: Pattern) -> Result<Option<Pruned<Tensor>>> {
         let st = needs_stats(stats, "fista")?;
         let warm = match self.warm.prune_on_device(w, Some(st), pattern).context("warm start")? {
@@ -780,14 +781,10 @@ pub(super) fn refit_on_device(
 }
 
 /// FISTAPruner for one operator: from the warm start `w0` (already on the pattern, or dense), a result on the
-/// exact pattern. On the run's device where the pruners' dense work goes there ([`super::side`]).
+/// exact pattern, on the host (on a device, [`FistaPruner`]'s device verb runs [`solve_on`] there).
 pub fn solve(p: &Problem, w0: &Mat<f32>, pattern: Pattern, o: &Options) -> Result<(Mat<f32>, SolveReport)> {
-    use super::side::Side;
-    if crate::device::offloaded() {
-        let side = super::side::OnDevice::new(p)?;
-        let (w, report) = solve_on(&side, side.load(w0)?, pattern, o)?;
-        return Ok((side.store(&w)?, report));
-    }
+    let (m, n) = p.w.shape();
+    ensure!(w0.shape() == (m, n) && p.c.shape() == (m, n), "fista: shapes disagree");
     solve_on(&super::side::Host::new(p), w0.clone(), pattern, o)
 }
 
@@ -1210,7 +1207,7 @@ mod tests {
     /// search is the host's, a GPU's kernel reads tensors.)
     #[test]
     fn the_device_verb_moves_no_weight_matrix() {
-        use crate::linalg::{MOVED, mat_to_tensor, tensor_to_mat};
+        use crate::linalg::{MOVED, Moved, mat_to_tensor, tensor_to_mat};
         let (m, n, tokens) = (6, 32, 120);
         let mut r = Rng(31);
         let w = Mat::from_fn(m, n, |_, _| r.next());
@@ -1227,8 +1224,8 @@ mod tests {
         MOVED.with_borrow_mut(|v| v.clear());
         let on = method.prune_on_device(&dense, Some(&st), pattern).unwrap().expect("a device verb");
         let moved = MOVED.with_borrow(|v| v.clone());
-        assert!(!moved.contains(&(m, n)), "m × n matrices crossed: {moved:?}");
-        assert!(moved.contains(&(n, n)), "the statistics did not go up: {moved:?}");
+        assert!(!moved.iter().any(|&x| x == Moved::Up(m, n) || x == Moved::Down(m, n)), "m × n crossed: {moved:?}");
+        assert!(moved.contains(&Moved::Up(n, n)), "the statistics did not go up: {moved:?}");
         let host = method.prune(&w, Some(&st), pattern).unwrap();
         let error = |d: &Option<serde_json::Value>| d.as_ref().unwrap()["error"].as_f64().unwrap();
         let (a, b) = (error(&on.details), error(&host.details));

@@ -4,8 +4,8 @@
 //!
 //! On a device the iterate, its product with `G*` and its mask stay there from the warm start to the result.
 //! When they crossed to the host between steps, an operator made 35 transfers of `m × n` values with the
-//! defaults, its report's errors included (9 now, docs/BENCHMARKS.md), each with a transpose on the host: for a
-//! LLaMA-2-7B layer 0.8 GB a transfer.
+//! defaults, its report's errors included (none now, with the methods' device verbs: docs/BENCHMARKS.md), each
+//! with a transpose on the host: for a LLaMA-2-7B layer 0.8 GB a transfer.
 
 use anyhow::Result;
 use candle_core::{DType, Tensor};
@@ -167,6 +167,8 @@ pub struct OnDevice<'a> {
     c: Tensor,
     /// `2 C`, for the errors.
     c2: Tensor,
+    /// `C` on the host, made once where the swap search falls back to the host's.
+    c_host: std::cell::OnceCell<Mat<f32>>,
 }
 
 impl<'a> OnDevice<'a> {
@@ -180,7 +182,7 @@ impl<'a> OnDevice<'a> {
     /// An operator whose `G*` and `C` are on the device already.
     pub fn of(facts: Facts<'a>, g: Tensor, c: Tensor) -> Result<Self> {
         let c2 = (&c * 2.0)?;
-        Ok(Self { facts, g, c, c2 })
+        Ok(Self { facts, g, c, c2, c_host: Default::default() })
     }
 
     /// `take` as a `(m, 1)` u8 column, to choose rows by.
@@ -249,9 +251,13 @@ impl Side for OnDevice<'_> {
             return Ok(found);
         }
         // Elsewhere (the device path on the CPU, or N:M groups too wide for the kernel): the host's search.
-        let (wm, wgm, cm) = (self.store(w)?, self.store(wg)?, self.store(&self.c)?);
+        if self.c_host.get().is_none() {
+            let _ = self.c_host.set(self.store(&self.c)?);
+        }
+        let cm = self.c_host.get().expect("set above");
+        let (wm, wgm) = (self.store(w)?, self.store(wg)?);
         let pm = super::device_mask::to_host(pruned)?;
-        let s = super::swap::search_host(self.facts.g, &cm, &wm, &wgm, &pm, pattern, cap);
+        let s = super::swap::search_host(self.facts.g, cm, &wm, &wgm, &pm, pattern, cap);
         let pruned = super::device_mask::from_host(&s.pruned, crate::device::current())?;
         Ok(Searched { w: self.load(&s.w)?, pruned, made: s.made, flops: s.flops })
     }

@@ -134,8 +134,8 @@ fn upper_of_inverse<T: faer::traits::RealField + Copy>(
 }
 
 /// [`inverse_cholesky_upper`] on the run's device ([`crate::linalg::upper_inverse_cholesky`], blocks of 256),
-/// as an f32 tensor there. `G` goes up in f32 and `H` is made there with [`damped_hessian`]'s arithmetic (`G`
-/// in f64 plus `add` on the diagonal), so the host's values exactly.
+/// as an f32 tensor there. `G` is its device copy and `H` is made there with [`damped_hessian`]'s arithmetic
+/// (`G` in f64 plus `add` on the diagonal), so the host's values exactly.
 fn device_inverse_cholesky_upper(g: &Mat<f32>, add: Vec<f64>, dtype: FactorDtype) -> Result<Tensor> {
     let (n, dev) = (g.nrows(), crate::device::current());
     let dt = match dtype {
@@ -146,26 +146,17 @@ fn device_inverse_cholesky_upper(g: &Mat<f32>, add: Vec<f64>, dtype: FactorDtype
     anyhow::ensure!(n * (n + 1) <= u32::MAX as usize, "sparsegpt: {n} inputs are too many for the device's factor");
     let g = crate::linalg::mat_to_device(g, dev)?.to_dtype(DType::F64)?.flatten_all()?;
     let diagonal = Tensor::from_vec((0..n).map(|j| (j * (n + 1)) as u32).collect::<Vec<_>>(), n, dev)?;
-    let h = g.index_add(&diagonal, &Tensor::from_vec(add, n, dev)?, 0)?;
+    // One expression, so that no binding keeps the f64 `H` (or its flat view) beside the factorisation's own.
+    let h = g.index_add(&diagonal, &Tensor::from_vec(add, n, dev)?, 0)?.reshape((n, n))?.to_dtype(dt)?;
     drop(g);
-    let h = h.reshape((n, n))?.to_dtype(dt)?;
     let u = crate::linalg::upper_inverse_cholesky(h, 256)
         .map_err(|e| anyhow!("the damped Hessian is not positive definite ({e:#}); raise --percdamp"))?;
     Ok(u.to_dtype(DType::F32)?)
 }
 
 impl SparseGpt {
-    /// Prune `w` given the Gram matrix of its inputs.
+    /// Prune `w` given the Gram matrix of its inputs, on the host ([`Self::prune_gram_tensor`] on a device).
     pub fn prune_gram(&self, w: &Mat<f32>, g: &Mat<f32>, pattern: Pattern) -> Result<Mat<f32>> {
-        self.prune_gram_on(w, g, pattern, crate::device::offloaded())
-    }
-
-    /// [`Self::prune_gram`], with the factorisation and the sweep on the run's device or not.
-    fn prune_gram_on(&self, w: &Mat<f32>, g: &Mat<f32>, pattern: Pattern, on_device: bool) -> Result<Mat<f32>> {
-        if on_device {
-            let w = crate::linalg::mat_to_device(w, crate::device::current())?;
-            return crate::linalg::tensor_to_mat(&self.prune_gram_tensor(&w, g, pattern)?);
-        }
         let mut w = w.clone();
         let h = damped_hessian(g, &mut w, self.0.percdamp);
         let u = inverse_cholesky_upper(h, self.0.factor_dtype).context("sparsegpt")?;
@@ -178,9 +169,9 @@ impl SparseGpt {
     fn prune_gram_tensor(&self, w: &Tensor, g: &Mat<f32>, pattern: Pattern) -> Result<Tensor> {
         let (dead, add) = diagonal_damping(g, self.0.percdamp);
         let w = if dead.iter().any(|&d| d) {
-            let live: Vec<u8> = dead.iter().map(|&d| u8::from(!d)).collect();
-            let live = Tensor::from_vec(live, (1, dead.len()), w.device())?.broadcast_as(w.shape())?;
-            live.where_cond(w, &w.zeros_like()?)?
+            let dead: Vec<u8> = dead.iter().map(|&d| u8::from(d)).collect();
+            let dead = Tensor::from_vec(dead, (1, w.dim(1)?), w.device())?.broadcast_as(w.shape())?;
+            super::device_mask::zeroed(w, &dead)?
         } else {
             w.clone()
         };
@@ -569,8 +560,9 @@ mod tests {
         for pattern in [Pattern::Unstructured(0.5), Pattern::NM { n: 2, m: 4 }] {
             for factor_dtype in [FactorDtype::F64, FactorDtype::F32] {
                 let sg = SparseGpt(Options { factor_dtype, ..Default::default() });
-                let host = sg.prune_gram_on(&w, &g, pattern, false).unwrap();
-                let device = sg.prune_gram_on(&w, &g, pattern, true).unwrap();
+                let host = sg.prune_gram(&w, &g, pattern).unwrap();
+                let on = sg.prune_gram_tensor(&crate::linalg::mat_to_tensor(&w).unwrap(), &g, pattern).unwrap();
+                let device = crate::linalg::tensor_to_mat(&on).unwrap();
                 let e = max_rel(&device, &host);
                 let tol = if factor_dtype == FactorDtype::F64 { 1e-5 } else { 1e-3 };
                 assert!(e < tol, "{pattern:?} {factor_dtype:?}: max rel diff {e}");

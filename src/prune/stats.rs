@@ -270,7 +270,7 @@ impl OpStats {
     }
 
     /// The matrices it holds with their device copies where it has them, to keep on the device while an
-    /// operator group uses them ([`crate::linalg::with_resident`]).
+    /// operator group uses them ([`crate::linalg::with_resident_copies`]).
     pub fn matrices(&self) -> Vec<(&Mat<f32>, Option<&Tensor>)> {
         let c = &self.copies;
         [
@@ -362,11 +362,14 @@ impl OpStats {
     pub fn target_on_device(&self, w: &candle_core::Tensor) -> Result<(candle_core::Tensor, f64)> {
         let up = |m: &Mat<f32>| crate::linalg::mat_to_device(m, w.device());
         if let Some((c, k)) = &self.outputs {
+            assert_eq!(c.shape(), w.dims2()?, "target: the statistics are of another operator");
             return Ok((up(c)?, *k));
         }
         let wd = w.matmul(&up(self.dense()?)?)?;
-        let k = crate::linalg::sum_by_rows(&(w * wd)?.to_dtype(candle_core::DType::F64)?)?.to_scalar::<f64>()?;
-        Ok((w.matmul(&up(self.cross()?)?)?, k))
+        let k = crate::linalg::sum_by_rows(&(w * &wd)?.to_dtype(candle_core::DType::F64)?)?.to_scalar::<f64>()?;
+        // Without error correction `XᵀX*` and `XᵀX` are both `G*`: the one product is `C` too.
+        let c = if self.cross.is_none() && self.dense.is_none() { wd } else { w.matmul(&up(self.cross()?)?)? };
+        Ok((c, k))
     }
 }
 
