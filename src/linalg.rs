@@ -365,15 +365,9 @@ pub fn with_resident_copies<R>(ms: &[(&faer::Mat<f32>, Option<&Tensor>)], f: imp
     f()
 }
 
-/// `a b`, for the pruners' `m × n × n` products with a Gram matrix (errors, targets, `W G*`): faer on the
-/// host, or on the run's device where the pruners' dense work goes there ([`crate::device::offloaded`]),
-/// operands up and product down. A 7B layer's reports alone take about 10¹³ flops of these: minutes of the
-/// host's time over a model, a fraction of a second each on a GPU.
+/// `a b`, for the host path's `m × n × n` products with a Gram matrix (errors, targets, `W G*`), on all
+/// threads. (On a device the methods' device verbs make them on tensors there.)
 pub fn product(a: &faer::Mat<f32>, b: &faer::Mat<f32>) -> Result<faer::Mat<f32>> {
-    if crate::device::offloaded() {
-        let dev = crate::device::current();
-        return tensor_to_mat(&mat_to_device(a, dev)?.matmul(&mat_to_device(b, dev)?)?);
-    }
     let mut out = faer::Mat::<f32>::zeros(a.nrows(), b.ncols());
     faer::linalg::matmul::matmul(out.as_mut(), Accum::Replace, a.as_ref(), b.as_ref(), 1.0f32, par());
     Ok(out)

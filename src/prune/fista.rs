@@ -90,9 +90,7 @@ impl Method for FistaPruner {
         if let Some(g) = &damped {
             p.g = g;
         }
-        // On the host; `C` and a damped `G*` resident for the products that run on the device where the run
-        // has one.
-        let (out, report) = crate::linalg::with_resident(&[p.g, p.c], || self.solve(&p, &warm.w, pattern))?;
+        let (out, report) = self.solve(&p, &warm.w, pattern)?;
         self.pruned(out, w.shape(), &warm, report)
     }
 
@@ -165,7 +163,7 @@ impl FistaPruner {
         let w = Mat::from_fn(p.w.nrows(), n, |i, j| p.w[(i, j)] * s[j]);
         let w0 = Mat::from_fn(w0.nrows(), n, |i, j| w0[(i, j)] * s[j]);
         let scaled = Problem { w: &w, g: &g, c: &c, k: p.k };
-        let (v, report) = crate::linalg::with_resident(&[&g, &c], || solve(&scaled, &w0, pattern, &self.opts))?;
+        let (v, report) = solve(&scaled, &w0, pattern, &self.opts)?;
         Ok((Mat::from_fn(v.nrows(), n, |i, j| if v[(i, j)] == 0.0 { 0.0 } else { v[(i, j)] / s[j] }), report))
     }
 
