@@ -10,7 +10,8 @@
 #      calibration passes in bf16 too) on the LLaMA fixture;
 #   3. a 2-layer random LLaMA of LLaMA-2-7B's layer shapes: eval perplexity and tokens/s on cuda, on the 16
 #      CPU cores, and through transformers on the same GPU and token ids; peak GPU memory;
-#   4. pruning it with SparseGPT (16 × 2048 calibration tokens) on cuda and on cpu: time and perplexity; then
+#   4. pruning it with SparseGPT (16 × 2048 calibration tokens) on cuda and on cpu: time and perplexity (on cuda
+#      also with the block masks chosen on the host, and with each Gram matrix one full product); then
 #      SparseGPT and Wanda with 128 × 2048 tokens on cuda (ours with f32 and with bf16 passes), and the authors'
 #      code on the same card and ids
 #      (when scripts/gpu-prepare.sh copied their code to .gpu/peers/), and one layer of FISTAPruner on cuda;
@@ -168,6 +169,16 @@ prune_s() { python3 -c "import json,sys; print(sum(l['prune_seconds'] for l in j
   "$1" 2>/dev/null || echo null; }
 same=$(cmp -s $S/sg-cuda/model.safetensors $S/sg-hostmask/model.safetensors && echo true || echo false)
 rec "{\"step\":\"sparsegpt_block_masks\",\"rc\":$rc,\"wall_s\":$(elapsed $t0),\"same_bytes\":$same,\"prune_s_kernel\":$(prune_s $S/sg-cuda/report.json),\"prune_s_host\":$(prune_s $S/sg-hostmask/report.json)}"
+# The Gram matrices summed as one full product each (FISTAPRUNE_GRAM_BLOCKS=1), as before their lower block
+# triangle (9/16 of the flops): the statistics' seconds of each, and the two checkpoints' perplexities.
+t0=$(date +%s.%N)
+FISTAPRUNE_GRAM_BLOCKS=1 timeout 120 $B --device cuda --threads 16 prune --model $M --method sparsegpt \
+  --sparsity 0.5 --calib $W --nsamples 16 --seqlen 2048 --out $S/sg-fullgram --quiet
+rc=$?
+stats_s() { python3 -c "import json,sys; print(sum(l['stats_seconds'] for l in json.load(open(sys.argv[1]))['layers']))" \
+  "$1" 2>/dev/null || echo null; }
+$B --device cuda eval --model $S/sg-fullgram --dataset $W --seqlen 2048 --max-windows 4 --quiet --json $S/sg-fullgram.json
+rec "{\"step\":\"gram_blocks\",\"rc\":$rc,\"wall_s\":$(elapsed $t0),\"stats_s_blocks\":$(stats_s $S/sg-cuda/report.json),\"stats_s_full\":$(stats_s $S/sg-fullgram/report.json),\"perplexity_blocks\":$(ppl_of $S/sg-cuda.json),\"perplexity_full\":$(ppl_of $S/sg-fullgram.json)}"
 }
 
 want 4b && {

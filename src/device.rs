@@ -57,8 +57,9 @@ pub fn current() -> &'static Device {
 
 /// Hold the calibration activations in host memory between their uses (`--offload-activations`), for models
 /// whose activations do not fit on the GPU beside a layer: a LLaMA-2-70B layer's 128 × 2048 calibration tokens
-/// are 8.6 GB per stream in f32 and 30 GB as its MLP's inner inputs, which error correction keeps from one
-/// operator group to the next.
+/// are 8.6 GB per stream in f32, and error correction keeps one operator group's inputs for the next (gate/up's,
+/// pruned and dense, 17 GB; with the residual stream where the walk makes the layer's outputs from them, which
+/// it does only where the MLP's inner inputs, 30 GB, fit too).
 pub fn set_offload(on: bool) {
     OFFLOAD.store(on, std::sync::atomic::Ordering::Relaxed);
 }

@@ -106,10 +106,13 @@ impl Method for FistaPruner {
                 Pruned { w, rounding_units: h.rounding_units, flops: h.flops, details: h.details }
             }
         };
+        // The warm start's weight goes to the solve, which drops it once it has its first candidate.
+        let Pruned { w: w0, rounding_units, flops, details } = warm;
+        let warm = Pruned { w: (), rounding_units, flops, details };
         let (c, k) = st.target_on_device(w)?;
         let damped = self.damped(st)?;
         let g = damped.as_ref().map_or_else(|| st.gram(), Ok)?;
-        let (out, report) = crate::linalg::with_resident(&[g], || self.solve_tensors(g, w, &c, k, &warm.w, pattern))?;
+        let (out, report) = crate::linalg::with_resident(&[g], || self.solve_tensors(g, w, &c, k, w0, pattern))?;
         Ok(Some(self.pruned(out, w.dims2()?, &warm, report)?))
     }
 }
@@ -175,7 +178,7 @@ impl FistaPruner {
         w: &Tensor,
         c: &Tensor,
         k: f64,
-        w0: &Tensor,
+        w0: Tensor,
         pattern: Pattern,
     ) -> Result<(Tensor, SolveReport)> {
         use super::side::OnDevice;
@@ -185,11 +188,13 @@ impl FistaPruner {
             solve_on(&side, w0, pattern, &self.opts)
         };
         if self.opts.basis == Basis::Raw {
-            return on(g, w, c.clone(), w0.clone());
+            return on(g, w, c.clone(), w0);
         }
         let (s, g) = normalized(g);
         let s = Tensor::from_vec(s, (1, g.nrows()), w.device())?;
-        let (c, w, w0) = (c.broadcast_div(&s)?, w.broadcast_mul(&s)?, w0.broadcast_mul(&s)?);
+        let v0 = w0.broadcast_mul(&s)?;
+        drop(w0);
+        let (c, w, w0) = (c.broadcast_div(&s)?, w.broadcast_mul(&s)?, v0);
         let (v, report) = crate::linalg::with_resident(&[&g], || on(&g, &w, c, w0))?;
         Ok((v.eq(0f32)?.where_cond(&v.zeros_like()?, &v.broadcast_div(&s)?)?, report))
     }
@@ -806,6 +811,7 @@ fn solve_on<S: super::side::Side>(side: &S, w0: S::W, pattern: Pattern, o: &Opti
         HardThreshold { pattern, per_row, budgets: None }
     };
     let (mut best, mut best_mask) = side.threshold(&h, &w0)?;
+    drop(w0);
     // `best G*` travels with `best`: the error, the re-fit's first residual and the swaps' start share it.
     let mut best_g = side.times_g(&best)?;
     let mut best_err = side.error(&best, &best_g)?;

@@ -134,24 +134,36 @@ fn upper_of_inverse<T: faer::traits::RealField + Copy>(
 }
 
 /// [`inverse_cholesky_upper`] on the run's device ([`crate::linalg::upper_inverse_cholesky`], blocks of 256),
-/// as an f32 tensor there. `G` is its device copy and `H` is made there with [`damped_hessian`]'s arithmetic
-/// (`G` in f64 plus `add` on the diagonal), so the host's values exactly.
+/// as an f32 tensor there, from `H` made there by [`device_damped_hessian`].
 fn device_inverse_cholesky_upper(g: &Mat<f32>, add: Vec<f64>, dtype: FactorDtype) -> Result<Tensor> {
-    let (n, dev) = (g.nrows(), crate::device::current());
     let dt = match dtype {
         FactorDtype::F64 => DType::F64,
         FactorDtype::F32 => DType::F32,
     };
-    // `add` onto the diagonal of the flattened `G` (positions j (n + 1)): two n × n matrices at once, not four.
-    anyhow::ensure!(n * (n + 1) <= u32::MAX as usize, "sparsegpt: {n} inputs are too many for the device's factor");
-    let g = crate::linalg::mat_to_device(g, dev)?.to_dtype(DType::F64)?.flatten_all()?;
-    let diagonal = Tensor::from_vec((0..n).map(|j| (j * (n + 1)) as u32).collect::<Vec<_>>(), n, dev)?;
-    // One expression, so that no binding keeps the f64 `H` (or its flat view) beside the factorisation's own.
-    let h = g.index_add(&diagonal, &Tensor::from_vec(add, n, dev)?, 0)?.reshape((n, n))?.to_dtype(dt)?;
-    drop(g);
+    let h = device_damped_hessian(g, &add, dt)?;
     let u = crate::linalg::upper_inverse_cholesky(h, 256)
         .map_err(|e| anyhow!("the damped Hessian is not positive definite ({e:#}); raise --percdamp"))?;
     Ok(u.to_dtype(DType::F32)?)
+}
+
+/// [`damped_hessian`]'s `H` (`G` in f64 plus `add` on the diagonal) in `dtype` on the run's device, from `G`'s
+/// device copy: the host's values exactly (in f32, the host's `H` rounded). A copy of `G` in `dtype` with its
+/// diagonal set in place: one `n × n` matrix beside `G`, where adding onto the diagonal made another (for a
+/// LLaMA-2-70B down_proj in f64, 6.1 GiB), and the f32 factor went through both in f64.
+fn device_damped_hessian(g: &Mat<f32>, add: &[f64], dtype: DType) -> Result<Tensor> {
+    let (n, dev) = (g.nrows(), crate::device::current());
+    anyhow::ensure!(n * n <= u32::MAX as usize, "sparsegpt: {n} inputs are too many for the device's factor");
+    let h = crate::linalg::mat_to_device(g, dev)?.to_dtype(dtype)?;
+    // A resident `G` already in `dtype` comes back as itself: the diagonal is set in a copy.
+    let h = if dtype == DType::F32 { h.copy()? } else { h };
+    let diagonal: Vec<f64> = (0..n).map(|j| g[(j, j)] as f64 + add[j]).collect();
+    let values = match dtype {
+        DType::F32 => Tensor::from_vec(diagonal.iter().map(|&v| v as f32).collect::<Vec<_>>(), n, dev)?,
+        _ => Tensor::from_vec(diagonal, n, dev)?.to_dtype(dtype)?,
+    };
+    let at = Tensor::from_vec((0..n).map(|j| (j * (n + 1)) as u32).collect::<Vec<_>>(), n, dev)?;
+    h.flatten_all()?.scatter_set(&at, &values, 0)?;
+    Ok(h)
 }
 
 impl SparseGpt {
@@ -573,6 +585,31 @@ mod tests {
                 assert!((0..40).all(|i| device[(i, 5)] == 0.0), "a dead input keeps a weight");
             }
         }
+    }
+
+    /// The device's `H` is the host's, to the bit: in f64, and rounded to f32 for the f32 factor; the device's
+    /// `G` it was made from is left as it was.
+    #[test]
+    fn the_device_hessian_is_the_hosts() {
+        let (mut w, mut g) = problem(6, 40, 5);
+        for k in 0..40 {
+            (g[(7, k)], g[(k, 7)]) = (0.0, 0.0);
+        }
+        let (_, add) = diagonal_damping(&g, 0.01);
+        let host = damped_hessian(&g, &mut w, 0.01);
+        let resident = crate::linalg::mat_to_tensor(&g).unwrap();
+        crate::linalg::with_resident_copies(&[(&g, Some(&resident))], || {
+            let h64 = device_damped_hessian(&g, &add, DType::F64).unwrap();
+            let h32 = device_damped_hessian(&g, &add, DType::F32).unwrap();
+            let (h64, h32) = (h64.to_vec2::<f64>().unwrap(), h32.to_vec2::<f32>().unwrap());
+            for i in 0..40 {
+                for j in 0..40 {
+                    assert_eq!(h64[i][j].to_bits(), host[(i, j)].to_bits(), "f64 ({i},{j})");
+                    assert_eq!(h32[i][j].to_bits(), (host[(i, j)] as f32).to_bits(), "f32 ({i},{j})");
+                }
+            }
+        });
+        assert!(crate::linalg::tensor_to_mat(&resident).unwrap() == g, "G was changed");
     }
 
     /// sparsegpt_test's harness (sparsegpt.cu built for the host), and weights and a factor `U` of

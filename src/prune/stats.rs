@@ -12,19 +12,26 @@ use crate::linalg::{par, with_f32};
 
 /// Running `Σ x xᵀ` and the token count.
 pub struct Gram {
-    g: Mat<f32>,
+    n: usize,
+    /// The host's sum so far (its lower triangle), made at the first host batch.
+    g: Option<Mat<f32>>,
     /// The sum so far where the inputs are device tensors ([`crate::device::generic`]).
-    on_device: Option<Tensor>,
+    on_device: Option<LowerBlocks>,
     pub tokens: usize,
 }
 
 impl Gram {
     pub fn new(n: usize) -> Self {
-        Self { g: Mat::zeros(n, n), on_device: None, tokens: 0 }
+        Self { n, g: None, on_device: None, tokens: 0 }
     }
 
     pub fn dim(&self) -> usize {
-        self.g.nrows()
+        self.n
+    }
+
+    /// The width of the block columns in which a sum of `n` inputs is made on the device ([`LowerBlocks`]).
+    pub fn device_block_width(n: usize) -> usize {
+        LowerBlocks::width(n)
     }
 
     /// Add the rows of `x` (`(..., n)`, f32) to the sum.
@@ -34,13 +41,15 @@ impl Gram {
         let rows = x.elem_count() / n;
         self.tokens += rows;
         if crate::device::generic(x) {
-            return device_add(&mut self.on_device, x, x);
+            let sum = self.on_device.get_or_insert_with(|| LowerBlocks::new(n, LowerBlocks::width(n)));
+            return sum.add(&x.reshape((rows, n))?, TRANSPOSED_VALUES);
         }
+        let g = self.g.get_or_insert_with(|| Mat::zeros(n, n));
         with_f32(x, |xs| {
             let a = MatRef::from_row_major_slice(xs, rows, n);
             // G += aᵀ a; only the lower triangle is computed, then mirrored in `finish`.
             faer::linalg::matmul::triangular::matmul(
-                self.g.as_mut(),
+                g.as_mut(),
                 faer::linalg::matmul::triangular::BlockStructure::TriangularLower,
                 Accum::Add,
                 a.transpose(),
@@ -61,13 +70,93 @@ impl Gram {
 
     /// [`Self::finish`], with the same matrix on the device where it was summed there.
     pub fn finish_summed(self) -> Result<(Mat<f32>, Option<Tensor>)> {
-        if let Some(t) = self.on_device {
-            let lower = Tensor::tril2(self.g.nrows(), candle_core::DType::U8, t.device())?;
+        if let Some(sum) = self.on_device {
+            let t = sum.lower()?;
+            let lower = Tensor::tril2(self.n, candle_core::DType::U8, t.device())?;
             let g = lower.where_cond(&t, &t.t()?)?;
             return Ok((crate::linalg::tensor_to_mat(&g)?, Some(g)));
         }
-        let (n, g) = (self.dim(), &self.g);
+        let n = self.n;
+        let Some(g) = self.g else { return Ok((Mat::zeros(n, n), None)) };
         Ok((crate::linalg::mat_from_fn(n, n, |i, j| if i < j { g[(j, i)] } else { g[(i, j)] }), None))
+    }
+}
+
+/// At most this many values in the transposed copy of a batch's inputs that [`LowerBlocks::add`] makes (512
+/// MiB): a LLaMA-2-70B down_proj's batch of 8 × 2048 tokens would be 1.9 GB at once.
+const TRANSPOSED_VALUES: usize = 1 << 27;
+
+/// `Σ xᵀx` on the device as the block columns of its lower triangle: column block `j` holds rows `j w..n` of
+/// columns `j w..(j + 1) w`. A full product computes every entry above the diagonal too, which the host's rule
+/// (`finish`) throws away: with `B` blocks the products cost `(B + 1) / 2B` of its flops (9/16 at eighths),
+/// and a batch's sum holds the blocks (the same share of `n²`) and one block's product and sum beside them,
+/// where the full product held two more `n × n` matrices beside the running sum.
+struct LowerBlocks {
+    width: usize,
+    cols: Vec<Option<Tensor>>,
+}
+
+impl LowerBlocks {
+    fn new(n: usize, width: usize) -> Self {
+        Self { width, cols: vec![None; n.div_ceil(width)] }
+    }
+
+    /// Eighths of `n`, on 64-column boundaries, but no narrower than 256 columns: each block's product keeps a
+    /// GEMM's shape (at least 256 × 256 × tokens), and below 512 inputs the sum is one full product as before.
+    /// `FISTAPRUNE_GRAM_BLOCKS=1` makes every sum one full product, as before the blocks, so that
+    /// scripts/gpu-check.sh can time the two ways on a GPU.
+    fn width(n: usize) -> usize {
+        static WHOLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if n < 512 || *WHOLE.get_or_init(|| std::env::var("FISTAPRUNE_GRAM_BLOCKS").is_ok_and(|v| v == "1")) {
+            return n;
+        }
+        n.div_ceil(8).next_multiple_of(64).max(256)
+    }
+
+    /// Add `xᵀx` of `x` `(rows, n)`, in slices of rows whose transposed copy holds at most `values` values.
+    fn add(&mut self, x: &Tensor, values: usize) -> Result<()> {
+        let (rows, n) = x.dims2()?;
+        if self.cols.len() == 1 {
+            return accumulate(&mut self.cols[0], x.t()?.matmul(x)?);
+        }
+        let step = (values / n).max(1);
+        for r0 in (0..rows).step_by(step) {
+            // The inputs transposed, `(n, rows)`: each block's product takes two of its slabs of rows, packed as
+            // cuBLAS needs them (a slab of columns of `x` is not).
+            let xt = x.narrow(0, r0, step.min(rows - r0))?.t()?.contiguous()?;
+            for (j, sum) in self.cols.iter_mut().enumerate() {
+                let j0 = j * self.width;
+                let w = self.width.min(n - j0);
+                accumulate(sum, xt.narrow(0, j0, n - j0)?.matmul(&xt.narrow(0, j0, w)?.t()?)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The sum's lower triangle as one `n × n` matrix (above the diagonal blocks, zeros), each block dropped
+    /// once it is placed.
+    fn lower(self) -> Result<Tensor> {
+        let mut cols = self.cols.into_iter().map(|c| c.ok_or_else(|| anyhow::anyhow!("Gram: a block with no sum")));
+        if cols.len() == 1 {
+            return cols.next().expect("one block");
+        }
+        let mut lower: Option<Tensor> = None;
+        for (j, col) in cols.enumerate() {
+            let col = col?;
+            let (below, w) = col.dims2()?;
+            let j0 = j * self.width;
+            let l = match &lower {
+                Some(l) => l,
+                None => lower.insert(Tensor::zeros((below, below), col.dtype(), col.device())?),
+            };
+            // `slice_set` writes whole columns: the block goes in below `j0` rows of zeros.
+            let padded = match j0 {
+                0 => col,
+                _ => Tensor::cat(&[&Tensor::zeros((j0, w), col.dtype(), col.device())?, &col], 0)?,
+            };
+            l.slice_set(&padded, 1, j0)?;
+        }
+        lower.ok_or_else(|| anyhow::anyhow!("Gram: no blocks"))
     }
 }
 
@@ -422,13 +511,62 @@ mod tests {
         let n = 5;
         let v: Vec<f32> = (0..n * n).map(|i| i as f32 * 0.37 - 3.0).collect();
         let t = Tensor::from_vec(v.clone(), (n, n), &Device::Cpu).unwrap();
-        let (host, copy) = Gram { g: Mat::zeros(n, n), on_device: Some(t), tokens: 1 }.finish_summed().unwrap();
+        let on_device = Some(LowerBlocks { width: n, cols: vec![Some(t)] });
+        let (host, copy) = Gram { n, g: None, on_device, tokens: 1 }.finish_summed().unwrap();
         for i in 0..n {
             for j in 0..n {
                 assert_eq!(host[(i, j)], if i < j { v[j * n + i] } else { v[i * n + j] }, "({i}, {j})");
             }
         }
         assert!(crate::linalg::tensor_to_mat(&copy.expect("a device copy")).unwrap() == host);
+    }
+
+    /// The device's Gram matrix summed in block columns of its lower triangle (37 inputs in blocks of 8, the last
+    /// of 5; batches sliced by rows, one of them ragged) is the host's sum to rounding, symmetric to the bit, and
+    /// each entry on or below the diagonal the one full product's to rounding.
+    #[test]
+    fn a_device_sum_in_blocks_is_the_host_sum() {
+        let n = 37;
+        let val = |i: usize| ((i * 7919 % 1009) as f32 - 504.0) / 97.0;
+        let batches: Vec<Tensor> = [9, 16, 3]
+            .iter()
+            .scan(0, |at, &rows| {
+                *at += rows * n;
+                Some(Tensor::from_vec((0..rows * n).map(|i| val(i + *at)).collect(), (rows, n), &Device::Cpu).unwrap())
+            })
+            .collect();
+        let (mut host, mut blocks, mut whole) = (Gram::new(n), LowerBlocks::new(n, 8), LowerBlocks::new(n, n));
+        for x in &batches {
+            host.add(x).unwrap();
+            blocks.add(x, 5 * n).unwrap();
+            whole.add(x, 5 * n).unwrap();
+        }
+        assert_eq!(blocks.cols.len(), 5);
+        let host = host.finish().unwrap();
+        let on_device = Some(blocks);
+        let (summed, copy) = Gram { n, g: None, on_device, tokens: 28 }.finish_summed().unwrap();
+        let whole = crate::linalg::tensor_to_mat(&whole.lower().unwrap()).unwrap();
+        for i in 0..n {
+            for j in 0..n {
+                let tol = 1e-5 * host[(i, j)].abs().max(1.0);
+                assert!(
+                    (summed[(i, j)] - host[(i, j)]).abs() <= tol,
+                    "({i},{j}) {} vs {}",
+                    summed[(i, j)],
+                    host[(i, j)]
+                );
+                assert_eq!(summed[(i, j)].to_bits(), summed[(j, i)].to_bits(), "({i},{j})");
+                if i >= j {
+                    assert!((summed[(i, j)] - whole[(i, j)]).abs() <= tol, "({i},{j}) against one product");
+                }
+            }
+        }
+        assert!(crate::linalg::tensor_to_mat(&copy.unwrap()).unwrap() == summed);
+        // The widths a model's inputs get: eighths on 64-column steps, one product below 512 inputs.
+        for (n, w, b) in [(64, 64, 1), (511, 511, 1), (576, 256, 3), (4096, 512, 8), (11008, 1408, 8), (28672, 3584, 8)]
+        {
+            assert_eq!((LowerBlocks::width(n), LowerBlocks::new(n, LowerBlocks::width(n)).cols.len()), (w, b), "{n}");
+        }
     }
 
     /// Each feature's sum of squares on the host is the f64 sum of the f32 squares in row order, to the bit, at

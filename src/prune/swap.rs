@@ -443,8 +443,12 @@ pub fn refine<S: Side>(
             break;
         }
         let moved: Vec<bool> = found.made.iter().map(|&k| k > 0).collect();
-        let (cand, cmask) = (side.rows(&moved, &found.w, &w)?, side.mask_rows(&moved, &found.pruned, &pruned)?);
-        let (cand, cg) = side.refit(&cand, None, &cmask, refit_iters)?;
+        let (start, cmask) = (side.rows(&moved, &found.w, &w)?, side.mask_rows(&moved, &found.pruned, &pruned)?);
+        // What the search proposed is in `start` now, and `start` in the re-fit's result after it: neither is
+        // held on (each an operator's weight; a shadowed binding would live to the end of the round).
+        drop(found);
+        let (cand, cg) = side.refit(&start, None, &cmask, refit_iters)?;
+        drop(start);
         let cerr = side.row_errors(&cand, &cg)?;
         let better: Vec<bool> = (0..m).map(|i| cerr[i] < err[i]).collect();
         w = side.rows(&better, &cand, &w)?;
