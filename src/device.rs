@@ -223,6 +223,31 @@ pub fn memory() -> Option<(usize, usize)> {
     None
 }
 
+/// Leave the run at most `bytes` of the GPU's memory (`--gpu-memory`): what is free beyond that is allocated
+/// now, outside the pool that candle allocates from, and held until the process ends. The run then meets out of
+/// memory where it would on a card with that much free: a layer that does not fit moves the calibration
+/// activations to host memory and is pruned again, and what decides by the free memory (whether error
+/// correction's last inputs are kept) decides by what is left. Returns the bytes held back.
+pub fn limit_memory(bytes: u64) -> Result<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = current() {
+        use candle_core::cuda::cudarc::driver::result;
+        let ctx = dev.cuda_stream().context().clone();
+        let (free, _) = ctx.mem_get_info().map_err(|e| anyhow!("--gpu-memory: the GPU's free memory: {e}"))?;
+        let hold = (free as u64).saturating_sub(bytes);
+        if hold > 0 {
+            ctx.bind_to_thread()?;
+            // SAFETY: the context is bound to this thread; the allocation is never freed or read (the driver
+            // frees it with the context at exit).
+            unsafe { result::malloc_sync(hold as usize) }
+                .map_err(|e| anyhow!("--gpu-memory: holding back {}: {e}", gib(hold as usize)))?;
+        }
+        return Ok(hold);
+    }
+    let _ = bytes;
+    bail!("--gpu-memory limits a GPU's memory: it needs --device cuda")
+}
+
 /// The most bytes the run's GPU tensors held at once since the last [`reset_peak`]: the high-water mark of the
 /// driver's memory pool that candle allocates from (`None` on the CPU, or where the driver keeps no pool). What a
 /// layer needed, to size a run or to read an out-of-memory error by: the allocation that failed is not known

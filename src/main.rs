@@ -43,6 +43,12 @@ struct Cli {
     /// 40 GB). Costs the transfers; the results are the same.
     #[arg(long, global = true)]
     offload_activations: bool,
+    /// The most GPU memory the run may use, in GB (10⁹ bytes): what is free beyond it is held back from the
+    /// start, so that the run behaves as on a card with that much (beside other jobs, or to size a smaller
+    /// card's run). A layer that does not fit then moves the calibration activations to host memory, as
+    /// --offload-activations does, and is pruned again. Default: all that is free.
+    #[arg(long, global = true, value_name = "GB")]
+    gpu_memory: Option<f64>,
     /// Progress display: bars (auto), JSON lines on stderr for machines (json), or none.
     #[arg(long, global = true, value_enum, default_value = "auto")]
     progress: ProgressMode,
@@ -93,6 +99,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     fistaprune::device::set(fistaprune::device::open(&cli.device)?)?;
     fistaprune::device::set_offload(cli.offload_activations);
+    if let Some(gb) = cli.gpu_memory {
+        anyhow::ensure!(gb > 0.0 && gb.is_finite(), "--gpu-memory {gb}: expected a positive number of GB");
+        let held = fistaprune::device::limit_memory((gb * 1e9) as u64)?;
+        log::info!("--gpu-memory {gb}: {} of the GPU's free memory held back", fistaprune::device::gib(held as usize));
+    }
     match cli.command {
         Command::Eval(mut a) => {
             a.progress = cli.progress.resolve(a.quiet);

@@ -81,6 +81,11 @@ fn a_device_this_build_lacks_is_a_clear_error() {
     let (ok, _, err) = run(&["--device", "tpu", "inspect", "--model", "x"]);
     assert!(!ok && err.contains("expected cpu, cuda or cuda:N"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+    // A GPU memory limit on the CPU, or one that is no size, is refused before anything is read.
+    let (ok, _, err) = run(&["--gpu-memory", "40", "inspect", "--model", "x"]);
+    assert!(!ok && err.contains("--gpu-memory") && err.contains("--device cuda"), "{err}");
+    let (ok, _, err) = run(&["--gpu-memory", "0", "inspect", "--model", "x"]);
+    assert!(!ok && err.contains("expected a positive number of GB"), "{err}");
 }
 
 /// Prune the LLaMA fixture (8 × 64 calibration tokens) with `method` (its name, then any options of its) and
