@@ -114,7 +114,12 @@ impl From<Tensor> for Stashed {
 /// `t` where the walk keeps activations between uses: in host memory under [`set_offload`] (page-locked where
 /// the tensor is on a GPU and the driver pins it), else where it is.
 pub fn stash(t: Tensor) -> Result<Stashed> {
-    if !offloading() {
+    stash_in(t, offloading())
+}
+
+/// `t` kept in host memory where `host` (as [`stash`] keeps it under [`set_offload`]), else where it is.
+pub fn stash_in(t: Tensor, host: bool) -> Result<Stashed> {
+    if !host {
         return Ok(t.into());
     }
     if t.device().is_cpu() {
@@ -144,9 +149,14 @@ pub fn release_pinned() {
 
 /// `s` where [`stash`] keeps activations now (once [`set_offload`] has turned offloading on).
 pub fn restash(s: Stashed) -> Result<Stashed> {
+    restash_in(s, offloading())
+}
+
+/// `s` in host memory where `host`, else where it is ([`stash_in`]).
+pub fn restash_in(s: Stashed, host: bool) -> Result<Stashed> {
     match s.at {
         At::Tensor(t) if t.device().is_cpu() => Ok(Stashed { at: At::Tensor(t), ..s }),
-        At::Tensor(t) => stash(t),
+        At::Tensor(t) => stash_in(t, host),
         #[cfg(feature = "cuda")]
         At::Pinned(_) => Ok(s),
     }

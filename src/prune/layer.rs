@@ -378,6 +378,9 @@ struct Correction<'a> {
     /// makes the layer's outputs from what it holds. (For a LLaMA-2-70B layer's 128 × 2048 tokens in f32 it is
     /// 8 GiB a layer, pruned and dense.)
     residuals: bool,
+    /// Whether kept inputs go to host memory, where the walk keeps its activations on the GPU but they would
+    /// not fit there beside the layer's work ([`fits`]).
+    held_on_host: bool,
 }
 
 impl Correction<'_> {
@@ -463,12 +466,17 @@ impl Correction<'_> {
             }
             if let Some(dt) = keep {
                 // What is already kept in `dt` stays as it is.
+                let host = self.held_on_host || crate::device::offloading();
                 let keep = |s: Stashed| -> Result<Stashed> {
-                    if s.dtype() == dt { crate::device::restash(s) } else { stash(fetch(&s)?.to_dtype(dt)?) }
+                    if s.dtype() == dt {
+                        crate::device::restash_in(s, host)
+                    } else {
+                        crate::device::stash_in(fetch(&s)?.to_dtype(dt)?, host)
+                    }
                 };
                 let to = |h: Held<Tensor>| -> Result<Held<Stashed>> {
                     let residual = h.residual.filter(|_| self.residuals).map(keep).transpose()?;
-                    Ok(Held { input: stash(h.input.to_dtype(dt)?)?, residual })
+                    Ok(Held { input: crate::device::stash_in(h.input.to_dtype(dt)?, host)?, residual })
                 };
                 next.push((to(hs)?, xd.filter(|_| b < dense_upto).map(to).transpose()?));
             }
@@ -580,10 +588,28 @@ pub fn prune_layer(
         // dense and corrected walks go on with the dense layer's outputs, computed apart.) What it holds, the
         // last group's input and the residual stream for every token, must fit in half the free memory;
         // otherwise the layer runs again (same bytes, more time).
-        let finish = opts.walk.layer_inputs == LayerInputs::Pruned
-            && inp.targets.is_none()
-            && act_dtype == DType::F32
-            && held_fits(i, tokens * (cost.widths[groups.len() - 1] + cost.widths[0]) * 4.0);
+        //
+        // Each group's inputs are kept for the next group's step (pruned and dense, in the activations' type): on
+        // the GPU where they fit in half its free memory, else in host memory (for a LLaMA-2-70B layer's 128 ×
+        // 2048 tokens in f32, 17 GB, which a 40 GB card does not have beside the layer's work).
+        let on_gpu = !crate::device::current().is_cpu() && !crate::device::offloading();
+        let widest = cost.widths[..groups.len() - 1].iter().fold(0f64, |a, &b| a.max(b));
+        let kept = 2.0 * tokens * widest * act_dtype.size_in_bytes() as f64;
+        let held_on_host = on_gpu && !fits(kept, on_gpu);
+        if held_on_host {
+            log::info!("layer {i}: error correction's kept inputs ({:.0} MiB) go to host memory", kept / 1048576.0);
+        }
+        let finish = opts.walk.layer_inputs == LayerInputs::Pruned && inp.targets.is_none() && act_dtype == DType::F32;
+        let last = tokens * (cost.widths[groups.len() - 1] + cost.widths[0]) * 4.0;
+        let finish = finish
+            && (fits(last, on_gpu && !held_on_host) || {
+                log::info!(
+                    "layer {i}: holding {:.0} MiB of activations would take over half the free memory; running the \
+                 layer again for its outputs instead",
+                    last / 1048576.0
+                );
+                false
+            });
         let mut corr = Correction {
             dense: dense.as_ref(),
             cost: &cost,
@@ -593,6 +619,7 @@ pub fn prune_layer(
             cap,
             prev: Vec::new(),
             residuals: finish,
+            held_on_host,
         };
         let dense_upto = error_batches(inp.acts);
         for (gi, group) in groups.iter().enumerate() {
@@ -667,22 +694,11 @@ pub fn prune_layer(
     })
 }
 
-/// Whether holding `bytes` of layer `i`'s activations leaves half the free memory where they are held: the
-/// GPU's, unless they are offloaded, else the host's (unknown: yes).
-fn held_fits(i: usize, bytes: f64) -> bool {
-    let on_gpu = !crate::device::current().is_cpu() && !crate::device::offloading();
+/// Whether holding `bytes` of activations leaves half the free memory where they would be held: the GPU's
+/// (`on_gpu`), else the host's (unknown: yes).
+fn fits(bytes: f64, on_gpu: bool) -> bool {
     let free = if on_gpu { crate::device::memory().map(|(free, _)| free as u64) } else { available_memory() };
-    let Some(free) = free else { return true };
-    let fits = bytes <= free as f64 / 2.0;
-    if !fits {
-        log::info!(
-            "layer {i}: holding {:.0} MiB of activations would take over half the free {} MiB; running the layer \
-             again for its outputs instead",
-            bytes / 1048576.0,
-            free >> 20
-        );
-    }
-    fits
+    free.is_none_or(|free| bytes <= free as f64 / 2.0)
 }
 
 /// Prune one operator of `layer` given its input statistics (if the method uses them); returns its report.
