@@ -233,14 +233,15 @@ M70=$S/llama70b-2l
 python3 scripts/gpu/torch_ref.py make --out $M70 --tokenizer .gpu/tokenizer.json --layers 2 --hidden 8192 \
   --intermediate 28672 --heads 64 --kv-heads 8 ${MAKE70_FLAGS:-} | tee -a "$R"
 t0=$(date +%s.%N)
-with_mem $S/mem-70b.txt timeout 300 $B --device cuda --threads 16 ${GPU_MEMORY70-"--gpu-memory 40"} prune --model $M70 --method fista \
+lim=${GPU_MEMORY70---gpu-memory 40}
+with_mem $S/mem-70b.txt timeout 420 $B --device cuda --threads 16 $lim prune --model $M70 --method fista \
   --sparsity 0.5 --calib $W --nsamples ${NSAMPLES70:-128} --seqlen 2048 --layer-inputs dense --layers 0-0 \
   --out $S/fista-70b-l0 --quiet
 rc=$?
 # Whether the walk ran out of memory with the activations on the GPU and moved them to host memory itself.
 spilled=$(python3 -c "import json,sys; print(sum(l.get('spilled', False) for l in json.load(open(sys.argv[1]))['layers']))" \
   $S/fista-70b-l0/report.json 2>/dev/null || echo null)
-rec "{\"step\":\"memory_70b_layer\",\"limit\":\"${GPU_MEMORY70-"--gpu-memory 40"}\",\"rc\":$rc,\"wall_s\":$(elapsed $t0),\"peak_gpu_mib\":$(peak $S/mem-70b.txt),\"pool_peak_mib\":$(pool_peak $S/fista-70b-l0/report.json),\"spilled_layers\":$spilled}"
+rec "{\"step\":\"memory_70b_layer\",\"limit\":\"$lim\",\"rc\":$rc,\"wall_s\":$(elapsed $t0),\"peak_gpu_mib\":$(peak $S/mem-70b.txt),\"pool_peak_mib\":$(pool_peak $S/fista-70b-l0/report.json),\"spilled_layers\":$spilled}"
 rm -rf $S/fista-70b-l0
 want 6b || rm -rf $M70
 }

@@ -235,7 +235,7 @@ pub fn memory() -> Option<(usize, usize)> {
 
 /// Leave the run at most `bytes` of the GPU's memory (`--gpu-memory`): what is free beyond that is allocated
 /// now, outside the pool that candle allocates from, and held until the process ends. The run then meets out of
-/// memory where it would on a card with that much free: a layer that does not fit moves the calibration
+/// memory where it would with that much free (a card of that size has a little less: the CUDA context's share): a layer that does not fit moves the calibration
 /// activations to host memory and is pruned again, and what decides by the free memory (whether error
 /// correction's last inputs are kept) decides by what is left. Returns the bytes held back.
 pub fn limit_memory(bytes: u64) -> Result<u64> {
@@ -243,14 +243,19 @@ pub fn limit_memory(bytes: u64) -> Result<u64> {
     if let Device::Cuda(dev) = current() {
         use candle_core::cuda::cudarc::driver::result;
         let ctx = dev.cuda_stream().context().clone();
+        // (`mem_get_info` binds the context to this thread, as the allocation needs.)
         let (free, _) = ctx.mem_get_info().map_err(|e| anyhow!("--gpu-memory: the GPU's free memory: {e}"))?;
         let hold = (free as u64).saturating_sub(bytes);
         if hold > 0 {
-            ctx.bind_to_thread()?;
             // SAFETY: the context is bound to this thread; the allocation is never freed or read (the driver
-            // frees it with the context at exit).
-            unsafe { result::malloc_sync(hold as usize) }
-                .map_err(|e| anyhow!("--gpu-memory: holding back {}: {e}", gib(hold as usize)))?;
+            // frees it with the context at exit). Its error is not passed on: it would read as the run's own
+            // out of memory, with that error's advice.
+            unsafe { result::malloc_sync(hold as usize) }.map_err(|_| {
+                anyhow!(
+                    "--gpu-memory: the GPU would not give the {} to hold back (taken meanwhile?)",
+                    gib(hold as usize)
+                )
+            })?;
         }
         return Ok(hold);
     }
@@ -452,7 +457,7 @@ mod pinned {
             Err(why) => {
                 // A notice, once: the run goes on, with slower copies.
                 if pool.first_refusal() {
-                    eprintln!("offloaded activations: {why}; the rest go to pageable host memory");
+                    eprintln!("activations held in host memory: {why}; the rest go to pageable memory");
                 }
                 None
             }

@@ -44,8 +44,8 @@ struct Cli {
     #[arg(long, global = true)]
     offload_activations: bool,
     /// The most GPU memory the run may use, in GB (10⁹ bytes): what is free beyond it is held back from the
-    /// start, so that the run behaves as on a card with that much (beside other jobs, or to size a smaller
-    /// card's run). A layer that does not fit then moves the calibration activations to host memory, as
+    /// start, so that the run behaves as with that much free (beside other jobs, or to size a smaller card's
+    /// run). A layer that does not fit then moves the calibration activations to host memory, as
     /// --offload-activations does, and is pruned again. Default: all that is free.
     #[arg(long, global = true, value_name = "GB")]
     gpu_memory: Option<f64>,
@@ -101,8 +101,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     fistaprune::device::set_offload(cli.offload_activations);
     if let Some(gb) = cli.gpu_memory {
         anyhow::ensure!(gb > 0.0 && gb.is_finite(), "--gpu-memory {gb}: expected a positive number of GB");
-        let held = fistaprune::device::limit_memory((gb * 1e9) as u64)?;
-        log::info!("--gpu-memory {gb}: {} of the GPU's free memory held back", fistaprune::device::gib(held as usize));
+        if fistaprune::device::limit_memory((gb * 1e9) as u64)? == 0 {
+            eprintln!("--gpu-memory {gb}: the GPU has no more than that free; nothing held back");
+        }
     }
     match cli.command {
         Command::Eval(mut a) => {

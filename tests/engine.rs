@@ -125,7 +125,7 @@ fn gguf_sentencepiece_tokenizer_matches_sentencepiece() {
 /// Error correction steps from one operator group's input to the next (`next_group_input`) instead of rerunning
 /// the layer, and makes the layer's output from the residual stream and the last group's input
 /// (`output_from`): both must give exactly what `capture` and `forward` give, for every architecture and
-/// layer-norm placement.
+/// layer-norm placement; and `steps_to` says which groups it steps to.
 #[test]
 fn stepping_between_operator_groups_equals_capture() {
     use candle_core::{Device, Tensor};
@@ -150,7 +150,9 @@ fn stepping_between_operator_groups_equals_capture() {
             let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let (mut stepped, mut residual) = (0, None);
             for gi in 1..groups.len() {
-                if let Some(t) = l.next_group_input(gi, &x, &inputs[gi - 1]).unwrap() {
+                let step = l.next_group_input(gi, &x, &inputs[gi - 1]).unwrap();
+                assert_eq!(l.steps_to(gi), step.is_some(), "{name} layer {i}: steps_to({gi}) is not what it does");
+                if let Some(t) = step {
                     assert!(flat(&t.input) == flat(&inputs[gi]), "{name} layer {i} group {gi}: stepping differs");
                     residual = t.residual.or(residual);
                     stepped += 1;

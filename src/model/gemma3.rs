@@ -676,6 +676,10 @@ impl DecoderLayer for GemmaLayer {
         self.until_down(x, ctx, &mut Some(hook)).map(|_| ())
     }
 
+    fn steps_to(&self, gi: usize) -> bool {
+        matches!(gi, 2 | 3)
+    }
+
     fn next_group_input(&self, gi: usize, x: &Tensor, prev: &Tensor) -> Result<Option<GroupStep>> {
         Ok(match gi {
             // gate/up read the pre-MLP norm of the residual; down reads the gated activation.

@@ -759,6 +759,10 @@ impl DecoderLayer for LlamaLayer {
         self.until_down(x, ctx, &mut Some(hook)).map(|_| ())
     }
 
+    fn steps_to(&self, gi: usize) -> bool {
+        matches!(gi, 2 | 3)
+    }
+
     fn next_group_input(&self, gi: usize, x: &Tensor, prev: &Tensor) -> Result<Option<GroupStep>> {
         let eps = self.cfg.rms_norm_eps as f32;
         Ok(match gi {

@@ -427,6 +427,11 @@ pub trait DecoderLayer: Send + Sync {
     fn next_group_input(&self, _gi: usize, _x: &Tensor, _prev: &Tensor) -> Result<Option<GroupStep>> {
         Ok(None)
     }
+    /// Whether [`Self::next_group_input`] steps to group `gi` (error correction keeps the previous group's
+    /// inputs only for a step: a LLaMA-2-70B layer's are 8 GiB a stream).
+    fn steps_to(&self, _gi: usize) -> bool {
+        false
+    }
     /// The layer's output from the residual stream after attention (as a [`GroupStep`] gave it) and the last
     /// group's input, computed as `forward` would; `None` where the layer cannot. Error correction holds both
     /// at the end of its walk and so skips a last pass through the layer.

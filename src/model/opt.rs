@@ -471,6 +471,10 @@ impl DecoderLayer for OptLayer {
         self.until_fc2(x, &mut Some(hook)).map(|_| ())
     }
 
+    fn steps_to(&self, gi: usize) -> bool {
+        matches!(gi, 2 | 3)
+    }
+
     fn next_group_input(&self, gi: usize, x: &Tensor, prev: &Tensor) -> Result<Option<GroupStep>> {
         let pre = self.cfg.do_layer_norm_before;
         Ok(match gi {

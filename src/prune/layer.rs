@@ -349,8 +349,9 @@ fn collect_dense(
 }
 
 /// What error correction holds of one batch in one layer between groups: the previous group's input, from
-/// which the layer may step to the next group's, and the residual stream after attention once a step has
-/// passed it (with the last group's input, the layer's output).
+/// which the layer may step to the next group's, and, where the walk makes the layer's outputs from what it
+/// holds, the residual stream after attention once a step has passed it (with the last group's input, the
+/// layer's output).
 /// The input is a [`Tensor`] while the group computes with it, [`Stashed`] while it waits for the next group.
 struct Held<T> {
     input: T,
@@ -376,7 +377,7 @@ struct Correction<'a> {
     prev: GroupInputs,
     /// Whether kept inputs keep the residual stream too: only [`Self::outputs`] reads it, so only a walk that
     /// makes the layer's outputs from what it holds. (For a LLaMA-2-70B layer's 128 × 2048 tokens in f32 it is
-    /// 8 GiB a layer, pruned and dense.)
+    /// 8 GiB for the pruned layer and 8 for the dense one.)
     residuals: bool,
     /// Whether kept inputs go to host memory, where the walk keeps its activations on the GPU but they would
     /// not fit there beside the layer's work ([`fits`]).
@@ -589,24 +590,31 @@ pub fn prune_layer(
         // last group's input and the residual stream for every token, must fit in half the free memory;
         // otherwise the layer runs again (same bytes, more time).
         //
-        // Each group's inputs are kept for the next group's step (pruned and dense, in the activations' type): on
-        // the GPU where they fit in half its free memory, else in host memory (for a LLaMA-2-70B layer's 128 ×
-        // 2048 tokens in f32, 17 GB, which a 40 GB card does not have beside the layer's work).
+        //
+        // Each group's inputs are kept where the layer steps from them to the next group's (pruned and dense, in
+        // the activations' type, with the residual stream where the walk may finish from them): on the GPU where
+        // they fit in half its free memory, else in host memory (for a LLaMA-2-70B layer's 128 × 2048 tokens in
+        // f32, 17 GB or more, which a 40 GB card does not have beside the layer's work).
         let on_gpu = !crate::device::current().is_cpu() && !crate::device::offloading();
-        let widest = cost.widths[..groups.len() - 1].iter().fold(0f64, |a, &b| a.max(b));
-        let kept = 2.0 * tokens * widest * act_dtype.size_in_bytes() as f64;
+        let may_finish =
+            opts.walk.layer_inputs == LayerInputs::Pruned && inp.targets.is_none() && act_dtype == DType::F32;
+        let (hidden, ends) = (cost.widths[0], groups.len() - 1);
+        let steps = |gi: usize| gi < ends && dense.steps_to(gi + 1);
+        let widest =
+            (0..ends).filter(|&gi| steps(gi)).map(|gi| cost.widths[gi] + if may_finish { hidden } else { 0.0 });
+        let kept = 2.0 * tokens * widest.fold(0.0, f64::max) * act_dtype.size_in_bytes() as f64;
         let held_on_host = on_gpu && !fits(kept, on_gpu);
         if held_on_host {
             log::info!("layer {i}: error correction's kept inputs ({:.0} MiB) go to host memory", kept / 1048576.0);
         }
-        let finish = opts.walk.layer_inputs == LayerInputs::Pruned && inp.targets.is_none() && act_dtype == DType::F32;
-        let last = tokens * (cost.widths[groups.len() - 1] + cost.widths[0]) * 4.0;
-        let finish = finish
-            && (fits(last, on_gpu && !held_on_host) || {
+        let outputs_from = tokens * (cost.widths[ends] + hidden) * 4.0;
+        let finish = may_finish
+            && (fits(outputs_from, on_gpu && !held_on_host) || {
                 log::info!(
-                    "layer {i}: holding {:.0} MiB of activations would take over half the free memory; running the \
-                 layer again for its outputs instead",
-                    last / 1048576.0
+                    "layer {i}: holding {:.0} MiB of activations would take over half the free {:.0} MiB; running \
+                     the layer again for its outputs instead",
+                    outputs_from / 1048576.0,
+                    free_memory(on_gpu && !held_on_host).unwrap_or(0) as f64 / 1048576.0
                 );
                 false
             });
@@ -624,7 +632,7 @@ pub fn prune_layer(
         let dense_upto = error_batches(inp.acts);
         for (gi, group) in groups.iter().enumerate() {
             let last = gi + 1 == groups.len();
-            let keep = (!last || finish).then_some(act_dtype);
+            let keep = (if last { finish } else { steps(gi) }).then_some(act_dtype);
             let st = ledger
                 .stats(|| {
                     let upto = if last { dense_upto } else { usize::MAX };
@@ -697,8 +705,12 @@ pub fn prune_layer(
 /// Whether holding `bytes` of activations leaves half the free memory where they would be held: the GPU's
 /// (`on_gpu`), else the host's (unknown: yes).
 fn fits(bytes: f64, on_gpu: bool) -> bool {
-    let free = if on_gpu { crate::device::memory().map(|(free, _)| free as u64) } else { available_memory() };
-    free.is_none_or(|free| bytes <= free as f64 / 2.0)
+    free_memory(on_gpu).is_none_or(|free| bytes <= free as f64 / 2.0)
+}
+
+/// The GPU's free memory (`on_gpu`), else the host's available memory, in bytes, where known.
+fn free_memory(on_gpu: bool) -> Option<u64> {
+    if on_gpu { crate::device::memory().map(|(free, _)| free as u64) } else { available_memory() }
 }
 
 /// Prune one operator of `layer` given its input statistics (if the method uses them); returns its report.

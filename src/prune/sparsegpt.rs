@@ -135,12 +135,12 @@ fn upper_of_inverse<T: faer::traits::RealField + Copy>(
 
 /// [`inverse_cholesky_upper`] on the run's device ([`crate::linalg::upper_inverse_cholesky`], blocks of 256),
 /// as an f32 tensor there, from `H` made there by [`device_damped_hessian`].
-fn device_inverse_cholesky_upper(g: &Mat<f32>, add: Vec<f64>, dtype: FactorDtype) -> Result<Tensor> {
+fn device_inverse_cholesky_upper(g: &Mat<f32>, add: &[f64], dtype: FactorDtype) -> Result<Tensor> {
     let dt = match dtype {
         FactorDtype::F64 => DType::F64,
         FactorDtype::F32 => DType::F32,
     };
-    let h = device_damped_hessian(g, &add, dt)?;
+    let h = device_damped_hessian(g, add, dt)?;
     let u = crate::linalg::upper_inverse_cholesky(h, 256)
         .map_err(|e| anyhow!("the damped Hessian is not positive definite ({e:#}); raise --percdamp"))?;
     Ok(u.to_dtype(DType::F32)?)
@@ -153,14 +153,12 @@ fn device_inverse_cholesky_upper(g: &Mat<f32>, add: Vec<f64>, dtype: FactorDtype
 fn device_damped_hessian(g: &Mat<f32>, add: &[f64], dtype: DType) -> Result<Tensor> {
     let (n, dev) = (g.nrows(), crate::device::current());
     anyhow::ensure!(n * n <= u32::MAX as usize, "sparsegpt: {n} inputs are too many for the device's factor");
-    let h = crate::linalg::mat_to_device(g, dev)?.to_dtype(dtype)?;
-    // A resident `G` already in `dtype` comes back as itself: the diagonal is set in a copy.
-    let h = if dtype == DType::F32 { h.copy()? } else { h };
+    // A copy of its own, packed, whatever `G`'s copy is (`to_dtype` to its own type gives `G` itself): the
+    // diagonal is written through a flat view of it.
+    let h = crate::linalg::mat_to_device(g, dev)?.to_dtype(dtype)?.force_contiguous()?;
+    // Rounded to `dtype` as the host's `H` is (to nearest).
     let diagonal: Vec<f64> = (0..n).map(|j| g[(j, j)] as f64 + add[j]).collect();
-    let values = match dtype {
-        DType::F32 => Tensor::from_vec(diagonal.iter().map(|&v| v as f32).collect::<Vec<_>>(), n, dev)?,
-        _ => Tensor::from_vec(diagonal, n, dev)?.to_dtype(dtype)?,
-    };
+    let values = Tensor::from_vec(diagonal, n, dev)?.to_dtype(dtype)?;
     let at = Tensor::from_vec((0..n).map(|j| (j * (n + 1)) as u32).collect::<Vec<_>>(), n, dev)?;
     h.flatten_all()?.scatter_set(&at, &values, 0)?;
     Ok(h)
@@ -187,7 +185,7 @@ impl SparseGpt {
         } else {
             w.clone()
         };
-        let u = device_inverse_cholesky_upper(g, add, self.0.factor_dtype).context("sparsegpt")?;
+        let u = device_inverse_cholesky_upper(g, &add, self.0.factor_dtype).context("sparsegpt")?;
         sweep_on_device(&w, &u, pattern, self.0.blocksize.max(1))
     }
 

@@ -1,8 +1,8 @@
 //! Input statistics of a linear operator: the Gram matrix `G = Σ x xᵀ` over every calibration token
 //! (SparseGPT's Hessian up to a factor; Wanda needs only its diagonal), accumulated in f32 by GEMM.
-//! Inputs on a GPU are summed there ([`device_add`]): only the finished `n × n` sums come to the host, not
-//! every batch's product (for a 7B layer under FISTAPruner's error correction, 16 batches of 8 × 2048 tokens,
-//! that was 18 GB over PCIe and as many additions on one host thread).
+//! Inputs on a GPU are summed there ([`Blocks`]): only the finished `n × n` sums come to the host, not every
+//! batch's product (for a 7B layer under FISTAPruner's error correction, 16 batches of 8 × 2048 tokens, that
+//! would be 18 GB over PCIe and as many additions on one host thread).
 
 use anyhow::{Result, ensure};
 use candle_core::{D, Tensor};
@@ -16,7 +16,7 @@ pub struct Gram {
     /// The host's sum so far (its lower triangle), made at the first host batch.
     g: Option<Mat<f32>>,
     /// The sum so far where the inputs are device tensors ([`crate::device::generic`]).
-    on_device: Option<LowerBlocks>,
+    on_device: Option<Blocks>,
     pub tokens: usize,
 }
 
@@ -29,9 +29,9 @@ impl Gram {
         self.n
     }
 
-    /// The width of the block columns in which a sum of `n` inputs is made on the device ([`LowerBlocks`]).
+    /// The width of the block columns in which a sum of `n` inputs is made on the device ([`Blocks`]).
     pub fn device_block_width(n: usize) -> usize {
-        LowerBlocks::width(n)
+        Blocks::width(n)
     }
 
     /// Add the rows of `x` (`(..., n)`, f32) to the sum.
@@ -40,9 +40,13 @@ impl Gram {
         ensure!(n == self.dim(), "Gram: input width {n}, expected {}", self.dim());
         let rows = x.elem_count() / n;
         self.tokens += rows;
+        if rows == 0 {
+            return Ok(());
+        }
         if crate::device::generic(x) {
-            let sum = self.on_device.get_or_insert_with(|| LowerBlocks::new(n, LowerBlocks::width(n)));
-            return sum.add(&x.reshape((rows, n))?, TRANSPOSED_VALUES);
+            let sum = self.on_device.get_or_insert_with(|| Blocks::new(n, Blocks::width(n), true));
+            let x = x.reshape((rows, n))?;
+            return sum.add(&x, &x, TRANSPOSED_VALUES);
         }
         let g = self.g.get_or_insert_with(|| Mat::zeros(n, n));
         with_f32(x, |xs| {
@@ -70,8 +74,7 @@ impl Gram {
 
     /// [`Self::finish`], with the same matrix on the device where it was summed there.
     pub fn finish_summed(self) -> Result<(Mat<f32>, Option<Tensor>)> {
-        if let Some(sum) = self.on_device {
-            let t = sum.lower()?;
+        if let Some(t) = self.on_device.map(Blocks::sum).transpose()?.flatten() {
             let lower = Tensor::tril2(self.n, candle_core::DType::U8, t.device())?;
             let g = lower.where_cond(&t, &t.t()?)?;
             return Ok((crate::linalg::tensor_to_mat(&g)?, Some(g)));
@@ -82,29 +85,33 @@ impl Gram {
     }
 }
 
-/// At most this many values in the transposed copy of a batch's inputs that [`LowerBlocks::add`] makes (512
-/// MiB): a LLaMA-2-70B down_proj's batch of 8 × 2048 tokens would be 1.9 GB at once.
+/// At most this many values in the transposed copy of a batch's inputs that [`Blocks::add`] makes for a Gram
+/// matrix (512 MiB): a LLaMA-2-70B down_proj's batch of 8 × 2048 tokens would be 1.9 GB at once.
 const TRANSPOSED_VALUES: usize = 1 << 27;
 
-/// `Σ xᵀx` on the device as the block columns of its lower triangle: column block `j` holds rows `j w..n` of
-/// columns `j w..(j + 1) w`. A full product computes every entry above the diagonal too, which the host's rule
-/// (`finish`) throws away: with `B` blocks the products cost `(B + 1) / 2B` of its flops (9/16 at eighths),
-/// and a batch's sum holds the blocks (the same share of `n²`) and one block's product and sum beside them,
-/// where the full product held two more `n × n` matrices beside the running sum.
-struct LowerBlocks {
+/// A sum of products `xᵀy` over batches of tokens on the device, kept as block columns: column block `j` holds
+/// columns `j w..(j + 1) w`, all of its rows, or for a Gram matrix (`lower`, `y = x`) only rows `j w..n`. A
+/// full product would compute every entry above the diagonal too, which the host's rule (`finish`) throws
+/// away: with `B` blocks the Gram's products cost `(B + 1) / 2B` of its flops (9/16 at eighths). And each
+/// batch's sum holds one block's product and sum beside the running sum, where one product of the whole held
+/// two more matrices of its size.
+struct Blocks {
+    n: usize,
     width: usize,
+    lower: bool,
     cols: Vec<Option<Tensor>>,
 }
 
-impl LowerBlocks {
-    fn new(n: usize, width: usize) -> Self {
-        Self { width, cols: vec![None; n.div_ceil(width)] }
+impl Blocks {
+    /// For a Gram matrix of `n` inputs (`lower`) or a cross product with `n` columns.
+    fn new(n: usize, width: usize, lower: bool) -> Self {
+        Self { n, width, lower, cols: vec![None; n.div_ceil(width)] }
     }
 
     /// Eighths of `n`, on 64-column boundaries, but no narrower than 256 columns: each block's product keeps a
-    /// GEMM's shape (at least 256 × 256 × tokens), and below 512 inputs the sum is one full product as before.
-    /// `FISTAPRUNE_GRAM_BLOCKS=1` makes every sum one full product, as before the blocks, so that
-    /// scripts/gpu-check.sh can time the two ways on a GPU.
+    /// GEMM's shape (at least 256 × 256 × tokens); below 512 columns the sum is one product.
+    /// `FISTAPRUNE_GRAM_BLOCKS=1` makes every sum one product, so that scripts/gpu-check.sh can time the two
+    /// ways on a GPU.
     fn width(n: usize) -> usize {
         static WHOLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         if n < 512 || *WHOLE.get_or_init(|| std::env::var("FISTAPRUNE_GRAM_BLOCKS").is_ok_and(|v| v == "1")) {
@@ -113,11 +120,20 @@ impl LowerBlocks {
         n.div_ceil(8).next_multiple_of(64).max(256)
     }
 
-    /// Add `xᵀx` of `x` `(rows, n)`, in slices of rows whose transposed copy holds at most `values` values.
-    fn add(&mut self, x: &Tensor, values: usize) -> Result<()> {
-        let (rows, n) = x.dims2()?;
+    /// Add `xᵀy` of `x` `(rows, p)` and `y` `(rows, n)` (for a Gram matrix `y` is `x`; its rows go in slices
+    /// whose transposed copy holds at most `values` values).
+    fn add(&mut self, x: &Tensor, y: &Tensor, values: usize) -> Result<()> {
+        let (rows, n) = y.dims2()?;
         if self.cols.len() == 1 {
-            return accumulate(&mut self.cols[0], x.t()?.matmul(x)?);
+            return accumulate(&mut self.cols[0], x.t()?.matmul(y)?);
+        }
+        if !self.lower {
+            // `xᵀ` is packed as cuBLAS needs it; each slab of `y`'s columns is copied to be.
+            for (j, sum) in self.cols.iter_mut().enumerate() {
+                let j0 = j * self.width;
+                accumulate(sum, x.t()?.matmul(&y.narrow(1, j0, self.width.min(n - j0))?.contiguous()?)?)?;
+            }
+            return Ok(());
         }
         let step = (values / n).max(1);
         for r0 in (0..rows).step_by(step) {
@@ -133,30 +149,25 @@ impl LowerBlocks {
         Ok(())
     }
 
-    /// The sum's lower triangle as one `n × n` matrix (above the diagonal blocks, zeros), each block dropped
-    /// once it is placed.
-    fn lower(self) -> Result<Tensor> {
-        let mut cols = self.cols.into_iter().map(|c| c.ok_or_else(|| anyhow::anyhow!("Gram: a block with no sum")));
+    /// The sum as one matrix (a Gram matrix's lower triangle, zeros above its diagonal blocks), each block
+    /// dropped once it is placed; `None` where nothing was added.
+    fn sum(self) -> Result<Option<Tensor>> {
+        let mut cols = self.cols.into_iter();
         if cols.len() == 1 {
-            return cols.next().expect("one block");
+            return Ok(cols.next().flatten());
         }
-        let mut lower: Option<Tensor> = None;
+        let mut out: Option<Tensor> = None;
         for (j, col) in cols.enumerate() {
-            let col = col?;
-            let (below, w) = col.dims2()?;
-            let j0 = j * self.width;
-            let l = match &lower {
-                Some(l) => l,
-                None => lower.insert(Tensor::zeros((below, below), col.dtype(), col.device())?),
+            let Some(col) = col else { return Ok(None) };
+            // The first block has all the rows.
+            let o = match &out {
+                Some(o) => o,
+                None => out.insert(Tensor::zeros((col.dim(0)?, self.n), col.dtype(), col.device())?),
             };
-            // `slice_set` writes whole columns: the block goes in below `j0` rows of zeros.
-            let padded = match j0 {
-                0 => col,
-                _ => Tensor::cat(&[&Tensor::zeros((j0, w), col.dtype(), col.device())?, &col], 0)?,
-            };
-            l.slice_set(&padded, 1, j0)?;
+            let (rows, below) = (o.dim(0)?, col.dim(0)?);
+            o.narrow(0, rows - below, below)?.slice_set(&col, 1, j * self.width)?;
         }
-        lower.ok_or_else(|| anyhow::anyhow!("Gram: no blocks"))
+        Ok(out)
     }
 }
 
@@ -231,15 +242,17 @@ fn accumulate(acc: &mut Option<Tensor>, part: Tensor) -> Result<()> {
 /// Running cross products `Σ x yᵀ` over the tokens of two streams: dense inputs `x` against the actual ones
 /// `y` of the same operator, or an operator's dense outputs against its actual inputs.
 pub struct Cross {
-    c: Mat<f32>,
+    shape: (usize, usize),
+    /// The host's sum so far, made at the first host batch.
+    c: Option<Mat<f32>>,
     /// The sum so far where the inputs are device tensors.
-    on_device: Option<Tensor>,
+    on_device: Option<Blocks>,
 }
 
 impl Cross {
     /// For `x` of width `p` and `y` of width `n`.
     pub fn new(p: usize, n: usize) -> Self {
-        Self { c: Mat::zeros(p, n), on_device: None }
+        Self { shape: (p, n), c: None, on_device: None }
     }
 
     /// The sum, on the host.
@@ -249,42 +262,34 @@ impl Cross {
 
     /// [`Self::finish`], with the same matrix on the device where it was summed there.
     pub fn finish_summed(self) -> Result<(Mat<f32>, Option<Tensor>)> {
-        match self.on_device {
-            Some(t) => Ok((crate::linalg::tensor_to_mat(&t)?, Some(t))),
-            None => Ok((self.c, None)),
+        if let Some(t) = self.on_device.map(Blocks::sum).transpose()?.flatten() {
+            return Ok((crate::linalg::tensor_to_mat(&t)?, Some(t)));
         }
+        Ok((self.c.unwrap_or_else(|| Mat::zeros(self.shape.0, self.shape.1)), None))
     }
 
     /// Add `xᵀ y` over the rows of `x` `(..., p)` and `y` `(..., n)`.
     pub fn add(&mut self, x: &Tensor, y: &Tensor) -> Result<()> {
         let (p, n) = (x.dim(D::Minus1)?, y.dim(D::Minus1)?);
         let rows = x.elem_count() / p;
-        ensure!(
-            (p, n) == self.c.shape() && y.elem_count() == rows * n,
-            "Cross: shapes {:?} / {:?}",
-            x.dims(),
-            y.dims()
-        );
-        if crate::device::generic(x) {
-            return device_add(&mut self.on_device, x, y);
+        ensure!((p, n) == self.shape && y.elem_count() == rows * n, "Cross: shapes {:?} / {:?}", x.dims(), y.dims());
+        if rows == 0 {
+            return Ok(());
         }
+        if crate::device::generic(x) {
+            let sum = self.on_device.get_or_insert_with(|| Blocks::new(n, Blocks::width(n), false));
+            return sum.add(&x.reshape((rows, p))?, &y.reshape((rows, n))?, TRANSPOSED_VALUES);
+        }
+        let c = self.c.get_or_insert_with(|| Mat::zeros(p, n));
         with_f32(x, |xs| {
             with_f32(y, |ys| {
                 let a = MatRef::from_row_major_slice(xs, rows, p);
                 let b = MatRef::from_row_major_slice(ys, rows, n);
-                faer::linalg::matmul::matmul(self.c.as_mut(), Accum::Add, a.transpose(), b, 1.0f32, par());
+                faer::linalg::matmul::matmul(c.as_mut(), Accum::Add, a.transpose(), b, 1.0f32, par());
             })
         })??;
         Ok(())
     }
-}
-
-/// `acc += xᵀ y` over the rows of `x` `(..., p)` and `y` `(..., n)`, on their device (the first product is
-/// the sum: the same f32 additions, in the same order, as summing on the host from zero).
-fn device_add(acc: &mut Option<Tensor>, x: &Tensor, y: &Tensor) -> Result<()> {
-    let (p, n) = (x.dim(D::Minus1)?, y.dim(D::Minus1)?);
-    let rows = x.elem_count() / p;
-    accumulate(acc, x.reshape((rows, p))?.t()?.matmul(&y.reshape((rows, n))?)?)
 }
 
 /// `Σ y²` over a tensor, in f64.
@@ -511,7 +516,7 @@ mod tests {
         let n = 5;
         let v: Vec<f32> = (0..n * n).map(|i| i as f32 * 0.37 - 3.0).collect();
         let t = Tensor::from_vec(v.clone(), (n, n), &Device::Cpu).unwrap();
-        let on_device = Some(LowerBlocks { width: n, cols: vec![Some(t)] });
+        let on_device = Some(Blocks { n, width: n, lower: true, cols: vec![Some(t)] });
         let (host, copy) = Gram { n, g: None, on_device, tokens: 1 }.finish_summed().unwrap();
         for i in 0..n {
             for j in 0..n {
@@ -535,17 +540,17 @@ mod tests {
                 Some(Tensor::from_vec((0..rows * n).map(|i| val(i + *at)).collect(), (rows, n), &Device::Cpu).unwrap())
             })
             .collect();
-        let (mut host, mut blocks, mut whole) = (Gram::new(n), LowerBlocks::new(n, 8), LowerBlocks::new(n, n));
+        let (mut host, mut blocks, mut whole) = (Gram::new(n), Blocks::new(n, 8, true), Blocks::new(n, n, true));
         for x in &batches {
             host.add(x).unwrap();
-            blocks.add(x, 5 * n).unwrap();
-            whole.add(x, 5 * n).unwrap();
+            blocks.add(x, x, 5 * n).unwrap();
+            whole.add(x, x, 5 * n).unwrap();
         }
         assert_eq!(blocks.cols.len(), 5);
         let host = host.finish().unwrap();
         let on_device = Some(blocks);
         let (summed, copy) = Gram { n, g: None, on_device, tokens: 28 }.finish_summed().unwrap();
-        let whole = crate::linalg::tensor_to_mat(&whole.lower().unwrap()).unwrap();
+        let whole = crate::linalg::tensor_to_mat(&whole.sum().unwrap().unwrap()).unwrap();
         for i in 0..n {
             for j in 0..n {
                 let tol = 1e-5 * host[(i, j)].abs().max(1.0);
@@ -565,7 +570,7 @@ mod tests {
         // The widths a model's inputs get: eighths on 64-column steps, one product below 512 inputs.
         for (n, w, b) in [(64, 64, 1), (511, 511, 1), (576, 256, 3), (4096, 512, 8), (11008, 1408, 8), (28672, 3584, 8)]
         {
-            assert_eq!((LowerBlocks::width(n), LowerBlocks::new(n, LowerBlocks::width(n)).cols.len()), (w, b), "{n}");
+            assert_eq!((Blocks::width(n), Blocks::new(n, Blocks::width(n), true).cols.len()), (w, b), "{n}");
         }
     }
 
@@ -618,30 +623,41 @@ mod tests {
         assert!(err.contains("input feature 17"), "{err}");
     }
 
-    /// The device's running sum is the batches' products summed on the host (as before it was kept on the
-    /// device), to the bit: both add in f32 from the first product. And it is the host path's Gram matrix, to
-    /// rounding.
+    /// The device's running sums are the batches' products summed on the host: to the bit as one product each
+    /// (both add in f32 from the first product), to rounding in column blocks (a cross product of 37 columns
+    /// in blocks of 8, the last of 5); and the Gram matrix is the host path's, to rounding.
     #[test]
     fn device_sums_are_the_batches_products_summed() {
         let val = |i: usize| ((i * 7 % 13) as f32 - 6.0) / 5.0;
-        let batches: Vec<Tensor> = (0..3)
-            .map(|b| Tensor::from_vec((0..10 * 4).map(|i| val(i + 40 * b)).collect(), (2, 5, 4), &Device::Cpu).unwrap())
-            .collect();
-        let mut on_device = None;
-        let mut by_hand = Mat::<f32>::zeros(4, 4);
-        let mut host = Gram::new(4);
-        for x in &batches {
-            device_add(&mut on_device, x, x).unwrap();
-            let xs = x.reshape((10, 4)).unwrap();
-            by_hand += crate::linalg::tensor_to_mat(&xs.t().unwrap().matmul(&xs).unwrap()).unwrap();
+        let (p, n) = (4, 37);
+        let batch = |b: usize, w: usize| {
+            Tensor::from_vec((0..10 * w).map(|i| val(i + 40 * b + w)).collect(), (10, w), &Device::Cpu).unwrap()
+        };
+        let (xs, ys): (Vec<Tensor>, Vec<Tensor>) = (0..3).map(|b| (batch(b, p), batch(b, n))).unzip();
+        let (mut gram, mut whole, mut blocks) =
+            (Blocks::new(p, p, true), Blocks::new(n, n, false), Blocks::new(n, 8, false));
+        let (mut gram_by_hand, mut by_hand) = (Mat::<f32>::zeros(p, p), Mat::<f32>::zeros(p, n));
+        let mut host = Gram::new(p);
+        for (x, y) in xs.iter().zip(&ys) {
+            gram.add(x, x, usize::MAX).unwrap();
+            whole.add(x, y, usize::MAX).unwrap();
+            blocks.add(x, y, usize::MAX).unwrap();
+            let product = |a: &Tensor, b: &Tensor| crate::linalg::tensor_to_mat(&a.t().unwrap().matmul(b).unwrap());
+            gram_by_hand += product(x, x).unwrap();
+            by_hand += product(x, y).unwrap();
             host.add(x).unwrap();
         }
-        let sum = crate::linalg::tensor_to_mat(&on_device.unwrap()).unwrap();
-        let host = host.finish().unwrap();
-        for a in 0..4 {
-            for b in 0..4 {
-                assert_eq!(sum[(a, b)].to_bits(), by_hand[(a, b)].to_bits(), "({a},{b})");
-                assert!((sum[(a, b)] - host[(a, b)]).abs() <= 1e-5 * host[(a, b)].abs().max(1.0), "({a},{b})");
+        let sum = |b: Blocks| crate::linalg::tensor_to_mat(&b.sum().unwrap().unwrap()).unwrap();
+        let (gram, whole, blocks, host) = (sum(gram), sum(whole), sum(blocks), host.finish().unwrap());
+        for a in 0..p {
+            for b in 0..p {
+                assert_eq!(gram[(a, b)].to_bits(), gram_by_hand[(a, b)].to_bits(), "({a},{b})");
+                assert!((gram[(a, b)] - host[(a, b)]).abs() <= 1e-5 * host[(a, b)].abs().max(1.0), "({a},{b})");
+            }
+            for b in 0..n {
+                assert_eq!(whole[(a, b)].to_bits(), by_hand[(a, b)].to_bits(), "({a},{b})");
+                let tol = 1e-5 * by_hand[(a, b)].abs().max(1.0);
+                assert!((blocks[(a, b)] - by_hand[(a, b)]).abs() <= tol, "({a},{b}) {}", blocks[(a, b)]);
             }
         }
     }
