@@ -241,7 +241,10 @@ rc=$?
 # Whether the walk ran out of memory with the activations on the GPU and moved them to host memory itself.
 spilled=$(python3 -c "import json,sys; print(sum(l.get('spilled', False) for l in json.load(open(sys.argv[1]))['layers']))" \
   $S/fista-70b-l0/report.json 2>/dev/null || echo null)
-rec "{\"step\":\"memory_70b_layer\",\"limit\":\"$lim\",\"rc\":$rc,\"wall_s\":$(elapsed $t0),\"peak_gpu_mib\":$(peak $S/mem-70b.txt),\"pool_peak_mib\":$(pool_peak $S/fista-70b-l0/report.json),\"spilled_layers\":$spilled}"
+# Whether error correction's kept inputs went to host memory (predicted under --gpu-memory 40, not with all 80 GB).
+kept=$(python3 -c "import json,sys; print(sum(l.get('kept_on_host', False) for l in json.load(open(sys.argv[1]))['layers']))" \
+  $S/fista-70b-l0/report.json 2>/dev/null || echo null)
+rec "{\"step\":\"memory_70b_layer\",\"limit\":\"$lim\",\"rc\":$rc,\"wall_s\":$(elapsed $t0),\"peak_gpu_mib\":$(peak $S/mem-70b.txt),\"pool_peak_mib\":$(pool_peak $S/fista-70b-l0/report.json),\"spilled_layers\":$spilled,\"kept_on_host_layers\":$kept}"
 rm -rf $S/fista-70b-l0
 want 6b || rm -rf $M70
 }

@@ -65,6 +65,10 @@ pub struct LayerReport {
     /// (as `--offload-activations` does, for this layer and the rest) and pruned the layer again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub spilled: bool,
+    /// Error correction's kept group inputs went to host memory: on the GPU they would have taken over half its
+    /// free memory.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kept_on_host: bool,
     /// On a GPU, the most bytes the run's tensors held there at once while this layer was pruned and run
     /// forward, the calibration activations on it included ([`crate::device::peak_bytes`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -145,6 +149,7 @@ impl Ledger {
             output_rel_error,
             operators,
             spilled: false,
+            kept_on_host: false,
             gpu_peak_bytes: None,
         }
     }
@@ -581,6 +586,7 @@ pub fn prune_layer(
     let tokens = inp.tokens();
     let mut operators = Vec::new();
     let mut finished = None;
+    let mut kept_on_host = false;
     if opts.error_correction || inp.targets.is_some() {
         // In the pruned walk (the default) the walk keeps the last group's inputs and makes the layer's outputs
         // from them, instead of running the pruned layer again, and the dense one again on the batches the
@@ -607,6 +613,7 @@ pub fn prune_layer(
         if held_on_host {
             log::info!("layer {i}: error correction's kept inputs ({:.0} MiB) go to host memory", kept / 1048576.0);
         }
+        kept_on_host = held_on_host;
         let outputs_from = tokens * (cost.widths[ends] + hidden) * 4.0;
         let finish = may_finish
             && (fits(outputs_from, on_gpu && !held_on_host) || {
@@ -698,7 +705,7 @@ pub fn prune_layer(
         work,
         dense: Some(dense),
         outputs: Some(outputs),
-        report: ledger.report(i, Some(error), operators),
+        report: LayerReport { kept_on_host, ..ledger.report(i, Some(error), operators) },
     })
 }
 
