@@ -191,32 +191,50 @@ pub fn row_major<T: Copy + Sync, U: Copy + Default + Send>(m: MatRef<T>, f: impl
 /// Cholesky and one triangular inverse (2/3 n³) where the host path takes Cholesky, inverse and Cholesky.
 /// Both go in blocks of `block` columns: the diagonal blocks are factored and inverted on the host in f64,
 /// everything else is GEMMs on the device. candle's GEMM wants exact strides on the GPU, so every operand
-/// that is a view is made contiguous first. `h` is taken, and each `n × n` intermediate dropped as soon as the
-/// next exists: two are held at once (for a 70B model's down_proj, 28,672 inputs, 6.6 GB each in f64), and
-/// blocks of `block` columns or rows.
+/// that is a view is made contiguous first. All of it is done in `h`'s own storage (the flips strip by strip,
+/// the factor and its inverse block by block), so one `n × n` matrix is held and copies of at most a quarter of
+/// one beside it (for a 70B model's down_proj, 28,672 inputs: 6.6 GB in f64 and 1.6 at most beside it, where
+/// separate results held two or three). `h` must be the only handle on its storage.
 pub fn upper_inverse_cholesky(h: Tensor, block: usize) -> Result<Tensor> {
     let n = h.dim(0)?;
     ensure!(h.dims2()? == (n, n), "expected a square matrix, got {:?}", h.dims());
-    let rev = Tensor::from_vec((0..n as u32).rev().collect::<Vec<_>>(), n, h.device())?;
-    // Rows, then columns, the input dropped between: two n × n matrices at once, not three.
-    let flip = |t: Tensor| -> Result<Tensor> {
-        let rows = t.index_select(&rev, 0)?;
-        drop(t);
-        Ok(rows.index_select(&rev, 1)?)
-    };
-    let l = cholesky_lower(flip(h)?, block)?;
-    let x = invert_lower(&l, block)?;
-    drop(l);
-    flip(x)
+    ensure!(n > 0, "an empty matrix has no inverse");
+    let h = if h.is_contiguous() { h } else { h.force_contiguous()? };
+    let strip = n.div_ceil(8).max(block).min(n);
+    flip_in_place(&h, strip)?;
+    cholesky_lower_in_place(&h, block)?;
+    invert_lower_in_place(&h, block)?;
+    flip_in_place(&h, strip)?;
+    Ok(h)
 }
 
-/// Lower `L` with `a = L Lᵀ`, left-looking by blocks of columns, each written into `L` in place: with `a`, two
-/// `n × n` matrices at once and a copy of the columns done below the block (at most a quarter of one), where
-/// right-looking's trailing update held three.
-fn cholesky_lower(a: Tensor, block: usize) -> Result<Tensor> {
+/// `J t J` (rows and columns in reverse order) written over `t`: each pair of strips of `strip` rows (then
+/// columns) from the two ends swapped, reversed, through copies of the two.
+fn flip_in_place(t: &Tensor, strip: usize) -> Result<()> {
+    let n = t.dim(0)?;
+    for dim in 0..2 {
+        let mut a = 0;
+        while a < n / 2 {
+            let w = strip.min(n / 2 - a);
+            // New position p takes old n − 1 − p: the strip at `a` takes the far strip's, and the far one this.
+            let ids = |from: usize| {
+                Tensor::from_vec((0..w as u32).map(|k| (n - 1 - from) as u32 - k).collect::<Vec<_>>(), w, t.device())
+            };
+            let (near, far) = (t.index_select(&ids(a)?, dim)?, t.index_select(&ids(n - a - w)?, dim)?);
+            t.slice_set(&near, dim, a)?;
+            t.slice_set(&far, dim, n - a - w)?;
+            a += w;
+        }
+    }
+    Ok(())
+}
+
+/// `a`'s lower Cholesky factor `L` (`a = L Lᵀ`) written over `a`, zeros above the diagonal: left-looking by
+/// blocks of columns, each computed from `a`'s own block (not yet written) and the columns of `L` done before
+/// it (a copy of those below the block: at most a quarter of the matrix).
+fn cholesky_lower_in_place(a: &Tensor, block: usize) -> Result<()> {
     let n = a.dim(0)?;
     let (dtype, device) = (a.dtype(), a.device().clone());
-    let l = Tensor::zeros((n, n), dtype, &device)?;
     let mut k0 = 0;
     while k0 < n {
         let b = block.min(n - k0);
@@ -224,7 +242,7 @@ fn cholesky_lower(a: Tensor, block: usize) -> Result<Tensor> {
         // S = A[k0.., k0..k0+b] − L[k0.., ..k0] L[k0..k0+b, ..k0]ᵀ
         let mut s = a.narrow(0, k0, below)?.narrow(1, k0, b)?.contiguous()?;
         if k0 > 0 {
-            let done = l.narrow(0, k0, below)?.narrow(1, 0, k0)?.contiguous()?;
+            let done = a.narrow(0, k0, below)?.narrow(1, 0, k0)?.contiguous()?;
             s = (&s - done.matmul(&done.narrow(0, 0, b)?.t()?)?)?;
         }
         let lkk = to_host_f64(&s.narrow(0, 0, b)?)?
@@ -237,25 +255,23 @@ fn cholesky_lower(a: Tensor, block: usize) -> Result<Tensor> {
         if k0 > 0 {
             column.push(Tensor::zeros((k0, b), dtype, &device)?);
         }
-        column.push(to_device_like(&lkk, &l)?);
+        column.push(to_device_like(&lkk, a)?);
         if below > b {
             // L_rk = S_rk L_kk⁻ᵀ
             let s_rk = s.narrow(0, b, below - b)?;
-            column.push(s_rk.matmul(&to_device_like(&invert_lower_host(&lkk), &l)?.t()?)?);
+            column.push(s_rk.matmul(&to_device_like(&invert_lower_host(&lkk), a)?.t()?)?);
         }
-        l.slice_set(&Tensor::cat(&column, 0)?, 1, k0)?;
+        a.slice_set(&Tensor::cat(&column, 0)?, 1, k0)?;
         k0 += b;
     }
-    Ok(l)
+    Ok(())
 }
 
-/// `L⁻¹` of a lower triangular `l`, by blocks of rows: `X_ii = L_ii⁻¹` and `X_i,<i = −L_ii⁻¹ L_i,<i X_<i,<i`.
-/// `X` is filled in place, a block of rows at a time: with `l`, two `n × n` matrices at once (growing it by
-/// concatenation held three at the end: 20 GB in f64 for a 70B model's down_proj).
-fn invert_lower(l: &Tensor, block: usize) -> Result<Tensor> {
+/// `L⁻¹` of a lower triangular `l` written over it, by blocks of rows: `X_ii = L_ii⁻¹` and
+/// `X_i,<i = −L_ii⁻¹ L_i,<i X_<i,<i`. Row block `i` of `L` is read only by step `i`, which then writes `X`'s
+/// there; the rows above are `X`'s by then.
+fn invert_lower_in_place(l: &Tensor, block: usize) -> Result<()> {
     let n = l.dim(0)?;
-    ensure!(n > 0, "an empty matrix has no inverse");
-    let x = Tensor::zeros((n, n), l.dtype(), l.device())?;
     let mut r0 = 0;
     while r0 < n {
         let b = block.min(n - r0);
@@ -267,17 +283,17 @@ fn invert_lower(l: &Tensor, block: usize) -> Result<Tensor> {
             // X's rows above, whole (contiguous, as a GPU's product takes them): zero beyond column r0, so the
             // product's first r0 columns are X_i,<i.
             let li = l.narrow(0, r0, b)?.narrow(1, 0, r0)?.contiguous()?;
-            let xi = xii.matmul(&li.matmul(&x.narrow(0, 0, r0)?)?)?.neg()?;
+            let xi = xii.matmul(&li.matmul(&l.narrow(0, 0, r0)?)?)?.neg()?;
             row.push(xi.narrow(1, 0, r0)?);
         }
         row.push(xii);
         if r0 + b < n {
             row.push(Tensor::zeros((b, n - r0 - b), l.dtype(), l.device())?);
         }
-        x.slice_set(&Tensor::cat(&row, 1)?, 0, r0)?;
+        l.slice_set(&Tensor::cat(&row, 1)?, 0, r0)?;
         r0 += b;
     }
-    Ok(x)
+    Ok(())
 }
 
 /// The inverse of a small lower triangular matrix, on the host.

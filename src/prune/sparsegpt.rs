@@ -153,9 +153,14 @@ fn device_inverse_cholesky_upper(g: &Mat<f32>, add: &[f64], dtype: FactorDtype) 
 fn device_damped_hessian(g: &Mat<f32>, add: &[f64], dtype: DType) -> Result<Tensor> {
     let (n, dev) = (g.nrows(), crate::device::current());
     anyhow::ensure!(n * n <= u32::MAX as usize, "sparsegpt: {n} inputs are too many for the device's factor");
-    // A copy of its own, packed, whatever `G`'s copy is (`to_dtype` to its own type gives `G` itself): the
-    // diagonal is written through a flat view of it.
-    let h = crate::linalg::mat_to_device(g, dev)?.to_dtype(dtype)?.force_contiguous()?;
+    // A packed copy of its own (`to_dtype` to `G`'s own type gives `G` itself): the diagonal is written through
+    // a flat view of it, and the factorisation works in it.
+    let g_dev = crate::linalg::mat_to_device(g, dev)?;
+    let h = match g_dev.dtype() == dtype || !g_dev.is_contiguous() {
+        true => g_dev.to_dtype(dtype)?.force_contiguous()?,
+        false => g_dev.to_dtype(dtype)?,
+    };
+    drop(g_dev);
     // Rounded to `dtype` as the host's `H` is (to nearest).
     let diagonal: Vec<f64> = (0..n).map(|j| g[(j, j)] as f64 + add[j]).collect();
     let values = Tensor::from_vec(diagonal, n, dev)?.to_dtype(dtype)?;
