@@ -160,26 +160,26 @@ for d in cuda cpu; do
   rec "{\"step\":\"sparsegpt_7b\",\"device\":\"$d\",\"rc\":$rc,\"wall_s\":$wall,\"perplexity\":$(ppl_of $S/sg-$d.json),\"peak_gpu_mib\":$(peak $S/mem-prune-$d.txt)}"
   python3 -c "import json; r=json.load(open('$S/sg-$d/report.json')); print(json.dumps({k: r[k] for k in r if 'time' in k or 'second' in k}))" 2>/dev/null | tee -a "$R"
 done
+# SparseGPT 50 % on cuda as above with one setting of the environment ($1), into $S/$2; its rc in $rc.
+sg_with() {
+  t0=$(date +%s.%N)
+  env "$1" timeout 120 $B --device cuda --threads 16 prune --model $M --method sparsegpt --sparsity 0.5 --calib $W \
+    --nsamples 16 --seqlen 2048 --out $S/$2 --quiet
+  rc=$?
+}
+# The sum over a report's layers of one of their fields.
+layers_sum() { python3 -c "import json,sys; print(sum(l[sys.argv[2]] for l in json.load(open(sys.argv[1]))['layers']))" \
+  "$1" "$2" 2>/dev/null || echo null; }
 # The unstructured block masks chosen on the host instead of by their kernel: the same checkpoint bytes (both are
 # the host's rule to the bit), and the layers' pruning seconds of each.
-t0=$(date +%s.%N)
-FISTAPRUNE_HOST_BLOCK_MASK=1 timeout 120 $B --device cuda --threads 16 prune --model $M --method sparsegpt \
-  --sparsity 0.5 --calib $W --nsamples 16 --seqlen 2048 --out $S/sg-hostmask --quiet
-rc=$?
-prune_s() { python3 -c "import json,sys; print(sum(l['prune_seconds'] for l in json.load(open(sys.argv[1]))['layers']))" \
-  "$1" 2>/dev/null || echo null; }
+sg_with FISTAPRUNE_HOST_BLOCK_MASK=1 sg-hostmask
 same=$(cmp -s $S/sg-cuda/model.safetensors $S/sg-hostmask/model.safetensors && echo true || echo false)
-rec "{\"step\":\"sparsegpt_block_masks\",\"rc\":$rc,\"wall_s\":$(elapsed $t0),\"same_bytes\":$same,\"prune_s_kernel\":$(prune_s $S/sg-cuda/report.json),\"prune_s_host\":$(prune_s $S/sg-hostmask/report.json)}"
+rec "{\"step\":\"sparsegpt_block_masks\",\"rc\":$rc,\"wall_s\":$(elapsed $t0),\"same_bytes\":$same,\"prune_s_kernel\":$(layers_sum $S/sg-cuda/report.json prune_seconds),\"prune_s_host\":$(layers_sum $S/sg-hostmask/report.json prune_seconds)}"
 # The Gram matrices summed as one full product each (FISTAPRUNE_GRAM_BLOCKS=1), as before their lower block
 # triangle (9/16 of the flops): the statistics' seconds of each, and the two checkpoints' perplexities.
-t0=$(date +%s.%N)
-FISTAPRUNE_GRAM_BLOCKS=1 timeout 120 $B --device cuda --threads 16 prune --model $M --method sparsegpt \
-  --sparsity 0.5 --calib $W --nsamples 16 --seqlen 2048 --out $S/sg-fullgram --quiet
-rc=$?
-stats_s() { python3 -c "import json,sys; print(sum(l['stats_seconds'] for l in json.load(open(sys.argv[1]))['layers']))" \
-  "$1" 2>/dev/null || echo null; }
+sg_with FISTAPRUNE_GRAM_BLOCKS=1 sg-fullgram
 $B --device cuda eval --model $S/sg-fullgram --dataset $W --seqlen 2048 --max-windows 4 --quiet --json $S/sg-fullgram.json
-rec "{\"step\":\"gram_blocks\",\"rc\":$rc,\"wall_s\":$(elapsed $t0),\"stats_s_blocks\":$(stats_s $S/sg-cuda/report.json),\"stats_s_full\":$(stats_s $S/sg-fullgram/report.json),\"perplexity_blocks\":$(ppl_of $S/sg-cuda.json),\"perplexity_full\":$(ppl_of $S/sg-fullgram.json)}"
+rec "{\"step\":\"gram_blocks\",\"rc\":$rc,\"wall_s\":$(elapsed $t0),\"stats_s_blocks\":$(layers_sum $S/sg-cuda/report.json stats_seconds),\"stats_s_full\":$(layers_sum $S/sg-fullgram/report.json stats_seconds),\"perplexity_blocks\":$(ppl_of $S/sg-cuda.json),\"perplexity_full\":$(ppl_of $S/sg-fullgram.json)}"
 }
 
 want 4b && {
