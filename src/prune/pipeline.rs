@@ -476,9 +476,14 @@ fn embed_batches(
         }
         all => {
             let all = all.map_err(|e| with_oom_context(e, what))?;
+            // On a GPU each batch gets storage of its own: views would keep the whole embedding until the last
+            // batch is replaced by the first layer's output (for a 70B model's 128 × 2048 tokens in f32, 8 GiB
+            // beside that layer's work). The copies are made while nothing else is on the GPU.
+            let own =
+                |t: Tensor| if t.device().is_cpu() || t.dtype() != all.dtype() { Ok(t) } else { t.force_contiguous() };
             let starts = (0..calib.len()).step_by(batch);
             starts
-                .map(|start| stash(all.narrow(0, start, batch.min(calib.len() - start))?.to_dtype(act_dtype)?))
+                .map(|start| stash(own(all.narrow(0, start, batch.min(calib.len() - start))?.to_dtype(act_dtype)?)?))
                 .collect()
         }
     }
