@@ -225,10 +225,11 @@ rec "{\"step\":\"fista_7b_layer\",\"rc\":$?,\"wall_s\":$(elapsed $t0),\"peak_gpu
 want 6 && {
 echo "== 6. memory: one layer of a LLaMA-2-70B-shaped model (2 random layers) with FISTAPruner, 128 × 2048 tokens"
 # The paper pruned LLaMA-3-70B on one A100 (40 GB): the goal is to prune it in 40 GB. --gpu-memory 40 holds back
-# the rest of the card, so the run meets out of memory where a 40 GB card would (its defaults need more with the
-# activations on the GPU: it then moves them to host memory and prunes the layer again, "spilled"); the pool's
-# peak is the retry's (nvidia-smi's counts what is held back too). (MAKE70_FLAGS shrinks the model;
-# GPU_MEMORY70= runs it with the whole card.)
+# the rest of the card, so the run meets out of memory where a 40 GB card would. By the code's account
+# (docs/BENCHMARKS.md, stop 31) error correction's kept inputs go to host memory ("kept_on_host") and the layer
+# peaks near 26 GiB; were it to run out of memory, it would move the activations to host memory and prune the
+# layer again ("spilled"; the pool's peak is then the retry's). nvidia-smi's peak counts what is held back too.
+# (MAKE70_FLAGS shrinks the model; GPU_MEMORY70= runs it with the whole card.)
 M70=$S/llama70b-2l
 python3 scripts/gpu/torch_ref.py make --out $M70 --tokenizer .gpu/tokenizer.json --layers 2 --hidden 8192 \
   --intermediate 28672 --heads 64 --kv-heads 8 ${MAKE70_FLAGS:-} | tee -a "$R"

@@ -235,9 +235,10 @@ pub fn memory() -> Option<(usize, usize)> {
 
 /// Leave the run at most `bytes` of the GPU's memory (`--gpu-memory`): what is free beyond that is allocated
 /// now, outside the pool that candle allocates from, and held until the process ends. The run then meets out of
-/// memory where it would with that much free (a card of that size has a little less: the CUDA context's share): a layer that does not fit moves the calibration
-/// activations to host memory and is pruned again, and what decides by the free memory (whether error
-/// correction's last inputs are kept) decides by what is left. Returns the bytes held back.
+/// memory where it would with that much free (a card of that size has a little less: the CUDA context's
+/// share): a layer that does not fit moves the calibration activations to host memory and is pruned again, and
+/// what decides by the free memory (where error correction keeps inputs) decides by what is left. Returns the
+/// bytes held back.
 pub fn limit_memory(bytes: u64) -> Result<u64> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(dev) = current() {

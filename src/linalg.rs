@@ -200,7 +200,7 @@ pub fn upper_inverse_cholesky(h: Tensor, block: usize) -> Result<Tensor> {
     ensure!(h.dims2()? == (n, n), "expected a square matrix, got {:?}", h.dims());
     ensure!(n > 0, "an empty matrix has no inverse");
     let h = if h.is_contiguous() { h } else { h.force_contiguous()? };
-    let strip = n.div_ceil(8).max(block).min(n);
+    let strip = n.div_ceil(8);
     flip_in_place(&h, strip)?;
     cholesky_lower_in_place(&h, block)?;
     invert_lower_in_place(&h, block)?;
@@ -865,26 +865,29 @@ mod tests {
     #[test]
     fn blocked_upper_inverse_cholesky_is_the_factor_of_the_inverse() {
         use faer::linalg::solvers::DenseSolveCore;
-        // A symmetric positive definite matrix with a spread spectrum, n not a multiple of the block.
-        let n = 37;
-        let x =
-            faer::Mat::<f64>::from_fn(2 * n, n, |i, j| ((i * 7 + j * 13) % 11) as f64 - 5.0 + (i == j) as u8 as f64);
-        let mut h = x.transpose() * &x;
-        for j in 0..n {
-            h[(j, j)] += 0.1;
-        }
-        let want =
-            h.llt(faer::Side::Lower).unwrap().inverse().llt(faer::Side::Lower).unwrap().L().transpose().to_owned();
-        for block in [1, 8, 37, 64] {
-            let t = to_device_like(&h, &Tensor::zeros((1, 1), DType::F64, &Device::Cpu).unwrap()).unwrap();
-            let got = to_host_f64(&upper_inverse_cholesky(t, block).unwrap()).unwrap();
-            let scale = (0..n).map(|j| want[(j, j)].abs()).fold(0.0, f64::max);
-            let worst = (0..n)
-                .flat_map(|i| (0..n).map(move |j| (i, j)))
-                .map(|(i, j)| (got[(i, j)] - want[(i, j)]).abs())
-                .fold(0.0, f64::max);
-            assert!(worst < 1e-10 * scale, "block {block}: worst {worst} against scale {scale}");
-            assert!((0..n).all(|i| (0..i).all(|j| got[(i, j)] == 0.0)), "block {block}: not upper triangular");
+        // Symmetric positive definite matrices with a spread spectrum: n even and odd, not a multiple of the
+        // block, one strip and several (the flips go by strips of an eighth), and the smallest.
+        for n in [1, 2, 36, 37] {
+            let x = faer::Mat::<f64>::from_fn(2 * n, n, |i, j| {
+                ((i * 7 + j * 13) % 11) as f64 - 5.0 + (i == j) as u8 as f64
+            });
+            let mut h = x.transpose() * &x;
+            for j in 0..n {
+                h[(j, j)] += 0.1;
+            }
+            let want =
+                h.llt(faer::Side::Lower).unwrap().inverse().llt(faer::Side::Lower).unwrap().L().transpose().to_owned();
+            for block in [1, 8, 37, 64] {
+                let t = to_device_like(&h, &Tensor::zeros((1, 1), DType::F64, &Device::Cpu).unwrap()).unwrap();
+                let got = to_host_f64(&upper_inverse_cholesky(t, block).unwrap()).unwrap();
+                let scale = (0..n).map(|j| want[(j, j)].abs()).fold(0.0, f64::max);
+                let worst = (0..n)
+                    .flat_map(|i| (0..n).map(move |j| (i, j)))
+                    .map(|(i, j)| (got[(i, j)] - want[(i, j)]).abs())
+                    .fold(0.0, f64::max);
+                assert!(worst < 1e-10 * scale, "n {n}, block {block}: worst {worst} against scale {scale}");
+                assert!((0..n).all(|i| (0..i).all(|j| got[(i, j)] == 0.0)), "n {n}, block {block}: not upper");
+            }
         }
     }
 

@@ -66,7 +66,7 @@ pub struct LayerReport {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub spilled: bool,
     /// Error correction's kept group inputs went to host memory: on the GPU they would have taken over half its
-    /// free memory.
+    /// free memory, or the walk holds its activations there (`--offload-activations`, or after a spill).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub kept_on_host: bool,
     /// On a GPU, the most bytes the run's tensors held there at once while this layer was pruned and run
@@ -596,7 +596,6 @@ pub fn prune_layer(
         // last group's input and the residual stream for every token, must fit in half the free memory;
         // otherwise the layer runs again (same bytes, more time).
         //
-        //
         // Each group's inputs are kept where the layer steps from them to the next group's (pruned and dense, in
         // the activations' type, with the residual stream where the walk may finish from them): on the GPU where
         // they fit in half its free memory, else in host memory (for a LLaMA-2-70B layer's 128 × 2048 tokens in
@@ -613,7 +612,7 @@ pub fn prune_layer(
         if held_on_host {
             log::info!("layer {i}: error correction's kept inputs ({:.0} MiB) go to host memory", kept / 1048576.0);
         }
-        kept_on_host = held_on_host;
+        kept_on_host = held_on_host || (crate::device::offloading() && kept > 0.0);
         let outputs_from = tokens * (cost.widths[ends] + hidden) * 4.0;
         let finish = may_finish
             && (fits(outputs_from, on_gpu && !held_on_host) || {

@@ -134,16 +134,16 @@ fn upper_of_inverse<T: faer::traits::RealField + Copy>(
 }
 
 /// [`inverse_cholesky_upper`] on the run's device ([`crate::linalg::upper_inverse_cholesky`], blocks of 256),
-/// as an f32 tensor there, from `H` made there by [`device_damped_hessian`].
+/// in the factor's type there (the sweep takes its blocks to f32 as it reads them: a whole f32 copy would sit
+/// beside it, 3.1 GiB for a 70B down_proj), from `H` made there by [`device_damped_hessian`].
 fn device_inverse_cholesky_upper(g: &Mat<f32>, add: &[f64], dtype: FactorDtype) -> Result<Tensor> {
     let dt = match dtype {
         FactorDtype::F64 => DType::F64,
         FactorDtype::F32 => DType::F32,
     };
     let h = device_damped_hessian(g, add, dt)?;
-    let u = crate::linalg::upper_inverse_cholesky(h, 256)
-        .map_err(|e| anyhow!("the damped Hessian is not positive definite ({e:#}); raise --percdamp"))?;
-    Ok(u.to_dtype(DType::F32)?)
+    crate::linalg::upper_inverse_cholesky(h, 256)
+        .map_err(|e| anyhow!("the damped Hessian is not positive definite ({e:#}); raise --percdamp"))
 }
 
 /// [`damped_hessian`]'s `H` (`G` in f64 plus `add` on the diagonal) in `dtype` on the run's device, from `G`'s
@@ -156,8 +156,8 @@ fn device_damped_hessian(g: &Mat<f32>, add: &[f64], dtype: DType) -> Result<Tens
     // A packed copy of its own (`to_dtype` to `G`'s own type gives `G` itself): the diagonal is written through
     // a flat view of it, and the factorisation works in it.
     let g_dev = crate::linalg::mat_to_device(g, dev)?;
-    let h = match g_dev.dtype() == dtype || !g_dev.is_contiguous() {
-        true => g_dev.to_dtype(dtype)?.force_contiguous()?,
+    let h = match g_dev.dtype() == dtype {
+        true => g_dev.force_contiguous()?,
         false => g_dev.to_dtype(dtype)?,
     };
     drop(g_dev);
@@ -261,11 +261,11 @@ fn sweep_on_device(w: &Tensor, u: &Tensor, pattern: Pattern, blocksize: usize) -
         let i2 = (i1 + blocksize).min(cols);
         let count = i2 - i1;
         let wb = rest.narrow(1, 0, count)?.contiguous()?;
-        let ub = u.narrow(0, i1, count)?.narrow(1, i1, count)?.contiguous()?;
+        let ub = u.narrow(0, i1, count)?.narrow(1, i1, count)?.to_dtype(DType::F32)?.contiguous()?;
         let (q, err1) = sweep_block_on(&wb, &ub, pattern)?;
         swept.push(q);
         if i2 < cols {
-            let u12 = u.narrow(0, i1, count)?.narrow(1, i2, cols - i2)?.contiguous()?;
+            let u12 = u.narrow(0, i1, count)?.narrow(1, i2, cols - i2)?.to_dtype(DType::F32)?.contiguous()?;
             rest = (rest.narrow(1, count, cols - i2)? - err1.matmul(&u12)?)?;
         }
         i1 = i2;
