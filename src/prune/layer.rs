@@ -384,8 +384,8 @@ struct Correction<'a> {
     /// makes the layer's outputs from what it holds. (For a LLaMA-2-70B layer's 128 × 2048 tokens in f32 it is
     /// 8 GiB for the pruned layer and 8 for the dense one.)
     residuals: bool,
-    /// Whether kept inputs go to host memory, where the walk keeps its activations on the GPU but they would
-    /// not fit there beside the layer's work ([`fits`]).
+    /// Whether kept inputs go to host memory: where the walk holds its activations there, or keeps them on the
+    /// GPU but these would not fit there beside the layer's work ([`fits`]).
     held_on_host: bool,
 }
 
@@ -472,7 +472,7 @@ impl Correction<'_> {
             }
             if let Some(dt) = keep {
                 // What is already kept in `dt` stays as it is.
-                let host = self.held_on_host || crate::device::offloading();
+                let host = self.held_on_host;
                 let keep = |s: Stashed| -> Result<Stashed> {
                     if s.dtype() == dt {
                         crate::device::restash_in(s, host)
@@ -608,11 +608,11 @@ pub fn prune_layer(
         let widest =
             (0..ends).filter(|&gi| steps(gi)).map(|gi| cost.widths[gi] + if may_finish { hidden } else { 0.0 });
         let kept = 2.0 * tokens * widest.fold(0.0, f64::max) * act_dtype.size_in_bytes() as f64;
-        let held_on_host = on_gpu && !fits(kept, on_gpu);
-        if held_on_host {
+        let held_on_host = crate::device::offloading() || (on_gpu && !fits(kept, on_gpu));
+        if held_on_host && on_gpu {
             log::info!("layer {i}: error correction's kept inputs ({:.0} MiB) go to host memory", kept / 1048576.0);
         }
-        kept_on_host = held_on_host || (crate::device::offloading() && kept > 0.0);
+        kept_on_host = held_on_host && kept > 0.0;
         let outputs_from = tokens * (cost.widths[ends] + hidden) * 4.0;
         let finish = may_finish
             && (fits(outputs_from, on_gpu && !held_on_host) || {

@@ -156,10 +156,7 @@ fn device_damped_hessian(g: &Mat<f32>, add: &[f64], dtype: DType) -> Result<Tens
     // A packed copy of its own (`to_dtype` to `G`'s own type gives `G` itself): the diagonal is written through
     // a flat view of it, and the factorisation works in it.
     let g_dev = crate::linalg::mat_to_device(g, dev)?;
-    let h = match g_dev.dtype() == dtype {
-        true => g_dev.force_contiguous()?,
-        false => g_dev.to_dtype(dtype)?,
-    };
+    let h = if g_dev.dtype() == dtype { g_dev.force_contiguous()? } else { g_dev.to_dtype(dtype)? };
     drop(g_dev);
     // Rounded to `dtype` as the host's `H` is (to nearest).
     let diagonal: Vec<f64> = (0..n).map(|j| g[(j, j)] as f64 + add[j]).collect();

@@ -300,8 +300,8 @@ fn kernel_g(g: &Mat<f32>) -> Vec<f32> {
 /// [`kernel_g`] made from `G*` on the device (its resident copy), transposed there: no host copy of `n²` values
 /// and no upload per swap round. A symmetric `G*` (as the Gram matrices here are: the host's rule mirrors the
 /// lower triangle; compared by value, so ±0 alike, which the kernel's products do not tell apart) is its own
-/// transpose, and goes as it is: one comparison's bytes (`n²`), not a
-/// copy of its values (`4 n²`, 3.3 GB for a 70B down_proj).
+/// transpose, and goes as it is: one comparison's bytes (`n²`), not a copy of its values (`4 n²`, 3.3 GB for a
+/// 70B down_proj).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn kernel_g_of(g: &candle_core::Tensor) -> anyhow::Result<candle_core::Tensor> {
     let g = g.contiguous()?;
