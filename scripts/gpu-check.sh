@@ -5,9 +5,9 @@
 # on the machine (scripts/gpu/torch_ref.py). Each step appends one JSON line to $OUT/results.jsonl as it ends,
 # so a run cut short still says what it measured.
 #   1. the device opens and candle's sm_90a kernels load (a fixture's eval on cuda); if it fails, the run stops;
-#   2. parity, cuda against cpu with the same binary: eval perplexity on every fixture architecture, greedy
-#      generate, and pruned checkpoints (magnitude, Wanda, SparseGPT, FISTAPruner; SparseGPT with the
-#      calibration passes in bf16 too) on the LLaMA fixture;
+#   2. parity, cuda against cpu with the same binary: eval perplexity on every fixture architecture, zero-shot
+#      accuracies, greedy generate, and pruned checkpoints (magnitude, Wanda, SparseGPT, FISTAPruner; SparseGPT
+#      with the calibration passes in bf16 too) on the LLaMA fixture, offloaded and resumed runs;
 #   3. a 2-layer random LLaMA of LLaMA-2-7B's layer shapes: eval perplexity and tokens/s on cuda, on the 16
 #      CPU cores, and through transformers on the same GPU and token ids; peak GPU memory;
 #   4b. SparseGPT and Wanda on it with 128 × 2048 calibration tokens on cuda (ours with f32 and with bf16
@@ -104,6 +104,22 @@ for m in llama mistral qwen3 qwen2_f16 opt opt350m_layout gemma3; do
   rec "{\"step\":\"eval_parity\",\"model\":\"$m\",\"cpu\":$a,\"cuda\":$c,\"rel\":$(python3 -c "print(abs($a-$c)/$a)" 2>/dev/null || echo null)}"
 done
 
+echo "== 2a. eval parity, zero-shot: every task file of tests/fixtures/zeroshot on the LLaMA fixture"
+for d in cpu cuda; do
+  $B --device $d eval --model tests/fixtures/llama --tasks boolq,winogrande,arc_easy,openbookqa,rte,hellaswag,arc_challenge \
+    --tasks-dir tests/fixtures/zeroshot --quiet --json $S/zs-$d.json
+done
+# Each task's acc and acc_norm, the same on both (3 examples a task: a choice's log-likelihood that moved past
+# another's would show).
+zs=$(python3 - $S/zs-cpu.json $S/zs-cuda.json <<'PY' 2>/dev/null || echo '{"same":null}'
+import json, sys
+a, b = (json.load(open(f))["tasks"] for f in sys.argv[1:])
+key = lambda ts: [(t["task"], t["acc"], t["acc_norm"]) for t in ts]
+print(json.dumps({"same": key(a) == key(b), "tasks": len(a), "mean_acc_norm": [sum(t["acc_norm"] for t in x) / len(x) for x in (a, b)]}))
+PY
+)
+rec "{\"step\":\"zeroshot_parity\",\"result\":$zs}"
+
 echo "== 2b. greedy generate"
 g1=$($B --device cpu generate --model tests/fixtures/llama --prompt "The tower is" --max-new-tokens 16)
 g2=$($B --device cuda generate --model tests/fixtures/llama --prompt "The tower is" --max-new-tokens 16)
@@ -152,6 +168,30 @@ done
 $B --device cuda --offload-activations prune --model tests/fixtures/llama --method fista --sparsity 0.5 --calib $W \
   --nsamples 8 --seqlen 64 --out $S/p-fista-off --quiet
 rec "{\"step\":\"offload_parity\",\"rc\":$?,\"identical_bytes\":$(cmp -s $S/p-fista-cuda/model.safetensors $S/p-fista-off/model.safetensors && echo true || echo false)}"
+# --resume on cuda: FISTAPruner killed once layer 0 has landed (`--progress json` says when), then resumed: the
+# same bytes as the run that was not killed.
+p_fista=(prune --model tests/fixtures/llama --method fista --sparsity 0.5 --calib $W --nsamples 8 --seqlen 64 --out $S/p-fista-cut --quiet)
+killed=false
+for try in 1 2 3 4 5; do
+  rm -rf $S/p-fista-cut
+  python3 - $B --device cuda "${p_fista[@]}" <<'PY' && { killed=true; break; }
+import json, subprocess, sys
+p = subprocess.Popen(sys.argv[1:] + ["--progress", "json"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+for line in p.stderr:
+    try:
+        v = json.loads(line)
+    except ValueError:
+        continue
+    if v.get("event") == "layer" and v.get("layer") == 0:
+        p.kill()
+        break
+sys.exit(0 if p.wait() == -9 else 1)
+PY
+done
+$B --device cuda "${p_fista[@]}" --resume
+rc=$?
+resumed=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['resumed_layers'])" $S/p-fista-cut/report.json 2>/dev/null || echo null)
+rec "{\"step\":\"resume_parity\",\"killed\":$killed,\"rc\":$rc,\"resumed_layers\":$resumed,\"identical_bytes\":$(cmp -s $S/p-fista-cuda/model.safetensors $S/p-fista-cut/model.safetensors && echo true || echo false)}"
 }
 
 step_3() {
