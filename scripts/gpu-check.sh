@@ -7,7 +7,8 @@
 #   1. the device opens and candle's sm_90a kernels load (a fixture's eval on cuda); if it fails, the run stops;
 #   2. parity, cuda against cpu with the same binary: eval perplexity on every fixture architecture, zero-shot
 #      accuracies, greedy generate, and pruned checkpoints (magnitude, Wanda, SparseGPT, FISTAPruner; SparseGPT
-#      with the calibration passes in bf16 too) on the LLaMA fixture, offloaded and resumed runs;
+#      with the calibration passes in bf16 too) on the LLaMA fixture, offloaded and resumed runs,
+#      and compare;
 #   3. a 2-layer random LLaMA of LLaMA-2-7B's layer shapes: eval perplexity and tokens/s on cuda, on the 16
 #      CPU cores, and through transformers on the same GPU and token ids; peak GPU memory;
 #   4b. SparseGPT and Wanda on it with 128 × 2048 calibration tokens on cuda (ours with f32 and with bf16
@@ -84,9 +85,9 @@ ls -l "$B"; ldd "$B" | grep -E "cuda|cublas|curand|nvrtc|not found"
 rec "{\"step\":\"binary\",\"bytes\":$(stat -c %s "$B"),\"missing_libs\":$(ldd "$B" | grep -c 'not found')}"
 
 step_1() {
-echo "== 1. the device opens (fixture eval on cuda)"
+echo "== 1. the device opens (fixture eval on cuda:0)"
 t0=$(date +%s.%N)
-$B --device cuda eval --model tests/fixtures/llama --dataset $W --seqlen 128 --max-windows 3 --quiet --json $S/go.json
+$B --device cuda:0 eval --model tests/fixtures/llama --dataset $W --seqlen 128 --max-windows 3 --quiet --json $S/go.json
 local rc=$?
 rec "{\"step\":\"go\",\"rc\":$rc,\"wall_s\":$(elapsed $t0),\"perplexity\":$(ppl_of $S/go.json)}"
 # Nothing after this can run where the device does not open: keep the machine's time for the next try.
@@ -192,6 +193,13 @@ $B --device cuda "${p_fista[@]}" --resume
 rc=$?
 resumed=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['resumed_layers'])" $S/p-fista-cut/report.json 2>/dev/null || echo null)
 rec "{\"step\":\"resume_parity\",\"killed\":$killed,\"rc\":$rc,\"resumed_layers\":$resumed,\"identical_bytes\":$(cmp -s $S/p-fista-cuda/model.safetensors $S/p-fista-cut/model.safetensors && echo true || echo false)}"
+# compare on cuda: each method's checkpoint is prune's on the same calibration tokens, byte for byte.
+$B --device cuda compare --model tests/fixtures/llama --methods magnitude,wanda,sparsegpt,fista --sparsity 0.5 \
+  --calib $W --nsamples 8 --seqlen 64 --out $S/cmp-cuda --quiet
+rc=$?
+same=$(for m in magnitude wanda sparsegpt fista; do
+  cmp -s $S/p-$m-cuda/model.safetensors $S/cmp-cuda/$m/model.safetensors || echo "$m"; done | paste -sd, -)
+rec "{\"step\":\"compare_on_cuda\",\"rc\":$rc,\"differ_from_prune\":\"$same\"}"
 }
 
 step_3() {
