@@ -165,6 +165,17 @@ PY
   g=$(ppl_of $S/p-$meth-cpug.json)
   rec "{\"step\":\"prune_parity\",\"method\":\"$meth\",\"cpu\":$a,\"cuda\":$c,\"rel\":$(python3 -c "print(abs($a-$c)/$a)" 2>/dev/null || echo null),\"mask_agreement\":${agree:-null},\"identical_bytes\":$same,\"cuda_run_to_run_identical\":$det,\"cpu_generic\":$g,\"cpu_generic_rel\":$(python3 -c "print(abs($a-$g)/$a)" 2>/dev/null || echo null)}"
 done
+# The other architectures' calibration walks (each file's own capture and steps between groups): FISTAPruner
+# with error correction on cpu and cuda, pruned perplexity.
+for m in opt gemma3 qwen3; do
+  for d in cpu cuda; do
+    $B --device $d prune --model tests/fixtures/$m --method fista --sparsity 0.5 --calib $W --nsamples 8 --seqlen 64 \
+      --out $S/a-$m-$d --quiet
+    $B eval --model $S/a-$m-$d --dataset $W --seqlen 128 --max-windows 3 --quiet --json $S/a-$m-$d.json
+  done
+  a=$(ppl_of $S/a-$m-cpu.json); c=$(ppl_of $S/a-$m-cuda.json)
+  rec "{\"step\":\"prune_parity\",\"method\":\"fista\",\"model\":\"$m\",\"cpu\":$a,\"cuda\":$c,\"rel\":$(python3 -c "print(abs($a-$c)/$a)" 2>/dev/null || echo null)}"
+done
 # Offloaded activations go through pinned host memory on a GPU: the same bytes as kept on it.
 $B --device cuda --offload-activations prune --model tests/fixtures/llama --method fista --sparsity 0.5 --calib $W \
   --nsamples 8 --seqlen 64 --out $S/p-fista-off --quiet
