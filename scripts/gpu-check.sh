@@ -58,7 +58,6 @@ pool_peak() { python3 -c "import json,sys; print(max(l['gpu_peak_bytes'] for l i
   "$1" 2>/dev/null || echo null; }
 elapsed() { python3 -c "import time, sys; print(round(time.time() - float(sys.argv[1]), 3))" "$1"; }
 STEPS=${STEPS:-1 2 3 4b 4c 6 5 4 6b}
-want() { [[ " $STEPS " == *" $1 "* ]]; }
 # Each step's estimated seconds on the GPU machine (H100/H200, 16 cores), from the FLOPs counted on the CPU and
 # cuBLAS's 51 TFLOP/s (docs/BENCHMARKS.md, stop 32); not measured yet. The record "step_seconds" measures them.
 declare -A est=([1]=20 [2]=120 [3]=80 [4b]=240 [4c]=150 [6]=180 [5]=100 [4]=300 [6b]=200)
