@@ -36,6 +36,9 @@ W=.gpu/wiki.test.raw
 S=${SCRATCH:-/tmp/fistaprune-gpu-check}
 mkdir -p "$S/models" && find "$S" -mindepth 1 -maxdepth 1 ! -name models -exec rm -rf {} +
 export NVIDIA_TF32_OVERRIDE=0
+# The image's Python, with torch, transformers and the CUDA 13 wheels, is /opt/torch/.venv (../shared/docs/GPU.md):
+# put it first where the python3 found first lacks torch.
+python3 -c 'import torch' 2>/dev/null || { [ -x /opt/torch/.venv/bin/python3 ] && export PATH=/opt/torch/.venv/bin:$PATH; }
 CU13=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))')
 export LD_LIBRARY_PATH=/usr/local/nvidia/lib64:$CU13:/usr/local/cuda-13.0/targets/x86_64-linux/lib
 # One line per record (the JSON files it embeds are indented), as it was given where it is not JSON.
@@ -81,6 +84,8 @@ model70() { make_model $M70 --hidden 8192 --intermediate 28672 --heads 64 --kv-h
 echo "== 0. the machine and the binary"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 ls -l "$B"; ldd "$B" | grep -E "cuda|cublas|curand|nvrtc|not found"
+python3 -c 'import sys, torch, transformers; print("python", sys.version.split()[0], "torch", torch.__version__, "transformers", transformers.__version__, "cuda", torch.cuda.is_available())' \
+  || echo "python3 ($(command -v python3)) lacks torch or transformers: steps 3-6 need them"
 rec "{\"step\":\"binary\",\"bytes\":$(stat -c %s "$B"),\"missing_libs\":$(ldd "$B" | grep -c 'not found')}"
 
 step_1() {
