@@ -588,10 +588,6 @@ impl CausalLm for Gemma3 {
 }
 
 impl GemmaLayer {
-    fn op(&self, name: &str) -> &Linear {
-        &self.ops[OPERATOR_NAMES.iter().position(|n| *n == name).expect("one of OPERATORS")]
-    }
-
     fn norm(&self, k: usize, x: &Tensor) -> Result<Tensor> {
         self.norms[k].forward(x, self.cfg.rms_norm_eps)
     }
@@ -704,12 +700,12 @@ impl DecoderLayer for GemmaLayer {
         &INPUT_GROUPS
     }
 
-    fn linear(&self, name: &str) -> Option<&Linear> {
-        OPERATOR_NAMES.iter().position(|n| *n == name).map(|k| &self.ops[k])
+    fn ops(&self) -> &[Linear] {
+        &self.ops
     }
 
-    fn linear_mut(&mut self, name: &str) -> Option<&mut Linear> {
-        OPERATOR_NAMES.iter().position(|n| *n == name).map(|k| &mut self.ops[k])
+    fn ops_mut(&mut self) -> &mut [Linear] {
+        &mut self.ops
     }
 
     fn named_tensors(&self) -> Vec<(String, Tensor)> {

@@ -689,10 +689,6 @@ impl CausalLm for Llama {
 }
 
 impl LlamaLayer {
-    fn op(&self, name: &str) -> &Linear {
-        &self.ops[OPERATOR_NAMES.iter().position(|n| *n == name).expect("one of OPERATORS")]
-    }
-
     fn attention(&self, x: &Tensor, ctx: &LayerContext, hook: &mut Option<Hook>) -> Result<Tensor> {
         let c = &self.cfg;
         let (b, t, _) = x.dims3()?;
@@ -795,12 +791,12 @@ impl DecoderLayer for LlamaLayer {
         &INPUT_GROUPS
     }
 
-    fn linear(&self, name: &str) -> Option<&Linear> {
-        OPERATOR_NAMES.iter().position(|n| *n == name).map(|k| &self.ops[k])
+    fn ops(&self) -> &[Linear] {
+        &self.ops
     }
 
-    fn linear_mut(&mut self, name: &str) -> Option<&mut Linear> {
-        OPERATOR_NAMES.iter().position(|n| *n == name).map(|k| &mut self.ops[k])
+    fn ops_mut(&mut self) -> &mut [Linear] {
+        &mut self.ops
     }
 
     fn named_tensors(&self) -> Vec<(String, Tensor)> {

@@ -442,17 +442,29 @@ pub trait DecoderLayer: Send + Sync {
     fn linear_names(&self) -> &'static [&'static str];
     /// The operators grouped by shared input, in data-flow order (q, k, v read the same tensor).
     fn input_groups(&self) -> &'static [&'static [&'static str]];
-    fn linear(&self, name: &str) -> Option<&Linear>;
-    fn linear_mut(&mut self, name: &str) -> Option<&mut Linear>;
+    /// The linear operators, in the order of [`Self::linear_names`].
+    fn ops(&self) -> &[Linear];
+    fn ops_mut(&mut self) -> &mut [Linear];
+    /// The linear operator named `name` (one of [`Self::linear_names`]).
+    fn linear(&self, name: &str) -> Option<&Linear> {
+        let k = self.linear_names().iter().position(|n| *n == name)?;
+        self.ops().get(k)
+    }
+    fn linear_mut(&mut self, name: &str) -> Option<&mut Linear> {
+        let k = self.linear_names().iter().position(|n| *n == name)?;
+        self.ops_mut().get_mut(k)
+    }
+    /// [`Self::linear`] for a name the architecture's own code gives: one that is not an operator is a bug.
+    fn op(&self, name: &str) -> &Linear {
+        self.linear(name).unwrap_or_else(|| panic!("{name}: not an operator of this layer"))
+    }
     /// Every tensor of the layer under its Hugging Face name (for writing checkpoints).
     fn named_tensors(&self) -> Vec<(String, Tensor)>;
     /// Multiply the layer's linear maps in `dtype` from here ([`Linear::matmul`]); its attention's two products
     /// follow (they take the type of the query projection's).
     fn set_matmul_dtype(&mut self, dtype: candle_core::DType) {
-        for name in self.linear_names() {
-            if let Some(l) = self.linear_mut(name) {
-                l.matmul = dtype;
-            }
+        for l in self.ops_mut() {
+            l.matmul = dtype;
         }
     }
 }

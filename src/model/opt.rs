@@ -408,10 +408,6 @@ impl CausalLm for Opt {
 }
 
 impl OptLayer {
-    fn op(&self, name: &str) -> &Linear {
-        &self.ops[OPERATOR_NAMES.iter().position(|n| *n == name).expect("one of OPERATORS")]
-    }
-
     fn attention(&self, x: &Tensor, hook: &mut Option<Hook>) -> Result<Tensor> {
         let c = &self.cfg;
         let (b, t, h) = x.dims3()?;
@@ -502,12 +498,12 @@ impl DecoderLayer for OptLayer {
         &INPUT_GROUPS
     }
 
-    fn linear(&self, name: &str) -> Option<&Linear> {
-        OPERATOR_NAMES.iter().position(|n| *n == name).map(|k| &self.ops[k])
+    fn ops(&self) -> &[Linear] {
+        &self.ops
     }
 
-    fn linear_mut(&mut self, name: &str) -> Option<&mut Linear> {
-        OPERATOR_NAMES.iter().position(|n| *n == name).map(|k| &mut self.ops[k])
+    fn ops_mut(&mut self) -> &mut [Linear] {
+        &mut self.ops
     }
 
     fn named_tensors(&self) -> Vec<(String, Tensor)> {
