@@ -17,13 +17,14 @@
 #   6. FISTAPruner on one layer of a LLaMA-2-70B-shaped model in 40 GB of GPU memory (--gpu-memory 40), and
 #      its peak; 6b the same with the activations offloaded from the start, in bf16, SparseGPT's factor in f32;
 #   5. the CPU path's scaling from 4 to 16 threads (scripts/bench-threads.sh);
+#   4d. 4b and 4c on a LLaMA-3-8B-shaped model;
 #   4. diagnostics: SparseGPT with 16 × 2048 tokens on cuda and on cpu, with the block masks chosen on the
 #      host, and with each Gram matrix one full product.
 # A session has 15 minutes of device time, the machine's start included, and a call at most 10, so the steps
 # run in the order given (by default the issue's figures first) and BUDGET_S (seconds, default no limit)
 # skips a step whose estimate (`est` below) no longer fits: a step cut off mid-way would leave no figure.
 # Skipped steps are listed in $OUT/skipped.txt, for the next call's STEPS.
-#   usage: OUT=dir [STEPS="1 2 3 4b 4c 6 5 4 6b"] [BUDGET_S=540] scripts/gpu-check.sh
+#   usage: OUT=dir [STEPS="1 2 3 4b 4c 6 5 4d 4 6b"] [BUDGET_S=540] scripts/gpu-check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-target/gpu-check}
@@ -60,11 +61,11 @@ peak() { sort -n "$1" | tail -1 | grep . || echo null; }
 pool_peak() { python3 -c "import json,sys; print(max(l['gpu_peak_bytes'] for l in json.load(open(sys.argv[1]))['layers'] if 'gpu_peak_bytes' in l) >> 20)" \
   "$1" 2>/dev/null || echo null; }
 elapsed() { python3 -c "import time, sys; print(round(time.time() - float(sys.argv[1]), 3))" "$1"; }
-STEPS=${STEPS:-1 2 3 4b 4c 6 5 4 6b}
+STEPS=${STEPS:-1 2 3 4b 4c 6 5 4d 4 6b}
 # Each step's estimated seconds on the GPU machine (H100/H200, 16 cores), from the FLOPs counted on the CPU and
 # cuBLAS's 51 TFLOP/s (docs/BENCHMARKS.md, stop 32); not measured yet. The record "step_seconds" measures them.
-declare -A est=([1]=20 [2]=120 [3]=80 [4b]=240 [4c]=150 [6]=180 [5]=100 [4]=300 [6b]=200)
-for s in $STEPS; do [ -n "${est[$s]:-}" ] || { echo "unknown step $s (steps: 1 2 3 4b 4c 6 5 4 6b)"; exit 2; }; done
+declare -A est=([1]=20 [2]=120 [3]=80 [4b]=240 [4c]=150 [6]=180 [5]=100 [4d]=360 [4]=300 [6b]=200)
+for s in $STEPS; do [ -n "${est[$s]:-}" ] || { echo "unknown step $s (steps: 1 2 3 4b 4c 6 5 4d 4 6b)"; exit 2; }; done
 # A 2-layer random LLaMA in $1 with torch_ref.py's flags after it, made once (under another name until it is
 # whole, so that a run cut off while making it leaves nothing a later call would take for it).
 make_model() {
@@ -74,10 +75,13 @@ make_model() {
   python3 scripts/gpu/torch_ref.py make --out "$dir.part" --tokenizer .gpu/tokenizer.json --layers 2 "$@" | tee -a "$R" \
     && mv "$dir.part" "$dir"
 }
-# The LLaMA-2-7B-shaped model of steps 3-4c (MAKE_FLAGS="--hidden 256 ..." shrinks it, to try the script on a
-# machine without a GPU), and the LLaMA-2-70B-shaped one of steps 6 and 6b (MAKE70_FLAGS).
+# The LLaMA-2-7B-shaped model of steps 3-4c and the LLaMA-3-8B-shaped one of 4d (MAKE_FLAGS="--hidden 256 ..."
+# shrinks them, to try the script on a machine without a GPU), and the LLaMA-2-70B-shaped one of steps 6 and 6b
+# (MAKE70_FLAGS).
 M=$S/models/llama7b-2l
 model() { make_model $M ${MAKE_FLAGS:-}; }
+M8=$S/models/llama8b-2l
+model8() { make_model $M8 --hidden 4096 --intermediate 14336 --heads 32 --kv-heads 8 ${MAKE_FLAGS:-}; }
 M70=$S/models/llama70b-2l
 model70() { make_model $M70 --hidden 8192 --intermediate 28672 --heads 64 --kv-heads 8 ${MAKE70_FLAGS:-}; }
 
@@ -265,46 +269,66 @@ $B --device cuda eval --model $S/sg-fullgram --dataset $W --seqlen 2048 --max-wi
 rec "{\"step\":\"gram_blocks\",\"rc\":$rc,\"wall_s\":$(elapsed $t0),\"stats_s_blocks\":$(layers_sum $S/sg-cuda/report.json stats_seconds),\"stats_s_full\":$(layers_sum $S/sg-fullgram/report.json stats_seconds),\"perplexity_blocks\":$(ppl_of $S/sg-cuda.json),\"perplexity_full\":$(ppl_of $S/sg-fullgram.json)}"
 }
 
-step_4b() {
-echo "== 4b. the authors' SparseGPT and Wanda on the same card against ours, 128 × 2048 calibration tokens"
-model
-# Their code as published (scripts/reference/peers_prune.py --device cuda; .gpu/peers/ from gpu-prepare.sh) and
-# ours on the same calibration ids; whole-model seconds are the 2 layers' × 16 (LLaMA-2-7B has 32).
+# Ours (SparseGPT and Wanda, with f32 and with bf16 passes) and the authors' SparseGPT and Wanda on the 2-layer
+# model $1 with the same 128 × 2048 calibration ids, records "speed_$2". Their code as published
+# (scripts/reference/peers_prune.py --device cuda; .gpu/peers/ from gpu-prepare.sh). Whole-model seconds are the
+# 2 layers' × 16 (LLaMA-2-7B and LLaMA-3-8B have 32).
+speed() {
+local m=$1 tag=$2 calib=$S/calib128-$2.json
 t0=$(date +%s.%N)
-with_mem $S/mem-sg128.txt timeout 150 $B --device cuda --threads 16 prune --model $M --method sparsegpt \
-  --sparsity 0.5 --calib $W --nsamples 128 --seqlen 2048 --save-calib $S/calib128.json --out $S/sg128 --quiet
-rec "{\"step\":\"speed_7b\",\"who\":\"fistaprune\",\"method\":\"sparsegpt\",\"matmul_dtype\":\"f32\",\"rc\":$?,\"wall_s\":$(elapsed $t0),\"peak_gpu_mib\":$(peak $S/mem-sg128.txt)}"
+with_mem $S/mem-sg128-$tag.txt timeout 150 $B --device cuda --threads 16 prune --model $m --method sparsegpt \
+  --sparsity 0.5 --calib $W --nsamples 128 --seqlen 2048 --save-calib $calib --out $S/sg128-$tag --quiet
+rec "{\"step\":\"speed_$tag\",\"who\":\"fistaprune\",\"method\":\"sparsegpt\",\"matmul_dtype\":\"f32\",\"rc\":$?,\"wall_s\":$(elapsed $t0),\"peak_gpu_mib\":$(peak $S/mem-sg128-$tag.txt)}"
 t0=$(date +%s.%N)
-timeout 120 $B --device cuda --threads 16 prune --model $M --method wanda --sparsity 0.5 --calib $S/calib128.json \
-  --out $S/wd128 --quiet
-rec "{\"step\":\"speed_7b\",\"who\":\"fistaprune\",\"method\":\"wanda\",\"matmul_dtype\":\"f32\",\"rc\":$?,\"wall_s\":$(elapsed $t0)}"
+timeout 120 $B --device cuda --threads 16 prune --model $m --method wanda --sparsity 0.5 --calib $calib \
+  --out $S/wd128-$tag --quiet
+rec "{\"step\":\"speed_$tag\",\"who\":\"fistaprune\",\"method\":\"wanda\",\"matmul_dtype\":\"f32\",\"rc\":$?,\"wall_s\":$(elapsed $t0)}"
 # The same with the calibration passes multiplying in bf16 (the authors' run in fp16): the tensor cores' rate.
 for meth in sparsegpt wanda; do
   t0=$(date +%s.%N)
-  timeout 150 $B --device cuda --threads 16 prune --model $M --method $meth --sparsity 0.5 --matmul-dtype bf16 \
-    --calib $S/calib128.json --out $S/$meth-bf16 --quiet
-  rec "{\"step\":\"speed_7b\",\"who\":\"fistaprune\",\"method\":\"$meth\",\"matmul_dtype\":\"bf16\",\"rc\":$?,\"wall_s\":$(elapsed $t0)}"
+  timeout 150 $B --device cuda --threads 16 prune --model $m --method $meth --sparsity 0.5 --matmul-dtype bf16 \
+    --calib $calib --out $S/$meth-bf16-$tag --quiet
+  rec "{\"step\":\"speed_$tag\",\"who\":\"fistaprune\",\"method\":\"$meth\",\"matmul_dtype\":\"bf16\",\"rc\":$?,\"wall_s\":$(elapsed $t0)}"
 done
-if [ -d .gpu/peers ] && [ -f $S/calib128.json ]; then
+if [ -d .gpu/peers ] && [ -f $calib ]; then
   for meth in sparsegpt wanda; do
-    timeout 150 python3 scripts/reference/peers_prune.py --device cuda --method $meth --sparsity 0.5 --model $M \
-      --calib $S/calib128.json --sparsegpt-repo .gpu/peers/sparsegpt --wanda-repo .gpu/peers/wanda \
-      --json $S/peers-$meth.json > $S/peers-$meth.log 2>&1
-    rec "{\"step\":\"speed_7b\",\"who\":\"authors\",\"method\":\"$meth\",\"rc\":$?,\"result\":$(cat $S/peers-$meth.json 2>/dev/null || echo null)}"
-    tail -3 $S/peers-$meth.log
+    timeout 150 python3 scripts/reference/peers_prune.py --device cuda --method $meth --sparsity 0.5 --model $m \
+      --calib $calib --sparsegpt-repo .gpu/peers/sparsegpt --wanda-repo .gpu/peers/wanda \
+      --json $S/peers-$meth-$tag.json > $S/peers-$meth-$tag.log 2>&1
+    rec "{\"step\":\"speed_$tag\",\"who\":\"authors\",\"method\":\"$meth\",\"rc\":$?,\"result\":$(cat $S/peers-$meth-$tag.json 2>/dev/null || echo null)}"
+    tail -3 $S/peers-$meth-$tag.log
   done
 fi
+}
+
+# FISTAPruner with its defaults on the 2-layer model $1 with speed()'s calibration ids for tag $2 (the same
+# tokens drawn again where that has not run): the authors' SparseGPT is its bar (the issue: no slower).
+fista_speed() {
+local m=$1 tag=$2 calib="--calib $S/calib128-$2.json"
+[ -f $S/calib128-$tag.json ] || calib="--calib $W --nsamples 128 --seqlen 2048"
+t0=$(date +%s.%N)
+with_mem $S/mem-fista-$tag.txt timeout 240 $B --device cuda --threads 16 prune --model $m --method fista \
+  --sparsity 0.5 $calib --out $S/fista128-$tag --quiet
+rec "{\"step\":\"speed_$tag\",\"who\":\"fistaprune\",\"method\":\"fista\",\"matmul_dtype\":\"f32\",\"rc\":$?,\"wall_s\":$(elapsed $t0),\"peak_gpu_mib\":$(peak $S/mem-fista-$tag.txt)}"
+}
+
+step_4b() {
+echo "== 4b. the authors' SparseGPT and Wanda on the same card against ours, 128 × 2048 calibration tokens"
+model
+speed $M 7b
 }
 
 step_4c() {
 echo "== 4c. FISTAPruner with its defaults on cuda, the same 128 × 2048 calibration tokens"
 model
-# The authors' SparseGPT is the bar (the issue: no slower), so the same model, tokens and walk as 4b's.
-local calib="--calib $S/calib128.json"; [ -f $S/calib128.json ] || calib="--calib $W --nsamples 128 --seqlen 2048"
-t0=$(date +%s.%N)
-with_mem $S/mem-fista.txt timeout 240 $B --device cuda --threads 16 prune --model $M --method fista --sparsity 0.5 \
-  $calib --out $S/fista128 --quiet
-rec "{\"step\":\"speed_7b\",\"who\":\"fistaprune\",\"method\":\"fista\",\"matmul_dtype\":\"f32\",\"rc\":$?,\"wall_s\":$(elapsed $t0),\"peak_gpu_mib\":$(peak $S/mem-fista.txt)}"
+fista_speed $M 7b
+}
+
+step_4d() {
+echo "== 4d. 4b and 4c on a 2-layer random LLaMA of LLaMA-3-8B's layer shapes"
+model8
+speed $M8 8b
+fista_speed $M8 8b
 }
 
 step_6() {
