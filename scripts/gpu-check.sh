@@ -76,8 +76,8 @@ make_model() {
     && mv "$dir.part" "$dir"
 }
 # The LLaMA-2-7B-shaped model of steps 3-4c and the LLaMA-3-8B-shaped one of 4d (MAKE_FLAGS="--hidden 256 ..."
-# shrinks them, to try the script on a machine without a GPU), and the LLaMA-2-70B-shaped one of steps 6 and 6b
-# (MAKE70_FLAGS).
+# shrinks them, to try the script on a machine without a GPU with FP=scripts/gpu/cpu-as-cuda.sh), and the
+# LLaMA-2-70B-shaped one of steps 6 and 6b (MAKE70_FLAGS).
 M=$S/models/llama7b-2l
 model() { make_model $M ${MAKE_FLAGS:-}; }
 M8=$S/models/llama8b-2l
