@@ -46,7 +46,8 @@ export LD_LIBRARY_PATH=/usr/local/nvidia/lib64:$CU13:/usr/local/cuda-13.0/target
 rec() { python3 -c 'import json, sys; print(json.dumps(json.loads(sys.argv[1])))' "$1" 2>/dev/null | tee -a "$R" \
   || echo "$1" | tee -a "$R"; }
 ppl_of() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['perplexity'])" "$1" 2>/dev/null || echo null; }
-secs_of() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['seconds'])" "$1" 2>/dev/null || echo null; }
+# |a − b| / a, or null where either is not a number.
+rel() { python3 -c "print(abs($1 - $2) / $1)" 2>/dev/null || echo null; }
 # The peak of GPU memory in use while a command runs (nvidia-smi, every 100 ms), in MiB.
 with_mem() {
   local f=$1; shift
@@ -110,7 +111,7 @@ for m in llama mistral qwen3 qwen2_f16 opt opt350m_layout gemma3; do
       --json $S/$m-$d.json
   done
   a=$(ppl_of $S/$m-cpu.json); c=$(ppl_of $S/$m-cuda.json)
-  rec "{\"step\":\"eval_parity\",\"model\":\"$m\",\"cpu\":$a,\"cuda\":$c,\"rel\":$(python3 -c "print(abs($a-$c)/$a)" 2>/dev/null || echo null)}"
+  rec "{\"step\":\"eval_parity\",\"model\":\"$m\",\"cpu\":$a,\"cuda\":$c,\"rel\":$(rel $a $c)}"
 done
 
 echo "== 2a. eval parity, zero-shot: every task file of tests/fixtures/zeroshot on the LLaMA fixture"
@@ -171,7 +172,7 @@ PY
   same=$(cmp -s $S/p-$meth-cpu/model.safetensors $S/p-$meth-cuda/model.safetensors && echo true || echo false)
   det=$(cmp -s $S/p-$meth-cuda/model.safetensors $S/p-$meth-cuda2/model.safetensors && echo true || echo false)
   g=$(ppl_of $S/p-$meth-cpug.json)
-  rec "{\"step\":\"prune_parity\",\"method\":\"$meth\",\"cpu\":$a,\"cuda\":$c,\"rel\":$(python3 -c "print(abs($a-$c)/$a)" 2>/dev/null || echo null),\"mask_agreement\":${agree:-null},\"identical_bytes\":$same,\"cuda_run_to_run_identical\":$det,\"cpu_generic\":$g,\"cpu_generic_rel\":$(python3 -c "print(abs($a-$g)/$a)" 2>/dev/null || echo null)}"
+  rec "{\"step\":\"prune_parity\",\"method\":\"$meth\",\"cpu\":$a,\"cuda\":$c,\"rel\":$(rel $a $c),\"mask_agreement\":${agree:-null},\"identical_bytes\":$same,\"cuda_run_to_run_identical\":$det,\"cpu_generic\":$g,\"cpu_generic_rel\":$(rel $a $g)}"
 done
 # The other architectures' calibration walks (each file's own capture and steps between groups): FISTAPruner
 # with error correction on cpu and cuda, pruned perplexity.
@@ -182,7 +183,7 @@ for m in opt gemma3 qwen3; do
     $B eval --model $S/a-$m-$d --dataset $W --seqlen 128 --max-windows 3 --quiet --json $S/a-$m-$d.json
   done
   a=$(ppl_of $S/a-$m-cpu.json); c=$(ppl_of $S/a-$m-cuda.json)
-  rec "{\"step\":\"prune_parity\",\"method\":\"fista\",\"model\":\"$m\",\"cpu\":$a,\"cuda\":$c,\"rel\":$(python3 -c "print(abs($a-$c)/$a)" 2>/dev/null || echo null)}"
+  rec "{\"step\":\"prune_parity\",\"method\":\"fista\",\"model\":\"$m\",\"cpu\":$a,\"cuda\":$c,\"rel\":$(rel $a $c)}"
 done
 # Offloaded activations go through pinned host memory on a GPU: the same bytes as kept on it.
 $B --device cuda --offload-activations prune --model tests/fixtures/llama --method fista --sparsity 0.5 --calib $W \
