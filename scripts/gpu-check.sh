@@ -40,8 +40,14 @@ export NVIDIA_TF32_OVERRIDE=0
 # The image's Python, with torch, transformers and the CUDA 13 wheels, is /opt/torch/.venv (../shared/docs/GPU.md):
 # put it first where the python3 found first lacks torch.
 python3 -c 'import torch' 2>/dev/null || { [ -x /opt/torch/.venv/bin/python3 ] && export PATH=/opt/torch/.venv/bin:$PATH; }
-CU13=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))')
-export LD_LIBRARY_PATH=/usr/local/nvidia/lib64:$CU13:/usr/local/cuda-13.0/targets/x86_64-linux/lib
+CU13=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null)
+export LD_LIBRARY_PATH=/usr/local/nvidia/lib64${CU13:+:$CU13}:/usr/local/cuda-13.0/targets/x86_64-linux/lib
+# Another image may keep a library elsewhere: look for each one the binary still misses (never in a stubs/
+# folder, whose fake libcuda fails every driver call), so that step 0 names only what this machine lacks.
+for lib in $(ldd "$B" 2>/dev/null | awk '/not found/ {print $1}'); do
+  found=$(find /usr/local /usr/lib /usr/lib64 /opt -name "$lib" -not -path '*/stubs/*' 2>/dev/null | head -1)
+  [ -n "$found" ] && export LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$(dirname "$found") && echo "found $lib in $(dirname "$found")"
+done
 # One line per record (the JSON files it embeds are indented), as it was given where it is not JSON.
 rec() { python3 -c 'import json, sys; print(json.dumps(json.loads(sys.argv[1])))' "$1" 2>/dev/null | tee -a "$R" \
   || echo "$1" | tee -a "$R"; }
