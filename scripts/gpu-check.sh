@@ -51,7 +51,14 @@ done
 # One line per record (the JSON files it embeds are indented), as it was given where it is not JSON.
 rec() { python3 -c 'import json, sys; print(json.dumps(json.loads(sys.argv[1])))' "$1" 2>/dev/null | tee -a "$R" \
   || echo "$1" | tee -a "$R"; }
-ppl_of() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['perplexity'])" "$1" 2>/dev/null || echo null; }
+# Field $2 of the JSON file $1, or null where there is none.
+field() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$1" "$2" 2>/dev/null || echo null; }
+ppl_of() { field "$1" perplexity; }
+# The sum over a report's layers of one of their fields (a layer without it counts 0; true counts 1).
+layers_sum() { python3 -c "import json,sys; print(sum(l.get(sys.argv[2], 0) for l in json.load(open(sys.argv[1]))['layers']))" \
+  "$1" "$2" 2>/dev/null || echo null; }
+# Whether two files hold the same bytes: true or false.
+same_bytes() { cmp -s "$1" "$2" && echo true || echo false; }
 # |a − b| / a, or null where either is not a number.
 rel() { python3 -c "print(abs($1 - $2) / $1)" 2>/dev/null || echo null; }
 # The peak of GPU memory in use while a command runs (nvidia-smi, every 100 ms), in MiB.
@@ -68,11 +75,12 @@ peak() { sort -n "$1" | tail -1 | grep . || echo null; }
 pool_peak() { python3 -c "import json,sys; print(max(l['gpu_peak_bytes'] for l in json.load(open(sys.argv[1]))['layers'] if 'gpu_peak_bytes' in l) >> 20)" \
   "$1" 2>/dev/null || echo null; }
 elapsed() { python3 -c "import time, sys; print(round(time.time() - float(sys.argv[1]), 3))" "$1"; }
-STEPS=${STEPS:-1 2 3 4b 4c 6 5 4d 4 6b}
+ALL_STEPS="1 2 3 4b 4c 6 5 4d 4 6b"
+STEPS=${STEPS:-$ALL_STEPS}
 # Each step's estimated seconds on the GPU machine (H100/H200, 16 cores), from the FLOPs counted on the CPU and
 # cuBLAS's 51 TFLOP/s (docs/BENCHMARKS.md, stop 32); not measured yet. The record "step_seconds" measures them.
 declare -A est=([1]=20 [2]=120 [3]=80 [4b]=240 [4c]=150 [6]=180 [5]=100 [4d]=360 [4]=300 [6b]=200)
-for s in $STEPS; do [ -n "${est[$s]:-}" ] || { echo "unknown step $s (steps: 1 2 3 4b 4c 6 5 4d 4 6b)"; exit 2; }; done
+for s in $STEPS; do [ -n "${est[$s]:-}" ] || { echo "unknown step $s (steps: $ALL_STEPS)"; exit 2; }; done
 # A 2-layer random LLaMA in $1 with torch_ref.py's flags after it, made once (under another name until it is
 # whole, so that a run cut off while making it leaves nothing a later call would take for it).
 make_model() {
@@ -175,8 +183,8 @@ print(same / sum(a[n].size for n in names))
 PY
 )
   a=$(ppl_of $S/p-$meth-cpu.json); c=$(ppl_of $S/p-$meth-cuda.json)
-  same=$(cmp -s $S/p-$meth-cpu/model.safetensors $S/p-$meth-cuda/model.safetensors && echo true || echo false)
-  det=$(cmp -s $S/p-$meth-cuda/model.safetensors $S/p-$meth-cuda2/model.safetensors && echo true || echo false)
+  same=$(same_bytes $S/p-$meth-cpu/model.safetensors $S/p-$meth-cuda/model.safetensors)
+  det=$(same_bytes $S/p-$meth-cuda/model.safetensors $S/p-$meth-cuda2/model.safetensors)
   g=$(ppl_of $S/p-$meth-cpug.json)
   rec "{\"step\":\"prune_parity\",\"method\":\"$meth\",\"cpu\":$a,\"cuda\":$c,\"rel\":$(rel $a $c),\"mask_agreement\":${agree:-null},\"identical_bytes\":$same,\"cuda_run_to_run_identical\":$det,\"cpu_generic\":$g,\"cpu_generic_rel\":$(rel $a $g)}"
 done
@@ -194,7 +202,7 @@ done
 # Offloaded activations go through pinned host memory on a GPU: the same bytes as kept on it.
 $B --device cuda --offload-activations prune --model tests/fixtures/llama --method fista --sparsity 0.5 --calib $W \
   --nsamples 8 --seqlen 64 --out $S/p-fista-off --quiet
-rec "{\"step\":\"offload_parity\",\"rc\":$?,\"identical_bytes\":$(cmp -s $S/p-fista-cuda/model.safetensors $S/p-fista-off/model.safetensors && echo true || echo false)}"
+rec "{\"step\":\"offload_parity\",\"rc\":$?,\"identical_bytes\":$(same_bytes $S/p-fista-cuda/model.safetensors $S/p-fista-off/model.safetensors)}"
 # --resume on cuda: FISTAPruner killed once layer 0 has landed (`--progress json` says when), then resumed: the
 # same bytes as the run that was not killed.
 p_fista=(prune --model tests/fixtures/llama --method fista --sparsity 0.5 --calib $W --nsamples 8 --seqlen 64 --out $S/p-fista-cut --quiet)
@@ -217,8 +225,8 @@ PY
 done
 $B --device cuda "${p_fista[@]}" --resume
 rc=$?
-resumed=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['resumed_layers'])" $S/p-fista-cut/report.json 2>/dev/null || echo null)
-rec "{\"step\":\"resume_parity\",\"killed\":$killed,\"rc\":$rc,\"resumed_layers\":$resumed,\"identical_bytes\":$(cmp -s $S/p-fista-cuda/model.safetensors $S/p-fista-cut/model.safetensors && echo true || echo false)}"
+resumed=$(field $S/p-fista-cut/report.json resumed_layers)
+rec "{\"step\":\"resume_parity\",\"killed\":$killed,\"rc\":$rc,\"resumed_layers\":$resumed,\"identical_bytes\":$(same_bytes $S/p-fista-cuda/model.safetensors $S/p-fista-cut/model.safetensors)}"
 # compare on cuda: each method's checkpoint is prune's on the same calibration tokens, byte for byte.
 $B --device cuda compare --model tests/fixtures/llama --methods magnitude,wanda,sparsegpt,fista --sparsity 0.5 \
   --calib $W --nsamples 8 --seqlen 64 --out $S/cmp-cuda --quiet
@@ -261,13 +269,10 @@ sg_with() {
     --nsamples 16 --seqlen 2048 --out $S/$2 --quiet
   rc=$?
 }
-# The sum over a report's layers of one of their fields.
-layers_sum() { python3 -c "import json,sys; print(sum(l[sys.argv[2]] for l in json.load(open(sys.argv[1]))['layers']))" \
-  "$1" "$2" 2>/dev/null || echo null; }
 # The unstructured block masks chosen on the host instead of by their kernel: the same checkpoint bytes (both are
 # the host's rule to the bit), and the layers' pruning seconds of each.
 sg_with FISTAPRUNE_HOST_BLOCK_MASK=1 sg-hostmask
-same=$(cmp -s $S/sg-cuda/model.safetensors $S/sg-hostmask/model.safetensors && echo true || echo false)
+same=$(same_bytes $S/sg-cuda/model.safetensors $S/sg-hostmask/model.safetensors)
 rec "{\"step\":\"sparsegpt_block_masks\",\"rc\":$rc,\"wall_s\":$(elapsed $t0),\"same_bytes\":$same,\"prune_s_kernel\":$(layers_sum $S/sg-cuda/report.json prune_seconds),\"prune_s_host\":$(layers_sum $S/sg-hostmask/report.json prune_seconds)}"
 # The Gram matrices summed as one full product each (FISTAPRUNE_GRAM_BLOCKS=1), as before their lower block
 # triangle (9/16 of the flops): the statistics' seconds of each, and the two checkpoints' perplexities.
@@ -354,11 +359,9 @@ with_mem $S/mem-70b.txt timeout 420 $B --device cuda --threads 16 $lim prune --m
   --out $S/fista-70b-l0 --quiet
 rc=$?
 # Whether the walk ran out of memory with the activations on the GPU and moved them to host memory itself.
-spilled=$(python3 -c "import json,sys; print(sum(l.get('spilled', False) for l in json.load(open(sys.argv[1]))['layers']))" \
-  $S/fista-70b-l0/report.json 2>/dev/null || echo null)
+spilled=$(layers_sum $S/fista-70b-l0/report.json spilled)
 # Whether error correction's kept inputs went to host memory (predicted under --gpu-memory 40, not with all 80 GB).
-kept=$(python3 -c "import json,sys; print(sum(l.get('kept_on_host', False) for l in json.load(open(sys.argv[1]))['layers']))" \
-  $S/fista-70b-l0/report.json 2>/dev/null || echo null)
+kept=$(layers_sum $S/fista-70b-l0/report.json kept_on_host)
 rec "{\"step\":\"memory_70b_layer\",\"limit\":\"$lim\",\"rc\":$rc,\"wall_s\":$(elapsed $t0),\"peak_gpu_mib\":$(peak $S/mem-70b.txt),\"pool_peak_mib\":$(pool_peak $S/fista-70b-l0/report.json),\"spilled_layers\":$spilled,\"kept_on_host_layers\":$kept}"
 rm -rf $S/fista-70b-l0
 }
